@@ -1,0 +1,670 @@
+//! The request path: pick a color and an upstream from the table, forward, retry when safe, stream back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::task::TaskTracker;
+
+use crate::drain::DrainMember;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
+use crate::upstream::Upstream;
+use crate::websocket;
+
+/// Which forwarding headers the router sets on upstream requests.
+#[derive(Clone, Debug)]
+pub struct ForwardedHeaders {
+    pub x_forwarded_for: bool,
+    pub x_forwarded_proto: bool,
+    pub x_forwarded_host: bool,
+    /// RFC 7239 `Forwarded: for=…;proto=…;host=…`.
+    pub forwarded: bool,
+    /// Append to forwarding headers the client sent (only behind another trusted proxy);
+    /// otherwise they are replaced, so clients cannot spoof their address.
+    pub trust_incoming: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    pub connect_timeout: Duration,
+    /// Time allowed from sending a request to receiving the upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// How many other upstreams of the same color a request may be retried on.
+    pub retries: usize,
+    pub forwarded: ForwardedHeaders,
+    /// How long draining requests and tunnels may stay open after their color stops taking
+    /// traffic, and how long a graceful stop waits.
+    pub drain_timeout: Duration,
+    /// How long, after the drain deadline, a tunnel may take to finish its current frame.
+    pub close_grace: Duration,
+}
+
+/// What the router knows of the client connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub https: bool,
+}
+
+/// Requests in flight on one client connection and when the last one ended, for idle timeouts.
+pub struct ConnActivity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    last_done_ms: AtomicU64,
+}
+
+impl ConnActivity {
+    pub fn new() -> Arc<ConnActivity> {
+        Arc::new(ConnActivity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// How long the connection has had nothing in flight, or `None` while it has.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_done_ms.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(last))
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn end(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.last_done_ms.store(now, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// State shared by every request: the table, the upstream client and the counters.
+pub struct Proxy {
+    pub(crate) table: ArcSwap<RoutingTable>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: ProxySettings,
+    pub(crate) tunnels: TaskTracker,
+    client: Client<HttpConnector, RequestBody>,
+    sticky_cookie_attrs: &'static str,
+}
+
+const PREVIEW_REFUSED: HeaderValue =
+    HeaderValue::from_static("refused: unknown environment or missing secret; routed by weight");
+
+impl Proxy {
+    pub fn new(table: RoutingTable, metrics: Arc<Metrics>, settings: ProxySettings) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            // Below the 60 s that most servers keep idle connections, so the pool drops a
+            // connection before the upstream does and a request is never sent on a closing one.
+            .pool_idle_timeout(Duration::from_secs(50))
+            .pool_max_idle_per_host(1024)
+            .set_host(false)
+            .build(connector);
+        Proxy {
+            table: ArcSwap::from_pointee(table),
+            metrics,
+            settings,
+            tunnels: TaskTracker::new(),
+            client,
+            sticky_cookie_attrs: "; Path=/; HttpOnly; SameSite=Lax",
+        }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        mut request: Request<Incoming>,
+        conn: ConnInfo,
+        activity: Arc<ConnActivity>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let started = Instant::now();
+        let table = self.table.load_full();
+        let route = route(&table, request.headers());
+        let color = route.color;
+        let color_metrics = self.metrics.color(color);
+        color_metrics.request_started();
+        activity.begin();
+        let guard = RequestGuard {
+            metrics: Arc::clone(&self.metrics),
+            color,
+            member: table.drain_group(color).join(),
+            activity,
+            upstream: None,
+        };
+
+        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let bodyless = body.is_end_stream();
+        let mut body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
+        let idempotent = is_idempotent(&parts.method);
+        let pool = table.pool(color);
+        let mut tried: Vec<usize> = Vec::new();
+        let mut guard = guard;
+
+        let outcome = loop {
+            let Some(index) = pool.pick(&tried) else {
+                break Err(ProxyError::NoHealthyUpstream { color });
+            };
+            let upstream = Arc::clone(&pool.upstreams[index]);
+            upstream.begin_request();
+            guard.upstream = Some(Arc::clone(&upstream));
+            let outgoing = self.upstream_request(
+                &table,
+                &parts,
+                &upstream,
+                body.take().unwrap_or(RequestBody::Empty),
+                conn,
+                client_upgrade.is_some(),
+            );
+            let sent = tokio::time::timeout(self.settings.upstream_timeout, self.client.request(outgoing)).await;
+            let error = match sent {
+                Ok(Ok(response)) => break Ok(response),
+                Err(_) => ProxyError::UpstreamTimeout {
+                    color,
+                    addr: upstream.addr,
+                    timeout: self.settings.upstream_timeout,
+                },
+                Ok(Err(error)) if error.is_connect() => {
+                    let reason = error_chain(&error);
+                    upstream.eject(format!("connect failed while proxying: {reason}"));
+                    ProxyError::UpstreamConnect {
+                        color,
+                        addr: upstream.addr,
+                        reason,
+                    }
+                }
+                Ok(Err(error)) => ProxyError::UpstreamFailed {
+                    color,
+                    addr: upstream.addr,
+                    reason: error_chain(&error),
+                },
+            };
+            color_metrics.upstream_error();
+            guard.release_upstream();
+            // Only a request with no body can be sent again (bodies stream, never buffer);
+            // after a connect failure nothing reached the upstream, otherwise the method
+            // must be idempotent.
+            let retryable = bodyless
+                && match error {
+                    ProxyError::UpstreamConnect { .. } => true,
+                    ProxyError::UpstreamFailed { .. } => idempotent,
+                    _ => false,
+                };
+            if !retryable || tried.len() >= self.settings.retries {
+                break Err(error);
+            }
+            tracing::debug!(%error, "retrying on another upstream");
+            tried.push(index);
+        };
+
+        let mut response = match outcome {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(%error, "request failed");
+                let response: Response<ResponseBody> = error.to_response();
+                color_metrics.response(response.status().as_u16(), started.elapsed());
+                return Ok(response);
+            }
+        };
+        color_metrics.response(response.status().as_u16(), started.elapsed());
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let websocket = parts
+                .headers
+                .get(header::UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+            let grace = self.settings.close_grace;
+            let metrics = Arc::clone(&self.metrics);
+            self.tunnels.spawn(async move {
+                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+                    return;
+                };
+                let token = guard.member.token().clone();
+                match websocket::tunnel(TokioIo::new(client), TokioIo::new(upstream), websocket, &token, grace).await {
+                    Ok((sent, received)) => {
+                        metrics.color(color).bytes_in(sent);
+                        metrics.color(color).bytes_out(received);
+                    }
+                    Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
+                }
+                drop(guard);
+            });
+            let (head, _) = response.into_parts();
+            return Ok(Response::from_parts(head, ResponseBody::empty()));
+        }
+
+        let (mut head, body) = response.into_parts();
+        strip_hop_by_hop(&mut head.headers, false);
+        if let Some(id) = route.new_sticky_id
+            && let Some(sticky) = &table.sticky
+            && let Ok(value) = HeaderValue::from_str(&format!("{}={id}{}", sticky.cookie, self.sticky_cookie_attrs))
+        {
+            head.headers.append(header::SET_COOKIE, value);
+        }
+        if route.preview == PreviewOutcome::Refused {
+            head.headers.insert("x-bluegreen-preview", PREVIEW_REFUSED);
+        }
+        Ok(Response::from_parts(
+            head,
+            ResponseBody::Proxied(ProxiedBody {
+                inner: body,
+                cut: None,
+                guard,
+            }),
+        ))
+    }
+
+    fn upstream_request(
+        &self,
+        table: &RoutingTable,
+        parts: &Parts,
+        upstream: &Upstream,
+        body: RequestBody,
+        conn: ConnInfo,
+        upgrade: bool,
+    ) -> Request<RequestBody> {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+            .expect("scheme, authority and path make a valid URI");
+        let mut headers = parts.headers.clone();
+        strip_hop_by_hop(&mut headers, upgrade);
+        let host = headers
+            .get(header::HOST)
+            .cloned()
+            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
+            .unwrap_or_else(|| HeaderValue::from_str(upstream.authority.as_str()).expect("authority is a valid header"));
+        headers.insert(header::HOST, host.clone());
+        self.set_forwarded(&mut headers, conn, &host);
+        if let Some(preview) = &table.preview {
+            headers.remove(&preview.secret_header);
+        }
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
+    }
+
+    fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: &HeaderValue) {
+        let f = &self.settings.forwarded;
+        let ip = conn.peer.ip();
+        let proto = if conn.https { "https" } else { "http" };
+        if f.x_forwarded_for {
+            let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prior) if f.trust_incoming => format!("{prior}, {ip}"),
+                _ => ip.to_string(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
+        } else if !f.trust_incoming {
+            headers.remove(X_FORWARDED_FOR);
+        }
+        if f.x_forwarded_proto {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if f.x_forwarded_host {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        if f.forwarded {
+            let node = match ip {
+                std::net::IpAddr::V4(v4) => v4.to_string(),
+                std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            };
+            let mut element = format!("for={node};proto={proto}");
+            if let Ok(host) = host.to_str() {
+                element.push_str(&format!(";host=\"{host}\""));
+            }
+            let value = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+                Some(prior) if f.trust_incoming => format!("{prior}, {element}"),
+                _ => element,
+            };
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(header::FORWARDED, value);
+            }
+        } else if !f.trust_incoming {
+            headers.remove(header::FORWARDED);
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Where one request goes and what the response must carry because of it.
+pub(crate) struct Route {
+    pub color: Color,
+    pub preview: PreviewOutcome,
+    /// A sticky id to hand the client in a cookie, when it had none.
+    pub new_sticky_id: Option<String>,
+}
+
+pub(crate) fn route(table: &RoutingTable, headers: &HeaderMap) -> Route {
+    let preview = match &table.preview {
+        Some(rule) => rule.evaluate(headers),
+        None => PreviewOutcome::NotRequested,
+    };
+    if let PreviewOutcome::Granted(color) = preview {
+        return Route {
+            color,
+            preview,
+            new_sticky_id: None,
+        };
+    }
+    if let Some(color) = table.split.sole_color() {
+        return Route {
+            color,
+            preview,
+            new_sticky_id: None,
+        };
+    }
+    let (bucket, new_sticky_id) = match &table.sticky {
+        Some(sticky) => match sticky.bucket(headers) {
+            Some(bucket) => (bucket, None),
+            None => {
+                let id = format!("{:016x}", fastrand::u64(..));
+                (bucket_of(&id), Some(id))
+            }
+        },
+        None => (fastrand::u8(0..100), None),
+    };
+    Route {
+        color: table.split.color_for_bucket(bucket),
+        preview,
+        new_sticky_id,
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && connection_has_token(request.headers(), "upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the headers that describe one hop, not the message (RFC 9110 §7.6.1). An upgrade
+/// keeps `Connection: upgrade` and `Upgrade`, which the upstream needs to switch protocols.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Counts a request against its color, drain group, upstream and connection until dropped.
+struct RequestGuard {
+    metrics: Arc<Metrics>,
+    color: Color,
+    member: DrainMember,
+    activity: Arc<ConnActivity>,
+    upstream: Option<Arc<Upstream>>,
+}
+
+impl RequestGuard {
+    fn release_upstream(&mut self) {
+        if let Some(upstream) = self.upstream.take() {
+            upstream.end_request();
+        }
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.release_upstream();
+        self.metrics.color(self.color).request_ended();
+        self.activity.end();
+    }
+}
+
+/// The body sent upstream: nothing, or the client's body streamed through and counted.
+pub enum RequestBody {
+    Empty,
+    Streaming {
+        inner: Incoming,
+        metrics: Arc<Metrics>,
+        color: Color,
+    },
+}
+
+impl RequestBody {
+    fn streaming(inner: Incoming, metrics: &Arc<Metrics>, color: Color) -> RequestBody {
+        RequestBody::Streaming {
+            inner,
+            metrics: Arc::clone(metrics),
+            color,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Streaming { inner, metrics, color } => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    metrics.color(*color).bytes_in(data.len() as u64);
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Streaming { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The error a streamed response ends with when its color's drain deadline passes.
+#[derive(Debug, thiserror::Error)]
+#[error("drain timeout reached: the stream was cut")]
+pub struct DrainCut;
+
+/// The body sent to the client: a short message of the router's own, or the upstream's body
+/// streamed through, counted, and cut at its color's drain deadline.
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Proxied(ProxiedBody),
+}
+
+impl ResponseBody {
+    pub fn empty() -> ResponseBody {
+        ResponseBody::Full(None)
+    }
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(bytes: Bytes) -> Self {
+        ResponseBody::Full(Some(bytes))
+    }
+}
+
+pub struct ProxiedBody {
+    inner: Incoming,
+    /// Created the first time the upstream makes us wait, so short responses never pay for it.
+    cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    guard: RequestGuard,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ResponseBody::Proxied(body) => {
+                if body.guard.member.token().is_cancelled() {
+                    return Poll::Ready(Some(Err(DrainCut.into())));
+                }
+                match Pin::new(&mut body.inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            body.guard.metrics.color(body.guard.color).bytes_out(data.len() as u64);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => {
+                        let token = body.guard.member.token();
+                        let cut = body.cut.get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
+                        match cut.as_mut().poll(cx) {
+                            Poll::Ready(()) => Poll::Ready(Some(Err(DrainCut.into()))),
+                            Poll::Pending => Poll::Pending,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full(bytes) => bytes.is_none(),
+            ResponseBody::Proxied(body) => body.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Proxied(body) => body.inner.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_lists_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-secret-hop", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert("x-end-to-end", "kept".parse().unwrap());
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x-end-to-end"));
+    }
+
+    #[test]
+    fn an_upgrade_keeps_what_the_upstream_needs() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "Upgrade".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(headers.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+}

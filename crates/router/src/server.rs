@@ -1,0 +1,436 @@
+//! The router as a whole: accepting connections (TLS, limits, timeouts), swapping tables, graceful stop.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::drain::{DrainGroup, Drains};
+use crate::error::SwitchError;
+use crate::health::{self, HealthSettings};
+use crate::metrics::{self, ColorSnapshot, Metrics};
+use crate::proxy::{ConnActivity, ConnInfo, Proxy, ProxySettings};
+use crate::table::{Color, Pool, PreviewRule, RoutingTable, Split, StickyRule};
+use crate::upstream::{Health, Upstream};
+
+/// Certificate chain and private key, PEM files, for serving HTTPS (h2 and http/1.1 by ALPN).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits that protect the router from slow or greedy clients.
+#[derive(Clone, Debug)]
+pub struct ListenerSettings {
+    /// A client must send a request's headers (and, on HTTPS, finish the handshake) within this.
+    /// For HTTP/1.1 this also bounds the wait for the next request on a keep-alive connection.
+    pub header_read_timeout: Duration,
+    /// A connection with nothing in flight for this long is closed (HTTP/2 gets a GOAWAY).
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Everything the router needs to start.
+pub struct RouterConfig {
+    pub upstreams: [Vec<SocketAddr>; 2],
+    pub split: Split,
+    pub preview: Option<PreviewRule>,
+    pub sticky: Option<StickyRule>,
+    pub proxy: ProxySettings,
+    pub listener: ListenerSettings,
+    pub health: HealthSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("router.tls: cannot read {path}: {source}")]
+    TlsFile { path: PathBuf, source: std::io::Error },
+    #[error("router.tls: {path} holds no {what}")]
+    TlsEmpty { path: PathBuf, what: &'static str },
+    #[error("router.tls: certificate and key do not make a valid server config: {0}")]
+    TlsConfig(#[from] rustls::Error),
+}
+
+/// A running router. Cloning shares it.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    proxy: Arc<Proxy>,
+    drains: Drains,
+    /// Parent of every drain group's token: cancelling it cuts everything still open.
+    drain_root: CancellationToken,
+    /// Cancelled when a graceful stop begins: stop accepting, ask connections to finish.
+    stopping: CancellationToken,
+    connections: TaskTracker,
+    listener: ListenerSettings,
+    tls: Option<TlsAcceptor>,
+    limit: Arc<Semaphore>,
+    /// Serializes table changes so two switches cannot interleave their check and swap.
+    publish: Mutex<()>,
+    health: HealthSettings,
+    health_tasks: Mutex<JoinSet<()>>,
+}
+
+impl Router {
+    pub fn new(config: RouterConfig) -> Result<Router, StartError> {
+        let tls = config.listener.tls.as_ref().map(load_tls).transpose()?;
+        let drain_root = CancellationToken::new();
+        let pools = Color::ALL.map(|color| {
+            let upstreams = config.upstreams[color.index()]
+                .iter()
+                .map(|addr| Arc::new(Upstream::new(color, *addr)))
+                .collect();
+            Arc::new(Pool::new(color, upstreams))
+        });
+        let table = RoutingTable {
+            generation: 1,
+            split: config.split,
+            pools,
+            drains: Color::ALL.map(|color| DrainGroup::new(color, &drain_root)),
+            preview: config.preview,
+            sticky: config.sticky,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let limit = Arc::new(Semaphore::new(config.listener.max_connections));
+        Ok(Router {
+            inner: Arc::new(Inner {
+                proxy: Arc::new(Proxy::new(table, metrics, config.proxy)),
+                drains: Drains::default(),
+                drain_root,
+                stopping: CancellationToken::new(),
+                connections: TaskTracker::new(),
+                listener: config.listener,
+                tls,
+                limit,
+                publish: Mutex::new(()),
+                health: config.health,
+                health_tasks: Mutex::new(JoinSet::new()),
+            }),
+        })
+    }
+
+    fn upstreams(&self) -> Vec<Arc<Upstream>> {
+        let table = self.table();
+        table.pools.iter().flat_map(|p| p.upstreams.iter().cloned()).collect()
+    }
+
+    /// Checks every upstream once, then keeps checking in the background.
+    pub async fn start_health_checks(&self) {
+        let upstreams = self.upstreams();
+        health::check_all_once(&upstreams, &self.inner.health).await;
+        let tasks = health::spawn_checks(&upstreams, &self.inner.health, &self.inner.stopping);
+        *self.inner.health_tasks.lock().expect("lock") = tasks;
+    }
+
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.inner.proxy.table.load_full()
+    }
+
+    /// Replaces the split. Refused, with the table left as it was, when a color that would get
+    /// traffic has no healthy upstream. A color that stops getting traffic starts draining;
+    /// one that gets traffic again keeps what was still draining on it.
+    pub fn set_split(&self, split: Split) -> Result<Split, SwitchError> {
+        if self.inner.stopping.is_cancelled() {
+            return Err(SwitchError::ShuttingDown);
+        }
+        let _serial = self.inner.publish.lock().expect("lock");
+        let old = self.table();
+        for color in Color::ALL {
+            let weight = split.weight(color);
+            let pool = old.pool(color);
+            if weight > 0 && pool.healthy_count() == 0 {
+                return Err(SwitchError::NoHealthyUpstream {
+                    color,
+                    weight,
+                    unhealthy: pool.upstreams.len(),
+                    total: pool.upstreams.len(),
+                });
+            }
+        }
+        let drain_timeout = self.inner.proxy.settings.drain_timeout;
+        let drains = Color::ALL.map(|color| {
+            let was_live = old.split.weight(color) > 0;
+            let is_live = split.weight(color) > 0;
+            let current = old.drain_group(color);
+            if was_live && !is_live {
+                self.inner.drains.start(Arc::clone(current), drain_timeout);
+                DrainGroup::new(color, &self.inner.drain_root)
+            } else {
+                if !was_live && is_live {
+                    self.inner.drains.revive(color);
+                }
+                Arc::clone(current)
+            }
+        });
+        let table = RoutingTable {
+            generation: old.generation + 1,
+            split,
+            pools: old.pools.clone(),
+            drains,
+            preview: old.preview.clone(),
+            sticky: old.sticky.clone(),
+        };
+        self.inner.proxy.table.store(Arc::new(table));
+        tracing::info!(from = %old.split, to = %split, "traffic split changed");
+        Ok(old.split)
+    }
+
+    /// Accepts connections until a graceful stop begins.
+    pub fn serve(&self, listener: TcpListener) -> tokio::task::JoinHandle<()> {
+        let router = self.clone();
+        tokio::spawn(async move { router.accept_loop(listener).await })
+    }
+
+    async fn accept_loop(self, listener: TcpListener) {
+        let inner = &self.inner;
+        loop {
+            let accepted = tokio::select! {
+                _ = inner.stopping.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = Arc::clone(&inner.limit).try_acquire_owned() else {
+                inner.proxy.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+                continue;
+            };
+            let router = self.clone();
+            inner.connections.spawn(async move {
+                let metrics = &router.inner.proxy.metrics;
+                metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+                metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+                router.serve_connection(stream, peer).await;
+                metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_connection(&self, stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let inner = &self.inner;
+        match &inner.tls {
+            None => self.serve_io(stream, ConnInfo { peer, https: false }).await,
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(inner.listener.header_read_timeout, acceptor.accept(stream));
+                match handshake.await {
+                    Ok(Ok(tls)) => self.serve_io(tls, ConnInfo { peer, https: true }).await,
+                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn serve_io<I>(&self, io: I, info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let settings = &inner.listener;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(20)));
+        let activity = ConnActivity::new();
+        let proxy = Arc::clone(&inner.proxy);
+        let service_activity = Arc::clone(&activity);
+        let service = service_fn(move |request| {
+            Arc::clone(&proxy).handle(request, info, Arc::clone(&service_activity))
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let idle_timeout = settings.idle_timeout;
+        let mut closing = false;
+        let mut idle_check = tokio::time::interval(idle_timeout.div_f32(4.0).max(Duration::from_millis(10)));
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::debug!(peer = %info.peer, %error, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = inner.stopping.cancelled(), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                _ = idle_check.tick(), if !closing => {
+                    if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+                // A drain that outlived its deadline leaves nothing to wait for.
+                _ = inner.drain_root.cancelled() => return,
+            }
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests and tunnels finish for up to the drain timeout
+    /// (HTTP/2 clients get a GOAWAY, keep-alive HTTP/1.1 ones `Connection: close`), then closes
+    /// what is left.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stopping.cancel();
+        inner.connections.close();
+        inner.proxy.tunnels.close();
+        let timeout = inner.proxy.settings.drain_timeout;
+        let finished = async {
+            inner.connections.wait().await;
+            inner.proxy.tunnels.wait().await;
+        };
+        if tokio::time::timeout(timeout, finished).await.is_err() {
+            tracing::info!("drain timeout reached at shutdown; closing what is left");
+            inner.drain_root.cancel();
+            let grace = inner.proxy.settings.close_grace + Duration::from_millis(500);
+            let _ = tokio::time::timeout(grace, async {
+                inner.connections.wait().await;
+                inner.proxy.tunnels.wait().await;
+            })
+            .await;
+        }
+        inner.health_tasks.lock().expect("lock").abort_all();
+    }
+
+    pub fn status(&self) -> RouterStatus {
+        let table = self.table();
+        let metrics = &self.inner.proxy.metrics;
+        let colors = Color::ALL
+            .iter()
+            .map(|&color| {
+                let pool = table.pool(color);
+                ColorStatus {
+                    color,
+                    weight: table.split.weight(color),
+                    healthy_upstreams: pool.healthy_count(),
+                    upstreams: pool
+                        .upstreams
+                        .iter()
+                        .map(|u| UpstreamStatus {
+                            address: u.addr,
+                            health: u.health(),
+                            in_flight: u.in_flight(),
+                            last_error: u.last_error(),
+                        })
+                        .collect(),
+                    metrics: metrics.color(color).snapshot(color, self.inner.drains.draining(color)),
+                }
+            })
+            .collect();
+        RouterStatus {
+            generation: table.generation,
+            live: table.split.sole_color(),
+            split: table.split,
+            colors,
+            connections_open: metrics.connections_open(),
+            stopping: self.inner.stopping.is_cancelled(),
+        }
+    }
+
+    pub fn prometheus(&self) -> String {
+        let status = self.status();
+        let snapshots: Vec<ColorSnapshot> = status.colors.into_iter().map(|c| c.metrics).collect();
+        metrics::render_prometheus(&snapshots, &self.inner.proxy.metrics)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RouterStatus {
+    pub generation: u64,
+    /// The color taking all traffic, or `None` during a split.
+    pub live: Option<Color>,
+    pub split: Split,
+    pub colors: Vec<ColorStatus>,
+    pub connections_open: u64,
+    pub stopping: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ColorStatus {
+    pub color: Color,
+    pub weight: u8,
+    pub healthy_upstreams: usize,
+    pub upstreams: Vec<UpstreamStatus>,
+    pub metrics: ColorSnapshot,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamStatus {
+    pub address: SocketAddr,
+    pub health: Health,
+    pub in_flight: usize,
+    pub last_error: Option<String>,
+}
+
+fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, StartError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|source| StartError::TlsFile {
+            path: path.clone(),
+            source,
+        })
+    };
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|source| StartError::TlsFile {
+            path: files.cert.clone(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(StartError::TlsEmpty {
+            path: files.cert.clone(),
+            what: "PEM certificate",
+        });
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|source| StartError::TlsFile {
+            path: files.key.clone(),
+            source,
+        })?
+        .ok_or_else(|| StartError::TlsEmpty {
+            path: files.key.clone(),
+            what: "PEM private key",
+        })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
