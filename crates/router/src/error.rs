@@ -79,14 +79,13 @@ impl ProxyError {
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum SwitchError {
     #[error(
-        "environment {color} has no healthy upstream ({unhealthy} of {total} unhealthy); \
+        "environment {color} has no healthy upstream (0 of {upstreams} healthy); \
          refusing to send it {weight}% of traffic. Fix its upstreams (see `bluegreen status`) and try again"
     )]
     NoHealthyUpstream {
         color: Color,
         weight: u8,
-        unhealthy: usize,
-        total: usize,
+        upstreams: usize,
     },
     #[error("the router is shutting down")]
     ShuttingDown,

@@ -145,27 +145,34 @@ impl Router {
         self.inner.proxy.table.load_full()
     }
 
-    /// Replaces the split. Refused, with the table left as it was, when a color that would get
-    /// traffic has no healthy upstream. A color that stops getting traffic starts draining;
-    /// one that gets traffic again keeps what was still draining on it.
-    pub fn set_split(&self, split: Split) -> Result<Split, SwitchError> {
+    /// Whether the split could be applied now: every color that would get traffic has a
+    /// healthy upstream ("never blackhole").
+    pub fn check_split(&self, split: Split) -> Result<(), SwitchError> {
         if self.inner.stopping.is_cancelled() {
             return Err(SwitchError::ShuttingDown);
         }
-        let _serial = self.inner.publish.lock().expect("lock");
-        let old = self.table();
+        let table = self.table();
         for color in Color::ALL {
             let weight = split.weight(color);
-            let pool = old.pool(color);
+            let pool = table.pool(color);
             if weight > 0 && pool.healthy_count() == 0 {
                 return Err(SwitchError::NoHealthyUpstream {
                     color,
                     weight,
-                    unhealthy: pool.upstreams.len(),
-                    total: pool.upstreams.len(),
+                    upstreams: pool.upstreams.len(),
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Replaces the split. Refused, with the table left as it was, when a color that would get
+    /// traffic has no healthy upstream. A color that stops getting traffic starts draining;
+    /// one that gets traffic again keeps what was still draining on it.
+    pub fn set_split(&self, split: Split) -> Result<Split, SwitchError> {
+        let _serial = self.inner.publish.lock().expect("lock");
+        self.check_split(split)?;
+        let old = self.table();
         let drain_timeout = self.inner.proxy.settings.drain_timeout;
         let drains = Color::ALL.map(|color| {
             let was_live = old.split.weight(color) > 0;

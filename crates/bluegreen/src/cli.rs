@@ -1,0 +1,361 @@
+//! Command-line interface: argument definitions, the commands, and how their results are printed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bluegreen_router::Color;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin;
+use crate::client::{AdminClient, ClientError};
+use crate::config::{AdminEndpoint, Config, ConfigError, parse_socket_addr};
+use crate::daemon::Daemon;
+
+/// Exit codes a script can branch on.
+pub mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const BAD_CONFIG: u8 = 3;
+    pub const REFUSED: u8 = 4;
+    pub const UNREACHABLE: u8 = 5;
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "bluegreen", version, about = "Zero-downtime blue-green releases: a router that switches traffic between two environments")]
+pub struct Cli {
+    /// Config file (YAML).
+    #[arg(long, short, global = true, env = "BLUEGREEN_CONFIG", default_value = "bluegreen.yaml")]
+    pub config: PathBuf,
+    /// Admin endpoint to talk to, overriding router.admin: a socket path or host:port.
+    #[arg(long, global = true, env = "BLUEGREEN_ADMIN")]
+    pub admin: Option<String>,
+    /// File holding the admin bearer token (TCP admin only), overriding router.admin_token_file.
+    #[arg(long, global = true, env = "BLUEGREEN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// How to print results.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Commands,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// Start the router daemon in the foreground (Ctrl-C or SIGTERM stops it gracefully).
+    Up,
+    /// Send all traffic to one color.
+    Switch(SwitchArgs),
+    /// Router commands, spelled as in the seed: `bluegreen router switch --from blue --to green`.
+    Router {
+        #[command(subcommand)]
+        command: RouterCommands,
+    },
+    /// Split traffic: a percent to one color, the rest to the other.
+    Weights(WeightsArgs),
+    /// Go back to the split that was in service before the last change.
+    Rollback,
+    /// Live color, weights, upstream health and per-color counters.
+    Status,
+    /// Check the config file and print what it resolves to.
+    Check,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RouterCommands {
+    /// Send all traffic to one color.
+    Switch(SwitchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SwitchArgs {
+    /// The color to make live.
+    #[arg(long, value_parser = parse_color)]
+    pub to: Color,
+    /// The color expected to be live now; refused if it is not.
+    #[arg(long, value_parser = parse_color)]
+    pub from: Option<Color>,
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct WeightsArgs {
+    /// Percent of traffic to green (0-100); blue gets the rest.
+    #[arg(long)]
+    pub green: Option<u64>,
+    /// Percent of traffic to blue (0-100); green gets the rest.
+    #[arg(long)]
+    pub blue: Option<u64>,
+}
+
+fn parse_color(text: &str) -> Result<Color, String> {
+    text.parse::<Color>().map_err(|e| e.to_string())
+}
+
+/// A failure to report: what went wrong, and the exit code that tells scripts which kind.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(error: ConfigError) -> Self {
+        CliError::new(exit::BAD_CONFIG, error.to_string())
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(error: ClientError) -> Self {
+        let code = match error {
+            ClientError::Unreachable { .. } => exit::UNREACHABLE,
+            ClientError::Protocol { .. } => exit::FAILURE,
+        };
+        CliError::new(code, error.to_string())
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Commands::Up => up(&cli).await,
+        Commands::Check => {
+            let config = Config::load(&cli.config)?;
+            print_check(&config, cli.output);
+            Ok(())
+        }
+        Commands::Switch(args) | Commands::Router { command: RouterCommands::Switch(args) } => {
+            let body = json!({ "to": args.to, "from": args.from });
+            change(&cli, "/v1/switch", body).await
+        }
+        Commands::Weights(args) => {
+            let body = match (args.green, args.blue) {
+                (Some(green), _) => json!({ "green": green }),
+                (_, Some(blue)) => json!({ "blue": blue }),
+                _ => unreachable!("clap requires one of --green and --blue"),
+            };
+            change(&cli, "/v1/weights", body).await
+        }
+        Commands::Rollback => change(&cli, "/v1/rollback", json!({})).await,
+        Commands::Status => {
+            let client = admin_client(&cli)?;
+            let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
+            match cli.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status).expect("json")),
+                Output::Text => print!("{}", render_status(&status)),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let outcome = expect_ok(client.call(Method::POST, path, Some(body)).await?)?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&outcome).expect("json")),
+        Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("done")),
+    }
+    Ok(())
+}
+
+/// The daemon's answer as JSON, or its error message with the matching exit code.
+fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
+    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
+    if status.is_success() {
+        return Ok(value);
+    }
+    let error = &value["error"];
+    let message = error["message"].as_str().unwrap_or("the daemon refused the request").to_string();
+    let message = match error["field"].as_str() {
+        Some(field) => format!("{field}: {message}"),
+        None => message,
+    };
+    let code = if status.is_client_error() { exit::REFUSED } else { exit::FAILURE };
+    Err(CliError::new(code, message))
+}
+
+/// Where the daemon is: `--admin` wins, else the config's router.admin.
+fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
+    let read_token = |path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| CliError::new(exit::USAGE, format!("--token-file: cannot read {}: {e}", path.display())))
+    };
+    if let Some(admin) = &cli.admin {
+        let endpoint = match parse_socket_addr(admin) {
+            Ok(addr) if !admin.contains('/') => AdminEndpoint::Tcp(addr),
+            _ => AdminEndpoint::Unix(PathBuf::from(admin)),
+        };
+        let token = match (&cli.token_file, std::env::var("BLUEGREEN_TOKEN").ok()) {
+            (Some(path), _) => Some(read_token(path)?),
+            (None, token) => token,
+        };
+        return Ok(AdminClient { endpoint, token });
+    }
+    let config = Config::load(&cli.config)?;
+    let token = match &cli.token_file {
+        Some(path) => Some(read_token(path)?),
+        None => std::env::var("BLUEGREEN_TOKEN").ok().or(config.router.admin_token),
+    };
+    Ok(AdminClient {
+        endpoint: config.router.admin,
+        token,
+    })
+}
+
+async fn up(cli: &Cli) -> Result<(), CliError> {
+    let config = Config::load(&cli.config)?;
+    let failure = |message: String| CliError::new(exit::FAILURE, message);
+    let listener = tokio::net::TcpListener::bind(config.router.listen)
+        .await
+        .map_err(|e| failure(format!("router.listen: cannot bind {}: {e}", config.router.listen)))?;
+    let listen = listener.local_addr().map_err(|e| failure(e.to_string()))?;
+    crate::daemon::create_private_dir(&config.state_dir).map_err(failure)?;
+    let admin_endpoint = config.router.admin.clone();
+    let admin_listener = admin::bind(&admin_endpoint, config.router.admin_token.as_deref())
+        .await
+        .map_err(failure)?;
+    let daemon = Daemon::new(config, listen).map_err(failure)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| failure(e.to_string()))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
+
+    daemon.router.start_health_checks().await;
+    let serving = daemon.router.serve(listener);
+    let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_task = tokio::spawn(admin::run(admin_listener, Arc::clone(&daemon), admin_stopped));
+    let status = daemon.status().await;
+    let health: Vec<String> = status
+        .router
+        .colors
+        .iter()
+        .map(|c| format!("{} {}/{} healthy", c.color, c.healthy_upstreams, c.upstreams.len()))
+        .collect();
+    println!(
+        "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}",
+        daemon.config.service,
+        if daemon.config.router.tls.is_some() { "https" } else { "http" },
+        health.join(", "),
+        status.weights_text(),
+    );
+
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    println!(
+        "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
+        daemon.config.router.drain_timeout.as_secs_f32()
+    );
+    tokio::select! {
+        _ = daemon.router.shutdown() => {}
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    let _ = stop_admin.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
+    serving.abort();
+    if let AdminEndpoint::Unix(path) = &admin_endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    println!("bluegreen: stopped");
+    Ok(())
+}
+
+impl crate::daemon::DaemonStatus {
+    fn weights_text(&self) -> String {
+        match self.live {
+            Some(color) => color.to_string(),
+            None => format!("split blue {}% / green {}%", self.weights.blue, self.weights.green),
+        }
+    }
+}
+
+fn print_check(config: &Config, output: Output) {
+    let summary = json!({
+        "service": config.service,
+        "listen": config.router.listen,
+        "admin": config.router.admin.to_string(),
+        "blue": config.upstreams[Color::Blue.index()],
+        "green": config.upstreams[Color::Green.index()],
+        "drain_timeout_ms": config.router.drain_timeout.as_millis() as u64,
+    });
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&summary).expect("json")),
+        Output::Text => println!(
+            "config ok: service {} on {}, admin {}, blue {} upstream(s), green {} upstream(s)",
+            config.service,
+            config.router.listen,
+            config.router.admin,
+            config.upstreams[0].len(),
+            config.upstreams[1].len()
+        ),
+    }
+}
+
+/// The status as a small table.
+pub fn render_status(status: &Value) -> String {
+    let mut out = String::new();
+    let live = status["live"].as_str().map(str::to_string).unwrap_or_else(|| "split".into());
+    out.push_str(&format!(
+        "service {}  listen {}  live: {}  (blue {}% / green {}%)\n",
+        status["service"].as_str().unwrap_or("?"),
+        status["listen"].as_str().unwrap_or("?"),
+        live,
+        status["weights"]["blue"],
+        status["weights"]["green"],
+    ));
+    out.push_str(&format!(
+        "{:<6} {:>6} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>5} {:>8}\n",
+        "COLOR", "WEIGHT", "HEALTHY", "REQUESTS", "2XX", "5XX", "ERRORS", "P50", "P99", "OPEN", "DRAINING"
+    ));
+    let ms = |v: &Value| v.as_f64().map(|x| format!("{x}ms")).unwrap_or_else(|| "-".into());
+    let empty = Vec::new();
+    for color in status["colors"].as_array().unwrap_or(&empty) {
+        let m = &color["metrics"];
+        let upstreams = color["upstreams"].as_array().unwrap_or(&empty);
+        let text = |v: &Value| v.to_string();
+        out.push_str(&format!(
+            "{:<6} {:>5}% {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>5} {:>8}\n",
+            color["color"].as_str().unwrap_or("?"),
+            text(&color["weight"]),
+            format!("{}/{}", color["healthy_upstreams"], upstreams.len()),
+            text(&m["requests"]),
+            text(&m["responses_2xx"]),
+            text(&m["responses_5xx"]),
+            text(&m["upstream_errors"]),
+            ms(&m["latency_p50_ms"]),
+            ms(&m["latency_p99_ms"]),
+            text(&m["open"]),
+            text(&m["draining"]),
+        ));
+        for upstream in upstreams {
+            let error = upstream["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default();
+            out.push_str(&format!(
+                "    {:<22} {:<9} in-flight {}{}\n",
+                upstream["address"].as_str().unwrap_or("?"),
+                upstream["health"].as_str().unwrap_or("?"),
+                upstream["in_flight"],
+                error
+            ));
+        }
+    }
+    out.push_str(&format!("connections open: {}\n", status["connections_open"]));
+    out
+}

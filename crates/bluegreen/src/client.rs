@@ -1,0 +1,71 @@
+//! The CLI's side of the admin API: one HTTP/1.1 request over the unix socket or TCP.
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::AdminEndpoint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the bluegreen daemon at {endpoint}: {reason}. Is `bluegreen up` running with this config?")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("the daemon at {endpoint} broke off the request: {reason}")]
+    Protocol { endpoint: String, reason: String },
+}
+
+pub struct AdminClient {
+    pub endpoint: AdminEndpoint,
+    pub token: Option<String>,
+}
+
+impl AdminClient {
+    pub async fn call(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, Bytes), ClientError> {
+        let endpoint = self.endpoint.to_string();
+        let unreachable = |e: std::io::Error| ClientError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        };
+        match &self.endpoint {
+            AdminEndpoint::Unix(path_) => {
+                let stream = UnixStream::connect(path_).await.map_err(unreachable)?;
+                self.send(stream, method, path, body).await
+            }
+            AdminEndpoint::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await.map_err(unreachable)?;
+                self.send(stream, method, path, body).await
+            }
+        }
+    }
+
+    async fn send<S>(&self, stream: S, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, Bytes), ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let protocol = |e: hyper::Error| ClientError::Protocol {
+            endpoint: self.endpoint.to_string(),
+            reason: e.to_string(),
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(protocol)?;
+        tokio::spawn(connection);
+        let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "bluegreen")
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(payload)).expect("a valid request");
+        let response = sender.send_request(request).await.map_err(protocol)?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(protocol)?.to_bytes();
+        Ok((status, bytes))
+    }
+}

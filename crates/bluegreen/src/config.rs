@@ -1,0 +1,624 @@
+//! The config file: raw YAML structs, then validation into a typed [`Config`] with key-path errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bluegreen_router::{Color, ForwardedHeaders, HealthSettings, TlsFiles};
+use http::HeaderName;
+use serde::Deserialize;
+
+use crate::duration::HumanDuration;
+
+/// One problem in the config, with the key path that holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {}:\n{}", path.display(), issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: PathBuf, issues: Vec<ConfigIssue> },
+}
+
+// ---- raw: what the YAML says, with defaults ----
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    service: String,
+    #[serde(default = "default_state_dir")]
+    state_dir: String,
+    #[serde(default)]
+    router: RawRouter,
+    environments: BTreeMap<String, RawEnvironment>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+fn default_state_dir() -> String {
+    ".bluegreen".into()
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawRouter {
+    listen: String,
+    admin: String,
+    admin_token_file: Option<String>,
+    initial_live: String,
+    drain_timeout: HumanDuration,
+    connect_timeout: HumanDuration,
+    upstream_timeout: HumanDuration,
+    retries: u32,
+    header_read_timeout: HumanDuration,
+    idle_timeout: HumanDuration,
+    max_header_bytes: u64,
+    max_connections: u64,
+    tls: Option<RawTls>,
+    sticky: bool,
+    sticky_cookie: String,
+    preview: RawPreview,
+    forwarded: RawForwarded,
+}
+
+impl Default for RawRouter {
+    fn default() -> Self {
+        RawRouter {
+            listen: "127.0.0.1:8080".into(),
+            admin: ".bluegreen/admin.sock".into(),
+            admin_token_file: None,
+            initial_live: "blue".into(),
+            drain_timeout: HumanDuration::secs(30),
+            connect_timeout: HumanDuration::secs(5),
+            upstream_timeout: HumanDuration::secs(60),
+            retries: 1,
+            header_read_timeout: HumanDuration::secs(30),
+            idle_timeout: HumanDuration::secs(60),
+            max_header_bytes: 64 * 1024,
+            max_connections: 20_000,
+            tls: None,
+            sticky: false,
+            sticky_cookie: "bluegreen_sticky".into(),
+            preview: RawPreview::default(),
+            forwarded: RawForwarded::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawPreview {
+    enabled: bool,
+    header: String,
+    cookie: String,
+    secret: Option<String>,
+    secret_file: Option<String>,
+    secret_header: String,
+}
+
+impl Default for RawPreview {
+    fn default() -> Self {
+        RawPreview {
+            enabled: true,
+            header: "X-Bluegreen-Env".into(),
+            cookie: "bluegreen_env".into(),
+            secret: None,
+            secret_file: None,
+            secret_header: "X-Bluegreen-Secret".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawForwarded {
+    x_forwarded_for: bool,
+    x_forwarded_proto: bool,
+    x_forwarded_host: bool,
+    forwarded: bool,
+    trust_incoming: bool,
+}
+
+impl Default for RawForwarded {
+    fn default() -> Self {
+        RawForwarded {
+            x_forwarded_for: true,
+            x_forwarded_proto: true,
+            x_forwarded_host: true,
+            forwarded: false,
+            trust_incoming: false,
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawEnvironment {
+    upstreams: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawHealth {
+    path: String,
+    interval: HumanDuration,
+    timeout: HumanDuration,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            path: "/healthz".into(),
+            interval: HumanDuration::secs(1),
+            timeout: HumanDuration::secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+// ---- validated ----
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminEndpoint {
+    /// A unix socket, mode 0600: the file system decides who may call.
+    Unix(PathBuf),
+    /// TCP, where every call must carry the bearer token.
+    Tcp(SocketAddr),
+}
+
+impl fmt::Display for AdminEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminEndpoint::Unix(path) => write!(f, "{}", path.display()),
+            AdminEndpoint::Tcp(addr) => write!(f, "http://{addr}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PreviewConfig {
+    pub header: HeaderName,
+    pub cookie: String,
+    pub secret: Option<String>,
+    pub secret_header: HeaderName,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub listen: SocketAddr,
+    pub admin: AdminEndpoint,
+    /// The token TCP admin callers must present.
+    pub admin_token: Option<String>,
+    pub initial_live: Color,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub retries: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub tls: Option<TlsFiles>,
+    pub sticky_cookie: Option<String>,
+    pub preview: Option<PreviewConfig>,
+    pub forwarded: ForwardedHeaders,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub service: String,
+    pub state_dir: PathBuf,
+    pub router: RouterConfig,
+    /// Upstreams per color, indexed by [`Color::index`].
+    pub upstreams: [Vec<SocketAddr>; 2],
+    pub health: HealthSettings,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Config::parse(&text, &base).map_err(|issues| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues,
+        })
+    }
+
+    /// Parses and validates; relative paths are resolved against `base` (the config's folder).
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<ConfigIssue>> {
+        let mut located: Option<ConfigIssue> = None;
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize::<_, RawConfig>(de).map_err(|e| {
+                let path = e.path().to_string();
+                located = Some(ConfigIssue {
+                    path: if path == "." { String::new() } else { path },
+                    message: e.inner().to_string(),
+                });
+                e.into_inner()
+            })
+        });
+        let raw = parsed.map_err(|e| {
+            vec![located.take().unwrap_or_else(|| ConfigIssue {
+                path: String::new(),
+                message: format!("YAML syntax: {}", e.to_string().trim()),
+            })]
+        })?;
+        Validator::new(base).validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    base: &'a Path,
+    issues: Vec<ConfigIssue>,
+}
+
+impl<'a> Validator<'a> {
+    fn new(base: &'a Path) -> Self {
+        Validator {
+            base,
+            issues: Vec::new(),
+        }
+    }
+
+    fn issue(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(ConfigIssue {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        let path = Path::new(path);
+        if path.is_absolute() { path.to_path_buf() } else { self.base.join(path) }
+    }
+
+    fn positive(&mut self, path: &str, value: HumanDuration) -> Duration {
+        if value.0.is_zero() {
+            self.issue(path, "must be longer than 0; write e.g. 1s or 500ms");
+        }
+        value.0
+    }
+
+    fn validate(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigIssue>> {
+        if raw.service.trim().is_empty() {
+            self.issue("service", "must not be empty; name the service, e.g. `service: web`");
+        }
+        let mut upstreams: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
+        for (name, env) in &raw.environments {
+            let Ok(color) = name.parse::<Color>() else {
+                self.issue(format!("environments.{name}"), "unknown environment; valid: blue, green");
+                continue;
+            };
+            if env.upstreams.is_empty() {
+                self.issue(
+                    format!("environments.{name}.upstreams"),
+                    "is empty; list at least one host:port, e.g. [\"127.0.0.1:9001\"]",
+                );
+            }
+            for (i, text) in env.upstreams.iter().enumerate() {
+                let path = format!("environments.{name}.upstreams[{i}]");
+                match parse_socket_addr(text) {
+                    Ok(addr) if upstreams[color.index()].contains(&addr) => {
+                        self.issue(path, format!("{text:?} is listed twice"));
+                    }
+                    Ok(addr) => upstreams[color.index()].push(addr),
+                    Err(message) => self.issue(path, message),
+                }
+            }
+        }
+        for color in Color::ALL {
+            if !raw.environments.contains_key(color.as_str()) {
+                self.issue(
+                    format!("environments.{color}"),
+                    format!("is missing; both blue and green need upstreams, e.g. `{color}: {{ upstreams: [\"127.0.0.1:9001\"] }}`"),
+                );
+            }
+        }
+
+        let r = raw.router;
+        let listen = parse_socket_addr(&r.listen).unwrap_or_else(|message| {
+            self.issue("router.listen", message);
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        });
+        let admin = if r.admin.contains('/') || r.admin.ends_with(".sock") || parse_socket_addr(&r.admin).is_err() {
+            if r.admin.trim().is_empty() {
+                self.issue("router.admin", "must not be empty; give a socket path like .bluegreen/admin.sock or host:port");
+            }
+            AdminEndpoint::Unix(self.resolve(&r.admin))
+        } else {
+            AdminEndpoint::Tcp(parse_socket_addr(&r.admin).expect("checked above"))
+        };
+        let admin_token_file = r.admin_token_file.as_deref().map(|p| self.resolve(p));
+        let admin_token = match (&admin, &admin_token_file) {
+            (AdminEndpoint::Tcp(_), None) => {
+                self.issue(
+                    "router.admin_token_file",
+                    "is required when router.admin is host:port (TCP); point it at a file holding a long random token, or use a unix socket path",
+                );
+                None
+            }
+            (_, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(token) if token.trim().len() >= 16 => Some(token.trim().to_string()),
+                Ok(_) => {
+                    self.issue("router.admin_token_file", format!("{} holds a token shorter than 16 characters; write a long random one (e.g. `openssl rand -hex 32`)", file.display()));
+                    None
+                }
+                Err(e) => {
+                    self.issue("router.admin_token_file", format!("cannot read {}: {e}", file.display()));
+                    None
+                }
+            },
+            (AdminEndpoint::Unix(_), None) => None,
+        };
+        let initial_live = r.initial_live.parse::<Color>().unwrap_or_else(|e| {
+            self.issue("router.initial_live", e.to_string());
+            Color::Blue
+        });
+        let drain_timeout = r.drain_timeout.0;
+        let connect_timeout = self.positive("router.connect_timeout", r.connect_timeout);
+        let upstream_timeout = self.positive("router.upstream_timeout", r.upstream_timeout);
+        let header_read_timeout = self.positive("router.header_read_timeout", r.header_read_timeout);
+        let idle_timeout = self.positive("router.idle_timeout", r.idle_timeout);
+        if !(1024..=1024 * 1024).contains(&r.max_header_bytes) {
+            self.issue("router.max_header_bytes", format!("{} is out of range; use 1024 to 1048576 (bytes)", r.max_header_bytes));
+        }
+        if r.max_connections == 0 || r.max_connections > 1_000_000 {
+            self.issue("router.max_connections", format!("{} is out of range; use 1 to 1000000", r.max_connections));
+        }
+        if r.retries > 10 {
+            self.issue("router.retries", format!("{} is too many; use 0 to 10", r.retries));
+        }
+        let tls = r.tls.map(|t| {
+            for (key, value) in [("router.tls.cert", &t.cert), ("router.tls.key", &t.key)] {
+                if !self.resolve(value).is_file() {
+                    self.issue(key, format!("{value:?} is not a readable file; give a PEM file path"));
+                }
+            }
+            TlsFiles {
+                cert: self.resolve(&t.cert),
+                key: self.resolve(&t.key),
+            }
+        });
+        let sticky_cookie = r.sticky.then(|| {
+            if !is_cookie_name(&r.sticky_cookie) {
+                self.issue("router.sticky_cookie", format!("{:?} is not a valid cookie name; use letters, digits, - and _", r.sticky_cookie));
+            }
+            r.sticky_cookie.clone()
+        });
+        let preview = if r.preview.enabled {
+            let p = r.preview;
+            let mut header = |key: &str, value: &str| {
+                HeaderName::from_bytes(value.as_bytes()).unwrap_or_else(|_| {
+                    self.issue(key, format!("{value:?} is not a valid header name"));
+                    HeaderName::from_static("x-invalid")
+                })
+            };
+            let header_name = header("router.preview.header", &p.header);
+            let secret_header = header("router.preview.secret_header", &p.secret_header);
+            if !is_cookie_name(&p.cookie) {
+                self.issue("router.preview.cookie", format!("{:?} is not a valid cookie name", p.cookie));
+            }
+            let secret = match (p.secret, p.secret_file) {
+                (Some(_), Some(_)) => {
+                    self.issue("router.preview.secret", "give either secret or secret_file, not both");
+                    None
+                }
+                (Some(s), None) if s.trim().is_empty() => {
+                    self.issue("router.preview.secret", "is empty; remove it or give a non-empty secret");
+                    None
+                }
+                (Some(s), None) => Some(s),
+                (None, Some(file)) => match std::fs::read_to_string(self.resolve(&file)) {
+                    Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                    Ok(_) => {
+                        self.issue("router.preview.secret_file", format!("{file} is empty"));
+                        None
+                    }
+                    Err(e) => {
+                        self.issue("router.preview.secret_file", format!("cannot read {file}: {e}"));
+                        None
+                    }
+                },
+                (None, None) => None,
+            };
+            Some(PreviewConfig {
+                header: header_name,
+                cookie: p.cookie,
+                secret,
+                secret_header,
+            })
+        } else {
+            None
+        };
+
+        let h = raw.health;
+        if !h.path.starts_with('/') {
+            self.issue("health.path", format!("{:?} must start with /, e.g. /healthz", h.path));
+        }
+        let interval = self.positive("health.interval", h.interval);
+        let timeout = self.positive("health.timeout", h.timeout);
+        for (key, value) in [("health.healthy_threshold", h.healthy_threshold), ("health.unhealthy_threshold", h.unhealthy_threshold)] {
+            if value == 0 {
+                self.issue(key, "must be at least 1");
+            }
+        }
+
+        if !self.issues.is_empty() {
+            return Err(self.issues);
+        }
+        Ok(Config {
+            service: raw.service,
+            state_dir: self.resolve(&raw.state_dir),
+            router: RouterConfig {
+                listen,
+                admin,
+                admin_token,
+                initial_live,
+                drain_timeout,
+                connect_timeout,
+                upstream_timeout,
+                retries: r.retries as usize,
+                header_read_timeout,
+                idle_timeout,
+                max_header_bytes: r.max_header_bytes as usize,
+                max_connections: r.max_connections as usize,
+                tls,
+                sticky_cookie,
+                preview,
+                forwarded: ForwardedHeaders {
+                    x_forwarded_for: r.forwarded.x_forwarded_for,
+                    x_forwarded_proto: r.forwarded.x_forwarded_proto,
+                    x_forwarded_host: r.forwarded.x_forwarded_host,
+                    forwarded: r.forwarded.forwarded,
+                    trust_incoming: r.forwarded.trust_incoming,
+                },
+            },
+            upstreams,
+            health: HealthSettings {
+                path: h.path,
+                interval,
+                timeout,
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            },
+        })
+    }
+}
+
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `host:port` → one socket address; names are resolved once, now.
+pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} has no port; write it as host:port, e.g. \"127.0.0.1:9001\""));
+    };
+    if host.is_empty() {
+        return Err(format!("{text:?} has no host; write it as host:port, e.g. \"127.0.0.1{text}\""));
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!("{text:?}: an IPv6 address needs brackets, e.g. \"[::1]:9001\""));
+    }
+    let Ok(port) = port.parse::<u16>() else {
+        return Err(format!("{text:?} has an invalid port {port:?}; use a number from 1 to 65535"));
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match (host, port).to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        _ => Err(format!("{text:?}: cannot resolve host {host:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+service: web
+router:
+  listen: 127.0.0.1:8080
+  admin: .bluegreen/admin.sock
+  drain_timeout: 30s
+environments:
+  blue:  { upstreams: ["127.0.0.1:9001", "127.0.0.1:9003"] }
+  green: { upstreams: ["127.0.0.1:9002"] }
+health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3 }
+"#;
+
+    fn issues(text: &str) -> Vec<String> {
+        Config::parse(text, Path::new("/tmp/x"))
+            .err()
+            .expect("config must be refused")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_minimal_config_loads_with_defaults() {
+        let config = Config::parse(GOOD, Path::new("/srv/app")).unwrap();
+        assert_eq!(config.upstreams[Color::Blue.index()].len(), 2);
+        assert_eq!(config.router.drain_timeout, Duration::from_secs(30));
+        assert_eq!(config.router.admin, AdminEndpoint::Unix(PathBuf::from("/srv/app/.bluegreen/admin.sock")));
+        assert_eq!(config.router.initial_live, Color::Blue);
+        assert_eq!(config.health.unhealthy_threshold, 3);
+        assert!(config.router.preview.is_some());
+    }
+
+    #[test]
+    fn an_upstream_without_port_names_its_path() {
+        let text = GOOD.replace("\"127.0.0.1:9002\"", "\"127.0.0.1\"");
+        assert_eq!(
+            issues(&text),
+            vec!["environments.green.upstreams[0]: \"127.0.0.1\" has no port; write it as host:port, e.g. \"127.0.0.1:9001\""]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_their_path() {
+        let unknown = issues(&GOOD.replace("drain_timeout: 30s", "drain_timout: 30s"));
+        assert!(unknown[0].starts_with("router.drain_timout: unknown field `drain_timout`, expected one of"), "{unknown:?}");
+        let wrong_type = issues(&GOOD.replace("healthy_threshold: 2", "healthy_threshold: two"));
+        assert!(wrong_type[0].starts_with("health.healthy_threshold:"), "{wrong_type:?}");
+        let bad_duration = issues(&GOOD.replace("drain_timeout: 30s", "drain_timeout: 30"));
+        assert!(bad_duration[0].starts_with("router.drain_timeout:") && bad_duration[0].contains("unit"), "{bad_duration:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = GOOD
+            .replace("green: { upstreams: [\"127.0.0.1:9002\"] }", "purple: { upstreams: [] }")
+            .replace("path: /healthz", "path: healthz");
+        let found = issues(&text);
+        assert!(found.iter().any(|i| i.starts_with("environments.purple: unknown environment")), "{found:?}");
+        assert!(found.iter().any(|i| i.starts_with("environments.green: is missing")), "{found:?}");
+        assert!(found.iter().any(|i| i.starts_with("health.path:")), "{found:?}");
+    }
+
+    #[test]
+    fn tcp_admin_requires_a_token_file() {
+        let found = issues(&GOOD.replace("admin: .bluegreen/admin.sock", "admin: 127.0.0.1:9900"));
+        assert!(found[0].starts_with("router.admin_token_file: is required"), "{found:?}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_reported() {
+        let found = issues("service: [web\n");
+        assert!(found[0].contains("YAML") || found[0].contains("line"), "{found:?}");
+    }
+}

@@ -1,0 +1,229 @@
+//! The daemon behind `bluegreen up`: the router, its persisted switch state and the commands that change it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bluegreen_router::{
+    Color, ListenerSettings, PreviewRule, ProxySettings, Router, RouterStatus, Split, StickyRule,
+};
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::config::Config;
+use crate::state::{SCHEMA_VERSION, StateError, StateFile, SwitchState};
+
+/// A change to the traffic split, as the CLI and admin API ask for it.
+#[derive(Clone, Copy, Debug)]
+pub enum Command {
+    Switch { to: Color, from: Option<Color> },
+    Weights(Split),
+    Rollback,
+}
+
+/// Why a command was not carried out. Nothing changed in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct Outcome {
+    pub changed: bool,
+    pub message: String,
+    pub weights: Weights,
+    pub previous: Weights,
+}
+
+/// A split as people read it.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Weights {
+    pub blue: u8,
+    pub green: u8,
+}
+
+impl From<Split> for Weights {
+    fn from(split: Split) -> Self {
+        Weights {
+            blue: split.weight(Color::Blue),
+            green: split.weight(Color::Green),
+        }
+    }
+}
+
+pub struct Daemon {
+    pub config: Config,
+    pub router: Router,
+    pub listen: SocketAddr,
+    state: Mutex<SwitchState>,
+    state_file: StateFile,
+}
+
+#[derive(Serialize)]
+pub struct DaemonStatus {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub admin: String,
+    pub live: Option<Color>,
+    pub weights: Weights,
+    pub previous: Option<Weights>,
+    #[serde(flatten)]
+    pub router: RouterStatus,
+}
+
+impl Daemon {
+    /// Builds the router from the config and the saved state (which wins over `initial_live`).
+    pub fn new(config: Config, listen: SocketAddr) -> Result<Arc<Daemon>, String> {
+        let state_file = StateFile::new(&config.state_dir);
+        let state = match state_file.load().map_err(|e| e.to_string())? {
+            Some(state) => {
+                tracing::info!(split = %state.split, file = %state_file.path().display(), "restored switch state");
+                state
+            }
+            None => SwitchState {
+                schema: SCHEMA_VERSION,
+                split: Split::all(config.router.initial_live),
+                previous: None,
+            },
+        };
+        state_file.save(&state).map_err(|e| e.to_string())?;
+        let r = &config.router;
+        let router = Router::new(bluegreen_router::RouterConfig {
+            upstreams: config.upstreams.clone(),
+            split: state.split,
+            preview: r.preview.as_ref().map(|p| PreviewRule {
+                header: p.header.clone(),
+                cookie: p.cookie.clone(),
+                secret: p.secret.clone(),
+                secret_header: p.secret_header.clone(),
+            }),
+            sticky: r.sticky_cookie.as_ref().map(|cookie| StickyRule { cookie: cookie.clone() }),
+            proxy: ProxySettings {
+                connect_timeout: r.connect_timeout,
+                upstream_timeout: r.upstream_timeout,
+                retries: r.retries,
+                forwarded: r.forwarded.clone(),
+                drain_timeout: r.drain_timeout,
+                close_grace: std::time::Duration::from_secs(1),
+            },
+            listener: ListenerSettings {
+                header_read_timeout: r.header_read_timeout,
+                idle_timeout: r.idle_timeout,
+                max_header_bytes: r.max_header_bytes,
+                max_connections: r.max_connections,
+                tls: r.tls.clone(),
+            },
+            health: config.health.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Daemon {
+            config,
+            router,
+            listen,
+            state: Mutex::new(state),
+            state_file,
+        }))
+    }
+
+    pub async fn status(&self) -> DaemonStatus {
+        let state = *self.state.lock().await;
+        let router = self.router.status();
+        DaemonStatus {
+            service: self.config.service.clone(),
+            listen: self.listen,
+            admin: self.config.router.admin.to_string(),
+            live: router.live,
+            weights: router.split.into(),
+            previous: state.previous.map(Weights::from),
+            router,
+        }
+    }
+
+    /// Applies a command: check, persist, then swap, so a crash after persisting restarts into
+    /// the recorded split and a refusal changes neither the file nor the table.
+    pub async fn apply(&self, command: Command) -> Result<Outcome, CommandError> {
+        let mut state = self.state.lock().await;
+        let current = state.split;
+        let target = match command {
+            Command::Switch { to, from } => {
+                if let Some(from) = from
+                    && current.sole_color() != Some(from)
+                {
+                    return Err(CommandError::Refused(format!(
+                        "--from {from} does not match the router: {}. Run `bluegreen status`, then switch --to {to} without --from",
+                        describe(current)
+                    )));
+                }
+                Split::all(to)
+            }
+            Command::Weights(split) => split,
+            Command::Rollback => state.previous.ok_or_else(|| {
+                CommandError::Refused("nothing to roll back to: no switch has been made yet".into())
+            })?,
+        };
+        if target == current {
+            return Ok(Outcome {
+                changed: false,
+                message: format!("unchanged: already {current}"),
+                weights: current.into(),
+                previous: state.previous.unwrap_or(current).into(),
+            });
+        }
+        self.router
+            .check_split(target)
+            .map_err(|e| CommandError::Refused(e.to_string()))?;
+        let next = SwitchState {
+            schema: SCHEMA_VERSION,
+            split: target,
+            previous: Some(current),
+        };
+        self.state_file.save(&next).map_err(|e| CommandError::Failed(e.to_string()))?;
+        if let Err(refused) = self.router.set_split(target) {
+            // Health changed between the check and the swap: put the record back.
+            self.state_file
+                .save(&state)
+                .map_err(|e: StateError| CommandError::Failed(format!("{refused}; and restoring the state file failed: {e}")))?;
+            return Err(CommandError::Refused(refused.to_string()));
+        }
+        *state = next;
+        let verb = match command {
+            Command::Rollback => "rolled back",
+            Command::Switch { .. } => "switched",
+            Command::Weights(_) => "weights set",
+        };
+        let message = format!("{verb}: {} (was {})", describe(target), describe(current));
+        tracing::info!("{message}");
+        Ok(Outcome {
+            changed: true,
+            message,
+            weights: target.into(),
+            previous: current.into(),
+        })
+    }
+}
+
+fn describe(split: Split) -> String {
+    match split.sole_color() {
+        Some(color) => format!("{color} is live"),
+        None => split.to_string(),
+    }
+}
+
+/// The state folder holds the admin socket and state: only its owner may enter.
+pub fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create state_dir {}: {e}", dir.display()))?;
+    } else if let Ok(meta) = std::fs::metadata(dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(dir = %dir.display(), "state_dir is open to other users; consider chmod 700");
+    }
+    Ok(())
+}
