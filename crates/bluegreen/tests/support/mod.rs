@@ -1,0 +1,391 @@
+//! Test helpers: real backends on port 0 that count what they served, and the real daemon binary.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use tokio::net::{TcpListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_bluegreen");
+
+/// An HTTP backend that answers with its name, counts requests, and can be made unhealthy
+/// or killed (listener and every open connection dropped at once).
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    state: Arc<BackendState>,
+    tasks: Arc<Mutex<JoinSet<()>>>,
+}
+
+struct BackendState {
+    name: String,
+    served: AtomicU64,
+    healthy: AtomicBool,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(BackendState {
+            name: name.to_string(),
+            served: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+        });
+        let tasks = Arc::new(Mutex::new(JoinSet::new()));
+        let accept_state = Arc::clone(&state);
+        let accept_tasks = Arc::clone(&tasks);
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let state = Arc::clone(&accept_state);
+                accept_tasks.lock().unwrap().spawn(async move {
+                    let service = service_fn(move |request| respond(Arc::clone(&state), request));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            name: name.to_string(),
+            addr,
+            state,
+            tasks,
+        }
+    }
+
+    pub fn served(&self) -> u64 {
+        self.state.served.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// Like kill -9 of the backend process: the port closes and open connections reset.
+    pub fn kill(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+type BackendBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> BackendBody {
+    Full::new(text.into()).boxed()
+}
+
+fn query_number(request: &Request<Incoming>, key: &str) -> Option<u64> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+async fn respond(state: Arc<BackendState>, mut request: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
+    let name = state.name.clone();
+    let path = request.uri().path().to_string();
+    let mut builder = Response::builder().header("x-served-by", &name);
+    let response = match path.as_str() {
+        "/healthz" => {
+            if state.healthy.load(Ordering::Relaxed) {
+                builder.body(full("ok"))
+            } else {
+                builder.status(StatusCode::SERVICE_UNAVAILABLE).body(full("sick"))
+            }
+        }
+        "/ws" => {
+            let key = request.headers().get("sec-websocket-key").cloned();
+            let Some(key) = key else {
+                return Ok(builder.status(400).body(full("not a websocket")).unwrap());
+            };
+            state.served.fetch_add(1, Ordering::Relaxed);
+            let upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                while let Some(Ok(message)) = socket.next().await {
+                    match message {
+                        Message::Text(text) => {
+                            if socket.send(Message::text(format!("{name}:{text}"))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Message::Close(_) => return,
+                        _ => {}
+                    }
+                }
+            });
+            builder
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, "websocket")
+                .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+                .body(full(""))
+        }
+        _ => {
+            state.served.fetch_add(1, Ordering::Relaxed);
+            if let Some(ms) = query_number(&request, "sleep_ms") {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if path == "/headers" {
+                let headers: serde_json::Map<String, Value> = request
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("").to_string())))
+                    .collect();
+                builder.body(full(Value::Object(headers).to_string()))
+            } else if path == "/echo" {
+                let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                builder.body(full(body))
+            } else if path == "/stream" {
+                let chunks = query_number(&request, "chunks").unwrap_or(3);
+                let gap = Duration::from_millis(query_number(&request, "gap_ms").unwrap_or(100));
+                let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                    if i == chunks {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(gap).await;
+                    }
+                    Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk{i}\n")))), i + 1))
+                });
+                builder.body(BodyExt::boxed(StreamBody::new(stream)))
+            } else {
+                builder.header("x-color", &name).body(full(name.clone()))
+            }
+        }
+    };
+    Ok(response.unwrap())
+}
+
+/// The config every test starts from: loopback on port 0, fast health checks.
+pub fn config(blue: &[&Backend], green: &[&Backend], router_extra: &str) -> String {
+    let list = |backends: &[&Backend]| {
+        backends
+            .iter()
+            .map(|b| format!("\"{}\"", b.addr))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let drain = if router_extra.contains("drain_timeout") { "" } else { "  drain_timeout: 2s\n" };
+    format!(
+        "service: web\nrouter:\n  listen: 127.0.0.1:0\n  admin: .bluegreen/admin.sock\n{drain}{router_extra}\
+         environments:\n  blue: {{ upstreams: [{}] }}\n  green: {{ upstreams: [{}] }}\n\
+         health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2 }}\n",
+        list(blue),
+        list(green)
+    )
+}
+
+/// The real `bluegreen up`, in a temp folder of its own.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub async fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Daemon::start_in(dir, config).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        let config_path = dir.path().join("bluegreen.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("up")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut daemon = Daemon {
+            dir,
+            config_path,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            child: Some(child),
+        };
+        for _ in 0..200 {
+            if let Some(status) = daemon.try_admin("GET", "/v1/status", None).await
+                && status.0 == 200
+            {
+                daemon.addr = status.1["listen"].as_str().unwrap().parse().unwrap();
+                return daemon;
+            }
+            if let Some(code) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {code}: {}", daemon.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("daemon did not answer on its admin socket: {}", daemon.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join(".bluegreen/admin.sock")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn try_admin(&self, method: &str, path: &str, body: Option<&str>) -> Option<(u16, Value)> {
+        let stream = UnixStream::connect(self.socket()).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "bluegreen")
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .unwrap();
+        let response = sender.send_request(request).await.ok()?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.ok()?.to_bytes();
+        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Some((status, value))
+    }
+
+    /// One admin API call over the unix socket.
+    pub async fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.try_admin(method, path, body).await.expect("admin API answers")
+    }
+
+    pub async fn status(&self) -> Value {
+        let (code, status) = self.admin("GET", "/v1/status", None).await;
+        assert_eq!(code, 200, "{status}");
+        status
+    }
+
+    pub async fn switch(&self, to: &str) -> Value {
+        let (code, body) = self.admin("POST", "/v1/switch", Some(&format!("{{\"to\":\"{to}\"}}"))).await;
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN).arg("--config").arg(&self.config_path).args(args).output().unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        child.wait().unwrap()
+    }
+
+    /// The daemon's folder survives, for a restart.
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Waits until the color has this many healthy upstreams.
+    pub async fn wait_healthy(&self, color: &str, healthy: u64) {
+        for _ in 0..100 {
+            let status = self.status().await;
+            let found = status["colors"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["color"] == color)
+                .unwrap()["healthy_upstreams"]
+                .as_u64()
+                .unwrap();
+            if found == healthy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{color} never reached {healthy} healthy upstreams: {}", self.status().await);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A keep-alive client.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A client that opens a new connection for every request.
+pub fn fresh_connection_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
+}
+
+/// GET a URL; returns status, the `x-served-by` header and the body.
+pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str, headers: &[(&str, &str)]) -> Result<(u16, String, String), String> {
+    let mut request = Request::get(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client.request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
+    let status = response.status().as_u16();
+    let served_by = response.headers().get("x-served-by").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, served_by, String::from_utf8_lossy(&body).into()))
+}
+
+/// The color a backend name belongs to ("blue-2" → "blue").
+pub fn color_of(served_by: &str) -> &str {
+    served_by.split('-').next().unwrap_or(served_by)
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
