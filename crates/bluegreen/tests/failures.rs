@@ -1,0 +1,96 @@
+//! Upstream failures: ejection of a killed upstream, and the router's own typed error responses.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::{Backend, Daemon, client, config, get};
+
+/// Kills one of blue's two upstreams while 8 keep-alive clients hammer the router.
+/// Returns (failed requests, total requests).
+async fn kill_one_upstream_under_load(retries: u32) -> (usize, usize, serde_json::Value) {
+    let blue1 = Backend::start("blue-1").await;
+    let blue2 = Backend::start("blue-2").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue1, &blue2], &[&green], &format!("  retries: {retries}\n"))).await;
+    let running = Arc::new(AtomicBool::new(true));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let running = Arc::clone(&running);
+            let url = daemon.url("/slow?sleep_ms=2");
+            tokio::spawn(async move {
+                let http = client();
+                let mut results = Vec::new();
+                while running.load(Ordering::Relaxed) && results.len() < 50_000 {
+                    results.push(get(&http, &url, &[]).await);
+                }
+                results
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    blue2.kill();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    running.store(false, Ordering::Relaxed);
+    let mut failed = 0;
+    let mut total = 0;
+    for worker in workers {
+        for result in worker.await.unwrap() {
+            total += 1;
+            if !matches!(result, Ok((200, _, _))) {
+                failed += 1;
+            }
+        }
+    }
+    let status = daemon.status().await;
+    (failed, total, status)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_upstream_is_ejected_and_retries_hide_it_from_clients() {
+    let (failed, total, status) = kill_one_upstream_under_load(1).await;
+    let blue = &status["colors"][0];
+    assert_eq!(blue["upstreams"][1]["health"], "unhealthy", "{blue}");
+    assert!(blue["upstreams"][1]["last_error"].as_str().is_some());
+    assert_eq!(blue["healthy_upstreams"], 1);
+    // Every request here is an idempotent GET without a body, so each one that met the dead
+    // upstream was retried on the live one.
+    assert_eq!(failed, 0, "{failed} of {total} failed");
+    assert!(total > 200, "only {total} requests");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_retries_the_errors_are_bounded_by_the_requests_in_flight() {
+    let (failed, total, status) = kill_one_upstream_under_load(0).await;
+    assert_eq!(status["colors"][0]["upstreams"][1]["health"], "unhealthy");
+    // Only requests in flight on the dead upstream when it died, and those that picked it
+    // before the first failure ejected it, can fail: at most one per client (8).
+    assert!(failed <= 8, "{failed} of {total} failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_router_answers_for_itself_with_typed_errors() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "  upstream_timeout: 300ms\n")).await;
+    let http = client();
+
+    let response = http
+        .request(http::Request::get(daemon.url("/slow?sleep_ms=2000")).body(Default::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["x-bluegreen-error"], "upstream-timeout");
+
+    blue.set_healthy(false);
+    daemon.wait_healthy("blue", 0).await;
+    let (status, _, body) = get(&http, &daemon.url("/"), &[]).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(body, "503 no-healthy-upstream: no healthy upstream in environment blue\n");
+
+    let metrics = daemon.status().await["colors"][0]["metrics"].clone();
+    assert_eq!(metrics["responses_5xx"], 2, "{metrics}");
+    assert_eq!(metrics["upstream_errors"], 1, "the timeout was the upstream's fault: {metrics}");
+}
