@@ -34,7 +34,7 @@ impl ApiError {
     fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
-            field: Some(field.into()).filter(|f: &String| !f.is_empty() && f != "."),
+            field: Some(field.into()).filter(|f: &String| !f.is_empty() && f != "." && f != "?"),
             message: message.into(),
         }
     }
@@ -98,19 +98,32 @@ impl WeightsBody {
     fn split(&self) -> Result<Split, ApiError> {
         let percent = |field: &str, value: u64| {
             if value > 100 {
-                Err(ApiError::invalid(field, format!("{value} is out of range; give a whole percent from 0 to 100")))
+                Err(ApiError::invalid(
+                    field,
+                    format!("{value} is out of range; give a whole percent from 0 to 100"),
+                ))
             } else {
                 Ok(value)
             }
         };
         let green = match (self.green, self.blue) {
-            (None, None) => return Err(ApiError::invalid("green", "missing; give green (or blue) as a percent, e.g. {\"green\": 10}")),
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "green",
+                    "missing; give green (or blue) as a percent, e.g. {\"green\": 10}",
+                ));
+            }
             (Some(green), None) => percent("green", green)?,
             (None, Some(blue)) => 100 - percent("blue", blue)?,
             (Some(green), Some(blue)) => {
                 let green = percent("green", green)?;
                 if green + percent("blue", blue)? != 100 {
-                    return Err(ApiError::invalid("blue", format!("blue {blue} + green {green} must add up to 100; give only one of them")));
+                    return Err(ApiError::invalid(
+                        "blue",
+                        format!(
+                            "blue {blue} + green {green} must add up to 100; give only one of them"
+                        ),
+                    ));
                 }
                 green
             }
@@ -125,7 +138,10 @@ async fn status(State(daemon): State<Arc<Daemon>>) -> Response {
 
 async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         daemon.router.prometheus(),
     )
         .into_response()
@@ -133,7 +149,12 @@ async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
 
 async fn switch(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
     let body: SwitchBody = parse_body(&body)?;
-    let outcome = daemon.apply(Command::Switch { to: body.to, from: body.from }).await?;
+    let outcome = daemon
+        .apply(Command::Switch {
+            to: body.to,
+            from: body.from,
+        })
+        .await?;
     Ok(Json(outcome).into_response())
 }
 
@@ -166,13 +187,24 @@ async fn not_found(request: Request) -> ApiError {
 }
 
 /// TCP callers must send `Authorization: Bearer <token>`.
-async fn require_token(State(token): State<Arc<String>>, headers: HeaderMap, request: Request, next: Next) -> Response {
+async fn require_token(
+    State(token): State<Arc<String>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = given.is_some_and(|g| g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0);
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    });
     if !ok {
         let message = if given.is_none() {
             "missing bearer token: send Authorization: Bearer <token> (the token in router.admin_token_file)"
@@ -185,9 +217,10 @@ async fn require_token(State(token): State<Arc<String>>, headers: HeaderMap, req
             message: message.into(),
         }
         .into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, "Bearer realm=\"bluegreen\"".parse().expect("valid header"));
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer realm=\"bluegreen\"".parse().expect("valid header"),
+        );
         return response;
     }
     next.run(request).await
@@ -222,18 +255,27 @@ pub async fn bind(endpoint: &AdminEndpoint, token: Option<&str>) -> Result<Admin
                         path.display()
                     ));
                 }
-                std::fs::remove_file(path).map_err(|e| format!("router.admin: cannot remove stale socket {}: {e}", path.display()))?;
+                std::fs::remove_file(path).map_err(|e| {
+                    format!(
+                        "router.admin: cannot remove stale socket {}: {e}",
+                        path.display()
+                    )
+                })?;
             }
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("router.admin: cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("router.admin: cannot create {}: {e}", dir.display()))?;
             }
-            let listener = UnixListener::bind(path).map_err(|e| format!("router.admin: cannot bind {}: {e}", path.display()))?;
+            let listener = UnixListener::bind(path)
+                .map_err(|e| format!("router.admin: cannot bind {}: {e}", path.display()))?;
             set_owner_only(path)?;
             Ok(AdminListener::Unix(listener))
         }
         AdminEndpoint::Tcp(addr) => {
             let token = token.ok_or("router.admin_token_file: required for a TCP admin address")?;
-            let listener = TcpListener::bind(addr).await.map_err(|e| format!("router.admin: cannot bind {addr}: {e}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("router.admin: cannot bind {addr}: {e}"))?;
             Ok(AdminListener::Tcp(listener, Arc::new(token.to_string())))
         }
     }
@@ -244,12 +286,20 @@ fn set_owner_only(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("router.admin: cannot chmod 0600 {}: {e}", path.display()))
 }
 
-pub async fn run(listener: AdminListener, daemon: Arc<Daemon>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    listener: AdminListener,
+    daemon: Arc<Daemon>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
     let result = match listener {
-        AdminListener::Unix(listener) => serve(listener, routes(daemon)).with_graceful_shutdown(stop).await,
+        AdminListener::Unix(listener) => {
+            serve(listener, routes(daemon))
+                .with_graceful_shutdown(stop)
+                .await
+        }
         AdminListener::Tcp(listener, token) => {
             let app = routes(daemon).layer(middleware::from_fn_with_state(token, require_token));
             serve(listener, app).with_graceful_shutdown(stop).await

@@ -24,10 +24,20 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "bluegreen", version, about = "Zero-downtime blue-green releases: a router that switches traffic between two environments")]
+#[command(
+    name = "bluegreen",
+    version,
+    about = "Zero-downtime blue-green releases: a router that switches traffic between two environments"
+)]
 pub struct Cli {
     /// Config file (YAML).
-    #[arg(long, short, global = true, env = "BLUEGREEN_CONFIG", default_value = "bluegreen.yaml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "BLUEGREEN_CONFIG",
+        default_value = "bluegreen.yaml"
+    )]
     pub config: PathBuf,
     /// Admin endpoint to talk to, overriding router.admin: a socket path or host:port.
     #[arg(long, global = true, env = "BLUEGREEN_ADMIN")]
@@ -140,7 +150,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             print_check(&config, cli.output);
             Ok(())
         }
-        Commands::Switch(args) | Commands::Router { command: RouterCommands::Switch(args) } => {
+        Commands::Switch(args)
+        | Commands::Router {
+            command: RouterCommands::Switch(args),
+        } => {
             let body = json!({ "to": args.to, "from": args.from });
             change(&cli, "/v1/switch", body).await
         }
@@ -157,7 +170,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let client = admin_client(&cli)?;
             let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
             match cli.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status).expect("json")),
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&status).expect("json"))
+                }
                 Output::Text => print!("{}", render_status(&status)),
             }
             Ok(())
@@ -177,17 +192,25 @@ async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
 
 /// The daemon's answer as JSON, or its error message with the matching exit code.
 fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
-    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
+    let value: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
     if status.is_success() {
         return Ok(value);
     }
     let error = &value["error"];
-    let message = error["message"].as_str().unwrap_or("the daemon refused the request").to_string();
+    let message = error["message"]
+        .as_str()
+        .unwrap_or("the daemon refused the request")
+        .to_string();
     let message = match error["field"].as_str() {
         Some(field) => format!("{field}: {message}"),
         None => message,
     };
-    let code = if status.is_client_error() { exit::REFUSED } else { exit::FAILURE };
+    let code = if status.is_client_error() {
+        exit::REFUSED
+    } else {
+        exit::FAILURE
+    };
     Err(CliError::new(code, message))
 }
 
@@ -196,7 +219,12 @@ fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
     let read_token = |path: &PathBuf| {
         std::fs::read_to_string(path)
             .map(|t| t.trim().to_string())
-            .map_err(|e| CliError::new(exit::USAGE, format!("--token-file: cannot read {}: {e}", path.display())))
+            .map_err(|e| {
+                CliError::new(
+                    exit::USAGE,
+                    format!("--token-file: cannot read {}: {e}", path.display()),
+                )
+            })
     };
     if let Some(admin) = &cli.admin {
         let endpoint = match parse_socket_addr(admin) {
@@ -212,7 +240,9 @@ fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
     let config = Config::load(&cli.config)?;
     let token = match &cli.token_file {
         Some(path) => Some(read_token(path)?),
-        None => std::env::var("BLUEGREEN_TOKEN").ok().or(config.router.admin_token),
+        None => std::env::var("BLUEGREEN_TOKEN")
+            .ok()
+            .or(config.router.admin_token),
     };
     Ok(AdminClient {
         endpoint: config.router.admin,
@@ -225,7 +255,12 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let failure = |message: String| CliError::new(exit::FAILURE, message);
     let listener = tokio::net::TcpListener::bind(config.router.listen)
         .await
-        .map_err(|e| failure(format!("router.listen: cannot bind {}: {e}", config.router.listen)))?;
+        .map_err(|e| {
+            failure(format!(
+                "router.listen: cannot bind {}: {e}",
+                config.router.listen
+            ))
+        })?;
     let listen = listener.local_addr().map_err(|e| failure(e.to_string()))?;
     crate::daemon::create_private_dir(&config.state_dir).map_err(failure)?;
     let admin_endpoint = config.router.admin.clone();
@@ -239,18 +274,33 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     daemon.router.start_health_checks().await;
     let serving = daemon.router.serve(listener);
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_task = tokio::spawn(admin::run(admin_listener, Arc::clone(&daemon), admin_stopped));
+    let admin_task = tokio::spawn(admin::run(
+        admin_listener,
+        Arc::clone(&daemon),
+        admin_stopped,
+    ));
     let status = daemon.status().await;
     let health: Vec<String> = status
         .router
         .colors
         .iter()
-        .map(|c| format!("{} {}/{} healthy", c.color, c.healthy_upstreams, c.upstreams.len()))
+        .map(|c| {
+            format!(
+                "{} {}/{} healthy",
+                c.color,
+                c.healthy_upstreams,
+                c.upstreams.len()
+            )
+        })
         .collect();
     println!(
         "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}",
         daemon.config.service,
-        if daemon.config.router.tls.is_some() { "https" } else { "http" },
+        if daemon.config.router.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         health.join(", "),
         status.weights_text(),
     );
@@ -282,7 +332,10 @@ impl crate::daemon::DaemonStatus {
     fn weights_text(&self) -> String {
         match self.live {
             Some(color) => color.to_string(),
-            None => format!("split blue {}% / green {}%", self.weights.blue, self.weights.green),
+            None => format!(
+                "split blue {}% / green {}%",
+                self.weights.blue, self.weights.green
+            ),
         }
     }
 }
@@ -312,7 +365,10 @@ fn print_check(config: &Config, output: Output) {
 /// The status as a small table.
 pub fn render_status(status: &Value) -> String {
     let mut out = String::new();
-    let live = status["live"].as_str().map(str::to_string).unwrap_or_else(|| "split".into());
+    let live = status["live"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| "split".into());
     out.push_str(&format!(
         "service {}  listen {}  live: {}  (blue {}% / green {}%)\n",
         status["service"].as_str().unwrap_or("?"),
@@ -323,9 +379,23 @@ pub fn render_status(status: &Value) -> String {
     ));
     out.push_str(&format!(
         "{:<6} {:>6} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>5} {:>8}\n",
-        "COLOR", "WEIGHT", "HEALTHY", "REQUESTS", "2XX", "5XX", "ERRORS", "P50", "P99", "OPEN", "DRAINING"
+        "COLOR",
+        "WEIGHT",
+        "HEALTHY",
+        "REQUESTS",
+        "2XX",
+        "5XX",
+        "ERRORS",
+        "P50",
+        "P99",
+        "OPEN",
+        "DRAINING"
     ));
-    let ms = |v: &Value| v.as_f64().map(|x| format!("{x}ms")).unwrap_or_else(|| "-".into());
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|x| format!("{x}ms"))
+            .unwrap_or_else(|| "-".into())
+    };
     let empty = Vec::new();
     for color in status["colors"].as_array().unwrap_or(&empty) {
         let m = &color["metrics"];
@@ -346,7 +416,10 @@ pub fn render_status(status: &Value) -> String {
             text(&m["draining"]),
         ));
         for upstream in upstreams {
-            let error = upstream["last_error"].as_str().map(|e| format!("  last error: {e}")).unwrap_or_default();
+            let error = upstream["last_error"]
+                .as_str()
+                .map(|e| format!("  last error: {e}"))
+                .unwrap_or_default();
             out.push_str(&format!(
                 "    {:<22} {:<9} in-flight {}{}\n",
                 upstream["address"].as_str().unwrap_or("?"),
@@ -356,6 +429,9 @@ pub fn render_status(status: &Value) -> String {
             ));
         }
     }
-    out.push_str(&format!("connections open: {}\n", status["connections_open"]));
+    out.push_str(&format!(
+        "connections open: {}\n",
+        status["connections_open"]
+    ));
     out
 }

@@ -11,7 +11,9 @@ use crate::config::AdminEndpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the bluegreen daemon at {endpoint}: {reason}. Is `bluegreen up` running with this config?")]
+    #[error(
+        "cannot reach the bluegreen daemon at {endpoint}: {reason}. Is `bluegreen up` running with this config?"
+    )]
     Unreachable { endpoint: String, reason: String },
     #[error("the daemon at {endpoint} broke off the request: {reason}")]
     Protocol { endpoint: String, reason: String },
@@ -23,7 +25,12 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub async fn call(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, Bytes), ClientError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let endpoint = self.endpoint.to_string();
         let unreachable = |e: std::io::Error| ClientError::Unreachable {
             endpoint: endpoint.clone(),
@@ -41,7 +48,13 @@ impl AdminClient {
         }
     }
 
-    async fn send<S>(&self, stream: S, method: Method, path: &str, body: Option<serde_json::Value>) -> Result<(StatusCode, Bytes), ClientError>
+    async fn send<S>(
+        &self,
+        stream: S,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(StatusCode, Bytes), ClientError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -65,7 +78,12 @@ impl AdminClient {
         let request = request.body(Full::new(payload)).expect("a valid request");
         let response = sender.send_request(request).await.map_err(protocol)?;
         let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(protocol)?.to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(protocol)?
+            .to_bytes();
         Ok((status, bytes))
     }
 }

@@ -32,9 +32,15 @@ impl fmt::Display for ConfigIssue {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config {}:\n{}", path.display(), issues.iter().map(|i| format!("  - {i}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { path: PathBuf, issues: Vec<ConfigIssue> },
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
 }
 
 // ---- raw: what the YAML says, with defaults ----
@@ -300,7 +306,11 @@ impl<'a> Validator<'a> {
 
     fn resolve(&self, path: &str) -> PathBuf {
         let path = Path::new(path);
-        if path.is_absolute() { path.to_path_buf() } else { self.base.join(path) }
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base.join(path)
+        }
     }
 
     fn positive(&mut self, path: &str, value: HumanDuration) -> Duration {
@@ -312,12 +322,18 @@ impl<'a> Validator<'a> {
 
     fn validate(mut self, raw: RawConfig) -> Result<Config, Vec<ConfigIssue>> {
         if raw.service.trim().is_empty() {
-            self.issue("service", "must not be empty; name the service, e.g. `service: web`");
+            self.issue(
+                "service",
+                "must not be empty; name the service, e.g. `service: web`",
+            );
         }
         let mut upstreams: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
         for (name, env) in &raw.environments {
             let Ok(color) = name.parse::<Color>() else {
-                self.issue(format!("environments.{name}"), "unknown environment; valid: blue, green");
+                self.issue(
+                    format!("environments.{name}"),
+                    "unknown environment; valid: blue, green",
+                );
                 continue;
             };
             if env.upstreams.is_empty() {
@@ -351,9 +367,15 @@ impl<'a> Validator<'a> {
             self.issue("router.listen", message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let admin = if r.admin.contains('/') || r.admin.ends_with(".sock") || parse_socket_addr(&r.admin).is_err() {
+        let admin = if r.admin.contains('/')
+            || r.admin.ends_with(".sock")
+            || parse_socket_addr(&r.admin).is_err()
+        {
             if r.admin.trim().is_empty() {
-                self.issue("router.admin", "must not be empty; give a socket path like .bluegreen/admin.sock or host:port");
+                self.issue(
+                    "router.admin",
+                    "must not be empty; give a socket path like .bluegreen/admin.sock or host:port",
+                );
             }
             AdminEndpoint::Unix(self.resolve(&r.admin))
         } else {
@@ -375,7 +397,10 @@ impl<'a> Validator<'a> {
                     None
                 }
                 Err(e) => {
-                    self.issue("router.admin_token_file", format!("cannot read {}: {e}", file.display()));
+                    self.issue(
+                        "router.admin_token_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    );
                     None
                 }
             },
@@ -388,21 +413,37 @@ impl<'a> Validator<'a> {
         let drain_timeout = r.drain_timeout.0;
         let connect_timeout = self.positive("router.connect_timeout", r.connect_timeout);
         let upstream_timeout = self.positive("router.upstream_timeout", r.upstream_timeout);
-        let header_read_timeout = self.positive("router.header_read_timeout", r.header_read_timeout);
+        let header_read_timeout =
+            self.positive("router.header_read_timeout", r.header_read_timeout);
         let idle_timeout = self.positive("router.idle_timeout", r.idle_timeout);
         if !(1024..=1024 * 1024).contains(&r.max_header_bytes) {
-            self.issue("router.max_header_bytes", format!("{} is out of range; use 1024 to 1048576 (bytes)", r.max_header_bytes));
+            self.issue(
+                "router.max_header_bytes",
+                format!(
+                    "{} is out of range; use 1024 to 1048576 (bytes)",
+                    r.max_header_bytes
+                ),
+            );
         }
         if r.max_connections == 0 || r.max_connections > 1_000_000 {
-            self.issue("router.max_connections", format!("{} is out of range; use 1 to 1000000", r.max_connections));
+            self.issue(
+                "router.max_connections",
+                format!("{} is out of range; use 1 to 1000000", r.max_connections),
+            );
         }
         if r.retries > 10 {
-            self.issue("router.retries", format!("{} is too many; use 0 to 10", r.retries));
+            self.issue(
+                "router.retries",
+                format!("{} is too many; use 0 to 10", r.retries),
+            );
         }
         let tls = r.tls.map(|t| {
             for (key, value) in [("router.tls.cert", &t.cert), ("router.tls.key", &t.key)] {
                 if !self.resolve(value).is_file() {
-                    self.issue(key, format!("{value:?} is not a readable file; give a PEM file path"));
+                    self.issue(
+                        key,
+                        format!("{value:?} is not a readable file; give a PEM file path"),
+                    );
                 }
             }
             TlsFiles {
@@ -412,7 +453,13 @@ impl<'a> Validator<'a> {
         });
         let sticky_cookie = r.sticky.then(|| {
             if !is_cookie_name(&r.sticky_cookie) {
-                self.issue("router.sticky_cookie", format!("{:?} is not a valid cookie name; use letters, digits, - and _", r.sticky_cookie));
+                self.issue(
+                    "router.sticky_cookie",
+                    format!(
+                        "{:?} is not a valid cookie name; use letters, digits, - and _",
+                        r.sticky_cookie
+                    ),
+                );
             }
             r.sticky_cookie.clone()
         });
@@ -427,15 +474,24 @@ impl<'a> Validator<'a> {
             let header_name = header("router.preview.header", &p.header);
             let secret_header = header("router.preview.secret_header", &p.secret_header);
             if !is_cookie_name(&p.cookie) {
-                self.issue("router.preview.cookie", format!("{:?} is not a valid cookie name", p.cookie));
+                self.issue(
+                    "router.preview.cookie",
+                    format!("{:?} is not a valid cookie name", p.cookie),
+                );
             }
             let secret = match (p.secret, p.secret_file) {
                 (Some(_), Some(_)) => {
-                    self.issue("router.preview.secret", "give either secret or secret_file, not both");
+                    self.issue(
+                        "router.preview.secret",
+                        "give either secret or secret_file, not both",
+                    );
                     None
                 }
                 (Some(s), None) if s.trim().is_empty() => {
-                    self.issue("router.preview.secret", "is empty; remove it or give a non-empty secret");
+                    self.issue(
+                        "router.preview.secret",
+                        "is empty; remove it or give a non-empty secret",
+                    );
                     None
                 }
                 (Some(s), None) => Some(s),
@@ -446,7 +502,10 @@ impl<'a> Validator<'a> {
                         None
                     }
                     Err(e) => {
-                        self.issue("router.preview.secret_file", format!("cannot read {file}: {e}"));
+                        self.issue(
+                            "router.preview.secret_file",
+                            format!("cannot read {file}: {e}"),
+                        );
                         None
                     }
                 },
@@ -464,11 +523,17 @@ impl<'a> Validator<'a> {
 
         let h = raw.health;
         if !h.path.starts_with('/') {
-            self.issue("health.path", format!("{:?} must start with /, e.g. /healthz", h.path));
+            self.issue(
+                "health.path",
+                format!("{:?} must start with /, e.g. /healthz", h.path),
+            );
         }
         let interval = self.positive("health.interval", h.interval);
         let timeout = self.positive("health.timeout", h.timeout);
-        for (key, value) in [("health.healthy_threshold", h.healthy_threshold), ("health.unhealthy_threshold", h.unhealthy_threshold)] {
+        for (key, value) in [
+            ("health.healthy_threshold", h.healthy_threshold),
+            ("health.unhealthy_threshold", h.unhealthy_threshold),
+        ] {
             if value == 0 {
                 self.issue(key, "must be at least 1");
             }
@@ -517,7 +582,10 @@ impl<'a> Validator<'a> {
 }
 
 fn is_cookie_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `host:port` → one socket address; names are resolved once, now.
@@ -526,16 +594,24 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("{text:?} has no port; write it as host:port, e.g. \"127.0.0.1:9001\""));
+        return Err(format!(
+            "{text:?} has no port; write it as host:port, e.g. \"127.0.0.1:9001\""
+        ));
     };
     if host.is_empty() {
-        return Err(format!("{text:?} has no host; write it as host:port, e.g. \"127.0.0.1{text}\""));
+        return Err(format!(
+            "{text:?} has no host; write it as host:port, e.g. \"127.0.0.1{text}\""
+        ));
     }
     if host.contains(':') && !host.starts_with('[') {
-        return Err(format!("{text:?}: an IPv6 address needs brackets, e.g. \"[::1]:9001\""));
+        return Err(format!(
+            "{text:?}: an IPv6 address needs brackets, e.g. \"[::1]:9001\""
+        ));
     }
     let Ok(port) = port.parse::<u16>() else {
-        return Err(format!("{text:?} has an invalid port {port:?}; use a number from 1 to 65535"));
+        return Err(format!(
+            "{text:?} has an invalid port {port:?}; use a number from 1 to 65535"
+        ));
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     match (host, port).to_socket_addrs().map(|mut a| a.next()) {
@@ -562,8 +638,7 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
 
     fn issues(text: &str) -> Vec<String> {
         Config::parse(text, Path::new("/tmp/x"))
-            .err()
-            .expect("config must be refused")
+            .expect_err("config must be refused")
             .iter()
             .map(ToString::to_string)
             .collect()
@@ -574,7 +649,10 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
         let config = Config::parse(GOOD, Path::new("/srv/app")).unwrap();
         assert_eq!(config.upstreams[Color::Blue.index()].len(), 2);
         assert_eq!(config.router.drain_timeout, Duration::from_secs(30));
-        assert_eq!(config.router.admin, AdminEndpoint::Unix(PathBuf::from("/srv/app/.bluegreen/admin.sock")));
+        assert_eq!(
+            config.router.admin,
+            AdminEndpoint::Unix(PathBuf::from("/srv/app/.bluegreen/admin.sock"))
+        );
         assert_eq!(config.router.initial_live, Color::Blue);
         assert_eq!(config.health.unhealthy_threshold, 3);
         assert!(config.router.preview.is_some());
@@ -585,40 +663,75 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
         let text = GOOD.replace("\"127.0.0.1:9002\"", "\"127.0.0.1\"");
         assert_eq!(
             issues(&text),
-            vec!["environments.green.upstreams[0]: \"127.0.0.1\" has no port; write it as host:port, e.g. \"127.0.0.1:9001\""]
+            vec![
+                "environments.green.upstreams[0]: \"127.0.0.1\" has no port; write it as host:port, e.g. \"127.0.0.1:9001\""
+            ]
         );
     }
 
     #[test]
     fn unknown_keys_and_wrong_types_name_their_path() {
         let unknown = issues(&GOOD.replace("drain_timeout: 30s", "drain_timout: 30s"));
-        assert!(unknown[0].starts_with("router.drain_timout: unknown field `drain_timout`, expected one of"), "{unknown:?}");
+        assert!(
+            unknown[0]
+                .starts_with("router.drain_timout: unknown field `drain_timout`, expected one of"),
+            "{unknown:?}"
+        );
         let wrong_type = issues(&GOOD.replace("healthy_threshold: 2", "healthy_threshold: two"));
-        assert!(wrong_type[0].starts_with("health.healthy_threshold:"), "{wrong_type:?}");
+        assert!(
+            wrong_type[0].starts_with("health.healthy_threshold:"),
+            "{wrong_type:?}"
+        );
         let bad_duration = issues(&GOOD.replace("drain_timeout: 30s", "drain_timeout: 30"));
-        assert!(bad_duration[0].starts_with("router.drain_timeout:") && bad_duration[0].contains("unit"), "{bad_duration:?}");
+        assert!(
+            bad_duration[0].starts_with("router.drain_timeout:")
+                && bad_duration[0].contains("unit"),
+            "{bad_duration:?}"
+        );
     }
 
     #[test]
     fn every_problem_is_reported_at_once() {
         let text = GOOD
-            .replace("green: { upstreams: [\"127.0.0.1:9002\"] }", "purple: { upstreams: [] }")
+            .replace(
+                "green: { upstreams: [\"127.0.0.1:9002\"] }",
+                "purple: { upstreams: [] }",
+            )
             .replace("path: /healthz", "path: healthz");
         let found = issues(&text);
-        assert!(found.iter().any(|i| i.starts_with("environments.purple: unknown environment")), "{found:?}");
-        assert!(found.iter().any(|i| i.starts_with("environments.green: is missing")), "{found:?}");
-        assert!(found.iter().any(|i| i.starts_with("health.path:")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|i| i.starts_with("environments.purple: unknown environment")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|i| i.starts_with("environments.green: is missing")),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|i| i.starts_with("health.path:")),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn tcp_admin_requires_a_token_file() {
         let found = issues(&GOOD.replace("admin: .bluegreen/admin.sock", "admin: 127.0.0.1:9900"));
-        assert!(found[0].starts_with("router.admin_token_file: is required"), "{found:?}");
+        assert!(
+            found[0].starts_with("router.admin_token_file: is required"),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn yaml_syntax_errors_are_reported() {
         let found = issues("service: [web\n");
-        assert!(found[0].contains("YAML") || found[0].contains("line"), "{found:?}");
+        assert!(
+            found[0].contains("YAML") || found[0].contains("line"),
+            "{found:?}"
+        );
     }
 }

@@ -35,6 +35,7 @@ pub struct Outcome {
     pub message: String,
     pub weights: Weights,
     pub previous: Weights,
+    pub rollback_to: Option<Color>,
 }
 
 /// A split as people read it.
@@ -68,7 +69,8 @@ pub struct DaemonStatus {
     pub admin: String,
     pub live: Option<Color>,
     pub weights: Weights,
-    pub previous: Option<Weights>,
+    /// The color `rollback` would make live.
+    pub rollback_to: Option<Color>,
     #[serde(flatten)]
     pub router: RouterStatus,
 }
@@ -85,7 +87,7 @@ impl Daemon {
             None => SwitchState {
                 schema: SCHEMA_VERSION,
                 split: Split::all(config.router.initial_live),
-                previous: None,
+                rollback_to: None,
             },
         };
         state_file.save(&state).map_err(|e| e.to_string())?;
@@ -99,7 +101,9 @@ impl Daemon {
                 secret: p.secret.clone(),
                 secret_header: p.secret_header.clone(),
             }),
-            sticky: r.sticky_cookie.as_ref().map(|cookie| StickyRule { cookie: cookie.clone() }),
+            sticky: r.sticky_cookie.as_ref().map(|cookie| StickyRule {
+                cookie: cookie.clone(),
+            }),
             proxy: ProxySettings {
                 connect_timeout: r.connect_timeout,
                 upstream_timeout: r.upstream_timeout,
@@ -136,7 +140,7 @@ impl Daemon {
             admin: self.config.router.admin.to_string(),
             live: router.live,
             weights: router.split.into(),
-            previous: state.previous.map(Weights::from),
+            rollback_to: state.rollback_to,
             router,
         }
     }
@@ -149,26 +153,27 @@ impl Daemon {
         let target = match command {
             Command::Switch { to, from } => {
                 if let Some(from) = from
-                    && current.sole_color() != Some(from)
+                    && current.weight(from) == 0
                 {
                     return Err(CommandError::Refused(format!(
-                        "--from {from} does not match the router: {}. Run `bluegreen status`, then switch --to {to} without --from",
+                        "--from {from} does not match the router: {from} takes no traffic ({}). Run `bluegreen status`, then switch --to {to} without --from",
                         describe(current)
                     )));
                 }
                 Split::all(to)
             }
             Command::Weights(split) => split,
-            Command::Rollback => state.previous.ok_or_else(|| {
+            Command::Rollback => Split::all(state.rollback_to.ok_or_else(|| {
                 CommandError::Refused("nothing to roll back to: no switch has been made yet".into())
-            })?,
+            })?),
         };
         if target == current {
             return Ok(Outcome {
                 changed: false,
                 message: format!("unchanged: already {current}"),
                 weights: current.into(),
-                previous: state.previous.unwrap_or(current).into(),
+                previous: current.into(),
+                rollback_to: state.rollback_to,
             });
         }
         self.router
@@ -177,14 +182,18 @@ impl Daemon {
         let next = SwitchState {
             schema: SCHEMA_VERSION,
             split: target,
-            previous: Some(current),
+            rollback_to: rollback_color(current, target, state.rollback_to),
         };
-        self.state_file.save(&next).map_err(|e| CommandError::Failed(e.to_string()))?;
+        self.state_file
+            .save(&next)
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
         if let Err(refused) = self.router.set_split(target) {
             // Health changed between the check and the swap: put the record back.
-            self.state_file
-                .save(&state)
-                .map_err(|e: StateError| CommandError::Failed(format!("{refused}; and restoring the state file failed: {e}")))?;
+            self.state_file.save(&state).map_err(|e: StateError| {
+                CommandError::Failed(format!(
+                    "{refused}; and restoring the state file failed: {e}"
+                ))
+            })?;
             return Err(CommandError::Refused(refused.to_string()));
         }
         *state = next;
@@ -193,15 +202,28 @@ impl Daemon {
             Command::Switch { .. } => "switched",
             Command::Weights(_) => "weights set",
         };
-        let message = format!("{verb}: {} (was {})", describe(target), describe(current));
+        let was = match current.sole_color() {
+            Some(color) => color.to_string(),
+            None => current.to_string(),
+        };
+        let message = format!("{verb}: {} (was {was})", describe(target));
         tracing::info!("{message}");
         Ok(Outcome {
             changed: true,
             message,
             weights: target.into(),
             previous: current.into(),
+            rollback_to: next.rollback_to,
         })
     }
+}
+
+/// Leaving a color that had all traffic makes it the one to return to; leaving a split (a
+/// canary in progress) keeps the color that was live before it began. Landing on that very
+/// color makes the other one the way back.
+fn rollback_color(current: Split, target: Split, before: Option<Color>) -> Option<Color> {
+    let back = current.sole_color().or(before)?;
+    Some(if target.sole_color() == Some(back) { back.other() } else { back })
 }
 
 fn describe(split: Split) -> String {

@@ -18,7 +18,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() { cli::exit::USAGE } else { 0 });
+            return ExitCode::from(if error.use_stderr() {
+                cli::exit::USAGE
+            } else {
+                0
+            });
         }
     };
     tracing_subscriber::fmt()

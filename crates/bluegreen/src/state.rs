@@ -3,31 +3,45 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use bluegreen_router::Split;
+use bluegreen_router::{Color, Split};
 use serde::{Deserialize, Serialize};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// What must survive a restart: the split in service and the one before it (for rollback).
+/// What must survive a restart: the split in service and the color a rollback returns to.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SwitchState {
     #[serde(default)]
     pub schema: u32,
     pub split: Split,
+    /// The color that last had all traffic before the current state; `None` until a change.
     #[serde(default)]
-    pub previous: Option<Split>,
+    pub rollback_to: Option<Color>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot read state {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("state {path} is not valid (move it aside to start from the config's initial_live): {source}")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
-    #[error("state {path} has schema {found}, newer than this binary understands ({SCHEMA_VERSION}); upgrade bluegreen")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "state {path} is not valid (move it aside to start from the config's initial_live): {source}"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "state {path} has schema {found}, newer than this binary understands ({SCHEMA_VERSION}); upgrade bluegreen"
+    )]
     TooNew { path: PathBuf, found: u32 },
     #[error("cannot write state {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct StateFile {
@@ -56,10 +70,11 @@ impl StateFile {
                 });
             }
         };
-        let state: SwitchState = serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
-            path: self.path.clone(),
-            source,
-        })?;
+        let state: SwitchState =
+            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
         if state.schema > SCHEMA_VERSION {
             return Err(StateError::TooNew {
                 path: self.path.clone(),
@@ -86,7 +101,9 @@ impl StateFile {
         file.sync_all().map_err(write_error)?;
         std::fs::rename(&temp, &self.path).map_err(write_error)?;
         if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(write_error)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(write_error)?;
         }
         Ok(())
     }
@@ -95,10 +112,10 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bluegreen_router::Color;
 
     fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bluegreen-state-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("bluegreen-state-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -111,26 +128,29 @@ mod tests {
         let state = SwitchState {
             schema: SCHEMA_VERSION,
             split: Split::all(Color::Green),
-            previous: Some(Split::all(Color::Blue)),
+            rollback_to: Some(Color::Blue),
         };
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), Some(state));
     }
 
     #[test]
-    fn a_state_without_schema_or_previous_still_loads() {
+    fn a_state_without_schema_or_rollback_color_still_loads() {
         let file = StateFile::new(&temp_dir("old"));
         std::fs::write(file.path(), r#"{"split":{"green_percent":40}}"#).unwrap();
         let state = file.load().unwrap().unwrap();
         assert_eq!(state.split, Split::green_percent(40).unwrap());
-        assert_eq!(state.previous, None);
+        assert_eq!(state.rollback_to, None);
     }
 
     #[test]
     fn a_newer_or_broken_state_is_refused_with_a_reason() {
         let file = StateFile::new(&temp_dir("bad"));
         std::fs::write(file.path(), r#"{"schema":99,"split":{"green_percent":0}}"#).unwrap();
-        assert!(matches!(file.load(), Err(StateError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            file.load(),
+            Err(StateError::TooNew { found: 99, .. })
+        ));
         std::fs::write(file.path(), "{not json").unwrap();
         assert!(matches!(file.load(), Err(StateError::Corrupt { .. })));
     }

@@ -14,7 +14,12 @@ async fn kill_one_upstream_under_load(retries: u32) -> (usize, usize, serde_json
     let blue1 = Backend::start("blue-1").await;
     let blue2 = Backend::start("blue-2").await;
     let green = Backend::start("green-1").await;
-    let daemon = Daemon::start(&config(&[&blue1, &blue2], &[&green], &format!("  retries: {retries}\n"))).await;
+    let daemon = Daemon::start(&config(
+        &[&blue1, &blue2],
+        &[&green],
+        &format!("  retries: {retries}\n"),
+    ))
+    .await;
     let running = Arc::new(AtomicBool::new(true));
     let workers: Vec<_> = (0..8)
         .map(|_| {
@@ -78,7 +83,11 @@ async fn the_router_answers_for_itself_with_typed_errors() {
     let http = client();
 
     let response = http
-        .request(http::Request::get(daemon.url("/slow?sleep_ms=2000")).body(Default::default()).unwrap())
+        .request(
+            http::Request::get(daemon.url("/slow?sleep_ms=2000"))
+                .body(Default::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 504);
@@ -88,9 +97,15 @@ async fn the_router_answers_for_itself_with_typed_errors() {
     daemon.wait_healthy("blue", 0).await;
     let (status, _, body) = get(&http, &daemon.url("/"), &[]).await.unwrap();
     assert_eq!(status, 503);
-    assert_eq!(body, "503 no-healthy-upstream: no healthy upstream in environment blue\n");
+    assert_eq!(
+        body,
+        "503 no-healthy-upstream: no healthy upstream in environment blue\n"
+    );
 
     let metrics = daemon.status().await["colors"][0]["metrics"].clone();
     assert_eq!(metrics["responses_5xx"], 2, "{metrics}");
-    assert_eq!(metrics["upstream_errors"], 1, "the timeout was the upstream's fault: {metrics}");
+    assert_eq!(
+        metrics["upstream_errors"], 1,
+        "the timeout was the upstream's fault: {metrics}"
+    );
 }

@@ -46,7 +46,11 @@ async fn switching_and_rolling_back_under_load_fails_no_request() {
         let running = Arc::clone(&running);
         let url = url.clone();
         workers.push(tokio::spawn(async move {
-            let client = if i < 12 { client() } else { fresh_connection_client() };
+            let client = if i < 12 {
+                client()
+            } else {
+                fresh_connection_client()
+            };
             let mut seen = Vec::new();
             while running.load(Ordering::Relaxed) && seen.len() < 20_000 {
                 let start = Instant::now();
@@ -84,24 +88,34 @@ async fn switching_and_rolling_back_under_load_fails_no_request() {
     for worker in workers {
         for (start, end, result) in worker.await.unwrap() {
             total += 1;
-            let (status, served_by, body) = result.unwrap_or_else(|e| panic!("request failed: {e}\n{}", daemon.log()));
+            let (status, served_by, body) =
+                result.unwrap_or_else(|e| panic!("request failed: {e}\n{}", daemon.log()));
             assert_eq!(status, 200, "body: {body}");
             let color = color_of(&served_by);
             let allowed = possibly_live(&windows, start, end);
-            assert!(allowed.contains(&color), "served by {served_by} while only {allowed:?} could be live");
+            assert!(
+                allowed.contains(&color),
+                "served by {served_by} while only {allowed:?} could be live"
+            );
             per_color[usize::from(color == "green")] += 1;
         }
     }
     assert_eq!(windows.len(), 60);
     assert!(total > 1000, "only {total} requests were made");
-    assert!(per_color[0] > 100 && per_color[1] > 100, "both colors served: {per_color:?}");
+    assert!(
+        per_color[0] > 100 && per_color[1] > 100,
+        "both colors served: {per_color:?}"
+    );
     // The router's own counters agree that nothing failed.
     let status = daemon.status().await;
     for color in status["colors"].as_array().unwrap() {
         assert_eq!(color["metrics"]["responses_5xx"], 0, "{color}");
         assert_eq!(color["metrics"]["upstream_errors"], 0, "{color}");
     }
-    assert!(blue1.served() > 0 && blue2.served() > 0, "both blue upstreams share the load");
+    assert!(
+        blue1.served() > 0 && blue2.served() > 0,
+        "both blue upstreams share the load"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -113,12 +127,19 @@ async fn a_switch_to_an_unhealthy_color_is_refused_and_the_old_table_keeps_servi
     daemon.wait_healthy("green", 0).await;
     let before = daemon.status().await;
 
-    let (code, body) = daemon.admin("POST", "/v1/switch", Some(r#"{"to":"green"}"#)).await;
+    let (code, body) = daemon
+        .admin("POST", "/v1/switch", Some(r#"{"to":"green"}"#))
+        .await;
     assert_eq!(code, 409, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("environment green has no healthy upstream"), "{message}");
+    assert!(
+        message.contains("environment green has no healthy upstream"),
+        "{message}"
+    );
 
-    let (code, body) = daemon.admin("POST", "/v1/weights", Some(r#"{"green":10}"#)).await;
+    let (code, body) = daemon
+        .admin("POST", "/v1/weights", Some(r#"{"green":10}"#))
+        .await;
     assert_eq!(code, 409, "{body}");
 
     let cli = daemon.cli(&["switch", "--to", "green"]);
@@ -126,7 +147,10 @@ async fn a_switch_to_an_unhealthy_color_is_refused_and_the_old_table_keeps_servi
     assert!(String::from_utf8_lossy(&cli.stderr).contains("no healthy upstream"));
 
     let after = daemon.status().await;
-    assert_eq!(after["generation"], before["generation"], "the table was not replaced");
+    assert_eq!(
+        after["generation"], before["generation"],
+        "the table was not replaced"
+    );
     assert_eq!(after["live"], "blue");
     let http = client();
     for _ in 0..20 {
@@ -159,15 +183,21 @@ async fn a_slow_request_started_before_a_switch_finishes_on_the_old_color() {
     }
     daemon.switch("green").await;
     let status = daemon.status().await;
-    assert_eq!(status["colors"][0]["metrics"]["draining"], 1, "blue has one request draining: {status}");
+    assert_eq!(
+        status["colors"][0]["metrics"]["draining"], 1,
+        "blue has one request draining: {status}"
+    );
     let (_, served_by, _) = get(&client(), &daemon.url("/"), &[]).await.unwrap();
     assert_eq!(served_by, "green-1", "new requests go to green at once");
     let (status, served_by, body) = slow.await.unwrap().unwrap();
-    assert_eq!((status, served_by.as_str(), body.as_str()), (200, "blue-1", "blue-1"));
+    assert_eq!(
+        (status, served_by.as_str(), body.as_str()),
+        (200, "blue-1", "blue-1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_previous_split() {
+async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_last_live_color() {
     let blue = Backend::start("blue-1").await;
     let green = Backend::start("green-1").await;
     let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
@@ -178,27 +208,51 @@ async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_previous_spli
 
     let wrong_from = daemon.cli(&["switch", "--from", "green", "--to", "blue"]);
     assert_eq!(wrong_from.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&wrong_from.stderr).contains("--from green does not match the router: blue is live"));
+    assert!(
+        String::from_utf8_lossy(&wrong_from.stderr)
+            .contains("--from green does not match the router: green takes no traffic (blue is live)")
+    );
 
     let seed = daemon.cli(&["router", "switch", "--from", "blue", "--to", "green"]);
-    assert!(seed.status.success(), "{}", String::from_utf8_lossy(&seed.stderr));
-    assert_eq!(String::from_utf8_lossy(&seed.stdout).trim(), "switched: green is live (was blue is live)");
+    assert!(
+        seed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&seed.stdout).trim(),
+        "switched: green is live (was blue)"
+    );
 
     let weights = daemon.cli(&["weights", "--green", "10"]);
     assert!(weights.status.success());
     let status = daemon.cli(&["status", "--output", "json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["weights"], serde_json::json!({"blue": 90, "green": 10}));
+    assert_eq!(
+        status["weights"],
+        serde_json::json!({"blue": 90, "green": 10})
+    );
     assert_eq!(status["live"], serde_json::Value::Null);
 
+    // A canary back from green (green 10%) rolls back to green, the last color with all traffic.
     assert!(daemon.cli(&["rollback"]).status.success());
     let status = daemon.status().await;
     assert_eq!(status["live"], "green", "rollback undid the weights change");
+    assert_eq!(status["rollback_to"], "blue");
+    // From a canary that started on blue, rollback returns everything to blue.
+    assert!(daemon.cli(&["switch", "--to", "blue"]).status.success());
+    assert!(daemon.cli(&["weights", "--green", "30"]).status.success());
+    assert!(daemon.cli(&["weights", "--green", "60"]).status.success());
+    let rolled = daemon.cli(&["rollback"]);
+    assert_eq!(String::from_utf8_lossy(&rolled.stdout).trim(), "rolled back: blue is live (was blue 40% / green 60%)");
 
     let text = daemon.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("live: green"), "{text}");
-    assert!(text.contains(&blue.addr.to_string()) && text.contains("healthy"), "{text}");
+    assert!(text.contains("live: blue"), "{text}");
+    assert!(
+        text.contains(&blue.addr.to_string()) && text.contains("healthy"),
+        "{text}"
+    );
 
     let usage = daemon.cli(&["weights", "--green", "10", "--blue", "90"]);
     assert_eq!(usage.status.code(), Some(2), "clap usage errors exit 2");
@@ -215,7 +269,9 @@ async fn the_live_color_survives_kill_9_and_a_restart() {
     let daemon = Daemon::start_in(dir, &text).await;
     let status = daemon.status().await;
     assert_eq!(status["live"], "green", "{status}");
-    assert_eq!(status["previous"], serde_json::json!({"blue": 100, "green": 0}));
+    assert_eq!(
+        status["rollback_to"], "blue"
+    );
     let (_, served_by, _) = get(&client(), &daemon.url("/"), &[]).await.unwrap();
     assert_eq!(served_by, "green-1");
     assert!(daemon.cli(&["rollback"]).status.success());
@@ -238,7 +294,10 @@ async fn graceful_stop_lets_an_in_flight_request_finish() {
     let started = Instant::now();
     let exit = daemon.signal_and_wait("TERM");
     assert!(exit.success(), "graceful stop exits 0: {exit:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "it stopped as soon as the request finished");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it stopped as soon as the request finished"
+    );
     let (status, served_by, _) = slow.await.unwrap().unwrap();
     assert_eq!((status, served_by.as_str()), (200, "blue-1"));
 }

@@ -9,8 +9,12 @@ use support::{Backend, Daemon, config};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-async fn open(daemon: &Daemon) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let (socket, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", daemon.addr)).await.unwrap();
+async fn open(
+    daemon: &Daemon,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let (socket, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", daemon.addr))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 101);
     socket
 }
@@ -38,7 +42,10 @@ async fn a_websocket_on_blue_survives_a_switch_until_the_drain_timeout_then_is_c
     daemon.switch("green").await;
     let switched = Instant::now();
     let status = daemon.status().await;
-    assert_eq!(status["colors"][0]["metrics"]["draining"], 1, "the blue socket is draining: {status}");
+    assert_eq!(
+        status["colors"][0]["metrics"]["draining"], 1,
+        "the blue socket is draining: {status}"
+    );
 
     // Still open and still on blue after the switch.
     assert_eq!(echo(&mut old, "still there?").await, "blue-1:still there?");
@@ -47,14 +54,22 @@ async fn a_websocket_on_blue_survives_a_switch_until_the_drain_timeout_then_is_c
     assert_eq!(echo(&mut new, "hi").await, "green-1:hi");
 
     // At the deadline the router finishes the frame in progress and sends close 1001.
-    let closed = tokio::time::timeout(Duration::from_secs(5), old.next()).await.expect("closed within the deadline");
+    let closed = tokio::time::timeout(Duration::from_secs(5), old.next())
+        .await
+        .expect("closed within the deadline");
     let elapsed = switched.elapsed();
     match closed {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
         other => panic!("expected a close frame, got {other:?}"),
     }
-    assert!(elapsed >= Duration::from_millis(1400), "closed too early: {elapsed:?}");
-    assert!(elapsed < Duration::from_millis(3000), "closed too late: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "closed too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_millis(3000),
+        "closed too late: {elapsed:?}"
+    );
 
     // The green socket is untouched.
     assert_eq!(echo(&mut new, "after").await, "green-1:after");
@@ -71,5 +86,9 @@ async fn a_rollback_inside_the_drain_window_keeps_the_websocket() {
     let (code, _) = daemon.admin("POST", "/v1/rollback", Some("{}")).await;
     assert_eq!(code, 200);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(echo(&mut socket, "kept").await, "blue-1:kept", "blue is live again, its socket stays");
+    assert_eq!(
+        echo(&mut socket, "kept").await,
+        "blue-1:kept",
+        "blue is live again, its socket stays"
+    );
 }

@@ -157,7 +157,11 @@ mod tests {
         drains.revive(Color::Green);
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(!member.token().is_cancelled());
-        assert_eq!(drains.draining(Color::Green), 0, "revived is live, not draining");
+        assert_eq!(
+            drains.draining(Color::Green),
+            0,
+            "revived is live, not draining"
+        );
     }
 
     #[tokio::test(start_paused = true)]

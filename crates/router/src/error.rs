@@ -66,9 +66,15 @@ impl ProxyError {
         let mut response = Response::new(B::from(Bytes::from(body)));
         *response.status_mut() = status;
         let headers = response.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         headers.insert("x-bluegreen-error", HeaderValue::from_static(self.kind()));
-        if matches!(self, ProxyError::NoHealthyUpstream { .. } | ProxyError::ShuttingDown) {
+        if matches!(
+            self,
+            ProxyError::NoHealthyUpstream { .. } | ProxyError::ShuttingDown
+        ) {
             headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response

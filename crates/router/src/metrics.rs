@@ -102,7 +102,10 @@ fn quantile_ms(buckets: &[u64], q: f64) -> Option<f64> {
     for (i, count) in buckets.iter().enumerate() {
         seen += count;
         if seen >= rank {
-            let bound = BUCKETS_US.get(i).copied().unwrap_or(BUCKETS_US[BUCKETS_US.len() - 1]);
+            let bound = BUCKETS_US
+                .get(i)
+                .copied()
+                .unwrap_or(BUCKETS_US[BUCKETS_US.len() - 1]);
             return Some(bound as f64 / 1000.0);
         }
     }
@@ -157,35 +160,83 @@ impl Metrics {
 /// Renders snapshots in the Prometheus text exposition format (version 0.0.4).
 pub fn render_prometheus(snapshots: &[ColorSnapshot], metrics: &Metrics) -> String {
     let mut out = String::with_capacity(4096);
-    let counter = |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ColorSnapshot) -> u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for s in snapshots {
-            let _ = writeln!(out, "{name}{{color=\"{}\"}} {}", s.color, value(s));
-        }
-    };
-    counter(&mut out, "bluegreen_requests_total", "Requests routed to the color.", &|s| s.requests);
-    counter(&mut out, "bluegreen_upstream_errors_total", "Requests that failed at the upstream (connect, reset, timeout).", &|s| s.upstream_errors);
-    counter(&mut out, "bluegreen_request_bytes_total", "Request body bytes sent to the color.", &|s| s.bytes_in);
-    counter(&mut out, "bluegreen_response_bytes_total", "Response body bytes received from the color.", &|s| s.bytes_out);
+    let counter =
+        |out: &mut String, name: &str, help: &str, value: &dyn Fn(&ColorSnapshot) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for s in snapshots {
+                let _ = writeln!(out, "{name}{{color=\"{}\"}} {}", s.color, value(s));
+            }
+        };
+    counter(
+        &mut out,
+        "bluegreen_requests_total",
+        "Requests routed to the color.",
+        &|s| s.requests,
+    );
+    counter(
+        &mut out,
+        "bluegreen_upstream_errors_total",
+        "Requests that failed at the upstream (connect, reset, timeout).",
+        &|s| s.upstream_errors,
+    );
+    counter(
+        &mut out,
+        "bluegreen_request_bytes_total",
+        "Request body bytes sent to the color.",
+        &|s| s.bytes_in,
+    );
+    counter(
+        &mut out,
+        "bluegreen_response_bytes_total",
+        "Response body bytes received from the color.",
+        &|s| s.bytes_out,
+    );
 
-    let _ = writeln!(out, "# HELP bluegreen_responses_total Responses by status class.\n# TYPE bluegreen_responses_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP bluegreen_responses_total Responses by status class.\n# TYPE bluegreen_responses_total counter"
+    );
     for s in snapshots {
-        let classes = [s.responses_1xx, s.responses_2xx, s.responses_3xx, s.responses_4xx, s.responses_5xx];
+        let classes = [
+            s.responses_1xx,
+            s.responses_2xx,
+            s.responses_3xx,
+            s.responses_4xx,
+            s.responses_5xx,
+        ];
         for (i, count) in classes.iter().enumerate() {
-            let _ = writeln!(out, "bluegreen_responses_total{{color=\"{}\",class=\"{}xx\"}} {count}", s.color, i + 1);
+            let _ = writeln!(
+                out,
+                "bluegreen_responses_total{{color=\"{}\",class=\"{}xx\"}} {count}",
+                s.color,
+                i + 1
+            );
         }
     }
 
-    let _ = writeln!(out, "# HELP bluegreen_open Requests in flight and upgraded tunnels open.\n# TYPE bluegreen_open gauge");
+    let _ = writeln!(
+        out,
+        "# HELP bluegreen_open Requests in flight and upgraded tunnels open.\n# TYPE bluegreen_open gauge"
+    );
     for s in snapshots {
         let _ = writeln!(out, "bluegreen_open{{color=\"{}\"}} {}", s.color, s.open);
     }
-    let _ = writeln!(out, "# HELP bluegreen_draining Requests and tunnels still open on a color that no longer takes traffic.\n# TYPE bluegreen_draining gauge");
+    let _ = writeln!(
+        out,
+        "# HELP bluegreen_draining Requests and tunnels still open on a color that no longer takes traffic.\n# TYPE bluegreen_draining gauge"
+    );
     for s in snapshots {
-        let _ = writeln!(out, "bluegreen_draining{{color=\"{}\"}} {}", s.color, s.draining);
+        let _ = writeln!(
+            out,
+            "bluegreen_draining{{color=\"{}\"}} {}",
+            s.color, s.draining
+        );
     }
 
-    let _ = writeln!(out, "# HELP bluegreen_request_duration_seconds Time from request to upstream response headers.\n# TYPE bluegreen_request_duration_seconds histogram");
+    let _ = writeln!(
+        out,
+        "# HELP bluegreen_request_duration_seconds Time from request to upstream response headers.\n# TYPE bluegreen_request_duration_seconds histogram"
+    );
     for s in snapshots {
         let mut cumulative = 0;
         for (i, count) in s.latency_buckets.iter().enumerate() {
@@ -194,18 +245,52 @@ pub fn render_prometheus(snapshots: &[ColorSnapshot], metrics: &Metrics) -> Stri
                 .get(i)
                 .map(|us| format!("{}", *us as f64 / 1e6))
                 .unwrap_or_else(|| "+Inf".to_string());
-            let _ = writeln!(out, "bluegreen_request_duration_seconds_bucket{{color=\"{}\",le=\"{le}\"}} {cumulative}", s.color);
+            let _ = writeln!(
+                out,
+                "bluegreen_request_duration_seconds_bucket{{color=\"{}\",le=\"{le}\"}} {cumulative}",
+                s.color
+            );
         }
-        let _ = writeln!(out, "bluegreen_request_duration_seconds_sum{{color=\"{}\"}} {}", s.color, s.latency_sum_us as f64 / 1e6);
-        let _ = writeln!(out, "bluegreen_request_duration_seconds_count{{color=\"{}\"}} {cumulative}", s.color);
+        let _ = writeln!(
+            out,
+            "bluegreen_request_duration_seconds_sum{{color=\"{}\"}} {}",
+            s.color,
+            s.latency_sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "bluegreen_request_duration_seconds_count{{color=\"{}\"}} {cumulative}",
+            s.color
+        );
     }
 
     let gauge = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
-    gauge(&mut out, "bluegreen_connections_open", "gauge", "Client connections open.", metrics.connections_open());
-    gauge(&mut out, "bluegreen_connections_total", "counter", "Client connections accepted.", metrics.connections_total.load(Ordering::Relaxed));
-    gauge(&mut out, "bluegreen_connections_rejected_total", "counter", "Client connections closed at once because the connection limit was reached.", metrics.connections_rejected.load(Ordering::Relaxed));
+    gauge(
+        &mut out,
+        "bluegreen_connections_open",
+        "gauge",
+        "Client connections open.",
+        metrics.connections_open(),
+    );
+    gauge(
+        &mut out,
+        "bluegreen_connections_total",
+        "counter",
+        "Client connections accepted.",
+        metrics.connections_total.load(Ordering::Relaxed),
+    );
+    gauge(
+        &mut out,
+        "bluegreen_connections_rejected_total",
+        "counter",
+        "Client connections closed at once because the connection limit was reached.",
+        metrics.connections_rejected.load(Ordering::Relaxed),
+    );
     out
 }
 
@@ -238,7 +323,9 @@ mod tests {
     fn prometheus_text_has_every_family() {
         let metrics = Metrics::default();
         metrics.color(Color::Blue).request_started();
-        metrics.color(Color::Blue).response(200, Duration::from_millis(3));
+        metrics
+            .color(Color::Blue)
+            .response(200, Duration::from_millis(3));
         let snaps: Vec<_> = Color::ALL
             .iter()
             .map(|c| metrics.color(*c).snapshot(*c, 0))
@@ -246,8 +333,20 @@ mod tests {
         let text = render_prometheus(&snaps, &metrics);
         assert!(text.contains("bluegreen_requests_total{color=\"blue\"} 1"));
         assert!(text.contains("bluegreen_responses_total{color=\"blue\",class=\"2xx\"} 1"));
-        assert!(text.contains("bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"+Inf\"} 1"));
-        assert!(text.contains("bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"0.005\"} 1"));
-        assert!(text.contains("bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"0.0025\"} 0"));
+        assert!(
+            text.contains(
+                "bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"+Inf\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"0.005\"} 1"
+            )
+        );
+        assert!(
+            text.contains(
+                "bluegreen_request_duration_seconds_bucket{color=\"blue\",le=\"0.0025\"} 0"
+            )
+        );
     }
 }

@@ -179,7 +179,11 @@ impl Proxy {
                 conn,
                 client_upgrade.is_some(),
             );
-            let sent = tokio::time::timeout(self.settings.upstream_timeout, self.client.request(outgoing)).await;
+            let sent = tokio::time::timeout(
+                self.settings.upstream_timeout,
+                self.client.request(outgoing),
+            )
+            .await;
             let error = match sent {
                 Ok(Ok(response)) => break Ok(response),
                 Err(_) => ProxyError::UpstreamTimeout {
@@ -242,11 +246,20 @@ impl Proxy {
             let grace = self.settings.close_grace;
             let metrics = Arc::clone(&self.metrics);
             self.tunnels.spawn(async move {
-                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
+                else {
                     return;
                 };
                 let token = guard.member.token().clone();
-                match websocket::tunnel(TokioIo::new(client), TokioIo::new(upstream), websocket, &token, grace).await {
+                match websocket::tunnel(
+                    TokioIo::new(client),
+                    TokioIo::new(upstream),
+                    websocket,
+                    &token,
+                    grace,
+                )
+                .await
+                {
                     Ok((sent, received)) => {
                         metrics.color(color).bytes_in(sent);
                         metrics.color(color).bytes_out(received);
@@ -263,7 +276,10 @@ impl Proxy {
         strip_hop_by_hop(&mut head.headers, false);
         if let Some(id) = route.new_sticky_id
             && let Some(sticky) = &table.sticky
-            && let Ok(value) = HeaderValue::from_str(&format!("{}={id}{}", sticky.cookie, self.sticky_cookie_attrs))
+            && let Ok(value) = HeaderValue::from_str(&format!(
+                "{}={id}{}",
+                sticky.cookie, self.sticky_cookie_attrs
+            ))
         {
             head.headers.append(header::SET_COOKIE, value);
         }
@@ -305,8 +321,16 @@ impl Proxy {
         let host = headers
             .get(header::HOST)
             .cloned()
-            .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()))
-            .unwrap_or_else(|| HeaderValue::from_str(upstream.authority.as_str()).expect("authority is a valid header"));
+            .or_else(|| {
+                parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .unwrap_or_else(|| {
+                HeaderValue::from_str(upstream.authority.as_str())
+                    .expect("authority is a valid header")
+            });
         headers.insert(header::HOST, host.clone());
         self.set_forwarded(&mut headers, conn, &host);
         if let Some(preview) = &table.preview {
@@ -528,10 +552,17 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Streaming { inner, metrics, color } => {
+            RequestBody::Streaming {
+                inner,
+                metrics,
+                color,
+            } => {
                 let polled = Pin::new(inner).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled
                     && let Some(data) = frame.data_ref()
@@ -595,7 +626,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Proxied(body) => {
@@ -605,7 +639,10 @@ impl Body for ResponseBody {
                 match Pin::new(&mut body.inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
-                            body.guard.metrics.color(body.guard.color).bytes_out(data.len() as u64);
+                            body.guard
+                                .metrics
+                                .color(body.guard.color)
+                                .bytes_out(data.len() as u64);
                         }
                         Poll::Ready(Some(Ok(frame)))
                     }
@@ -613,7 +650,9 @@ impl Body for ResponseBody {
                     Poll::Ready(None) => Poll::Ready(None),
                     Poll::Pending => {
                         let token = body.guard.member.token();
-                        let cut = body.cut.get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
+                        let cut = body
+                            .cut
+                            .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
                         match cut.as_mut().poll(cx) {
                             Poll::Ready(()) => Poll::Ready(Some(Err(DrainCut.into()))),
                             Poll::Pending => Poll::Pending,
@@ -647,7 +686,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_lists_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, "keep-alive, x-secret-hop".parse().unwrap());
+        headers.insert(
+            header::CONNECTION,
+            "keep-alive, x-secret-hop".parse().unwrap(),
+        );
         headers.insert("keep-alive", "timeout=5".parse().unwrap());
         headers.insert("x-secret-hop", "1".parse().unwrap());
         headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());

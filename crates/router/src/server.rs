@@ -60,7 +60,10 @@ pub struct RouterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("router.tls: cannot read {path}: {source}")]
-    TlsFile { path: PathBuf, source: std::io::Error },
+    TlsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("router.tls: {path} holds no {what}")]
     TlsEmpty { path: PathBuf, what: &'static str },
     #[error("router.tls: certificate and key do not make a valid server config: {0}")]
@@ -130,7 +133,11 @@ impl Router {
 
     fn upstreams(&self) -> Vec<Arc<Upstream>> {
         let table = self.table();
-        table.pools.iter().flat_map(|p| p.upstreams.iter().cloned()).collect()
+        table
+            .pools
+            .iter()
+            .flat_map(|p| p.upstreams.iter().cloned())
+            .collect()
     }
 
     /// Checks every upstream once, then keeps checking in the background.
@@ -224,7 +231,11 @@ impl Router {
                 }
             };
             let Ok(permit) = Arc::clone(&inner.limit).try_acquire_owned() else {
-                inner.proxy.metrics.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .proxy
+                    .metrics
+                    .connections_rejected
+                    .fetch_add(1, Ordering::Relaxed);
                 drop(stream);
                 continue;
             };
@@ -246,7 +257,10 @@ impl Router {
         match &inner.tls {
             None => self.serve_io(stream, ConnInfo { peer, https: false }).await,
             Some(acceptor) => {
-                let handshake = tokio::time::timeout(inner.listener.header_read_timeout, acceptor.accept(stream));
+                let handshake = tokio::time::timeout(
+                    inner.listener.header_read_timeout,
+                    acceptor.accept(stream),
+                );
                 match handshake.await {
                     Ok(Ok(tls)) => self.serve_io(tls, ConnInfo { peer, https: true }).await,
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -283,7 +297,8 @@ impl Router {
         tokio::pin!(connection);
         let idle_timeout = settings.idle_timeout;
         let mut closing = false;
-        let mut idle_check = tokio::time::interval(idle_timeout.div_f32(4.0).max(Duration::from_millis(10)));
+        let mut idle_check =
+            tokio::time::interval(idle_timeout.div_f32(4.0).max(Duration::from_millis(10)));
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -355,7 +370,9 @@ impl Router {
                             last_error: u.last_error(),
                         })
                         .collect(),
-                    metrics: metrics.color(color).snapshot(color, self.inner.drains.draining(color)),
+                    metrics: metrics
+                        .color(color)
+                        .snapshot(color, self.inner.drains.draining(color)),
                 }
             })
             .collect();
@@ -434,10 +451,12 @@ fn load_tls(files: &TlsFiles) -> Result<TlsAcceptor, StartError> {
             path: files.key.clone(),
             what: "PEM private key",
         })?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

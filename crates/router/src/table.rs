@@ -303,7 +303,9 @@ mod tests {
         for bucket in 0..100u8 {
             let mut was_green = false;
             for green in 0..=100 {
-                let color = Split::green_percent(green).unwrap().color_for_bucket(bucket);
+                let color = Split::green_percent(green)
+                    .unwrap()
+                    .color_for_bucket(bucket);
                 if was_green {
                     assert_eq!(color, Color::Green, "bucket {bucket} flipped at {green}%");
                 }
@@ -326,7 +328,10 @@ mod tests {
         for i in 0..100_000 {
             counts[bucket_of(&format!("client-{i}")) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -352,7 +357,10 @@ mod tests {
         headers.insert("x-bluegreen-secret", "wrong".parse().unwrap());
         assert_eq!(rule.evaluate(&headers), PreviewOutcome::Refused);
         headers.insert("x-bluegreen-secret", "s3cret".parse().unwrap());
-        assert_eq!(rule.evaluate(&headers), PreviewOutcome::Granted(Color::Green));
+        assert_eq!(
+            rule.evaluate(&headers),
+            PreviewOutcome::Granted(Color::Green)
+        );
         headers.insert("x-bluegreen-env", "purple".parse().unwrap());
         assert_eq!(rule.evaluate(&headers), PreviewOutcome::Refused);
     }

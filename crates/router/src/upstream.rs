@@ -176,7 +176,9 @@ impl Upstream {
     fn publish(&self, next: Health) {
         self.health.store(next.as_u8(), Ordering::Release);
         match next {
-            Health::Healthy => tracing::info!(color = %self.color, upstream = %self.addr, "upstream healthy"),
+            Health::Healthy => {
+                tracing::info!(color = %self.color, upstream = %self.addr, "upstream healthy")
+            }
             _ => tracing::warn!(
                 color = %self.color,
                 upstream = %self.addr,
@@ -202,7 +204,11 @@ mod tests {
         assert_eq!(t.record(true, T), Some(Health::Healthy));
         assert_eq!(t.record(false, T), None);
         assert_eq!(t.record(false, T), None);
-        assert_eq!(t.record(true, T), None, "a success resets the failure count");
+        assert_eq!(
+            t.record(true, T),
+            None,
+            "a success resets the failure count"
+        );
         assert_eq!(t.record(false, T), None);
         assert_eq!(t.record(false, T), None);
         assert_eq!(t.record(false, T), Some(Health::Unhealthy));

@@ -16,7 +16,16 @@ const CLOSE_TO_CLIENT: [u8; 4] = [0x88, 0x02, 0x03, 0xE9];
 /// The same close frame as a client must send it: masked with a random key.
 fn close_to_upstream() -> [u8; 8] {
     let mask = fastrand::u32(..).to_be_bytes();
-    [0x88, 0x82, mask[0], mask[1], mask[2], mask[3], 0x03 ^ mask[0], 0xE9 ^ mask[1]]
+    [
+        0x88,
+        0x82,
+        mask[0],
+        mask[1],
+        mask[2],
+        mask[3],
+        0x03 ^ mask[0],
+        0xE9 ^ mask[1],
+    ]
 }
 
 /// Follows a WebSocket byte stream and knows where each frame ends.
@@ -38,7 +47,8 @@ impl FrameTracker {
         let mut used = 0;
         while used < data.len() {
             if self.payload_left > 0 {
-                let take = (data.len() - used).min(self.payload_left.min(usize::MAX as u64) as usize);
+                let take =
+                    (data.len() - used).min(self.payload_left.min(usize::MAX as u64) as usize);
                 self.payload_left -= take as u64;
                 used += take;
                 if self.payload_left == 0 {
@@ -83,7 +93,11 @@ impl FrameTracker {
         if h.len() < needed {
             return None;
         }
-        Some(short.unwrap_or_else(|| h[2..2 + len_bytes].iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))))
+        Some(short.unwrap_or_else(|| {
+            h[2..2 + len_bytes]
+                .iter()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+        }))
     }
 }
 
@@ -103,8 +117,20 @@ where
 {
     let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    let to_upstream = pump(client_read, upstream_write, websocket.then(|| close_to_upstream().to_vec()), drain, grace);
-    let to_client = pump(upstream_read, client_write, websocket.then(|| CLOSE_TO_CLIENT.to_vec()), drain, grace);
+    let to_upstream = pump(
+        client_read,
+        upstream_write,
+        websocket.then(|| close_to_upstream().to_vec()),
+        drain,
+        grace,
+    );
+    let to_client = pump(
+        upstream_read,
+        client_write,
+        websocket.then(|| CLOSE_TO_CLIENT.to_vec()),
+        drain,
+        grace,
+    );
     let (sent, received) = tokio::join!(to_upstream, to_client);
     Ok((sent?, received?))
 }
@@ -193,7 +219,13 @@ mod tests {
 
     #[test]
     fn boundaries_are_found_across_split_reads() {
-        for (len, masked) in [(0, false), (5, true), (125, false), (300, true), (70_000, false)] {
+        for (len, masked) in [
+            (0, false),
+            (5, true),
+            (125, false),
+            (300, true),
+            (70_000, false),
+        ] {
             let bytes = frame(len, masked);
             for split in [1, 2, 3, bytes.len() / 2, bytes.len() - 1] {
                 if split == 0 || split >= bytes.len() {
@@ -225,7 +257,16 @@ mod tests {
         let drain = CancellationToken::new();
         let relay = {
             let drain = drain.clone();
-            tokio::spawn(async move { tunnel(client_side, upstream_side, true, &drain, Duration::from_secs(5)).await })
+            tokio::spawn(async move {
+                tunnel(
+                    client_side,
+                    upstream_side,
+                    true,
+                    &drain,
+                    Duration::from_secs(5),
+                )
+                .await
+            })
         };
         // The upstream has sent half of a frame when the deadline passes.
         let whole = frame(100, false);

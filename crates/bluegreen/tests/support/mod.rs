@@ -57,7 +57,9 @@ impl Backend {
         let accept_tasks = Arc::clone(&tasks);
         tasks.lock().unwrap().spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let state = Arc::clone(&accept_state);
                 accept_tasks.lock().unwrap().spawn(async move {
                     let service = service_fn(move |request| respond(Arc::clone(&state), request));
@@ -111,16 +113,21 @@ fn query_number(request: &Request<Incoming>, key: &str) -> Option<u64> {
         .and_then(|(_, v)| v.parse().ok())
 }
 
-async fn respond(state: Arc<BackendState>, mut request: Request<Incoming>) -> Result<Response<BackendBody>, Infallible> {
+async fn respond(
+    state: Arc<BackendState>,
+    mut request: Request<Incoming>,
+) -> Result<Response<BackendBody>, Infallible> {
     let name = state.name.clone();
     let path = request.uri().path().to_string();
-    let mut builder = Response::builder().header("x-served-by", &name);
+    let builder = Response::builder().header("x-served-by", &name);
     let response = match path.as_str() {
         "/healthz" => {
             if state.healthy.load(Ordering::Relaxed) {
                 builder.body(full("ok"))
             } else {
-                builder.status(StatusCode::SERVICE_UNAVAILABLE).body(full("sick"))
+                builder
+                    .status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(full("sick"))
             }
         }
         "/ws" => {
@@ -132,16 +139,16 @@ async fn respond(state: Arc<BackendState>, mut request: Request<Incoming>) -> Re
             let upgrade = hyper::upgrade::on(&mut request);
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };
-                let mut socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                let mut socket =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
                 while let Some(Ok(message)) = socket.next().await {
-                    match message {
-                        Message::Text(text) => {
-                            if socket.send(Message::text(format!("{name}:{text}"))).await.is_err() {
-                                return;
-                            }
-                        }
-                        Message::Close(_) => return,
-                        _ => {}
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let reply = Message::text(format!("{name}:{text}"));
+                    if socket.send(reply).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -161,11 +168,21 @@ async fn respond(state: Arc<BackendState>, mut request: Request<Incoming>) -> Re
                 let headers: serde_json::Map<String, Value> = request
                     .headers()
                     .iter()
-                    .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("").to_string())))
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            Value::String(v.to_str().unwrap_or("").to_string()),
+                        )
+                    })
                     .collect();
                 builder.body(full(Value::Object(headers).to_string()))
             } else if path == "/echo" {
-                let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let body = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 builder.body(full(body))
             } else if path == "/stream" {
                 let chunks = query_number(&request, "chunks").unwrap_or(3);
@@ -177,7 +194,10 @@ async fn respond(state: Arc<BackendState>, mut request: Request<Incoming>) -> Re
                     if i > 0 {
                         tokio::time::sleep(gap).await;
                     }
-                    Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk{i}\n")))), i + 1))
+                    Some((
+                        Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk{i}\n")))),
+                        i + 1,
+                    ))
                 });
                 builder.body(BodyExt::boxed(StreamBody::new(stream)))
             } else {
@@ -197,7 +217,11 @@ pub fn config(blue: &[&Backend], green: &[&Backend], router_extra: &str) -> Stri
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let drain = if router_extra.contains("drain_timeout") { "" } else { "  drain_timeout: 2s\n" };
+    let drain = if router_extra.contains("drain_timeout") {
+        ""
+    } else {
+        "  drain_timeout: 2s\n"
+    };
     format!(
         "service: web\nrouter:\n  listen: 127.0.0.1:0\n  admin: .bluegreen/admin.sock\n{drain}{router_extra}\
          environments:\n  blue: {{ upstreams: [{}] }}\n  green: {{ upstreams: [{}] }}\n\
@@ -251,7 +275,10 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("daemon did not answer on its admin socket: {}", daemon.log());
+        panic!(
+            "daemon did not answer on its admin socket: {}",
+            daemon.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -266,9 +293,16 @@ impl Daemon {
         format!("http://{}{path}", self.addr)
     }
 
-    async fn try_admin(&self, method: &str, path: &str, body: Option<&str>) -> Option<(u16, Value)> {
+    async fn try_admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Option<(u16, Value)> {
         let stream = UnixStream::connect(self.socket()).await.ok()?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
         tokio::spawn(connection);
         let request = Request::builder()
             .method(method)
@@ -279,13 +313,16 @@ impl Daemon {
         let response = sender.send_request(request).await.ok()?;
         let status = response.status().as_u16();
         let bytes = response.into_body().collect().await.ok()?.to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         Some((status, value))
     }
 
     /// One admin API call over the unix socket.
     pub async fn admin(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        self.try_admin(method, path, body).await.expect("admin API answers")
+        self.try_admin(method, path, body)
+            .await
+            .expect("admin API answers")
     }
 
     pub async fn status(&self) -> Value {
@@ -295,14 +332,21 @@ impl Daemon {
     }
 
     pub async fn switch(&self, to: &str) -> Value {
-        let (code, body) = self.admin("POST", "/v1/switch", Some(&format!("{{\"to\":\"{to}\"}}"))).await;
+        let (code, body) = self
+            .admin("POST", "/v1/switch", Some(&format!("{{\"to\":\"{to}\"}}")))
+            .await;
         assert_eq!(code, 200, "{body}");
         body
     }
 
     /// Runs the CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN).arg("--config").arg(&self.config_path).args(args).output().unwrap()
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     pub fn pid(&self) -> u32 {
@@ -312,7 +356,11 @@ impl Daemon {
     /// Sends a signal and waits for the process to exit.
     pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         child.wait().unwrap()
     }
 
@@ -343,7 +391,10 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("{color} never reached {healthy} healthy upstreams: {}", self.status().await);
+        panic!(
+            "{color} never reached {healthy} healthy upstreams: {}",
+            self.status().await
+        );
     }
 }
 
@@ -363,19 +414,37 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 
 /// A client that opens a new connection for every request.
 pub fn fresh_connection_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build_http()
 }
 
 /// GET a URL; returns status, the `x-served-by` header and the body.
-pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str, headers: &[(&str, &str)]) -> Result<(u16, String, String), String> {
+pub async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String, String), String> {
     let mut request = Request::get(url);
     for (k, v) in headers {
         request = request.header(*k, *v);
     }
-    let response = client.request(request.body(Full::new(Bytes::new())).unwrap()).await.map_err(|e| format!("{e:?}"))?;
+    let response = client
+        .request(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
-    let served_by = response.headers().get("x-served-by").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let served_by = response
+        .headers()
+        .get("x-served-by")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
     Ok((status, served_by, String::from_utf8_lossy(&body).into()))
 }
 
