@@ -223,7 +223,11 @@ impl Daemon {
 /// color makes the other one the way back.
 fn rollback_color(current: Split, target: Split, before: Option<Color>) -> Option<Color> {
     let back = current.sole_color().or(before)?;
-    Some(if target.sole_color() == Some(back) { back.other() } else { back })
+    Some(if target.sole_color() == Some(back) {
+        back.other()
+    } else {
+        back
+    })
 }
 
 fn describe(split: Split) -> String {

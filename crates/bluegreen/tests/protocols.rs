@@ -239,3 +239,73 @@ async fn oversized_headers_and_slow_clients_are_cut_off() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "  idle_timeout: 400ms\n")).await;
+    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get(daemon.url("/"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the router closed the idle connection (GOAWAY)"
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "closed while not yet idle: {elapsed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_over_the_limit_are_closed_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "  max_connections: 2\n")).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 12];
+        stream.read_exact(&mut buffer).await.unwrap();
+        assert_eq!(&buffer, b"HTTP/1.1 200");
+        held.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read_to_end(&mut buffer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the third connection is closed without an answer: {buffer:?}"
+    );
+    let (_, metrics) = daemon.admin("GET", "/metrics", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("bluegreen_connections_rejected_total 1")
+    );
+    drop(held);
+}

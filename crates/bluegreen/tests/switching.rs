@@ -209,8 +209,9 @@ async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_last_live_col
     let wrong_from = daemon.cli(&["switch", "--from", "green", "--to", "blue"]);
     assert_eq!(wrong_from.status.code(), Some(4));
     assert!(
-        String::from_utf8_lossy(&wrong_from.stderr)
-            .contains("--from green does not match the router: green takes no traffic (blue is live)")
+        String::from_utf8_lossy(&wrong_from.stderr).contains(
+            "--from green does not match the router: green takes no traffic (blue is live)"
+        )
     );
 
     let seed = daemon.cli(&["router", "switch", "--from", "blue", "--to", "green"]);
@@ -244,7 +245,10 @@ async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_last_live_col
     assert!(daemon.cli(&["weights", "--green", "30"]).status.success());
     assert!(daemon.cli(&["weights", "--green", "60"]).status.success());
     let rolled = daemon.cli(&["rollback"]);
-    assert_eq!(String::from_utf8_lossy(&rolled.stdout).trim(), "rolled back: blue is live (was blue 40% / green 60%)");
+    assert_eq!(
+        String::from_utf8_lossy(&rolled.stdout).trim(),
+        "rolled back: blue is live (was blue 40% / green 60%)"
+    );
 
     let text = daemon.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
@@ -269,9 +273,7 @@ async fn the_live_color_survives_kill_9_and_a_restart() {
     let daemon = Daemon::start_in(dir, &text).await;
     let status = daemon.status().await;
     assert_eq!(status["live"], "green", "{status}");
-    assert_eq!(
-        status["rollback_to"], "blue"
-    );
+    assert_eq!(status["rollback_to"], "blue");
     let (_, served_by, _) = get(&client(), &daemon.url("/"), &[]).await.unwrap();
     assert_eq!(served_by, "green-1");
     assert!(daemon.cli(&["rollback"]).status.success());

@@ -49,7 +49,10 @@ struct App {
 async fn main() {
     let args = Args::parse();
     if !(0.0..=1.0).contains(&args.error_rate) {
-        eprintln!("--error-rate: {} is out of range; give a fraction from 0.0 to 1.0", args.error_rate);
+        eprintln!(
+            "--error-rate: {} is out of range; give a fraction from 0.0 to 1.0",
+            args.error_rate
+        );
         std::process::exit(2);
     }
     let listener = match TcpListener::bind(args.listen).await {
@@ -80,7 +83,10 @@ async fn main() {
     }
 }
 
-async fn answer(app: Arc<App>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let args = &app.args;
     let reply = |status: StatusCode, body: String| {
         Response::builder()
@@ -103,7 +109,13 @@ async fn answer(app: Arc<App>, request: Request<Incoming>) -> Result<Response<Fu
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
     }
     if args.error_rate > 0.0 && fastrand::f64() < args.error_rate {
-        return Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{} {} failed on purpose\n", args.color, args.app_version)));
+        return Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} {} failed on purpose\n", args.color, args.app_version),
+        ));
     }
-    Ok(reply(StatusCode::OK, format!("{} {}\n", args.color, args.app_version)))
+    Ok(reply(
+        StatusCode::OK,
+        format!("{} {}\n", args.color, args.app_version),
+    ))
 }
