@@ -56,23 +56,32 @@ pub struct ProxySettings {
     pub close_grace: Duration,
 }
 
-/// What the router knows of the client connection a request came on.
-#[derive(Clone, Copy, Debug)]
-pub struct ConnInfo {
+/// One client connection: who it is from (precomputed for the forwarding headers) and how
+/// many of its requests are in flight (for the idle timeout).
+pub struct ClientConn {
     pub peer: SocketAddr,
     pub https: bool,
-}
-
-/// Requests in flight on one client connection and when the last one ended, for idle timeouts.
-pub struct ConnActivity {
+    /// The client's address as a header value, built once per connection.
+    client_ip: HeaderValue,
+    /// The client's address as an RFC 7239 node (`192.0.2.1` or `"[2001:db8::1]"`).
+    forwarded_node: String,
     opened: Instant,
     in_flight: AtomicUsize,
     last_done_ms: AtomicU64,
 }
 
-impl ConnActivity {
-    pub fn new() -> Arc<ConnActivity> {
-        Arc::new(ConnActivity {
+impl ClientConn {
+    pub fn new(peer: SocketAddr, https: bool) -> Arc<ClientConn> {
+        let ip = peer.ip();
+        Arc::new(ClientConn {
+            peer,
+            https,
+            client_ip: HeaderValue::from_str(&ip.to_string())
+                .expect("an IP address is a valid header value"),
+            forwarded_node: match ip {
+                std::net::IpAddr::V4(v4) => v4.to_string(),
+                std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            },
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
@@ -137,8 +146,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         mut request: Request<Incoming>,
-        conn: ConnInfo,
-        activity: Arc<ConnActivity>,
+        conn: Arc<ClientConn>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let started = Instant::now();
         let table = self.table.load_full();
@@ -146,21 +154,27 @@ impl Proxy {
         let color = route.color;
         let color_metrics = self.metrics.color(color);
         color_metrics.request_started();
-        activity.begin();
+        conn.begin();
         let guard = RequestGuard {
             metrics: Arc::clone(&self.metrics),
             color,
             member: table.drain_group(color).join(),
-            activity,
+            conn,
             upstream: None,
         };
 
         let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let (parts, body) = request.into_parts();
+        let websocket = request
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let (mut parts, body) = request.into_parts();
         let bodyless = body.is_end_stream();
         let mut body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
         let idempotent = is_idempotent(&parts.method);
         let pool = table.pool(color);
+        // Without a second try the headers can be moved into the upstream request, not copied.
+        let may_retry = bodyless && self.settings.retries > 0 && pool.upstreams.len() > 1;
         let mut tried: Vec<usize> = Vec::new();
         let mut guard = guard;
 
@@ -171,12 +185,18 @@ impl Proxy {
             let upstream = Arc::clone(&pool.upstreams[index]);
             upstream.begin_request();
             guard.upstream = Some(Arc::clone(&upstream));
+            let headers = if may_retry {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
             let outgoing = self.upstream_request(
                 &table,
                 &parts,
+                headers,
                 &upstream,
                 body.take().unwrap_or(RequestBody::Empty),
-                conn,
+                &guard.conn,
                 client_upgrade.is_some(),
             );
             let sent = tokio::time::timeout(
@@ -239,10 +259,6 @@ impl Proxy {
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let websocket = parts
-                .headers
-                .get(header::UPGRADE)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
             let grace = self.settings.close_grace;
             let metrics = Arc::clone(&self.metrics);
             self.tunnels.spawn(async move {
@@ -296,13 +312,15 @@ impl Proxy {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn upstream_request(
         &self,
         table: &RoutingTable,
         parts: &Parts,
+        mut headers: HeaderMap,
         upstream: &Upstream,
         body: RequestBody,
-        conn: ConnInfo,
+        conn: &ClientConn,
         upgrade: bool,
     ) -> Request<RequestBody> {
         let path = parts
@@ -316,7 +334,6 @@ impl Proxy {
             .path_and_query(path)
             .build()
             .expect("scheme, authority and path make a valid URI");
-        let mut headers = parts.headers.clone();
         strip_hop_by_hop(&mut headers, upgrade);
         let host = headers
             .get(header::HOST)
@@ -344,16 +361,16 @@ impl Proxy {
         request
     }
 
-    fn set_forwarded(&self, headers: &mut HeaderMap, conn: ConnInfo, host: &HeaderValue) {
+    fn set_forwarded(&self, headers: &mut HeaderMap, conn: &ClientConn, host: &HeaderValue) {
         let f = &self.settings.forwarded;
-        let ip = conn.peer.ip();
         let proto = if conn.https { "https" } else { "http" };
         if f.x_forwarded_for {
-            let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prior) if f.trust_incoming => format!("{prior}, {ip}"),
-                _ => ip.to_string(),
+            let prior = headers.get(X_FORWARDED_FOR).filter(|_| f.trust_incoming);
+            let value = match prior.and_then(|v| v.to_str().ok()) {
+                Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", conn.peer.ip())).ok(),
+                None => Some(conn.client_ip.clone()),
             };
-            if let Ok(value) = HeaderValue::from_str(&value) {
+            if let Some(value) = value {
                 headers.insert(X_FORWARDED_FOR, value);
             }
         } else if !f.trust_incoming {
@@ -366,11 +383,7 @@ impl Proxy {
             headers.insert(X_FORWARDED_HOST, host.clone());
         }
         if f.forwarded {
-            let node = match ip {
-                std::net::IpAddr::V4(v4) => v4.to_string(),
-                std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-            };
-            let mut element = format!("for={node};proto={proto}");
+            let mut element = format!("for={};proto={proto}", conn.forwarded_node);
             if let Ok(host) = host.to_str() {
                 element.push_str(&format!(";host=\"{host}\""));
             }
@@ -508,7 +521,7 @@ struct RequestGuard {
     metrics: Arc<Metrics>,
     color: Color,
     member: DrainMember,
-    activity: Arc<ConnActivity>,
+    conn: Arc<ClientConn>,
     upstream: Option<Arc<Upstream>>,
 }
 
@@ -524,7 +537,7 @@ impl Drop for RequestGuard {
     fn drop(&mut self) {
         self.release_upstream();
         self.metrics.color(self.color).request_ended();
-        self.activity.end();
+        self.conn.end();
     }
 }
 
