@@ -76,6 +76,10 @@ impl Plan {
     }
 }
 
+/// Time between switches in the propagation test: long enough for nginx's reload (about
+/// 100 ms here) to take effect inside the window.
+const PROPAGATION_GAP: Duration = Duration::from_millis(300);
+
 fn progress(message: &str) {
     eprintln!("bench: {message}");
     let _ = std::io::stderr().flush();
@@ -278,13 +282,7 @@ async fn measure_peers(peers: &[Peer], plan: Plan) -> Result<(Results, Vec<Strin
 
     // 6. Propagation: how soon new requests see the new color.
     for peer in &routers {
-        let p = load::propagation(
-            peer,
-            plan.propagation_switches,
-            Duration::from_millis(100),
-            4,
-        )
-        .await?;
+        let p = load::propagation(peer, plan.propagation_switches, PROPAGATION_GAP, 4).await?;
         progress(&format!(
             "propagation: {:<14} first new {:.3} ms, last old {:.3} ms (medians)",
             peer.name(),
@@ -386,8 +384,10 @@ fn render(
         results.switching_table()
     ));
     out.push_str(&format!(
-        "## Switch propagation ({} switches, 100 ms apart, 4 keep-alive clients)\n\nFrom the moment the switch call returns: when the first response from the new color arrives, and when the last response from the old color to a request sent after the call returned arrives (0 when there is none).\n\n{}\n",
+        "## Switch propagation ({} switches, {} ms apart, 4 keep-alive clients)\n\nFrom the moment the switch call returns: when the first response from the new color arrives, and when the last response from the old color to a request sent after the call returned arrives (0 when there is none). A switch whose new color did not answer before the next switch counts as the full {} ms.\n\n{}\n",
         plan.propagation_switches,
+        PROPAGATION_GAP.as_millis(),
+        PROPAGATION_GAP.as_millis(),
         results.propagation_table()
     ));
     out

@@ -166,7 +166,7 @@ impl Peer {
             "worker_processes 1;\nworker_rlimit_nofile 20000;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\ndaemon off;\n\
              events {{ worker_connections 19000; multi_accept on; }}\n\
              http {{\n  access_log off;\n  keepalive_timeout 75s;\n  keepalive_requests 1000000;\n  include {dir}/upstream.conf;\n\
-             \x20 server {{\n    listen 127.0.0.1:{port} reuseport;\n    listen 127.0.0.1:{h2_port} http2;\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    listen 127.0.0.1:{h2_port} http2;\n\
              \x20   location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
             dir = dir.display()
         );
@@ -355,7 +355,11 @@ impl Drop for Peer {
         if let Some(mut child) = self.child.take() {
             // Ask first (nginx's master stops its workers and does not respawn them), then
             // kill whatever is left of the tree.
-            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .stderr(Stdio::null())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(50));
@@ -364,6 +368,7 @@ impl Drop for Peer {
                 let _ = Command::new("kill")
                     .arg("-KILL")
                     .arg(pid.to_string())
+                    .stderr(Stdio::null())
                     .status();
             }
             let _ = child.kill();
