@@ -303,9 +303,7 @@ fn render(
 ) -> String {
     let machine = format!(
         "{} cores, {}, kernel {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        tools::version_of("nproc", &["--all"]),
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(

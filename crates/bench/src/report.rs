@@ -280,11 +280,18 @@ fn bars(
         .margin(12)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..names.len()).into_segmented(), 0.0..top.max(1.0))
+        .build_cartesian_2d((0..names.len() - 1).into_segmented(), 0.0..top.max(1.0))
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .y_label_formatter(&|v| {
+            if top > 100.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => names.get(*i).map(|s| s.to_string()).unwrap_or_default(),
             _ => String::new(),

@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
-use crate::config::AdminEndpoint;
+use crate::config::{AdminEndpoint, parse_socket_addr};
 use crate::daemon::{Command, CommandError, Daemon};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
@@ -132,6 +132,37 @@ impl WeightsBody {
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamsBody {
+    environment: Color,
+    upstreams: Vec<String>,
+}
+
+async fn upstreams(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: UpstreamsBody = parse_body(&body)?;
+    if body.upstreams.is_empty() {
+        return Err(ApiError::invalid(
+            "upstreams",
+            "is empty; give at least one host:port, e.g. [\"127.0.0.1:9002\"]",
+        ));
+    }
+    let mut addrs = Vec::with_capacity(body.upstreams.len());
+    for (i, text) in body.upstreams.iter().enumerate() {
+        let addr = parse_socket_addr(text)
+            .map_err(|message| ApiError::invalid(format!("upstreams[{i}]"), message))?;
+        if addrs.contains(&addr) {
+            return Err(ApiError::invalid(
+                format!("upstreams[{i}]"),
+                format!("{text:?} is listed twice"),
+            ));
+        }
+        addrs.push(addr);
+    }
+    let message = daemon.set_upstreams(body.environment, addrs).await?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
 async fn status(State(daemon): State<Arc<Daemon>>) -> Response {
     Json(daemon.status().await).into_response()
 }
@@ -179,7 +210,7 @@ async fn not_found(request: Request) -> ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
         message: format!(
-            "no such endpoint {} {}; see GET /v1/status, POST /v1/switch, /v1/weights, /v1/rollback, GET /metrics",
+            "no such endpoint {} {}; see GET /v1/status, POST /v1/switch, /v1/weights, /v1/rollback, /v1/upstreams, GET /metrics",
             request.method(),
             request.uri().path()
         ),
@@ -232,6 +263,7 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/switch", post(switch))
         .route("/v1/weights", post(weights))
         .route("/v1/rollback", post(rollback))
+        .route("/v1/upstreams", post(upstreams))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(daemon)

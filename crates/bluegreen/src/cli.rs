@@ -71,8 +71,10 @@ pub enum Commands {
     },
     /// Split traffic: a percent to one color, the rest to the other.
     Weights(WeightsArgs),
-    /// Go back to the split that was in service before the last change.
+    /// Send all traffic back to the color that was live before the last change.
     Rollback,
+    /// Point one environment at other upstreams (kept across restarts, over the config's).
+    Upstreams(UpstreamsArgs),
     /// Live color, weights, upstream health and per-color counters.
     Status,
     /// Check the config file and print what it resolves to.
@@ -93,6 +95,16 @@ pub struct SwitchArgs {
     /// The color expected to be live now; refused if it is not.
     #[arg(long, value_parser = parse_color)]
     pub from: Option<Color>,
+}
+
+#[derive(Args, Debug)]
+pub struct UpstreamsArgs {
+    /// The environment whose upstreams to replace.
+    #[arg(long, value_parser = parse_color)]
+    pub environment: Color,
+    /// Its new upstreams, host:port each.
+    #[arg(required = true)]
+    pub upstreams: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -166,6 +178,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             change(&cli, "/v1/weights", body).await
         }
         Commands::Rollback => change(&cli, "/v1/rollback", json!({})).await,
+        Commands::Upstreams(args) => {
+            let body = json!({ "environment": args.environment, "upstreams": args.upstreams });
+            change(&cli, "/v1/upstreams", body).await
+        }
         Commands::Status => {
             let client = admin_client(&cli)?;
             let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::config::Config;
-use crate::state::{SCHEMA_VERSION, StateError, StateFile, SwitchState};
+use crate::state::{RouterState, SCHEMA_VERSION, StateError, StateFile};
 
 /// A change to the traffic split, as the CLI and admin API ask for it.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +58,7 @@ pub struct Daemon {
     pub config: Config,
     pub router: Router,
     pub listen: SocketAddr,
-    state: Mutex<SwitchState>,
+    state: Mutex<RouterState>,
     state_file: StateFile,
 }
 
@@ -84,16 +84,20 @@ impl Daemon {
                 tracing::info!(split = %state.split, file = %state_file.path().display(), "restored switch state");
                 state
             }
-            None => SwitchState {
+            None => RouterState {
                 schema: SCHEMA_VERSION,
                 split: Split::all(config.router.initial_live),
                 rollback_to: None,
+                upstreams: Default::default(),
             },
         };
         state_file.save(&state).map_err(|e| e.to_string())?;
         let r = &config.router;
         let router = Router::new(bluegreen_router::RouterConfig {
-            upstreams: config.upstreams.clone(),
+            upstreams: Color::ALL.map(|color| match state.upstreams.get(color) {
+                Some(addrs) => addrs.clone(),
+                None => config.upstreams[color.index()].clone(),
+            }),
             split: state.split,
             preview: r.preview.as_ref().map(|p| PreviewRule {
                 header: p.header.clone(),
@@ -132,7 +136,7 @@ impl Daemon {
     }
 
     pub async fn status(&self) -> DaemonStatus {
-        let state = *self.state.lock().await;
+        let rollback_to = self.state.lock().await.rollback_to;
         let router = self.router.status();
         DaemonStatus {
             service: self.config.service.clone(),
@@ -140,7 +144,7 @@ impl Daemon {
             admin: self.config.router.admin.to_string(),
             live: router.live,
             weights: router.split.into(),
-            rollback_to: state.rollback_to,
+            rollback_to,
             router,
         }
     }
@@ -179,10 +183,11 @@ impl Daemon {
         self.router
             .check_split(target)
             .map_err(|e| CommandError::Refused(e.to_string()))?;
-        let next = SwitchState {
+        let next = RouterState {
             schema: SCHEMA_VERSION,
             split: target,
             rollback_to: rollback_color(current, target, state.rollback_to),
+            upstreams: state.upstreams.clone(),
         };
         self.state_file
             .save(&next)
@@ -196,6 +201,7 @@ impl Daemon {
             })?;
             return Err(CommandError::Refused(refused.to_string()));
         }
+        let rollback_to = next.rollback_to;
         *state = next;
         let verb = match command {
             Command::Rollback => "rolled back",
@@ -213,8 +219,40 @@ impl Daemon {
             message,
             weights: target.into(),
             previous: current.into(),
-            rollback_to: next.rollback_to,
+            rollback_to,
         })
+    }
+}
+
+impl Daemon {
+    /// Points a color at other upstreams, recorded so that a restart keeps them. Persisted
+    /// first; if the router refuses (the color is live and none of them is healthy) the record
+    /// is put back and nothing changed.
+    pub async fn set_upstreams(
+        &self,
+        color: Color,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<String, CommandError> {
+        let mut state = self.state.lock().await;
+        let mut next = state.clone();
+        next.upstreams.set(color, addrs.clone());
+        self.state_file
+            .save(&next)
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        if let Err(refused) = self.router.set_upstreams(color, &addrs).await {
+            self.state_file.save(&state).map_err(|e| {
+                CommandError::Failed(format!(
+                    "{refused}; and restoring the state file failed: {e}"
+                ))
+            })?;
+            return Err(CommandError::Refused(refused.to_string()));
+        }
+        *state = next;
+        let healthy = self.router.table().pool(color).healthy_count();
+        Ok(format!(
+            "{color} now routes to {} upstream(s), {healthy} healthy",
+            addrs.len()
+        ))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The router's switch state on disk: written atomically, read back on start, older versions accepted.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use bluegreen_router::{Color, Split};
@@ -8,15 +9,43 @@ use serde::{Deserialize, Serialize};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// What must survive a restart: the split in service and the color a rollback returns to.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SwitchState {
+/// What must survive a restart: the split in service, the color a rollback returns to, and
+/// upstreams set at runtime.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterState {
     #[serde(default)]
     pub schema: u32,
     pub split: Split,
     /// The color that last had all traffic before the current state; `None` until a change.
     #[serde(default)]
     pub rollback_to: Option<Color>,
+    /// Upstreams set with `bluegreen upstreams`; they win over the config's.
+    #[serde(default)]
+    pub upstreams: UpstreamOverrides,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue: Option<Vec<SocketAddr>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub green: Option<Vec<SocketAddr>>,
+}
+
+impl UpstreamOverrides {
+    pub fn get(&self, color: Color) -> Option<&Vec<SocketAddr>> {
+        match color {
+            Color::Blue => self.blue.as_ref(),
+            Color::Green => self.green.as_ref(),
+        }
+    }
+
+    pub fn set(&mut self, color: Color, addrs: Vec<SocketAddr>) {
+        match color {
+            Color::Blue => self.blue = Some(addrs),
+            Color::Green => self.green = Some(addrs),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +88,7 @@ impl StateFile {
         &self.path
     }
 
-    pub fn load(&self) -> Result<Option<SwitchState>, StateError> {
+    pub fn load(&self) -> Result<Option<RouterState>, StateError> {
         let bytes = match std::fs::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -70,7 +99,7 @@ impl StateFile {
                 });
             }
         };
-        let state: SwitchState =
+        let state: RouterState =
             serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
                 path: self.path.clone(),
                 source,
@@ -85,15 +114,13 @@ impl StateFile {
     }
 
     /// Temp file, fsync, rename, fsync the folder: a crash leaves the old state or the new one.
-    pub fn save(&self, state: &SwitchState) -> Result<(), StateError> {
+    pub fn save(&self, state: &RouterState) -> Result<(), StateError> {
         let write_error = |source| StateError::Write {
             path: self.path.clone(),
             source,
         };
-        let state = SwitchState {
-            schema: SCHEMA_VERSION,
-            ..*state
-        };
+        let mut state = state.clone();
+        state.schema = SCHEMA_VERSION;
         let json = serde_json::to_vec_pretty(&state).expect("state serializes");
         let temp = self.path.with_extension("json.tmp");
         let mut file = std::fs::File::create(&temp).map_err(write_error)?;
@@ -125,10 +152,14 @@ mod tests {
     fn saved_state_loads_back() {
         let file = StateFile::new(&temp_dir("roundtrip"));
         assert_eq!(file.load().unwrap(), None);
-        let state = SwitchState {
+        let state = RouterState {
             schema: SCHEMA_VERSION,
             split: Split::all(Color::Green),
             rollback_to: Some(Color::Blue),
+            upstreams: UpstreamOverrides {
+                blue: None,
+                green: Some(vec!["127.0.0.1:9005".parse().unwrap()]),
+            },
         };
         file.save(&state).unwrap();
         assert_eq!(file.load().unwrap(), Some(state));

@@ -86,15 +86,16 @@ pub async fn check_all_once(upstreams: &[Arc<Upstream>], settings: &HealthSettin
     while checks.join_next().await.is_some() {}
 }
 
-/// Keeps checking each upstream every interval until `stop` is cancelled.
+/// Keeps checking each upstream every interval until `stop` is cancelled or the upstream is
+/// gone (removed from the table and no request holds it any more).
 pub fn spawn_checks(
+    tasks: &mut JoinSet<()>,
     upstreams: &[Arc<Upstream>],
     settings: &HealthSettings,
     stop: &CancellationToken,
-) -> JoinSet<()> {
-    let mut tasks = JoinSet::new();
+) {
     for upstream in upstreams {
-        let upstream = Arc::clone(upstream);
+        let upstream = Arc::downgrade(upstream);
         let settings = settings.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
@@ -105,6 +106,7 @@ pub fn spawn_checks(
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = ticks.tick() => {
+                        let Some(upstream) = upstream.upgrade() else { return };
                         let result = check(&upstream, &settings).await;
                         upstream.record_check(result, settings.thresholds());
                     }
@@ -112,5 +114,4 @@ pub fn spawn_checks(
             }
         });
     }
-    tasks
 }

@@ -160,8 +160,72 @@ impl Router {
     pub async fn start_health_checks(&self) {
         let upstreams = self.upstreams();
         health::check_all_once(&upstreams, &self.inner.health).await;
-        let tasks = health::spawn_checks(&upstreams, &self.inner.health, &self.inner.stopping);
-        *self.inner.health_tasks.lock().expect("lock") = tasks;
+        let mut tasks = self.inner.health_tasks.lock().expect("lock");
+        health::spawn_checks(
+            &mut tasks,
+            &upstreams,
+            &self.inner.health,
+            &self.inner.stopping,
+        );
+    }
+
+    /// Replaces a color's upstreams (a redeploy elsewhere, a scaled pool). Addresses already in
+    /// the pool keep their health and in-flight counts; new ones are checked once before the
+    /// swap. Refused, with the table unchanged, when the color takes traffic and none of its
+    /// new upstreams is healthy.
+    pub async fn set_upstreams(
+        &self,
+        color: Color,
+        addrs: &[SocketAddr],
+    ) -> Result<(), SwitchError> {
+        if self.inner.stopping.is_cancelled() {
+            return Err(SwitchError::ShuttingDown);
+        }
+        let current = self.table();
+        let mut fresh = Vec::new();
+        let upstreams: Vec<Arc<Upstream>> = addrs
+            .iter()
+            .map(|addr| {
+                let known = current
+                    .pool(color)
+                    .upstreams
+                    .iter()
+                    .find(|u| u.addr == *addr);
+                known.cloned().unwrap_or_else(|| {
+                    let upstream = Arc::new(Upstream::new(color, *addr));
+                    fresh.push(Arc::clone(&upstream));
+                    upstream
+                })
+            })
+            .collect();
+        health::check_all_once(&fresh, &self.inner.health).await;
+        let pool = Pool::new(color, upstreams);
+        {
+            let _serial = self.inner.publish.lock().expect("lock");
+            let old = self.table();
+            let weight = old.split.weight(color);
+            if weight > 0 && pool.healthy_count() == 0 {
+                return Err(SwitchError::NoHealthyUpstream {
+                    color,
+                    weight,
+                    upstreams: pool.upstreams.len(),
+                });
+            }
+            let mut pools = old.pools.clone();
+            pools[color.index()] = Arc::new(pool);
+            self.inner.proxy.table.store(Arc::new(RoutingTable {
+                generation: old.generation + 1,
+                split: old.split,
+                pools,
+                drains: old.drains.clone(),
+                preview: old.preview.clone(),
+                sticky: old.sticky.clone(),
+            }));
+        }
+        tracing::info!(%color, upstreams = ?addrs, "upstreams replaced");
+        let mut tasks = self.inner.health_tasks.lock().expect("lock");
+        health::spawn_checks(&mut tasks, &fresh, &self.inner.health, &self.inner.stopping);
+        Ok(())
     }
 
     pub fn table(&self) -> Arc<RoutingTable> {
