@@ -303,3 +303,37 @@ async fn graceful_stop_lets_an_in_flight_request_finish() {
     let (status, served_by, _) = slow.await.unwrap().unwrap();
     assert_eq!((status, served_by.as_str()), (200, "blue-1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_still_waiting_at_the_drain_deadline_gets_a_typed_503() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "  drain_timeout: 500ms\n")).await;
+    let url = daemon.url("/slow?sleep_ms=5000");
+    let stuck = tokio::spawn(async move {
+        let started = Instant::now();
+        let response = client()
+            .request(http::Request::get(url).body(Default::default()).unwrap())
+            .await
+            .unwrap();
+        (
+            started.elapsed(),
+            response.status(),
+            response.headers().get("x-bluegreen-error").cloned(),
+        )
+    });
+    for _ in 0..100 {
+        if daemon.status().await["colors"][0]["metrics"]["open"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.switch("green").await;
+    let (elapsed, status, kind) = stuck.await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(kind.unwrap(), "drain-timeout");
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "cut at the drain deadline, not when blue answered: {elapsed:?}"
+    );
+}

@@ -32,6 +32,10 @@ pub enum ProxyError {
         addr: SocketAddr,
         reason: String,
     },
+    #[error(
+        "environment {color} stopped taking traffic and its drain timeout passed before the upstream answered"
+    )]
+    DrainTimeout { color: Color },
     #[error("router is shutting down")]
     ShuttingDown,
 }
@@ -39,9 +43,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::NoHealthyUpstream { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoHealthyUpstream { .. }
+            | ProxyError::ShuttingDown
+            | ProxyError::DrainTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect { .. } | ProxyError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -56,6 +60,7 @@ impl ProxyError {
             ProxyError::UpstreamConnect { .. } => "upstream-connect",
             ProxyError::UpstreamTimeout { .. } => "upstream-timeout",
             ProxyError::UpstreamFailed { .. } => "upstream-failed",
+            ProxyError::DrainTimeout { .. } => "drain-timeout",
             ProxyError::ShuttingDown => "shutting-down",
         }
     }

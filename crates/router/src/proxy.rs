@@ -199,11 +199,17 @@ impl Proxy {
                 &guard.conn,
                 client_upgrade.is_some(),
             );
-            let sent = tokio::time::timeout(
+            let waiting = tokio::time::timeout(
                 self.settings.upstream_timeout,
                 self.client.request(outgoing),
-            )
-            .await;
+            );
+            let sent = tokio::select! {
+                biased;
+                sent = waiting => sent,
+                // The color stopped taking traffic and its drain deadline passed while the
+                // upstream still had not answered.
+                _ = guard.member.token().cancelled() => break Err(ProxyError::DrainTimeout { color }),
+            };
             let error = match sent {
                 Ok(Ok(response)) => break Ok(response),
                 Err(_) => ProxyError::UpstreamTimeout {
