@@ -173,14 +173,7 @@ async fn a_slow_request_started_before_a_switch_finishes_on_the_old_color() {
     let daemon = Daemon::start(&config(&[&blue], &[&green], "  drain_timeout: 10s\n")).await;
     let url = daemon.url("/slow?sleep_ms=3000");
     let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
-    // Wait until the router has the request in flight on blue.
-    for _ in 0..100 {
-        let status = daemon.status().await;
-        if status["colors"][0]["metrics"]["open"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.wait_open("blue", 1).await;
     daemon.switch("green").await;
     let status = daemon.status().await;
     assert_eq!(
@@ -287,12 +280,7 @@ async fn graceful_stop_lets_an_in_flight_request_finish() {
     let mut daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
     let url = daemon.url("/slow?sleep_ms=1000");
     let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
-    for _ in 0..100 {
-        if daemon.status().await["colors"][0]["metrics"]["open"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.wait_open("blue", 1).await;
     let started = Instant::now();
     let exit = daemon.signal_and_wait("TERM");
     assert!(exit.success(), "graceful stop exits 0: {exit:?}");
@@ -322,12 +310,7 @@ async fn a_request_still_waiting_at_the_drain_deadline_gets_a_typed_503() {
             response.headers().get("x-bluegreen-error").cloned(),
         )
     });
-    for _ in 0..100 {
-        if daemon.status().await["colors"][0]["metrics"]["open"] == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.wait_open("blue", 1).await;
     daemon.switch("green").await;
     let (elapsed, status, kind) = stuck.await.unwrap();
     assert_eq!(status, 503);

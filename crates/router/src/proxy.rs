@@ -155,7 +155,7 @@ impl Proxy {
         let color_metrics = self.metrics.color(color);
         color_metrics.request_started();
         conn.begin();
-        let guard = RequestGuard {
+        let mut guard = RequestGuard {
             metrics: Arc::clone(&self.metrics),
             color,
             member: table.drain_group(color).join(),
@@ -176,11 +176,12 @@ impl Proxy {
         // Without a second try the headers can be moved into the upstream request, not copied.
         let may_retry = bodyless && self.settings.retries > 0 && pool.upstreams.len() > 1;
         let mut tried: Vec<usize> = Vec::new();
-        let mut guard = guard;
+        let mut last_error = None;
 
         let outcome = loop {
             let Some(index) = pool.pick(&tried) else {
-                break Err(ProxyError::NoHealthyUpstream { color });
+                // Nothing (more) to try: the failure that led here says more than "none left".
+                break Err(last_error.unwrap_or(ProxyError::NoHealthyUpstream { color }));
             };
             let upstream = Arc::clone(&pool.upstreams[index]);
             upstream.begin_request();
@@ -237,7 +238,7 @@ impl Proxy {
             // Only a request with no body can be sent again (bodies stream, never buffer);
             // after a connect failure nothing reached the upstream, otherwise the method
             // must be idempotent.
-            let retryable = bodyless
+            let retryable = may_retry
                 && match error {
                     ProxyError::UpstreamConnect { .. } => true,
                     ProxyError::UpstreamFailed { .. } => idempotent,
@@ -248,6 +249,7 @@ impl Proxy {
             }
             tracing::debug!(%error, "retrying on another upstream");
             tried.push(index);
+            last_error = Some(error);
         };
 
         let mut response = match outcome {

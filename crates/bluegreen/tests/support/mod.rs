@@ -376,23 +376,39 @@ impl Daemon {
 
     /// Waits until the color has this many healthy upstreams.
     pub async fn wait_healthy(&self, color: &str, healthy: u64) {
-        for _ in 0..100 {
+        self.wait_for(
+            color,
+            "healthy upstreams",
+            healthy,
+            |c| &c["healthy_upstreams"],
+        )
+        .await;
+    }
+
+    /// Waits until the router has this many requests (and tunnels) open on the color.
+    pub async fn wait_open(&self, color: &str, open: u64) {
+        self.wait_for(color, "open requests", open, |c| &c["metrics"]["open"])
+            .await;
+    }
+
+    async fn wait_for(
+        &self,
+        color: &str,
+        what: &str,
+        expected: u64,
+        field: impl Fn(&Value) -> &Value,
+    ) {
+        for _ in 0..200 {
             let status = self.status().await;
-            let found = status["colors"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|c| c["color"] == color)
-                .unwrap()["healthy_upstreams"]
-                .as_u64()
-                .unwrap();
-            if found == healthy {
+            let colors = status["colors"].as_array().unwrap();
+            let entry = colors.iter().find(|c| c["color"] == color).unwrap();
+            if field(entry).as_u64() == Some(expected) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!(
-            "{color} never reached {healthy} healthy upstreams: {}",
+            "{color} never reached {expected} {what}: {}",
             self.status().await
         );
     }
