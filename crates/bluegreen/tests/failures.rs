@@ -109,3 +109,31 @@ async fn the_router_answers_for_itself_with_typed_errors() {
         "the timeout was the upstream's fault: {metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_no_other_upstream_can_take_the_retry_the_real_failure_is_reported() {
+    let blue1 = Backend::start("blue-1").await;
+    let blue2 = Backend::start("blue-2").await;
+    let green = Backend::start("green-1").await;
+    // Slow health checks, so the killed upstream is still listed healthy when the request comes.
+    let text = config(&[&blue1, &blue2], &[&green], "").replace("interval: 100ms", "interval: 30s");
+    let daemon = Daemon::start(&text).await;
+    blue2.kill();
+    // Requests that meet the dead blue-2 eject it (and are retried on blue-1).
+    let http = client();
+    for _ in 0..4 {
+        let _ = get(&http, &daemon.url("/"), &[]).await;
+    }
+    daemon.wait_healthy("blue", 1).await;
+    blue1.kill();
+    let response = http
+        .request(
+            http::Request::get(daemon.url("/"))
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(response.headers()["x-bluegreen-error"], "upstream-connect");
+}

@@ -203,24 +203,11 @@ impl Router {
         {
             let _serial = self.inner.publish.lock().expect("lock");
             let old = self.table();
-            let weight = old.split.weight(color);
-            if weight > 0 && pool.healthy_count() == 0 {
-                return Err(SwitchError::NoHealthyUpstream {
-                    color,
-                    weight,
-                    upstreams: pool.upstreams.len(),
-                });
-            }
+            refuse_blackhole(color, old.split.weight(color), &pool)?;
             let mut pools = old.pools.clone();
             pools[color.index()] = Arc::new(pool);
-            self.inner.proxy.table.store(Arc::new(RoutingTable {
-                generation: old.generation + 1,
-                split: old.split,
-                pools,
-                drains: old.drains.clone(),
-                preview: old.preview.clone(),
-                sticky: old.sticky.clone(),
-            }));
+            let next = old.next(old.split, pools, old.drains.clone());
+            self.inner.proxy.table.store(Arc::new(next));
         }
         tracing::info!(%color, upstreams = ?addrs, "upstreams replaced");
         let mut tasks = self.inner.health_tasks.lock().expect("lock");
@@ -240,15 +227,7 @@ impl Router {
         }
         let table = self.table();
         for color in Color::ALL {
-            let weight = split.weight(color);
-            let pool = table.pool(color);
-            if weight > 0 && pool.healthy_count() == 0 {
-                return Err(SwitchError::NoHealthyUpstream {
-                    color,
-                    weight,
-                    upstreams: pool.upstreams.len(),
-                });
-            }
+            refuse_blackhole(color, split.weight(color), table.pool(color))?;
         }
         Ok(())
     }
@@ -275,14 +254,7 @@ impl Router {
                 Arc::clone(current)
             }
         });
-        let table = RoutingTable {
-            generation: old.generation + 1,
-            split,
-            pools: old.pools.clone(),
-            drains,
-            preview: old.preview.clone(),
-            sticky: old.sticky.clone(),
-        };
+        let table = old.next(split, old.pools.clone(), drains);
         self.inner.proxy.table.store(Arc::new(table));
         tracing::info!(from = %old.split, to = %split, "traffic split changed");
         Ok(old.split)
@@ -491,6 +463,18 @@ impl Router {
         let snapshots: Vec<ColorSnapshot> = status.colors.into_iter().map(|c| c.metrics).collect();
         metrics::render_prometheus(&snapshots, &self.inner.proxy.metrics)
     }
+}
+
+/// Never blackhole: a color that is to take traffic must have a healthy upstream.
+fn refuse_blackhole(color: Color, weight: u8, pool: &Pool) -> Result<(), SwitchError> {
+    if weight > 0 && pool.healthy_count() == 0 {
+        return Err(SwitchError::NoHealthyUpstream {
+            color,
+            weight,
+            upstreams: pool.upstreams.len(),
+        });
+    }
+    Ok(())
 }
 
 /// The HTTP/2 connection preface; nothing that starts an HTTP/1.1 request begins with "PRI ".

@@ -292,6 +292,23 @@ impl RoutingTable {
     pub fn drain_group(&self, color: Color) -> &Arc<DrainGroup> {
         &self.drains[color.index()]
     }
+
+    /// The table that follows this one, with the rules kept and the rest given.
+    pub fn next(
+        &self,
+        split: Split,
+        pools: [Arc<Pool>; 2],
+        drains: [Arc<DrainGroup>; 2],
+    ) -> RoutingTable {
+        RoutingTable {
+            generation: self.generation + 1,
+            split,
+            pools,
+            drains,
+            preview: self.preview.clone(),
+            sticky: self.sticky.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
