@@ -309,3 +309,32 @@ async fn connections_over_the_limit_are_closed_at_once() {
     );
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_sends_http2_clients_goaway() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let mut daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get(daemon.url("/"))
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let exit = daemon.signal_and_wait("TERM");
+    assert!(exit.success(), "{exit:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the connection ended cleanly (GOAWAY): {ended:?}"
+    );
+}

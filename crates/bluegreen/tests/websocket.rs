@@ -92,3 +92,39 @@ async fn a_rollback_inside_the_drain_window_keeps_the_websocket() {
         "blue is live again, its socket stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_closes_open_websockets_at_the_drain_deadline_and_exits_0() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let mut daemon = Daemon::start(&config(&[&blue], &[&green], "  drain_timeout: 800ms\n")).await;
+    let mut socket = open(&daemon).await;
+    assert_eq!(echo(&mut socket, "before").await, "blue-1:before");
+    let pid = daemon.pid();
+    let stopping = std::thread::spawn(move || {
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+    });
+    stopping.join().unwrap();
+    let started = Instant::now();
+    // Still served until the deadline…
+    assert_eq!(echo(&mut socket, "during").await, "blue-1:during");
+    // …then closed with 1001.
+    match tokio::time::timeout(Duration::from_secs(5), socket.next())
+        .await
+        .unwrap()
+    {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    let exit = daemon.wait_exit();
+    assert!(exit.success(), "{exit:?}");
+}

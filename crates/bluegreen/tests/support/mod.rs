@@ -353,6 +353,11 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.take().unwrap().wait().unwrap()
+    }
+
     /// Sends a signal and waits for the process to exit.
     pub fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
