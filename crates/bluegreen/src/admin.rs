@@ -163,6 +163,38 @@ async fn upstreams(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Res
     Ok(Json(json!({ "message": message })).into_response())
 }
 
+async fn history(
+    State(daemon): State<Arc<Daemon>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let limit = history_limit(request.uri().query().unwrap_or(""))?;
+    Ok(Json(json!({ "events": daemon.history(limit)? })).into_response())
+}
+
+/// `limit=N` (1 to 10000, default 50) is the only query parameter.
+fn history_limit(query: &str) -> Result<usize, ApiError> {
+    let mut limit = 50;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let Some(("limit", value)) = pair.split_once('=') else {
+            return Err(ApiError::invalid(
+                pair,
+                "unknown query parameter; only limit=N is accepted",
+            ));
+        };
+        limit = value
+            .parse()
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("{value:?} is out of range; use a whole number from 1 to 10000"),
+                )
+            })?;
+    }
+    Ok(limit)
+}
+
 async fn status(State(daemon): State<Arc<Daemon>>) -> Response {
     Json(daemon.status().await).into_response()
 }
@@ -210,7 +242,7 @@ async fn not_found(request: Request) -> ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
         message: format!(
-            "no such endpoint {} {}; see GET /v1/status, POST /v1/switch, /v1/weights, /v1/rollback, /v1/upstreams, GET /metrics",
+            "no such endpoint {} {}; see GET /v1/status, POST /v1/switch, /v1/weights, /v1/rollback, /v1/upstreams, GET /v1/history, GET /metrics",
             request.method(),
             request.uri().path()
         ),
@@ -264,6 +296,7 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/weights", post(weights))
         .route("/v1/rollback", post(rollback))
         .route("/v1/upstreams", post(upstreams))
+        .route("/v1/history", get(history))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(daemon)

@@ -77,6 +77,12 @@ pub enum Commands {
     Upstreams(UpstreamsArgs),
     /// Live color, weights, upstream health and per-color counters.
     Status,
+    /// What changed and when: switches, weights, rollbacks, upstream changes.
+    History {
+        /// How many of the newest events to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Check the config file and print what it resolves to.
     Check,
 }
@@ -181,6 +187,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Upstreams(args) => {
             let body = json!({ "environment": args.environment, "upstreams": args.upstreams });
             change(&cli, "/v1/upstreams", body).await
+        }
+        Commands::History { limit } => {
+            let client = admin_client(&cli)?;
+            let answer = expect_ok(
+                client
+                    .call(Method::GET, &format!("/v1/history?limit={limit}"), None)
+                    .await?,
+            )?;
+            match cli.output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&answer).expect("json"))
+                }
+                Output::Text => print!("{}", render_history(&answer)),
+            }
+            Ok(())
         }
         Commands::Status => {
             let client = admin_client(&cli)?;
@@ -376,6 +397,31 @@ fn print_check(config: &Config, output: Output) {
             config.upstreams[1].len()
         ),
     }
+}
+
+/// Events one per line: UTC time, kind, message.
+fn render_history(answer: &Value) -> String {
+    let empty = Vec::new();
+    answer["events"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|e| {
+            let at_ms = e["at_ms"].as_i64().unwrap_or(0);
+            format!(
+                "{}  {:<10} {}\n",
+                utc_time(at_ms),
+                e["kind"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
+/// RFC 3339 UTC time, to the second, from Unix milliseconds.
+fn utc_time(at_ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// The status as a small table.

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::config::Config;
-use crate::state::{RouterState, SCHEMA_VERSION, StateError, StateFile};
+use crate::store::{Event, RouterState, Store};
 
 /// A change to the traffic split, as the CLI and admin API ask for it.
 #[derive(Clone, Copy, Debug)]
@@ -59,7 +59,7 @@ pub struct Daemon {
     pub router: Router,
     pub listen: SocketAddr,
     state: Mutex<RouterState>,
-    state_file: StateFile,
+    store: Store,
 }
 
 #[derive(Serialize)]
@@ -78,20 +78,25 @@ pub struct DaemonStatus {
 impl Daemon {
     /// Builds the router from the config and the saved state (which wins over `initial_live`).
     pub fn new(config: Config, listen: SocketAddr) -> Result<Arc<Daemon>, String> {
-        let state_file = StateFile::new(&config.state_dir);
-        let state = match state_file.load().map_err(|e| e.to_string())? {
+        let store = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
+        let state = match store.load().map_err(|e| e.to_string())? {
             Some(state) => {
-                tracing::info!(split = %state.split, file = %state_file.path().display(), "restored switch state");
+                tracing::info!(split = %state.split, store = %store.path().display(), "restored router state");
                 state
             }
-            None => RouterState {
-                schema: SCHEMA_VERSION,
-                split: Split::all(config.router.initial_live),
-                rollback_to: None,
-                upstreams: Default::default(),
-            },
+            None => {
+                let state = RouterState {
+                    split: Split::all(config.router.initial_live),
+                    rollback_to: None,
+                    upstreams: Default::default(),
+                };
+                let message = format!("first start: {}", describe(state.split));
+                store
+                    .record(&state, "start", &message)
+                    .map_err(|e| e.to_string())?;
+                state
+            }
         };
-        state_file.save(&state).map_err(|e| e.to_string())?;
         let r = &config.router;
         let router = Router::new(bluegreen_router::RouterConfig {
             upstreams: Color::ALL.map(|color| match state.upstreams.get(color) {
@@ -131,7 +136,7 @@ impl Daemon {
             router,
             listen,
             state: Mutex::new(state),
-            state_file,
+            store,
         }))
     }
 
@@ -184,35 +189,27 @@ impl Daemon {
             .check_split(target)
             .map_err(|e| CommandError::Refused(e.to_string()))?;
         let next = RouterState {
-            schema: SCHEMA_VERSION,
             split: target,
             rollback_to: rollback_color(current, target, state.rollback_to),
             upstreams: state.upstreams.clone(),
         };
-        self.state_file
-            .save(&next)
-            .map_err(|e| CommandError::Failed(e.to_string()))?;
-        if let Err(refused) = self.router.set_split(target) {
-            // Health changed between the check and the swap: put the record back.
-            self.state_file.save(&state).map_err(|e: StateError| {
-                CommandError::Failed(format!(
-                    "{refused}; and restoring the state file failed: {e}"
-                ))
-            })?;
-            return Err(CommandError::Refused(refused.to_string()));
-        }
-        let rollback_to = next.rollback_to;
-        *state = next;
-        let verb = match command {
-            Command::Rollback => "rolled back",
-            Command::Switch { .. } => "switched",
-            Command::Weights(_) => "weights set",
+        let (kind, verb) = match command {
+            Command::Rollback => ("rollback", "rolled back"),
+            Command::Switch { .. } => ("switch", "switched"),
+            Command::Weights(_) => ("weights", "weights set"),
         };
         let was = match current.sole_color() {
             Some(color) => color.to_string(),
             None => current.to_string(),
         };
         let message = format!("{verb}: {} (was {was})", describe(target));
+        self.persist(&next, kind, &message)?;
+        if let Err(refused) = self.router.set_split(target) {
+            // Health changed between the check and the swap: record the way back.
+            return Err(self.revert(&state, refused.to_string()));
+        }
+        let rollback_to = next.rollback_to;
+        *state = next;
         tracing::info!("{message}");
         Ok(Outcome {
             changed: true,
@@ -225,6 +222,34 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// The audit log, newest last.
+    pub fn history(&self, limit: usize) -> Result<Vec<Event>, CommandError> {
+        self.store
+            .events(limit)
+            .map_err(|e| CommandError::Failed(e.to_string()))
+    }
+
+    /// Records the next state before the router acts on it, so a crash right after restarts
+    /// into what was recorded.
+    fn persist(&self, next: &RouterState, kind: &str, message: &str) -> Result<(), CommandError> {
+        self.store
+            .record(next, kind, message)
+            .map_err(|e| CommandError::Failed(e.to_string()))
+    }
+
+    /// The router refused after the new state was recorded: record the old one again.
+    fn revert(&self, old: &RouterState, refused: String) -> CommandError {
+        match self
+            .store
+            .record(old, "reverted", &format!("not applied: {refused}"))
+        {
+            Ok(()) => CommandError::Refused(refused),
+            Err(e) => {
+                CommandError::Failed(format!("{refused}; and recording the way back failed: {e}"))
+            }
+        }
+    }
+
     /// Points a color at other upstreams, recorded so that a restart keeps them. Persisted
     /// first; if the router refuses (the color is live and none of them is healthy) the record
     /// is put back and nothing changed.
@@ -236,16 +261,14 @@ impl Daemon {
         let mut state = self.state.lock().await;
         let mut next = state.clone();
         next.upstreams.set(color, addrs.clone());
-        self.state_file
-            .save(&next)
-            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        let listed: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        self.persist(
+            &next,
+            "upstreams",
+            &format!("{color} upstreams set to {}", listed.join(", ")),
+        )?;
         if let Err(refused) = self.router.set_upstreams(color, &addrs).await {
-            self.state_file.save(&state).map_err(|e| {
-                CommandError::Failed(format!(
-                    "{refused}; and restoring the state file failed: {e}"
-                ))
-            })?;
-            return Err(CommandError::Refused(refused.to_string()));
+            return Err(self.revert(&state, refused.to_string()));
         }
         *state = next;
         let healthy = self.router.table().pool(color).healthy_count();

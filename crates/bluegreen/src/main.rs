@@ -6,7 +6,7 @@ mod client;
 mod config;
 mod daemon;
 mod duration;
-mod state;
+mod store;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -93,8 +93,7 @@ async fn bad_admin_requests_get_4xx_naming_the_field_and_change_nothing() {
     let green = Backend::start("green-1").await;
     let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
     let before = daemon.status().await;
-    let state_file = daemon.dir.path().join(".bluegreen/router-state.json");
-    let state_before = std::fs::read(&state_file).unwrap();
+    let (_, history_before) = daemon.admin("GET", "/v1/history", None).await;
 
     let cases: [(&str, &str, u16, Option<&str>, &str); 9] = [
         ("/v1/switch", "{not json", 400, None, "not valid JSON"),
@@ -159,11 +158,25 @@ async fn bad_admin_requests_get_4xx_naming_the_field_and_change_nothing() {
     let after = daemon.status().await;
     assert_eq!(after["generation"], before["generation"]);
     assert_eq!(after["weights"], before["weights"]);
+    let (_, history_after) = daemon.admin("GET", "/v1/history", None).await;
+    assert_eq!(history_after, history_before, "nothing was recorded");
     assert_eq!(
-        std::fs::read(&state_file).unwrap(),
-        state_before,
-        "the state file is untouched"
+        history_after["events"].as_array().unwrap().len(),
+        1,
+        "{history_after}"
     );
+
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("since=1", "since=1"),
+    ] {
+        let (code, answer) = daemon
+            .admin("GET", &format!("/v1/history?{query}"), None)
+            .await;
+        assert_eq!(code, 400, "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

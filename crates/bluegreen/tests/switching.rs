@@ -243,6 +243,28 @@ async fn the_cli_speaks_every_spelling_and_rollback_returns_to_the_last_live_col
         "rolled back: blue is live (was blue 40% / green 60%)"
     );
 
+    let history = daemon.cli(&["history"]);
+    let history = String::from_utf8_lossy(&history.stdout);
+    let kinds: Vec<&str> = history
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "start", "switch", "weights", "rollback", "switch", "weights", "weights", "rollback"
+        ],
+        "{history}"
+    );
+    assert!(
+        history
+            .lines()
+            .last()
+            .unwrap()
+            .ends_with("rolled back: blue is live (was blue 40% / green 60%)"),
+        "{history}"
+    );
+
     let text = daemon.cli(&["status"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("live: blue"), "{text}");
