@@ -82,14 +82,7 @@ async fn the_router_answers_for_itself_with_typed_errors() {
     let daemon = Daemon::start(&config(&[&blue], &[&green], "  upstream_timeout: 300ms\n")).await;
     let http = client();
 
-    let response = http
-        .request(
-            http::Request::get(daemon.url("/slow?sleep_ms=2000"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = support::get_response(&http, &daemon.url("/slow?sleep_ms=2000")).await;
     assert_eq!(response.status(), 504);
     assert_eq!(response.headers()["x-bluegreen-error"], "upstream-timeout");
 
@@ -126,14 +119,7 @@ async fn when_no_other_upstream_can_take_the_retry_the_real_failure_is_reported(
     }
     daemon.wait_healthy("blue", 1).await;
     blue1.kill();
-    let response = http
-        .request(
-            http::Request::get(daemon.url("/"))
-                .body(Default::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = support::get_response(&http, &daemon.url("/")).await;
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-bluegreen-error"], "upstream-connect");
 }

@@ -240,25 +240,35 @@ async fn oversized_headers_and_slow_clients_are_cut_off() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
-    let blue = Backend::start("blue-1").await;
-    let green = Backend::start("green-1").await;
-    let daemon = Daemon::start(&config(&[&blue], &[&green], "  idle_timeout: 400ms\n")).await;
+/// Opens an h2c connection and makes one request on it. Hands back the sender (the
+/// connection stays open while it lives), the response, and the task driving the connection,
+/// which ends when the router closes it.
+async fn one_h2_request(
+    daemon: &Daemon,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    http::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .unwrap();
     let connection = tokio::spawn(connection);
-    let response = sender
-        .send_request(
-            Request::get(daemon.url("/"))
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
+    let request = Request::get(daemon.url("/"))
+        .body(Full::<Bytes>::default())
         .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    (sender, response, connection)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_http2_connection_is_closed_after_idle_timeout() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "  idle_timeout: 400ms\n")).await;
+    let (_sender, response, connection) = one_h2_request(&daemon).await;
     assert_eq!(response.status(), 200);
     drop(response);
     let started = Instant::now();
@@ -315,20 +325,7 @@ async fn a_graceful_stop_sends_http2_clients_goaway() {
     let blue = Backend::start("blue-1").await;
     let green = Backend::start("green-1").await;
     let mut daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
-    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let response = sender
-        .send_request(
-            Request::get(daemon.url("/"))
-                .body(Full::<Bytes>::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let (_sender, response, connection) = one_h2_request(&daemon).await;
     assert_eq!(response.status(), 200);
     let exit = daemon.signal_and_wait("TERM");
     assert!(exit.success(), "{exit:?}");

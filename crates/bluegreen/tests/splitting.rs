@@ -53,14 +53,7 @@ async fn sticky_clients_stay_on_green_as_its_share_grows() {
     // 300 clients arrive without a cookie and are each handed one.
     let mut cookies = Vec::new();
     for _ in 0..300 {
-        let response = http
-            .request(
-                http::Request::get(daemon.url("/"))
-                    .body(Default::default())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let response = support::get_response(&http, &daemon.url("/")).await;
         let cookie = response
             .headers()
             .get("set-cookie")

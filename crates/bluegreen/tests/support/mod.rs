@@ -440,6 +440,15 @@ pub fn fresh_connection_client() -> Client<HttpConnector, Full<Bytes>> {
         .build_http()
 }
 
+/// GET a URL and hand back the whole response, for tests that look at its headers.
+pub async fn get_response(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: &str,
+) -> http::Response<Incoming> {
+    let request = Request::get(url).body(Full::new(Bytes::new())).unwrap();
+    client.request(request).await.unwrap()
+}
+
 /// GET a URL; returns status, the `x-served-by` header and the body.
 pub async fn get(
     client: &Client<HttpConnector, Full<Bytes>>,
