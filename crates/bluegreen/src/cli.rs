@@ -309,6 +309,14 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
 
     daemon.router.start_health_checks().await;
+    let table = daemon.router.table();
+    for color in Color::ALL {
+        if table.split.weight(color) > 0 && table.pool(color).healthy_count() == 0 {
+            // The recorded split is served as recorded (promise: restart into the last state),
+            // but the operator should know it cannot answer yet.
+            tracing::warn!(%color, "takes traffic but has no healthy upstream yet; requests get 503 until one passes its check");
+        }
+    }
     let serving = daemon.router.serve(listener);
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = tokio::spawn(admin::run(

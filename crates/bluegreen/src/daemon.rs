@@ -224,25 +224,21 @@ impl Daemon {
 impl Daemon {
     /// The audit log, newest last.
     pub fn history(&self, limit: usize) -> Result<Vec<Event>, CommandError> {
-        self.store
-            .events(limit)
+        off_the_runtime(|| self.store.events(limit))
             .map_err(|e| CommandError::Failed(e.to_string()))
     }
 
     /// Records the next state before the router acts on it, so a crash right after restarts
     /// into what was recorded.
     fn persist(&self, next: &RouterState, kind: &str, message: &str) -> Result<(), CommandError> {
-        self.store
-            .record(next, kind, message)
+        off_the_runtime(|| self.store.record(next, kind, message))
             .map_err(|e| CommandError::Failed(e.to_string()))
     }
 
     /// The router refused after the new state was recorded: record the old one again.
     fn revert(&self, old: &RouterState, refused: String) -> CommandError {
-        match self
-            .store
-            .record(old, "reverted", &format!("not applied: {refused}"))
-        {
+        let message = format!("not applied: {refused}");
+        match off_the_runtime(|| self.store.record(old, "reverted", &message)) {
             Ok(()) => CommandError::Refused(refused),
             Err(e) => {
                 CommandError::Failed(format!("{refused}; and recording the way back failed: {e}"))
@@ -289,6 +285,12 @@ fn rollback_color(current: Split, target: Split, before: Option<Color>) -> Optio
     } else {
         back
     })
+}
+
+/// Store calls wait for the disk (fsync); meanwhile the proxying tasks of the current worker
+/// move to another thread, so a switch never stalls traffic.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
 }
 
 fn describe(split: Split) -> String {
