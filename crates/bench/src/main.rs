@@ -142,7 +142,14 @@ async fn measure(
         Peer::nginx(backends, work)?,
         Peer::haproxy(backends, work)?,
     ];
-    let outcome = measure_peers(&peers, plan).await;
+    let mut outcome = measure_peers(&peers, plan).await;
+    if let Ok((_, commands)) = &mut outcome {
+        for peer in &peers {
+            if let Some(text) = peer.config_text() {
+                commands.push(format!("\n# {} config\n{}", peer.name(), text.trim_end()));
+            }
+        }
+    }
     drop(peers);
     let _ = blue_child.kill();
     let _ = green_child.kill();

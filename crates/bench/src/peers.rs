@@ -230,6 +230,25 @@ impl Peer {
         self.kind.name()
     }
 
+    /// The config this peer was started with, for the report (the backend alone has none).
+    pub fn config_text(&self) -> Option<String> {
+        let file = match self.kind {
+            Kind::Direct => return None,
+            Kind::Bluegreen => "bluegreen.yaml",
+            Kind::Nginx => "nginx.conf",
+            Kind::Haproxy => "haproxy.cfg",
+        };
+        let mut text = std::fs::read_to_string(self.dir.join(file)).ok()?;
+        if self.kind == Kind::Nginx
+            && let Ok(upstream) = std::fs::read_to_string(self.dir.join("upstream.conf"))
+        {
+            text.push_str(&format!(
+                "\n# upstream.conf (rewritten for each switch)\n{upstream}"
+            ));
+        }
+        Some(text)
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}/", self.http)
     }
