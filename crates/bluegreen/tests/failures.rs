@@ -123,3 +123,31 @@ async fn when_no_other_upstream_can_take_the_retry_the_real_failure_is_reported(
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-bluegreen-error"], "upstream-connect");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_reused_and_closed_ones_are_replaced() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let http = client();
+    for _ in 0..200 {
+        let (status, _, _) = get(&http, &daemon.url("/"), &[]).await.unwrap();
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        blue.used_connections(),
+        1,
+        "one keep-alive connection carried all 200"
+    );
+
+    // The upstream closes the connection after every other answer: the router notices and
+    // opens a new one, and no request fails for it.
+    for i in 0..100 {
+        let path = if i % 2 == 0 { "/close" } else { "/" };
+        let (status, _, _) = get(&http, &daemon.url(path), &[]).await.unwrap();
+        assert_eq!(status, 200, "request {i} to {path}");
+    }
+    assert!(blue.used_connections() > 40, "{}", blue.used_connections());
+    let metrics = daemon.status().await["colors"][0]["metrics"].clone();
+    assert_eq!(metrics["upstream_errors"], 0, "{metrics}");
+}

@@ -9,6 +9,7 @@ pub mod drain;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod table;

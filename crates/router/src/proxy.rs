@@ -15,15 +15,14 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::TaskTracker;
 
 use crate::drain::DrainMember;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::pool::{self, SendError};
 use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
 use crate::upstream::Upstream;
 use crate::websocket;
@@ -114,7 +113,6 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: ProxySettings,
     pub(crate) tunnels: TaskTracker,
-    client: Client<HttpConnector, RequestBody>,
     sticky_cookie_attrs: &'static str,
 }
 
@@ -123,22 +121,11 @@ const PREVIEW_REFUSED: HeaderValue =
 
 impl Proxy {
     pub fn new(table: RoutingTable, metrics: Arc<Metrics>, settings: ProxySettings) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            // Below the 60 s that most servers keep idle connections, so the pool drops a
-            // connection before the upstream does and a request is never sent on a closing one.
-            .pool_idle_timeout(Duration::from_secs(50))
-            .pool_max_idle_per_host(1024)
-            .set_host(false)
-            .build(connector);
         Proxy {
             table: ArcSwap::from_pointee(table),
             metrics,
             settings,
             tunnels: TaskTracker::new(),
-            client,
             sticky_cookie_attrs: "; Path=/; HttpOnly; SameSite=Lax",
         }
     }
@@ -202,7 +189,9 @@ impl Proxy {
             );
             let waiting = tokio::time::timeout(
                 self.settings.upstream_timeout,
-                self.client.request(outgoing),
+                upstream
+                    .pool
+                    .send(upstream.addr, self.settings.connect_timeout, outgoing),
             );
             let sent = tokio::select! {
                 biased;
@@ -212,14 +201,13 @@ impl Proxy {
                 _ = guard.member.token().cancelled() => break Err(ProxyError::DrainTimeout { color }),
             };
             let error = match sent {
-                Ok(Ok(response)) => break Ok(response),
+                Ok(Ok(answer)) => break Ok(answer),
                 Err(_) => ProxyError::UpstreamTimeout {
                     color,
                     addr: upstream.addr,
                     timeout: self.settings.upstream_timeout,
                 },
-                Ok(Err(error)) if error.is_connect() => {
-                    let reason = error_chain(&error);
+                Ok(Err(SendError::Connect(reason))) => {
                     upstream.eject(format!("connect failed while proxying: {reason}"));
                     ProxyError::UpstreamConnect {
                         color,
@@ -227,7 +215,7 @@ impl Proxy {
                         reason,
                     }
                 }
-                Ok(Err(error)) => ProxyError::UpstreamFailed {
+                Ok(Err(SendError::Failed(error))) => ProxyError::UpstreamFailed {
                     color,
                     addr: upstream.addr,
                     reason: error_chain(&error),
@@ -252,8 +240,8 @@ impl Proxy {
             last_error = Some(error);
         };
 
-        let mut response = match outcome {
-            Ok(response) => response,
+        let (mut response, sender) = match outcome {
+            Ok(answer) => answer,
             Err(error) => {
                 tracing::warn!(%error, "request failed");
                 let response: Response<ResponseBody> = error.to_response();
@@ -270,6 +258,9 @@ impl Proxy {
             let grace = self.settings.close_grace;
             let metrics = Arc::clone(&self.metrics);
             self.tunnels.spawn(async move {
+                // Held until both sides have switched protocols; the upgraded connection is
+                // never given back to the pool.
+                let _upstream_connection = sender;
                 let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
                 else {
                     return;
@@ -298,6 +289,14 @@ impl Proxy {
 
         let (mut head, body) = response.into_parts();
         strip_hop_by_hop(&mut head.headers, false);
+        let mut body = ProxiedBody {
+            inner: body,
+            cut: None,
+            guard,
+            sender: Some(sender),
+        };
+        // A response without a body (204, HEAD, Content-Length: 0) frees its connection now.
+        body.give_back_if_done();
         if let Some(id) = route.new_sticky_id
             && let Some(sticky) = &table.sticky
             && let Ok(value) = HeaderValue::from_str(&format!(
@@ -310,14 +309,7 @@ impl Proxy {
         if route.preview == PreviewOutcome::Refused {
             head.headers.insert("x-bluegreen-preview", PREVIEW_REFUSED);
         }
-        Ok(Response::from_parts(
-            head,
-            ResponseBody::Proxied(ProxiedBody {
-                inner: body,
-                cut: None,
-                guard,
-            }),
-        ))
+        Ok(Response::from_parts(head, ResponseBody::Proxied(body)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -336,12 +328,8 @@ impl Proxy {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.authority.clone())
-            .path_and_query(path)
-            .build()
-            .expect("scheme, authority and path make a valid URI");
+        // Origin form (`/path?query`): the request goes straight to the upstream's socket.
+        let uri = Uri::from(path);
         strip_hop_by_hop(&mut headers, upgrade);
         let host = headers
             .get(header::HOST)
@@ -636,9 +624,30 @@ impl From<Bytes> for ResponseBody {
 
 pub struct ProxiedBody {
     inner: Incoming,
+    /// The upstream connection, given back to its pool once the body has been read to the end.
+    sender: Option<pool::Sender>,
     /// Created the first time the upstream makes us wait, so short responses never pay for it.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     guard: RequestGuard,
+}
+
+impl ProxiedBody {
+    fn give_back_if_done(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(sender) = self.sender.take()
+            && let Some(upstream) = &self.guard.upstream
+        {
+            upstream.pool.put(sender);
+        }
+    }
+}
+
+impl Drop for ProxiedBody {
+    fn drop(&mut self) {
+        // Read to the end but not polled past it: the connection is still reusable. Otherwise
+        // the sender drops with it and the connection closes, as a half-read response demands.
+        self.give_back_if_done();
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -665,10 +674,14 @@ impl Body for ResponseBody {
                                 .color(body.guard.color)
                                 .bytes_out(data.len() as u64);
                         }
+                        body.give_back_if_done();
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
-                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(None) => {
+                        body.give_back_if_done();
+                        Poll::Ready(None)
+                    }
                     Poll::Pending => {
                         let token = body.guard.member.token();
                         let cut = body

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use serde::Serialize;
 
+use crate::pool::ConnPool;
 use crate::table::Color;
 
 /// Where an upstream is in its life. Only `Healthy` upstreams receive traffic.
@@ -110,6 +111,8 @@ pub struct Upstream {
     tracker: Mutex<HealthTracker>,
     in_flight: AtomicUsize,
     last_error: Mutex<Option<String>>,
+    /// Idle keep-alive connections to this upstream.
+    pub pool: ConnPool,
 }
 
 impl Upstream {
@@ -126,6 +129,7 @@ impl Upstream {
             tracker: Mutex::new(HealthTracker::default()),
             in_flight: AtomicUsize::new(0),
             last_error: Mutex::new(None),
+            pool: ConnPool::default(),
         }
     }
 

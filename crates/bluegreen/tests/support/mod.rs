@@ -41,6 +41,9 @@ struct BackendState {
     name: String,
     served: AtomicU64,
     healthy: AtomicBool,
+    /// Connections that carried at least one request other than a health check.
+    used_connections: Mutex<std::collections::HashSet<u64>>,
+    next_connection: AtomicU64,
 }
 
 impl Backend {
@@ -51,6 +54,8 @@ impl Backend {
             name: name.to_string(),
             served: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            used_connections: Mutex::new(Default::default()),
+            next_connection: AtomicU64::new(0),
         });
         let tasks = Arc::new(Mutex::new(JoinSet::new()));
         let accept_state = Arc::clone(&state);
@@ -61,8 +66,10 @@ impl Backend {
                     return;
                 };
                 let state = Arc::clone(&accept_state);
+                let connection = state.next_connection.fetch_add(1, Ordering::Relaxed);
                 accept_tasks.lock().unwrap().spawn(async move {
-                    let service = service_fn(move |request| respond(Arc::clone(&state), request));
+                    let service =
+                        service_fn(move |request| respond(Arc::clone(&state), connection, request));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -79,6 +86,11 @@ impl Backend {
 
     pub fn served(&self) -> u64 {
         self.state.served.load(Ordering::Relaxed)
+    }
+
+    /// How many connections carried requests other than health checks.
+    pub fn used_connections(&self) -> usize {
+        self.state.used_connections.lock().unwrap().len()
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -115,10 +127,14 @@ fn query_number(request: &Request<Incoming>, key: &str) -> Option<u64> {
 
 async fn respond(
     state: Arc<BackendState>,
+    connection: u64,
     mut request: Request<Incoming>,
 ) -> Result<Response<BackendBody>, Infallible> {
     let name = state.name.clone();
     let path = request.uri().path().to_string();
+    if path != "/healthz" {
+        state.used_connections.lock().unwrap().insert(connection);
+    }
     let builder = Response::builder().header("x-served-by", &name);
     let response = match path.as_str() {
         "/healthz" => {
@@ -176,6 +192,10 @@ async fn respond(
                     })
                     .collect();
                 builder.body(full(Value::Object(headers).to_string()))
+            } else if path == "/close" {
+                builder
+                    .header(header::CONNECTION, "close")
+                    .body(full(name.clone()))
             } else if path == "/echo" {
                 let body = request
                     .into_body()
