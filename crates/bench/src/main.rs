@@ -27,6 +27,10 @@ struct Args {
     /// Folder with the release binaries bluegreen and bluegreen-example-app.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
+    /// Request rate for the fixed-rate latency test (default: half the slowest router's
+    /// saturation rate measured in the same run).
+    #[arg(long)]
+    fixed_rate: Option<f64>,
     /// Where to write the report; the plot goes beside it as benchmarks.svg.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -142,7 +146,7 @@ async fn measure(
         Peer::nginx(backends, work)?,
         Peer::haproxy(backends, work)?,
     ];
-    let mut outcome = measure_peers(&peers, plan).await;
+    let mut outcome = measure_peers(&peers, plan, args.fixed_rate).await;
     if let Ok((_, commands)) = &mut outcome {
         for peer in &peers {
             if let Some(text) = peer.config_text() {
@@ -158,7 +162,11 @@ async fn measure(
     outcome
 }
 
-async fn measure_peers(peers: &[Peer], plan: Plan) -> Result<(Results, Vec<String>), String> {
+async fn measure_peers(
+    peers: &[Peer],
+    plan: Plan,
+    fixed_rate: Option<f64>,
+) -> Result<(Results, Vec<String>), String> {
     for peer in peers {
         peer.wait_ready().await?;
     }
@@ -196,7 +204,7 @@ async fn measure_peers(peers: &[Peer], plan: Plan) -> Result<(Results, Vec<Strin
         .filter(|(k, _)| *k != Kind::Direct)
         .map(|(_, runs)| median(&runs.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>()))
         .fold(f64::INFINITY, f64::min);
-    results.fixed_rate = (slowest * 0.5 / 100.0).floor() * 100.0;
+    results.fixed_rate = fixed_rate.unwrap_or((slowest * 0.5 / 100.0).floor() * 100.0);
     commands.push(format!(
         "bluegreen-bench open-loop load: {:.0} req/s over 32 keep-alive connections for {}s, latency from each request's due time",
         results.fixed_rate, plan.fixed_seconds
