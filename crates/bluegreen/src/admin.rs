@@ -12,6 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, serve};
+use bluegreen_router::table::constant_time_eq;
 use bluegreen_router::{Color, Split};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -261,13 +262,7 @@ async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
-    });
+    let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
     if !ok {
         let message = if given.is_none() {
             "missing bearer token: send Authorization: Bearer <token> (the token in router.admin_token_file)"

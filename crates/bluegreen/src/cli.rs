@@ -1,6 +1,6 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bluegreen_router::Color;
@@ -11,7 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin;
 use crate::client::{AdminClient, ClientError};
-use crate::config::{AdminEndpoint, Config, ConfigError, parse_socket_addr};
+use crate::config::{AdminEndpoint, Config, ConfigError};
 use crate::daemon::Daemon;
 
 /// Exit codes a script can branch on.
@@ -264,10 +264,7 @@ fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
             })
     };
     if let Some(admin) = &cli.admin {
-        let endpoint = match parse_socket_addr(admin) {
-            Ok(addr) if !admin.contains('/') => AdminEndpoint::Tcp(addr),
-            _ => AdminEndpoint::Unix(PathBuf::from(admin)),
-        };
+        let endpoint = AdminEndpoint::parse(admin, Path::new(""));
         let token = match (&cli.token_file, std::env::var("BLUEGREEN_TOKEN").ok()) {
             (Some(path), _) => Some(read_token(path)?),
             (None, token) => token,

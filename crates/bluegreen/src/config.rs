@@ -200,6 +200,18 @@ pub enum AdminEndpoint {
     Tcp(SocketAddr),
 }
 
+impl AdminEndpoint {
+    /// `host:port` is TCP; anything else (a path, a `*.sock` name) is a unix socket, resolved
+    /// against `base` when relative.
+    pub fn parse(text: &str, base: &Path) -> AdminEndpoint {
+        let looks_like_path = text.contains('/') || text.ends_with(".sock");
+        match parse_socket_addr(text) {
+            Ok(addr) if !looks_like_path => AdminEndpoint::Tcp(addr),
+            _ => AdminEndpoint::Unix(base.join(text)),
+        }
+    }
+}
+
 impl fmt::Display for AdminEndpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -367,20 +379,13 @@ impl<'a> Validator<'a> {
             self.issue("router.listen", message);
             SocketAddr::from(([127, 0, 0, 1], 0))
         });
-        let admin = if r.admin.contains('/')
-            || r.admin.ends_with(".sock")
-            || parse_socket_addr(&r.admin).is_err()
-        {
-            if r.admin.trim().is_empty() {
-                self.issue(
-                    "router.admin",
-                    "must not be empty; give a socket path like .bluegreen/admin.sock or host:port",
-                );
-            }
-            AdminEndpoint::Unix(self.resolve(&r.admin))
-        } else {
-            AdminEndpoint::Tcp(parse_socket_addr(&r.admin).expect("checked above"))
-        };
+        if r.admin.trim().is_empty() {
+            self.issue(
+                "router.admin",
+                "must not be empty; give a socket path like .bluegreen/admin.sock or host:port",
+            );
+        }
+        let admin = AdminEndpoint::parse(&r.admin, self.base);
         let admin_token_file = r.admin_token_file.as_deref().map(|p| self.resolve(p));
         let admin_token = match (&admin, &admin_token_file) {
             (AdminEndpoint::Tcp(_), None) => {

@@ -29,6 +29,7 @@ struct Idle {
 }
 
 /// Idle connections of one upstream, most recently used last.
+#[derive(Default)]
 pub struct ConnPool {
     idle: Mutex<Vec<Idle>>,
 }
@@ -38,14 +39,6 @@ const MAX_IDLE: usize = 1024;
 /// Below the 60 s most servers keep idle connections, so the pool drops a connection before
 /// the upstream closes it and a request is never written to a closing socket.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
-
-impl Default for ConnPool {
-    fn default() -> Self {
-        ConnPool {
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-}
 
 impl ConnPool {
     /// Sends the request on a pooled connection, or on a new one. A request the pooled

@@ -113,8 +113,11 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: ProxySettings,
     pub(crate) tunnels: TaskTracker,
-    sticky_cookie_attrs: &'static str,
 }
+
+/// Attributes of the sticky cookie: whole site, not readable by scripts, sent on top-level
+/// navigation.
+const STICKY_COOKIE_ATTRS: &str = "; Path=/; HttpOnly; SameSite=Lax";
 
 const PREVIEW_REFUSED: HeaderValue =
     HeaderValue::from_static("refused: unknown environment or missing secret; routed by weight");
@@ -126,7 +129,6 @@ impl Proxy {
             metrics,
             settings,
             tunnels: TaskTracker::new(),
-            sticky_cookie_attrs: "; Path=/; HttpOnly; SameSite=Lax",
         }
     }
 
@@ -151,10 +153,11 @@ impl Proxy {
         };
 
         let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let websocket = request
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let websocket = client_upgrade.is_some()
+            && request
+                .headers()
+                .get(header::UPGRADE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let (mut parts, body) = request.into_parts();
         let bodyless = body.is_end_stream();
         let mut body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
@@ -299,10 +302,8 @@ impl Proxy {
         body.give_back_if_done();
         if let Some(id) = route.new_sticky_id
             && let Some(sticky) = &table.sticky
-            && let Ok(value) = HeaderValue::from_str(&format!(
-                "{}={id}{}",
-                sticky.cookie, self.sticky_cookie_attrs
-            ))
+            && let Ok(value) =
+                HeaderValue::from_str(&format!("{}={id}{}", sticky.cookie, STICKY_COOKIE_ATTRS))
         {
             head.headers.append(header::SET_COOKIE, value);
         }
