@@ -62,10 +62,6 @@ impl AdminClient {
             endpoint: self.endpoint.to_string(),
             reason: e.to_string(),
         };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(protocol)?;
-        tokio::spawn(connection);
         let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let mut request = Request::builder()
             .method(method)
@@ -76,14 +72,44 @@ impl AdminClient {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let request = request.body(Full::new(payload)).expect("a valid request");
-        let response = sender.send_request(request).await.map_err(protocol)?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(protocol)?
-            .to_bytes();
+        let (status, _, bytes) = exchange(stream, request).await.map_err(protocol)?;
         Ok((status, bytes))
     }
+}
+
+/// One HTTP/1.1 request on a fresh connection; the whole answer body is read.
+pub async fn exchange<S>(
+    stream: S,
+    request: Request<Full<Bytes>>,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await?.to_bytes();
+    Ok((parts.status, parts.headers, bytes))
+}
+
+/// One request to a TCP address within `timeout`, for smoke checks and webhooks.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    request: Request<Full<Bytes>>,
+    timeout: std::time::Duration,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        exchange(stream, request)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("no answer from {addr} within {}ms", timeout.as_millis()))?
 }

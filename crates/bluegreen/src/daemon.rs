@@ -10,6 +10,8 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 
 use crate::config::Config;
+use crate::controller::Controller;
+use crate::controller::release::Release;
 use crate::store::{Event, RouterState, Store};
 
 /// A change to the traffic split, as the CLI and admin API ask for it.
@@ -59,7 +61,8 @@ pub struct Daemon {
     pub router: Router,
     pub listen: SocketAddr,
     state: Mutex<RouterState>,
-    store: Store,
+    pub(crate) store: Store,
+    pub(crate) controller: Controller,
 }
 
 #[derive(Serialize)]
@@ -71,6 +74,8 @@ pub struct DaemonStatus {
     pub weights: Weights,
     /// The color `rollback` would make live.
     pub rollback_to: Option<Color>,
+    pub environments: Vec<crate::controller::EnvironmentView>,
+    pub release: Option<Release>,
     #[serde(flatten)]
     pub router: RouterStatus,
 }
@@ -97,6 +102,8 @@ impl Daemon {
                 state
             }
         };
+        let environments = store.environments().map_err(|e| e.to_string())?;
+        let logs_dir = config.state_dir.join("logs");
         let r = &config.router;
         let router = Router::new(bluegreen_router::RouterConfig {
             upstreams: Color::ALL.map(|color| match state.upstreams.get(color) {
@@ -137,6 +144,7 @@ impl Daemon {
             listen,
             state: Mutex::new(state),
             store,
+            controller: Controller::new(environments, logs_dir),
         }))
     }
 
@@ -150,13 +158,56 @@ impl Daemon {
             live: router.live,
             weights: router.split.into(),
             rollback_to,
+            environments: self.environments(),
+            release: self.active_release(),
             router,
         }
     }
 
+    /// The color `rollback` would make live now.
+    pub async fn rollback_target(&self) -> Option<Color> {
+        self.state.lock().await.rollback_to
+    }
+
+    /// A command from an operator: refused while a release drives the traffic (a rollback
+    /// aborts that release instead, which sends traffic back).
+    pub async fn apply(&self, command: Command) -> Result<Outcome, CommandError> {
+        match command {
+            Command::Rollback if self.active_release().is_some() => {
+                let message = self.control("abort", false, Some("rollback requested".into()))?;
+                for _ in 0..600 {
+                    if self.active_release().is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                let split = self.router.table().split;
+                return Ok(Outcome {
+                    changed: true,
+                    message,
+                    weights: split.into(),
+                    previous: split.into(),
+                    rollback_to: self.rollback_target().await,
+                });
+            }
+            Command::Rollback => {}
+            Command::Switch { .. } => self.refuse_during_release("a switch")?,
+            Command::Weights(_) => self.refuse_during_release("setting weights")?,
+        }
+        let redeployed = match command {
+            Command::Rollback => self.redeploy_for_rollback().await?,
+            _ => None,
+        };
+        let mut outcome = self.apply_internal(command).await?;
+        if let Some(redeployed) = redeployed {
+            outcome.message = format!("{redeployed}; {}", outcome.message);
+        }
+        Ok(outcome)
+    }
+
     /// Applies a command: check, persist, then swap, so a crash after persisting restarts into
     /// the recorded split and a refusal changes neither the file nor the table.
-    pub async fn apply(&self, command: Command) -> Result<Outcome, CommandError> {
+    pub(crate) async fn apply_internal(&self, command: Command) -> Result<Outcome, CommandError> {
         let mut state = self.state.lock().await;
         let current = state.split;
         let target = match command {
@@ -185,9 +236,20 @@ impl Daemon {
                 rollback_to: state.rollback_to,
             });
         }
-        self.router
-            .check_split(target)
-            .map_err(|e| CommandError::Refused(e.to_string()))?;
+        if let Err(refused) = self.router.check_split(target) {
+            let undeployed = Color::ALL.into_iter().find(|c| {
+                target.weight(*c) > 0
+                    && self.environment(*c).status == crate::store::EnvironmentStatus::Stopped
+                    && self.config.controller.environment(*c).provider
+                        != crate::config::controller::ProviderKind::Static
+            });
+            return Err(CommandError::Refused(match undeployed {
+                Some(color) => format!(
+                    "{color} is not deployed; run `bluegreen deploy --environment {color} --version V` first ({refused})"
+                ),
+                None => refused.to_string(),
+            }));
+        }
         let next = RouterState {
             split: target,
             rollback_to: rollback_color(current, target, state.rollback_to),
@@ -289,7 +351,7 @@ fn rollback_color(current: Split, target: Split, before: Option<Color>) -> Optio
 
 /// Store calls wait for the disk (fsync); meanwhile the proxying tasks of the current worker
 /// move to another thread, so a switch never stalls traffic.
-fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+pub(crate) fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(work)
 }
 

@@ -4,6 +4,7 @@ mod admin;
 mod cli;
 mod client;
 mod config;
+mod controller;
 mod daemon;
 mod duration;
 mod store;
@@ -17,6 +18,13 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // The example app runs from this binary too, so `bluegreen demo` needs nothing else.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "example-app")
+    {
+        return bluegreen_example_app::main_from(std::env::args_os().skip(1));
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {

@@ -92,7 +92,8 @@ impl ColorMetrics {
 }
 
 /// Estimates a quantile as the upper bound of the bucket that holds it (`None` with no samples).
-fn quantile_ms(buckets: &[u64], q: f64) -> Option<f64> {
+/// `buckets` are counts per bucket of [`latency_bucket_bounds_us`], then +Inf.
+pub fn quantile_ms(buckets: &[u64], q: f64) -> Option<f64> {
     let total: u64 = buckets.iter().sum();
     if total == 0 {
         return None;

@@ -1,5 +1,7 @@
 //! The config file: raw YAML structs, then validation into a typed [`Config`] with key-path errors.
 
+pub mod controller;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -11,6 +13,10 @@ use http::HeaderName;
 use serde::Deserialize;
 
 use crate::duration::HumanDuration;
+use controller::{
+    ControllerConfig, RawAnalysis, RawApp, RawController, RawEnvironment, RawHooks, RawRelease,
+    RawStrategy, RawTest, RawWebhook,
+};
 
 /// One problem in the config, with the key path that holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,9 +59,24 @@ struct RawConfig {
     state_dir: String,
     #[serde(default)]
     router: RawRouter,
+    #[serde(default)]
+    app: Option<RawApp>,
+    #[serde(default)]
     environments: BTreeMap<String, RawEnvironment>,
     #[serde(default)]
     health: RawHealth,
+    #[serde(default)]
+    test: RawTest,
+    #[serde(default)]
+    release: RawRelease,
+    #[serde(default)]
+    strategies: BTreeMap<String, RawStrategy>,
+    #[serde(default)]
+    analysis: RawAnalysis,
+    #[serde(default)]
+    hooks: RawHooks,
+    #[serde(default)]
+    webhook: Option<RawWebhook>,
 }
 
 fn default_state_dir() -> String {
@@ -162,12 +183,6 @@ impl Default for RawForwarded {
 }
 
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct RawEnvironment {
-    upstreams: Vec<String>,
-}
-
-#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 struct RawHealth {
     path: String,
@@ -255,9 +270,10 @@ pub struct Config {
     pub service: String,
     pub state_dir: PathBuf,
     pub router: RouterConfig,
-    /// Upstreams per color, indexed by [`Color::index`].
+    /// Fixed upstreams per color (static provider), indexed by [`Color::index`].
     pub upstreams: [Vec<SocketAddr>; 2],
     pub health: HealthSettings,
+    pub controller: ControllerConfig,
 }
 
 impl Config {
@@ -339,6 +355,7 @@ impl<'a> Validator<'a> {
                 "must not be empty; name the service, e.g. `service: web`",
             );
         }
+        let is_static = raw.app.as_ref().is_none_or(|a| a.is_static());
         let mut upstreams: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
         for (name, env) in &raw.environments {
             let Ok(color) = name.parse::<Color>() else {
@@ -348,13 +365,16 @@ impl<'a> Validator<'a> {
                 );
                 continue;
             };
-            if env.upstreams.is_empty() {
+            let Some(env_upstreams) = env.upstreams.as_ref().filter(|_| is_static) else {
+                continue;
+            };
+            if env_upstreams.is_empty() {
                 self.issue(
                     format!("environments.{name}.upstreams"),
                     "is empty; list at least one host:port, e.g. [\"127.0.0.1:9001\"]",
                 );
             }
-            for (i, text) in env.upstreams.iter().enumerate() {
+            for (i, text) in env_upstreams.iter().enumerate() {
                 let path = format!("environments.{name}.upstreams[{i}]");
                 match parse_socket_addr(text) {
                     Ok(addr) if upstreams[color.index()].contains(&addr) => {
@@ -366,7 +386,7 @@ impl<'a> Validator<'a> {
             }
         }
         for color in Color::ALL {
-            if !raw.environments.contains_key(color.as_str()) {
+            if raw.app.is_none() && !raw.environments.contains_key(color.as_str()) {
                 self.issue(
                     format!("environments.{color}"),
                     format!("is missing; both blue and green need upstreams, e.g. `{color}: {{ upstreams: [\"127.0.0.1:9001\"] }}`"),
@@ -544,10 +564,24 @@ impl<'a> Validator<'a> {
             }
         }
 
+        let controller = self.controller(
+            RawController {
+                app: raw.app,
+                environments: raw.environments,
+                test: raw.test,
+                release: raw.release,
+                strategies: raw.strategies,
+                analysis: raw.analysis,
+                hooks: raw.hooks,
+                webhook: raw.webhook,
+            },
+            &upstreams,
+        );
         if !self.issues.is_empty() {
             return Err(self.issues);
         }
         Ok(Config {
+            controller,
             service: raw.service,
             state_dir: self.resolve(&raw.state_dir),
             router: RouterConfig {

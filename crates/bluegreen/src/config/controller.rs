@@ -1,0 +1,912 @@
+//! The controller's part of the config: the app and its environments, tests, strategies, analysis, hooks, pipeline.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bluegreen_router::Color;
+use serde::{Deserialize, Serialize};
+
+use super::{Validator, parse_socket_addr};
+use crate::controller::strategy::{Hold, Strategy};
+use crate::duration::HumanDuration;
+
+// ---- raw ----
+
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEnvironment {
+    pub upstreams: Option<Vec<String>>,
+    pub instances: Option<u32>,
+    pub command: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub deploy: Option<String>,
+    pub stop: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawApp {
+    #[serde(default = "default_provider")]
+    provider: String,
+    command: Option<String>,
+    #[serde(default = "default_instances")]
+    instances: u32,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    deploy: Option<String>,
+    stop: Option<String>,
+    #[serde(default = "default_ready_timeout")]
+    ready_timeout: HumanDuration,
+    #[serde(default = "default_stop_timeout")]
+    stop_timeout: HumanDuration,
+}
+
+impl RawApp {
+    pub(super) fn is_static(&self) -> bool {
+        self.provider == "static"
+    }
+}
+
+fn default_provider() -> String {
+    "process".into()
+}
+fn default_instances() -> u32 {
+    1
+}
+fn default_ready_timeout() -> HumanDuration {
+    HumanDuration::secs(60)
+}
+fn default_stop_timeout() -> HumanDuration {
+    HumanDuration::secs(10)
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTest {
+    checks: Vec<RawCheck>,
+    command: Option<String>,
+    timeout: HumanDuration,
+}
+
+impl Default for RawTest {
+    fn default() -> Self {
+        RawTest {
+            checks: Vec::new(),
+            command: None,
+            timeout: HumanDuration::secs(60),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    #[serde(default = "default_method")]
+    method: String,
+    path: String,
+    #[serde(default = "default_status")]
+    status: u16,
+    body_contains: Option<String>,
+    max_latency: Option<HumanDuration>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_status() -> u16 {
+    200
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(super) struct RawStrategy {
+    #[serde(rename = "type")]
+    kind: String,
+    steps: Option<Vec<u8>>,
+    wait: Option<String>,
+    step: Option<u8>,
+    every: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRelease {
+    strategy: String,
+    monitor_window: HumanDuration,
+    scale_down_delay: HumanDuration,
+    pipeline: Vec<String>,
+}
+
+impl Default for RawRelease {
+    fn default() -> Self {
+        RawRelease {
+            strategy: "canary-10-5m".into(),
+            monitor_window: HumanDuration::secs(60),
+            scale_down_delay: HumanDuration::secs(600),
+            pipeline: ["deploy", "test", "switch", "cleanup"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimit {
+    max: Option<HumanDuration>,
+    max_increase: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawErrorRate {
+    max_percent: Option<f64>,
+    max_increase_percent: Option<f64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawThroughput {
+    min_ratio: Option<f64>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAnalysis {
+    interval: HumanDuration,
+    min_requests: u64,
+    error_rate: RawErrorRate,
+    latency_p50: RawLimit,
+    latency_p95: RawLimit,
+    latency_p99: RawLimit,
+    throughput: RawThroughput,
+}
+
+impl Default for RawAnalysis {
+    fn default() -> Self {
+        RawAnalysis {
+            interval: HumanDuration::secs(1),
+            min_requests: 50,
+            error_rate: RawErrorRate {
+                max_percent: Some(5.0),
+                max_increase_percent: Some(2.0),
+            },
+            latency_p50: RawLimit::default(),
+            latency_p95: RawLimit::default(),
+            latency_p99: RawLimit {
+                max: None,
+                max_increase: Some(HumanDuration(Duration::from_millis(500))),
+            },
+            throughput: RawThroughput::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHooks {
+    pre_deploy: Option<String>,
+    post_deploy: Option<String>,
+    pre_switch: Option<String>,
+    post_switch: Option<String>,
+    on_rollback: Option<String>,
+    cleanup: Option<String>,
+    migrate_expand: Option<String>,
+    migrate_contract: Option<String>,
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    url: String,
+    #[serde(default = "default_webhook_timeout")]
+    timeout: HumanDuration,
+}
+
+fn default_webhook_timeout() -> HumanDuration {
+    HumanDuration::secs(5)
+}
+
+// ---- validated ----
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// Fixed addresses per color; deploying only records the version and waits for health.
+    Static,
+    /// The embedded default: N supervised instances of a command template on free ports.
+    Process,
+    /// User scripts deploy and stop, printing upstream addresses.
+    Command,
+}
+
+/// One color's effective spec: the shared `app` with this color's overrides applied.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EnvironmentSpec {
+    pub color: Color,
+    pub provider: ProviderKind,
+    pub instances: u32,
+    /// argv of the instance command, with `{port}`, `{version}`, `{color}` still in it.
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub upstreams: Vec<SocketAddr>,
+    pub deploy: Option<Vec<String>>,
+    pub stop: Option<Vec<String>>,
+    #[serde(with = "crate::config::controller::ms")]
+    pub ready_timeout: Duration,
+    #[serde(with = "crate::config::controller::ms")]
+    pub stop_timeout: Duration,
+    /// Keys this color sets over the shared spec.
+    pub overrides: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Check {
+    pub method: http::Method,
+    pub path: String,
+    pub status: u16,
+    pub body_contains: Option<String>,
+    pub max_latency: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TestSpec {
+    pub checks: Vec<Check>,
+    pub command: Option<Vec<String>>,
+    pub timeout: Duration,
+}
+
+/// An absolute ceiling and a ceiling over the baseline color, either optional.
+#[derive(Clone, Copy, Debug, PartialEq, Default, Serialize)]
+pub struct Limit {
+    pub max: Option<f64>,
+    pub max_increase: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AnalysisSpec {
+    #[serde(with = "crate::config::controller::ms")]
+    pub interval: Duration,
+    pub min_requests: u64,
+    /// In percent.
+    pub error_rate: Limit,
+    /// In milliseconds.
+    pub latency_p50: Limit,
+    pub latency_p95: Limit,
+    pub latency_p99: Limit,
+    /// The new color's requests per second per percent of weight, over the baseline's.
+    pub min_throughput_ratio: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPoint {
+    PreDeploy,
+    PostDeploy,
+    MigrateExpand,
+    PreSwitch,
+    PostSwitch,
+    OnRollback,
+    Cleanup,
+    MigrateContract,
+}
+
+impl HookPoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPoint::PreDeploy => "pre_deploy",
+            HookPoint::PostDeploy => "post_deploy",
+            HookPoint::MigrateExpand => "migrate_expand",
+            HookPoint::PreSwitch => "pre_switch",
+            HookPoint::PostSwitch => "post_switch",
+            HookPoint::OnRollback => "on_rollback",
+            HookPoint::Cleanup => "cleanup",
+            HookPoint::MigrateContract => "migrate_contract",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hooks {
+    pub commands: BTreeMap<HookPoint, Vec<String>>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Webhook {
+    pub url: http::Uri,
+    pub addr: SocketAddr,
+    pub timeout: Duration,
+}
+
+/// A stage of `bluegreen release`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Deploy,
+    Test,
+    Switch,
+    Cleanup,
+    /// A user command, named after its file.
+    Run {
+        name: String,
+        argv: Vec<String>,
+    },
+}
+
+impl Stage {
+    pub fn name(&self) -> &str {
+        match self {
+            Stage::Deploy => "deploy",
+            Stage::Test => "test",
+            Stage::Switch => "switch",
+            Stage::Cleanup => "cleanup",
+            Stage::Run { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub environments: [EnvironmentSpec; 2],
+    pub test: TestSpec,
+    pub strategy: Strategy,
+    pub strategies: BTreeMap<String, Strategy>,
+    pub analysis: AnalysisSpec,
+    pub monitor_window: Duration,
+    pub scale_down_delay: Duration,
+    pub hooks: Hooks,
+    pub webhook: Option<Webhook>,
+    pub pipeline: Vec<Stage>,
+}
+
+impl ControllerConfig {
+    pub fn environment(&self, color: Color) -> &EnvironmentSpec {
+        &self.environments[color.index()]
+    }
+
+    /// A strategy by name: the config's own first, then the presets.
+    pub fn strategy(&self, name: Option<&str>) -> Result<Strategy, String> {
+        match name {
+            None => Ok(self.strategy.clone()),
+            Some(name) => match self.strategies.get(name) {
+                Some(strategy) => Ok(strategy.clone()),
+                None => Strategy::preset(name).map_err(|e| {
+                    if self.strategies.is_empty() {
+                        e
+                    } else {
+                        let own: Vec<&str> = self.strategies.keys().map(String::as_str).collect();
+                        format!("{e} (this config defines: {})", own.join(", "))
+                    }
+                }),
+            },
+        }
+    }
+}
+
+pub(crate) mod ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+}
+
+/// The placeholders a command template may use.
+const PLACEHOLDERS: [&str; 3] = ["{port}", "{version}", "{color}"];
+
+pub(super) struct RawController {
+    pub app: Option<RawApp>,
+    pub environments: BTreeMap<String, RawEnvironment>,
+    pub test: RawTest,
+    pub release: RawRelease,
+    pub strategies: BTreeMap<String, RawStrategy>,
+    pub analysis: RawAnalysis,
+    pub hooks: RawHooks,
+    pub webhook: Option<RawWebhook>,
+}
+
+impl Validator<'_> {
+    /// Splits a command line like a shell would (quotes, escapes) and resolves a relative
+    /// program path against the config's folder. `executable` also checks the program runs.
+    pub(super) fn command_line(&mut self, key: &str, text: &str) -> Option<Vec<String>> {
+        let Some(mut argv) = shlex::split(text).filter(|a| !a.is_empty()) else {
+            self.issue(
+                key,
+                format!("{text:?} is not a command line; check its quotes"),
+            );
+            return None;
+        };
+        if argv[0].contains('/') {
+            argv[0] = self.resolve(&argv[0]).to_string_lossy().into_owned();
+        }
+        Some(argv)
+    }
+
+    /// A hook, test command or script must exist and be executable, or the release would fail
+    /// only when it reaches it.
+    pub(super) fn executable(&mut self, key: &str, text: &str) -> Option<Vec<String>> {
+        let argv = self.command_line(key, text)?;
+        match find_executable(&argv[0]) {
+            Ok(_) => Some(argv),
+            Err(why) => {
+                self.issue(key, why);
+                None
+            }
+        }
+    }
+
+    pub(super) fn controller(
+        &mut self,
+        raw: RawController,
+        static_upstreams: &[Vec<SocketAddr>; 2],
+    ) -> ControllerConfig {
+        let environments = self.environments(raw.app, &raw.environments, static_upstreams);
+        let test = self.test(raw.test);
+        let mut strategies = BTreeMap::new();
+        for (name, s) in raw.strategies {
+            if let Some(strategy) = self.user_strategy(&name, s) {
+                strategies.insert(name, strategy);
+            }
+        }
+        let r = raw.release;
+        let strategy = match strategies.get(&r.strategy) {
+            Some(s) => s.clone(),
+            None => Strategy::preset(&r.strategy).unwrap_or_else(|e| {
+                self.issue("release.strategy", e);
+                Strategy::instant()
+            }),
+        };
+        let pipeline = self.pipeline(&r.pipeline);
+        let analysis = self.analysis(raw.analysis);
+        let hooks = self.hooks(raw.hooks);
+        let webhook = raw.webhook.and_then(|w| self.webhook(w));
+        ControllerConfig {
+            environments,
+            test,
+            strategy,
+            strategies,
+            analysis,
+            monitor_window: r.monitor_window.0,
+            scale_down_delay: r.scale_down_delay.0,
+            hooks,
+            webhook,
+            pipeline,
+        }
+    }
+
+    fn environments(
+        &mut self,
+        app: Option<RawApp>,
+        raw: &BTreeMap<String, RawEnvironment>,
+        static_upstreams: &[Vec<SocketAddr>; 2],
+    ) -> [EnvironmentSpec; 2] {
+        let Some(app) = app else {
+            // No app: the environments' fixed upstreams (checked by the router part).
+            return Color::ALL.map(|color| EnvironmentSpec {
+                color,
+                provider: ProviderKind::Static,
+                instances: static_upstreams[color.index()].len() as u32,
+                command: Vec::new(),
+                env: BTreeMap::new(),
+                upstreams: static_upstreams[color.index()].clone(),
+                deploy: None,
+                stop: None,
+                ready_timeout: default_ready_timeout().0,
+                stop_timeout: default_stop_timeout().0,
+                overrides: raw
+                    .get(color.as_str())
+                    .map(|_| vec!["upstreams".to_string()])
+                    .unwrap_or_default(),
+            });
+        };
+        let provider = match app.provider.as_str() {
+            "process" => ProviderKind::Process,
+            "static" => ProviderKind::Static,
+            "command" => ProviderKind::Command,
+            other => {
+                self.issue(
+                    "app.provider",
+                    format!("unknown provider {other:?}; use process, static or command"),
+                );
+                ProviderKind::Process
+            }
+        };
+        let ready_timeout = self.positive("app.ready_timeout", app.ready_timeout);
+        let stop_timeout = self.positive("app.stop_timeout", app.stop_timeout);
+        Color::ALL.map(|color| {
+            let own = raw.get(color.as_str()).cloned().unwrap_or_default();
+            let at = |key: &str| format!("environments.{color}.{key}");
+            let mut overrides = Vec::new();
+            let instances = match own.instances {
+                Some(n) => {
+                    overrides.push("instances".to_string());
+                    n
+                }
+                None => app.instances,
+            };
+            if !(1..=64).contains(&instances) {
+                let key = if own.instances.is_some() {
+                    at("instances")
+                } else {
+                    "app.instances".into()
+                };
+                self.issue(key, format!("{instances} is out of range; use 1 to 64"));
+            }
+            let mut env = app.env.clone();
+            if let Some(extra) = &own.env {
+                overrides.push("env".to_string());
+                env.extend(extra.clone());
+            }
+            let (command_key, command_text) = match (&own.command, &app.command) {
+                (Some(c), _) => {
+                    overrides.push("command".to_string());
+                    (at("command"), Some(c.clone()))
+                }
+                (None, c) => ("app.command".to_string(), c.clone()),
+            };
+            let mut spec = EnvironmentSpec {
+                color,
+                provider,
+                instances,
+                command: Vec::new(),
+                env,
+                upstreams: static_upstreams[color.index()].clone(),
+                deploy: None,
+                stop: None,
+                ready_timeout,
+                stop_timeout,
+                overrides,
+            };
+            match provider {
+                ProviderKind::Process => {
+                    if own.upstreams.is_some() {
+                        self.issue(at("upstreams"), "the process provider picks the upstreams itself; remove it, or set app.provider: static");
+                    }
+                    match command_text {
+                        None => self.issue(command_key, "is required for the process provider; e.g. \"./my-app --listen 127.0.0.1:{port}\""),
+                        Some(text) => {
+                            if !text.contains("{port}") {
+                                self.issue(&command_key, "has no {port}; the process provider starts each instance on a free port and passes it there, e.g. --listen 127.0.0.1:{port}");
+                            }
+                            self.placeholders(&command_key, &text);
+                            for (key, value) in &spec.env {
+                                self.placeholders(&format!("app.env.{key}"), value);
+                            }
+                            spec.command = self.command_line(&command_key, &text).unwrap_or_default();
+                        }
+                    }
+                }
+                ProviderKind::Static => {
+                    if spec.upstreams.is_empty() && own.upstreams.is_none() {
+                        self.issue(at("upstreams"), "is required for the static provider; list host:port addresses, e.g. [\"127.0.0.1:9001\"]");
+                    }
+                }
+                ProviderKind::Command => {
+                    let deploy = own.deploy.as_ref().or(app.deploy.as_ref());
+                    let stop = own.stop.as_ref().or(app.stop.as_ref());
+                    match deploy {
+                        Some(text) => spec.deploy = self.executable("app.deploy", text),
+                        None => self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines"),
+                    }
+                    match stop {
+                        Some(text) => spec.stop = self.executable("app.stop", text),
+                        None => self.issue("app.stop", "is required for the command provider: a script that stops a color"),
+                    }
+                }
+            }
+            spec
+        })
+    }
+
+    fn placeholders(&mut self, key: &str, text: &str) {
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                break;
+            };
+            let word = &rest[open..open + close + 1];
+            if !PLACEHOLDERS.contains(&word) {
+                self.issue(
+                    key,
+                    format!(
+                        "unknown placeholder {word}; use {}",
+                        PLACEHOLDERS.join(", ")
+                    ),
+                );
+            }
+            rest = &rest[open + close + 1..];
+        }
+    }
+
+    fn test(&mut self, raw: RawTest) -> TestSpec {
+        let mut checks = Vec::new();
+        for (i, c) in raw.checks.into_iter().enumerate() {
+            let at = |key: &str| format!("test.checks[{i}].{key}");
+            if !c.path.starts_with('/') {
+                self.issue(
+                    at("path"),
+                    format!("{:?} must start with /, e.g. /healthz", c.path),
+                );
+            }
+            let method = c.method.parse::<http::Method>().unwrap_or_else(|_| {
+                self.issue(
+                    at("method"),
+                    format!("{:?} is not an HTTP method; e.g. GET", c.method),
+                );
+                http::Method::GET
+            });
+            if !(100..=599).contains(&c.status) {
+                self.issue(
+                    at("status"),
+                    format!("{} is not an HTTP status; use 100 to 599", c.status),
+                );
+            }
+            checks.push(Check {
+                method,
+                path: c.path,
+                status: c.status,
+                body_contains: c.body_contains,
+                max_latency: c.max_latency.map(|d| d.0),
+            });
+        }
+        let command = raw
+            .command
+            .as_deref()
+            .and_then(|text| self.executable("test.command", text));
+        let timeout = self.positive("test.timeout", raw.timeout);
+        TestSpec {
+            checks,
+            command,
+            timeout,
+        }
+    }
+
+    fn user_strategy(&mut self, name: &str, raw: RawStrategy) -> Option<Strategy> {
+        let at = |key: &str| format!("strategies.{name}.{key}");
+        let hold = |this: &mut Self, key: &str, text: Option<&String>| -> Option<Hold> {
+            match text.map(String::as_str) {
+                None => {
+                    this.issue(at(key), "is required; give a duration like 1m, or manual to wait for `bluegreen promote`");
+                    None
+                }
+                Some("manual") => Some(Hold::UntilPromoted),
+                Some(text) => match crate::duration::parse(text) {
+                    Ok(d) => Some(Hold::For(d)),
+                    Err(e) => {
+                        this.issue(at(key), format!("{e}, or manual"));
+                        None
+                    }
+                },
+            }
+        };
+        let result = match raw.kind.as_str() {
+            "canary" => {
+                let Some(steps) = raw.steps.as_ref().filter(|s| !s.is_empty()) else {
+                    self.issue(
+                        at("steps"),
+                        "is required for a canary: the percents to hold at, e.g. [10, 50]",
+                    );
+                    return None;
+                };
+                let hold = hold(self, "wait", raw.wait.as_ref())?;
+                Strategy::canary(name, steps, hold).map_err(|e| (at("steps"), e))
+            }
+            "linear" => {
+                let Some(step) = raw.step else {
+                    self.issue(
+                        at("step"),
+                        "is required for linear: the percent added each time, e.g. 10",
+                    );
+                    return None;
+                };
+                let hold = hold(self, "every", raw.every.as_ref())?;
+                Strategy::linear(name, step, hold).map_err(|e| (at("step"), e))
+            }
+            "instant" => Ok(Strategy {
+                name: name.into(),
+                ..Strategy::instant()
+            }),
+            other => Err((
+                at("type"),
+                format!("unknown type {other:?}; use canary, linear or instant"),
+            )),
+        };
+        result
+            .map_err(|(key, message)| self.issue(key, message))
+            .ok()
+    }
+
+    fn pipeline(&mut self, raw: &[String]) -> Vec<Stage> {
+        let mut stages = Vec::new();
+        for (i, text) in raw.iter().enumerate() {
+            let key = format!("release.pipeline[{i}]");
+            let stage = match text.as_str() {
+                "deploy" | "deploy_green" | "deploy_idle" => Stage::Deploy,
+                "test" | "test_green" | "test_idle" => Stage::Test,
+                "switch" | "switch_traffic" => Stage::Switch,
+                "cleanup" | "cleanup_blue" | "cleanup_old" => Stage::Cleanup,
+                other => match other.strip_prefix("run ") {
+                    Some(command) => match self.executable(&key, command.trim()) {
+                        Some(argv) => Stage::Run {
+                            name: Path::new(&argv[0])
+                                .file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_else(|| argv[0].clone()),
+                            argv,
+                        },
+                        None => continue,
+                    },
+                    None => {
+                        self.issue(key, format!("unknown stage {other:?}; use deploy, test, switch, cleanup (the seed's deploy_green, test_green, switch_traffic, cleanup_blue also work) or \"run ./script\""));
+                        continue;
+                    }
+                },
+            };
+            if stages.contains(&stage) && !matches!(stage, Stage::Run { .. }) {
+                self.issue(key, format!("stage {} is listed twice", stage.name()));
+                continue;
+            }
+            stages.push(stage);
+        }
+        let position = |stages: &[Stage], wanted: &Stage| stages.iter().position(|s| s == wanted);
+        match position(&stages, &Stage::Switch) {
+            None => self.issue(
+                "release.pipeline",
+                "has no switch stage; a release must move traffic, e.g. [deploy, test, switch, cleanup]",
+            ),
+            Some(switch) => {
+                for (before, name) in [(Stage::Deploy, "deploy"), (Stage::Test, "test")] {
+                    if position(&stages, &before).is_some_and(|p| p > switch) {
+                        self.issue("release.pipeline", format!("{name} must come before switch"));
+                    }
+                }
+                if position(&stages, &Stage::Cleanup).is_some_and(|p| p < switch) {
+                    self.issue("release.pipeline", "cleanup must come after switch");
+                }
+                if position(&stages, &Stage::Test).is_some_and(|t| {
+                    position(&stages, &Stage::Deploy).is_some_and(|d| d > t)
+                }) {
+                    self.issue("release.pipeline", "test must come after deploy");
+                }
+            }
+        }
+        stages
+    }
+
+    fn analysis(&mut self, raw: RawAnalysis) -> AnalysisSpec {
+        let interval = self.positive("analysis.interval", raw.interval);
+        let percent = |this: &mut Self, key: &str, value: Option<f64>| {
+            if let Some(v) = value
+                && !(0.0..=100.0).contains(&v)
+            {
+                this.issue(
+                    key,
+                    format!("{v} is out of range; give a percent from 0 to 100"),
+                );
+            }
+            value
+        };
+        let error_rate = Limit {
+            max: percent(
+                self,
+                "analysis.error_rate.max_percent",
+                raw.error_rate.max_percent,
+            ),
+            max_increase: percent(
+                self,
+                "analysis.error_rate.max_increase_percent",
+                raw.error_rate.max_increase_percent,
+            ),
+        };
+        let ms = |d: Option<HumanDuration>| d.map(|d| d.0.as_secs_f64() * 1000.0);
+        let latency = |l: &RawLimit| Limit {
+            max: ms(l.max),
+            max_increase: ms(l.max_increase),
+        };
+        if let Some(ratio) = raw.throughput.min_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            self.issue(
+                "analysis.throughput.min_ratio",
+                format!("{ratio} is out of range; give a ratio from 0 to 1, e.g. 0.5"),
+            );
+        }
+        AnalysisSpec {
+            interval,
+            min_requests: raw.min_requests,
+            error_rate,
+            latency_p50: latency(&raw.latency_p50),
+            latency_p95: latency(&raw.latency_p95),
+            latency_p99: latency(&raw.latency_p99),
+            min_throughput_ratio: raw.throughput.min_ratio,
+        }
+    }
+
+    fn hooks(&mut self, raw: RawHooks) -> Hooks {
+        let mut commands = BTreeMap::new();
+        for (point, text) in [
+            (HookPoint::PreDeploy, &raw.pre_deploy),
+            (HookPoint::PostDeploy, &raw.post_deploy),
+            (HookPoint::MigrateExpand, &raw.migrate_expand),
+            (HookPoint::PreSwitch, &raw.pre_switch),
+            (HookPoint::PostSwitch, &raw.post_switch),
+            (HookPoint::OnRollback, &raw.on_rollback),
+            (HookPoint::Cleanup, &raw.cleanup),
+            (HookPoint::MigrateContract, &raw.migrate_contract),
+        ] {
+            if let Some(text) = text
+                && let Some(argv) = self.executable(&format!("hooks.{}", point.as_str()), text)
+            {
+                commands.insert(point, argv);
+            }
+        }
+        let timeout = match raw.timeout {
+            Some(t) => self.positive("hooks.timeout", t),
+            None => Duration::from_secs(300),
+        };
+        Hooks { commands, timeout }
+    }
+
+    fn webhook(&mut self, raw: RawWebhook) -> Option<Webhook> {
+        let timeout = self.positive("webhook.timeout", raw.timeout);
+        let uri: http::Uri = match raw.url.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.issue("webhook.url", format!("{:?} is not a URL: {e}", raw.url));
+                return None;
+            }
+        };
+        if uri.scheme_str() != Some("http") {
+            self.issue("webhook.url", format!("{:?}: only http:// URLs are supported (put a local relay in front of an https endpoint)", raw.url));
+            return None;
+        }
+        let authority = uri.authority()?.as_str();
+        let with_port = if uri.port().is_some() {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        match parse_socket_addr(&with_port) {
+            Ok(addr) => Some(Webhook {
+                url: uri,
+                addr,
+                timeout,
+            }),
+            Err(e) => {
+                self.issue("webhook.url", e);
+                None
+            }
+        }
+    }
+}
+
+/// Finds a program as `execve` would: a path as given, a bare name on `PATH`.
+pub fn find_executable(program: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_executable = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return match std::fs::metadata(&path) {
+            Err(e) => Err(format!(
+                "{program}: {e}; give the path of an executable file"
+            )),
+            Ok(_) if !is_executable(&path) => Err(format!(
+                "{program} is not executable; run chmod +x {program}"
+            )),
+            Ok(_) => Ok(path),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| format!("{program} is not on PATH; give its full path"))
+}

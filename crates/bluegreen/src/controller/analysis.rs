@@ -1,0 +1,362 @@
+//! Analysis: a window of the router's own counters per color, judged against absolute and baseline-relative limits.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bluegreen_router::metrics::quantile_ms;
+use bluegreen_router::{Color, ColorSnapshot};
+use serde::{Deserialize, Serialize};
+
+use crate::config::controller::{AnalysisSpec, Limit};
+
+/// One color's numbers over a window: the difference of two cumulative snapshots.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WindowStats {
+    pub color: Color,
+    pub seconds: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate_percent: f64,
+    pub requests_per_second: f64,
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+impl WindowStats {
+    pub fn between(from: &ColorSnapshot, to: &ColorSnapshot, elapsed: Duration) -> WindowStats {
+        // Counters only grow; a smaller value means the sample is from before a restart.
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        let buckets: Vec<u64> = to
+            .latency_buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| d(from.latency_buckets.get(i).copied().unwrap_or(0), *b))
+            .collect();
+        let answered = d(from.responses_1xx, to.responses_1xx)
+            + d(from.responses_2xx, to.responses_2xx)
+            + d(from.responses_3xx, to.responses_3xx)
+            + d(from.responses_4xx, to.responses_4xx)
+            + d(from.responses_5xx, to.responses_5xx);
+        let errors = d(from.responses_5xx, to.responses_5xx);
+        let seconds = elapsed.as_secs_f64().max(0.001);
+        WindowStats {
+            color: to.color,
+            seconds,
+            requests: answered,
+            errors,
+            error_rate_percent: if answered == 0 {
+                0.0
+            } else {
+                errors as f64 * 100.0 / answered as f64
+            },
+            requests_per_second: answered as f64 / seconds,
+            p50_ms: quantile_ms(&buckets, 0.50),
+            p95_ms: quantile_ms(&buckets, 0.95),
+            p99_ms: quantile_ms(&buckets, 0.99),
+        }
+    }
+}
+
+/// A metric over its limit: what, how much, the limit, and against what.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Breach {
+    pub metric: String,
+    pub value: f64,
+    pub limit: f64,
+    pub against: String,
+}
+
+impl std::fmt::Display for Breach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = if self.metric == "error_rate" {
+            "%"
+        } else if self.metric == "throughput_ratio" {
+            ""
+        } else {
+            "ms"
+        };
+        write!(
+            f,
+            "{} {:.2}{unit} over the limit {:.2}{unit} ({})",
+            self.metric, self.value, self.limit, self.against
+        )
+    }
+}
+
+/// One judgement of the new color against the baseline color.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub new: WindowStats,
+    pub baseline: Option<WindowStats>,
+    /// False while the new color has fewer than `min_requests` in the window.
+    pub judged: bool,
+    pub breach: Option<Breach>,
+    pub note: String,
+}
+
+/// Judges `new` against the limits; relative limits only when `baseline` has enough requests.
+/// `weights` (new, baseline) let throughput be compared per percent of traffic.
+pub fn judge(
+    spec: &AnalysisSpec,
+    new: WindowStats,
+    baseline: Option<WindowStats>,
+    weights: (u8, u8),
+) -> Verdict {
+    if new.requests < spec.min_requests {
+        let note = format!(
+            "waiting for data: {} has {} of the {} requests needed to judge",
+            new.color, new.requests, spec.min_requests
+        );
+        return Verdict {
+            new,
+            baseline,
+            judged: false,
+            breach: None,
+            note,
+        };
+    }
+    let base = baseline
+        .as_ref()
+        .filter(|b| b.requests >= spec.min_requests);
+    let mut breach = None;
+    let mut check = |metric: &str, value: Option<f64>, limit: &Limit, base_value: Option<f64>| {
+        let Some(value) = value else { return };
+        if breach.is_some() {
+            return;
+        }
+        if let Some(max) = limit.max
+            && value > max
+        {
+            breach = Some(Breach {
+                metric: metric.into(),
+                value,
+                limit: max,
+                against: "absolute limit".into(),
+            });
+        } else if let (Some(increase), Some(base_value)) = (limit.max_increase, base_value)
+            && value > base_value + increase
+        {
+            breach = Some(Breach {
+                metric: metric.into(),
+                value,
+                limit: base_value + increase,
+                against: format!(
+                    "baseline {} {base_value:.2} + {increase:.2}",
+                    base.map(|b| b.color.as_str()).unwrap_or("?")
+                ),
+            });
+        }
+    };
+    check(
+        "error_rate",
+        Some(new.error_rate_percent),
+        &spec.error_rate,
+        base.map(|b| b.error_rate_percent),
+    );
+    check(
+        "latency_p99",
+        new.p99_ms,
+        &spec.latency_p99,
+        base.and_then(|b| b.p99_ms),
+    );
+    check(
+        "latency_p95",
+        new.p95_ms,
+        &spec.latency_p95,
+        base.and_then(|b| b.p95_ms),
+    );
+    check(
+        "latency_p50",
+        new.p50_ms,
+        &spec.latency_p50,
+        base.and_then(|b| b.p50_ms),
+    );
+    if breach.is_none()
+        && let (Some(min_ratio), Some(base)) = (spec.min_throughput_ratio, base)
+        && weights.0 > 0
+        && weights.1 > 0
+        && base.requests_per_second > 0.0
+    {
+        let per_percent_new = new.requests_per_second / weights.0 as f64;
+        let per_percent_base = base.requests_per_second / weights.1 as f64;
+        let ratio = per_percent_new / per_percent_base;
+        if ratio < min_ratio {
+            breach = Some(Breach {
+                metric: "throughput_ratio".into(),
+                value: ratio,
+                limit: min_ratio,
+                against: format!("{} per percent of traffic", base.color),
+            });
+        }
+    }
+    let note = match (&breach, base) {
+        (Some(b), _) => format!("breach: {b}"),
+        (None, Some(_)) => "healthy against absolute and baseline limits".into(),
+        (None, None) => "healthy against absolute limits (no baseline traffic to compare)".into(),
+    };
+    Verdict {
+        new,
+        baseline,
+        judged: true,
+        breach,
+        note,
+    }
+}
+
+/// The router's counters sampled once a second, for windows that end now and began earlier.
+pub struct History {
+    samples: VecDeque<(Instant, [ColorSnapshot; 2])>,
+    capacity: usize,
+}
+
+impl History {
+    pub fn new(capacity: usize) -> History {
+        History {
+            samples: VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    pub fn push(&mut self, at: Instant, snapshots: [ColorSnapshot; 2]) {
+        if self.samples.len() == self.capacity {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, snapshots));
+    }
+
+    /// The oldest sample taken at or after `since` (or the oldest one kept).
+    pub fn at_or_after(&self, since: Instant) -> Option<&(Instant, [ColorSnapshot; 2])> {
+        self.samples
+            .iter()
+            .find(|(at, _)| *at >= since)
+            .or(self.samples.front())
+    }
+
+    /// Per-second windows of one color, oldest first: requests per second and error rate.
+    pub fn series(&self, color: Color, last: usize) -> Vec<WindowStats> {
+        let skip = self.samples.len().saturating_sub(last + 1);
+        let samples: Vec<_> = self.samples.iter().skip(skip).collect();
+        samples
+            .windows(2)
+            .map(|pair| {
+                let (a_at, a) = pair[0];
+                let (b_at, b) = pair[1];
+                WindowStats::between(&a[color.index()], &b[color.index()], *b_at - *a_at)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bluegreen_router::metrics::ColorMetrics;
+
+    fn spec() -> AnalysisSpec {
+        AnalysisSpec {
+            interval: Duration::from_secs(1),
+            min_requests: 50,
+            error_rate: Limit {
+                max: Some(5.0),
+                max_increase: Some(2.0),
+            },
+            latency_p50: Limit::default(),
+            latency_p95: Limit::default(),
+            latency_p99: Limit {
+                max: Some(1000.0),
+                max_increase: Some(100.0),
+            },
+            min_throughput_ratio: Some(0.5),
+        }
+    }
+
+    /// `ok` 200s and `failed` 500s, each taking `latency`.
+    fn window(color: Color, ok: u64, failed: u64, latency: Duration) -> WindowStats {
+        let metrics = ColorMetrics::default();
+        let before = metrics.snapshot(color, 0);
+        for _ in 0..ok {
+            metrics.response(200, latency);
+        }
+        for _ in 0..failed {
+            metrics.response(500, latency);
+        }
+        WindowStats::between(
+            &before,
+            &metrics.snapshot(color, 0),
+            Duration::from_secs(10),
+        )
+    }
+
+    #[test]
+    fn too_few_requests_are_not_judged() {
+        let v = judge(
+            &spec(),
+            window(Color::Green, 10, 10, Duration::from_millis(1)),
+            None,
+            (10, 90),
+        );
+        assert!(!v.judged && v.breach.is_none(), "{v:?}");
+        assert!(v.note.contains("20 of the 50"), "{}", v.note);
+    }
+
+    #[test]
+    fn an_absolute_error_rate_breach_names_metric_value_and_limit() {
+        let v = judge(
+            &spec(),
+            window(Color::Green, 80, 20, Duration::from_millis(1)),
+            None,
+            (10, 90),
+        );
+        let breach = v.breach.expect("breach");
+        assert_eq!(breach.metric, "error_rate");
+        assert_eq!(breach.value, 20.0);
+        assert_eq!(breach.limit, 5.0);
+        assert!(
+            breach
+                .to_string()
+                .contains("error_rate 20.00% over the limit 5.00%")
+        );
+    }
+
+    #[test]
+    fn relative_limits_compare_with_the_baseline() {
+        // 4 % errors is under the absolute 5 %, but 3.5 points over blue's 0.5 %.
+        let v = judge(
+            &spec(),
+            window(Color::Green, 96, 4, Duration::from_millis(1)),
+            Some(window(Color::Blue, 995, 5, Duration::from_millis(1))),
+            (50, 50),
+        );
+        let breach = v.breach.expect("breach");
+        assert_eq!(breach.metric, "error_rate");
+        assert!(breach.against.starts_with("baseline blue"), "{breach:?}");
+        // Latency: p99 of 250 ms against blue's 1 ms + 100 ms.
+        let v = judge(
+            &spec(),
+            window(Color::Green, 100, 0, Duration::from_millis(200)),
+            Some(window(Color::Blue, 1000, 0, Duration::from_micros(900))),
+            (50, 50),
+        );
+        assert_eq!(v.breach.expect("breach").metric, "latency_p99");
+    }
+
+    #[test]
+    fn a_healthy_canary_passes_and_throughput_is_per_percent() {
+        let v = judge(
+            &spec(),
+            window(Color::Green, 100, 0, Duration::from_millis(1)),
+            Some(window(Color::Blue, 900, 0, Duration::from_millis(1))),
+            (10, 90),
+        );
+        assert!(v.judged && v.breach.is_none(), "{v:?}");
+        // The same 100 requests at 50 % weight are a quarter of blue's rate per percent.
+        let v = judge(
+            &spec(),
+            window(Color::Green, 100, 0, Duration::from_millis(1)),
+            Some(window(Color::Blue, 400, 0, Duration::from_millis(1))),
+            (50, 50),
+        );
+        assert_eq!(v.breach.expect("breach").metric, "throughput_ratio");
+    }
+}

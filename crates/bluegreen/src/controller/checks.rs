@@ -1,0 +1,100 @@
+//! Smoke tests of an idle color, sent through the router's preview route like real traffic.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bluegreen_router::Color;
+use bytes::Bytes;
+use http::{HeaderName, Request, header};
+use http_body_util::Full;
+use serde::Serialize;
+
+use crate::client::http_request;
+use crate::config::controller::Check;
+
+/// The outcome of one check.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+    pub latency_ms: f64,
+}
+
+/// How to reach a color through the router: the listen address and the preview header.
+pub struct PreviewRoute {
+    pub router: SocketAddr,
+    pub header: HeaderName,
+    pub secret: Option<(HeaderName, String)>,
+}
+
+/// Runs each check once through the preview route and reports every result.
+pub async fn run(
+    route: &PreviewRoute,
+    color: Color,
+    version: Option<&str>,
+    checks: &[Check],
+    timeout: Duration,
+) -> Vec<CheckResult> {
+    let mut results = Vec::with_capacity(checks.len());
+    for check in checks {
+        let name = format!("{} {}", check.method, check.path);
+        let mut request = Request::builder()
+            .method(check.method.clone())
+            .uri(&check.path)
+            .header(header::HOST, route.router.to_string())
+            .header(&route.header, color.as_str());
+        if let Some((name, secret)) = &route.secret {
+            request = request.header(name, secret);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .expect("checked method and path");
+        let started = Instant::now();
+        let answer = http_request(route.router, request, timeout).await;
+        let latency = started.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        let failure = match &answer {
+            Err(e) => Some(e.clone()),
+            Ok((status, headers, body)) => {
+                let expected_body = check
+                    .body_contains
+                    .as_ref()
+                    .map(|text| text.replace("{version}", version.unwrap_or("")));
+                let served_by = headers
+                    .get("x-bluegreen-preview")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| v.starts_with("refused"));
+                if let Some(refused) = served_by {
+                    Some(format!("the router refused the preview: {refused}"))
+                } else if status.as_u16() != check.status {
+                    Some(format!(
+                        "status {} (expected {})",
+                        status.as_u16(),
+                        check.status
+                    ))
+                } else if let Some(text) = expected_body
+                    && !String::from_utf8_lossy(body).contains(&text)
+                {
+                    Some(format!("body does not contain {text:?}"))
+                } else if let Some(max) = check.max_latency
+                    && latency > max
+                {
+                    Some(format!(
+                        "took {latency_ms:.1}ms (max {}ms)",
+                        max.as_millis()
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        results.push(CheckResult {
+            name,
+            passed: failure.is_none(),
+            detail: failure.unwrap_or_else(|| format!("ok in {latency_ms:.1}ms")),
+            latency_ms,
+        });
+    }
+    results
+}

@@ -1,0 +1,341 @@
+//! The process provider: runs N instances of a command template on free ports, restarts them with backoff, logs to files.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bluegreen_router::Color;
+use rustix::process::{Pid, Signal};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::InstanceRecord;
+
+/// Restarts allowed inside [`CRASH_WINDOW`] before the environment counts as failed.
+const CRASH_LIMIT: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(8);
+
+/// What the supervisor tells the daemon, which records it.
+#[derive(Debug)]
+pub enum InstanceEvent {
+    Started {
+        color: Color,
+        generation: u64,
+        slot: usize,
+        pid: u32,
+        port: u16,
+    },
+    Exited {
+        color: Color,
+        generation: u64,
+        slot: usize,
+        port: u16,
+        status: String,
+        restart_in: Duration,
+    },
+    CrashLoop {
+        color: Color,
+        generation: u64,
+        reason: String,
+    },
+}
+
+/// What to run: the template with its placeholders, and the environment.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub color: Color,
+    pub version: String,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub stop_timeout: Duration,
+    pub logs_dir: PathBuf,
+}
+
+impl Launch {
+    fn fill(&self, text: &str, port: u16) -> String {
+        text.replace("{port}", &port.to_string())
+            .replace("{version}", &self.version)
+            .replace("{color}", self.color.as_str())
+    }
+
+    pub fn log_path(logs_dir: &Path, color: Color, slot: usize) -> PathBuf {
+        logs_dir.join(format!("{color}-{slot}.log"))
+    }
+
+    fn command(&self, slot: usize, port: u16) -> std::io::Result<Command> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(Launch::log_path(&self.logs_dir, self.color, slot))?;
+        let mut command = Command::new(self.fill(&self.argv[0], port));
+        command
+            .args(self.argv[1..].iter().map(|a| self.fill(a, port)))
+            .envs(self.env.iter().map(|(k, v)| (k, self.fill(v, port))))
+            .env("PORT", port.to_string())
+            .env("BLUEGREEN_COLOR", self.color.as_str())
+            .env("BLUEGREEN_VERSION", &self.version)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group, so stopping it reaches whatever it started.
+            .process_group(0)
+            .kill_on_drop(false);
+        Ok(command)
+    }
+}
+
+/// The instances of one color.
+struct Group {
+    generation: u64,
+    cancel: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub struct Supervisor {
+    groups: Mutex<[Option<Group>; 2]>,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+    next_generation: std::sync::atomic::AtomicU64,
+}
+
+impl Supervisor {
+    pub fn new(events: mpsc::UnboundedSender<InstanceEvent>) -> Supervisor {
+        Supervisor {
+            groups: Mutex::new([None, None]),
+            events,
+            next_generation: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    /// Starts (or adopts, when `adopt` names a live process for a slot) one instance per port.
+    /// The color's previous instances must have been stopped first. Returns the generation
+    /// events of these instances carry.
+    pub fn start(&self, launch: Launch, instances: Vec<InstanceRecord>) -> std::io::Result<u64> {
+        std::fs::create_dir_all(&launch.logs_dir)?;
+        let generation = self
+            .next_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let launch = Arc::new(launch);
+        let tasks = instances
+            .into_iter()
+            .enumerate()
+            .map(|(slot, record)| {
+                let adopted = record
+                    .pid
+                    .filter(|pid| is_running(*pid, &launch.fill(&launch.argv[0], record.port)));
+                tokio::spawn(supervise(
+                    Arc::clone(&launch),
+                    generation,
+                    slot,
+                    record.port,
+                    adopted,
+                    cancel.clone(),
+                    self.events.clone(),
+                ))
+            })
+            .collect();
+        let color = launch.color;
+        let mut groups = self.groups.lock().expect("lock");
+        groups[color.index()] = Some(Group {
+            generation,
+            cancel,
+            tasks,
+        });
+        Ok(generation)
+    }
+
+    /// Stops a color's instances: SIGTERM to each process group, SIGKILL after the stop timeout.
+    pub async fn stop(&self, color: Color) {
+        let group = self.groups.lock().expect("lock")[color.index()].take();
+        if let Some(group) = group {
+            group.cancel.cancel();
+            for task in group.tasks {
+                let _ = task.await;
+            }
+        }
+    }
+
+    pub fn generation(&self, color: Color) -> Option<u64> {
+        self.groups.lock().expect("lock")[color.index()]
+            .as_ref()
+            .map(|g| g.generation)
+    }
+
+    /// Stops everything (daemon shutdown).
+    pub async fn stop_all(&self) {
+        for color in Color::ALL {
+            self.stop(color).await;
+        }
+    }
+}
+
+/// A free port on 127.0.0.1, as the kernel hands them out.
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The process is alive (not a zombie) and still runs `program`: a recycled pid is not ours.
+fn is_running(pid: u32, program: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    if matches!(state, Some('Z') | Some('X') | None) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let first = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let expected = Path::new(program);
+    let actual = Path::new(std::str::from_utf8(first).unwrap_or(""));
+    actual == expected || actual.file_name() == expected.file_name()
+}
+
+enum Running {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Child(child) => child.id(),
+            Running::Adopted(pid) => Some(*pid),
+        }
+    }
+
+    /// Waits for the process to end; an adopted one (not our child) is polled.
+    async fn exited(&mut self) -> String {
+        match self {
+            Running::Child(child) => match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            },
+            Running::Adopted(pid) => loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if !is_alive(*pid) {
+                    break "exited (adopted after a daemon restart; status unknown)".into();
+                }
+            },
+        }
+    }
+}
+
+fn is_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z') | Some('X')
+        )
+    })
+}
+
+fn signal_group(pid: u32, signal: Signal) {
+    if let Some(pid) = Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process_group(pid, signal);
+    }
+}
+
+async fn supervise(
+    launch: Arc<Launch>,
+    generation: u64,
+    slot: usize,
+    port: u16,
+    adopted: Option<u32>,
+    cancel: CancellationToken,
+    events: mpsc::UnboundedSender<InstanceEvent>,
+) {
+    let color = launch.color;
+    let mut crashes: Vec<Instant> = Vec::new();
+    let mut backoff = BACKOFF_START;
+    let mut running = adopted.map(Running::Adopted);
+    loop {
+        let mut process = match running.take() {
+            Some(process) => process,
+            None => match launch.command(slot, port).and_then(|mut c| c.spawn()) {
+                Ok(child) => Running::Child(child),
+                Err(e) => {
+                    let _ = events.send(InstanceEvent::CrashLoop {
+                        color,
+                        generation,
+                        reason: format!(
+                            "cannot start {:?} for {color}: {e}",
+                            launch.fill(&launch.argv[0], port)
+                        ),
+                    });
+                    return;
+                }
+            },
+        };
+        let Some(pid) = process.pid() else { return };
+        let _ = events.send(InstanceEvent::Started {
+            color,
+            generation,
+            slot,
+            pid,
+            port,
+        });
+        let status = tokio::select! {
+            status = process.exited() => status,
+            _ = cancel.cancelled() => {
+                terminate(&mut process, pid, launch.stop_timeout).await;
+                return;
+            }
+        };
+        let now = Instant::now();
+        crashes.retain(|at| now.duration_since(*at) < CRASH_WINDOW);
+        crashes.push(now);
+        if crashes.len() > CRASH_LIMIT {
+            let _ = events.send(InstanceEvent::CrashLoop {
+                color,
+                generation,
+                reason: format!(
+                    "{color} instance {slot} (port {port}) exited {} times within {}s, last: {status}; see {}",
+                    crashes.len(),
+                    CRASH_WINDOW.as_secs(),
+                    Launch::log_path(&launch.logs_dir, color, slot).display()
+                ),
+            });
+            return;
+        }
+        let _ = events.send(InstanceEvent::Exited {
+            color,
+            generation,
+            slot,
+            port,
+            status,
+            restart_in: backoff,
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = cancel.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn terminate(process: &mut Running, pid: u32, timeout: Duration) {
+    signal_group(pid, Signal::TERM);
+    if tokio::time::timeout(timeout, process.exited())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pid,
+            "instance did not stop within the stop timeout; killing it"
+        );
+        signal_group(pid, Signal::KILL);
+        let _ = tokio::time::timeout(Duration::from_secs(2), process.exited()).await;
+    }
+}

@@ -1,0 +1,964 @@
+//! The release state machine: pipeline stages, the traffic shift with analysis gates, rollback, and its recovery rule.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bluegreen_router::{Color, Split};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::analysis::{Verdict, WindowStats, judge};
+use super::strategy::{Hold, Strategy};
+use crate::config::controller::{HookPoint, ProviderKind, Stage};
+use crate::daemon::{Command, CommandError, Daemon};
+use crate::store::{EnvironmentStatus, ReleaseRow, now_ms};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseKind {
+    /// `bluegreen release`: the whole pipeline.
+    Release,
+    /// `bluegreen switch --strategy`: only the shift, to a color already deployed.
+    Shift,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseState {
+    Deploying,
+    Testing,
+    /// A user stage of the pipeline.
+    Running,
+    Shifting,
+    Monitoring,
+    Succeeded,
+    RolledBack,
+    Failed,
+    Aborted,
+}
+
+impl ReleaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseState::Deploying => "deploying",
+            ReleaseState::Testing => "testing",
+            ReleaseState::Running => "running",
+            ReleaseState::Shifting => "shifting",
+            ReleaseState::Monitoring => "monitoring",
+            ReleaseState::Succeeded => "succeeded",
+            ReleaseState::RolledBack => "rolled_back",
+            ReleaseState::Failed => "failed",
+            ReleaseState::Aborted => "aborted",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ReleaseState::Succeeded
+                | ReleaseState::RolledBack
+                | ReleaseState::Failed
+                | ReleaseState::Aborted
+        )
+    }
+}
+
+/// A release as recorded: what it moves where, how far it got, and how it ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Release {
+    pub id: i64,
+    pub kind: ReleaseKind,
+    pub version: Option<String>,
+    /// The color the release moves traffic to.
+    pub color: Color,
+    pub from_color: Color,
+    pub from_version: Option<String>,
+    pub strategy: Strategy,
+    pub state: ReleaseState,
+    /// The pipeline stage in progress.
+    pub stage: String,
+    /// The shift step in progress (index into the strategy's steps) and its percent.
+    pub step: usize,
+    pub percent: u8,
+    /// Whether any traffic has reached the new color: decides rollback versus abandon.
+    pub traffic_moved: bool,
+    pub paused: bool,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub extra_env: BTreeMap<String, String>,
+    /// The last analysis of the new color.
+    pub verdict: Option<Verdict>,
+    /// When the step in progress is due to end (Unix ms; `None` while waiting for promote).
+    pub step_ends_ms: Option<i64>,
+}
+
+impl ReleaseRow for Release {
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn set_id(&mut self, id: i64) {
+        self.id = id;
+    }
+    fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+    fn color(&self) -> Color {
+        self.color
+    }
+    fn state(&self) -> &'static str {
+        self.state.as_str()
+    }
+    fn started_ms(&self) -> i64 {
+        self.started_ms
+    }
+    fn ended_ms(&self) -> Option<i64> {
+        self.ended_ms
+    }
+}
+
+/// What operators ask of a running release.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    pub paused: bool,
+    /// Bumped by each promote; `full` skips to 100 %.
+    pub promotions: u64,
+    pub full: bool,
+    pub abort: Option<String>,
+}
+
+/// Why a release stopped early.
+enum Stop {
+    Failed(String),
+    Aborted(String),
+    /// A breach, failure or abort after traffic moved.
+    RollBack(String),
+}
+
+/// What `release` and `switch --strategy` ask for.
+pub struct ReleaseRequest {
+    pub kind: ReleaseKind,
+    pub version: Option<String>,
+    pub strategy: Option<String>,
+    pub extra_env: BTreeMap<String, String>,
+    /// For a shift: the color to move to (default: the idle one).
+    pub to: Option<Color>,
+}
+
+impl Daemon {
+    pub fn active_release(&self) -> Option<Release> {
+        self.controller
+            .active
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .map(|(r, _)| r.clone())
+    }
+
+    pub fn releases(&self, limit: usize) -> Result<Vec<Release>, CommandError> {
+        crate::daemon::off_the_runtime(|| self.store.releases(limit))
+            .map_err(|e| CommandError::Failed(e.to_string()))
+    }
+
+    pub fn release_steps(&self, id: i64) -> Result<Vec<crate::store::StepRecord>, CommandError> {
+        crate::daemon::off_the_runtime(|| self.store.steps(id))
+            .map_err(|e| CommandError::Failed(e.to_string()))
+    }
+
+    fn save_release(
+        &self,
+        release: &mut Release,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), CommandError> {
+        tracing::info!(release = release.id, kind, "{message}");
+        crate::daemon::off_the_runtime(|| self.store.save_release(release, kind, message))
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        let mut active = self.controller.active.lock().expect("lock");
+        if let Some((current, _)) = active.as_mut()
+            && current.id == release.id
+        {
+            *current = release.clone();
+        }
+        drop(active);
+        self.notify(kind, message, Some(release.id));
+        Ok(())
+    }
+
+    /// Refuses anything that would change traffic by hand while a release runs.
+    pub fn refuse_during_release(&self, what: &str) -> Result<(), CommandError> {
+        match self.active_release() {
+            Some(r) => Err(CommandError::Refused(format!(
+                "release #{} ({} to {}) is {}; {what} would fight it. Use promote, pause, resume or abort (rollback aborts it)",
+                r.id,
+                r.version.as_deref().unwrap_or("shift"),
+                r.color,
+                r.state.as_str()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks and records a new release, then runs it in the background.
+    pub async fn start_release(
+        self: &Arc<Self>,
+        request: ReleaseRequest,
+    ) -> Result<Release, CommandError> {
+        let split = self.router.table().split;
+        let Some(live) = split.sole_color() else {
+            return Err(CommandError::Refused(format!(
+                "traffic is split ({split}); finish it with `bluegreen switch` or `bluegreen rollback` before a release"
+            )));
+        };
+        let color = request.to.unwrap_or(live.other());
+        if request.kind == ReleaseKind::Shift && color == live {
+            return Err(CommandError::Refused(format!(
+                "{color} is already live; nothing to shift"
+            )));
+        }
+        if let Some(version) = &request.version
+            && version.trim().is_empty()
+        {
+            return Err(CommandError::Refused(
+                "version is empty; give the version to release, e.g. --version 2.0".into(),
+            ));
+        }
+        let strategy = self
+            .config
+            .controller
+            .strategy(request.strategy.as_deref())
+            .map_err(CommandError::Refused)?;
+        let target = self.environment(color);
+        if request.kind == ReleaseKind::Shift {
+            let spec = self.config.controller.environment(color);
+            if spec.provider != ProviderKind::Static && target.status != EnvironmentStatus::Running
+            {
+                return Err(CommandError::Refused(format!(
+                    "{color} is not deployed ({}); run `bluegreen deploy --environment {color} --version V` first",
+                    serde_json::to_value(target.status).expect("status")
+                )));
+            }
+            self.router
+                .check_split(Split::all(color))
+                .map_err(|e| CommandError::Refused(e.to_string()))?;
+        }
+        let mut active = self.controller.active.lock().expect("lock");
+        if let Some((running, _)) = active.as_ref() {
+            return Err(CommandError::Refused(format!(
+                "release #{} ({} to {}) is still {}; wait for it, or `bluegreen abort` it",
+                running.id,
+                running.version.as_deref().unwrap_or("shift"),
+                running.color,
+                running.state.as_str()
+            )));
+        }
+        let mut release = Release {
+            id: 0,
+            kind: request.kind,
+            version: match request.kind {
+                ReleaseKind::Release => request.version,
+                ReleaseKind::Shift => target.version.clone(),
+            },
+            color,
+            from_color: live,
+            from_version: self.environment(live).version,
+            strategy,
+            state: match request.kind {
+                ReleaseKind::Release => ReleaseState::Deploying,
+                ReleaseKind::Shift => ReleaseState::Shifting,
+            },
+            stage: String::new(),
+            step: 0,
+            percent: 0,
+            traffic_moved: false,
+            paused: false,
+            started_ms: now_ms(),
+            ended_ms: None,
+            reason: None,
+            extra_env: request.extra_env,
+            verdict: None,
+            step_ends_ms: None,
+        };
+        let message = format!(
+            "release started: {} to {color} (from {live} {}), strategy {}",
+            release.version.as_deref().unwrap_or("shift"),
+            release.from_version.as_deref().unwrap_or("?"),
+            release.strategy.describe()
+        );
+        crate::daemon::off_the_runtime(|| {
+            self.store.save_release(&mut release, "release", &message)
+        })
+        .map_err(|e| CommandError::Failed(e.to_string()))?;
+        self.notify("release", &message, Some(release.id));
+        let (control, receiver) = watch::channel(Control::default());
+        *active = Some((release.clone(), control));
+        drop(active);
+        let daemon = Arc::clone(self);
+        let running = release.clone();
+        tokio::spawn(async move { daemon.run_release(running, receiver).await });
+        Ok(release)
+    }
+
+    /// Sends an operator's request to the running release.
+    pub fn control(
+        &self,
+        action: &str,
+        full: bool,
+        reason: Option<String>,
+    ) -> Result<String, CommandError> {
+        let active = self.controller.active.lock().expect("lock");
+        let Some((release, control)) = active.as_ref() else {
+            return Err(CommandError::Refused(format!(
+                "{action}: no release or shift is running; see `bluegreen status`"
+            )));
+        };
+        let shifting = matches!(
+            release.state,
+            ReleaseState::Shifting | ReleaseState::Monitoring
+        );
+        let message = match action {
+            "promote" if !shifting => {
+                return Err(CommandError::Refused(format!(
+                    "promote: release #{} is {}, not shifting traffic yet; promote applies to a running shift",
+                    release.id,
+                    release.state.as_str()
+                )));
+            }
+            "promote" => {
+                control.send_modify(|c| {
+                    c.promotions += 1;
+                    c.full |= full;
+                });
+                if full {
+                    format!("release #{}: promoting straight to 100%", release.id)
+                } else {
+                    format!("release #{}: promoting to the next step", release.id)
+                }
+            }
+            "pause" => {
+                control.send_modify(|c| c.paused = true);
+                format!(
+                    "release #{} paused: steps hold (analysis still runs and can roll back)",
+                    release.id
+                )
+            }
+            "resume" => {
+                control.send_modify(|c| c.paused = false);
+                format!("release #{} resumed", release.id)
+            }
+            "abort" => {
+                let why = reason.unwrap_or_else(|| "aborted by operator".into());
+                control.send_modify(|c| c.abort = Some(why.clone()));
+                format!("release #{} aborting: {why}", release.id)
+            }
+            other => return Err(CommandError::Refused(format!("unknown action {other}"))),
+        };
+        drop(active);
+        self.event(action, &message, None);
+        Ok(message)
+    }
+
+    async fn run_release(
+        self: Arc<Self>,
+        mut release: Release,
+        mut control: watch::Receiver<Control>,
+    ) {
+        let _exclusive = self.controller.exclusive.lock().await;
+        let outcome = self.drive(&mut release, &mut control).await;
+        let (state, reason) = match outcome {
+            Ok(()) => (ReleaseState::Succeeded, self.success_message(&release)),
+            Err(Stop::Failed(reason)) => (ReleaseState::Failed, reason),
+            Err(Stop::Aborted(reason)) if !release.traffic_moved => (ReleaseState::Aborted, reason),
+            Err(Stop::Aborted(reason)) | Err(Stop::RollBack(reason)) => {
+                match self.roll_back_release(&mut release, &reason).await {
+                    Ok(message) => (ReleaseState::RolledBack, format!("{reason}; {message}")),
+                    Err(e) => (
+                        ReleaseState::Failed,
+                        format!("{reason}; and the rollback failed: {e}"),
+                    ),
+                }
+            }
+        };
+        release.state = state;
+        release.ended_ms = Some(now_ms());
+        release.step_ends_ms = None;
+        release.reason = Some(reason.clone());
+        let kind = match state {
+            ReleaseState::Succeeded => "succeeded",
+            ReleaseState::RolledBack => "rolled-back",
+            ReleaseState::Aborted => "aborted",
+            _ => "failed",
+        };
+        let message = format!("release #{} {}: {reason}", release.id, state.as_str());
+        if let Err(e) = self.save_release(&mut release, kind, &message) {
+            tracing::error!(error = %e, "cannot record the end of the release");
+        }
+        *self.controller.active.lock().expect("lock") = None;
+    }
+
+    fn success_message(&self, release: &Release) -> String {
+        let old = self.environment(release.from_color);
+        let warm = match old.scale_down_at_ms {
+            Some(at) if old.status == EnvironmentStatus::Running => format!(
+                "; {} stays warm until {} (rollback is a table swap until then)",
+                release.from_color,
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_millis(at.max(0) as u64)
+                )
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "{} {} is live{warm}",
+            release.color,
+            release.version.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Records the stage, runs it, records how it ended.
+    async fn stage<T>(
+        &self,
+        release: &mut Release,
+        name: &str,
+        state: ReleaseState,
+        work: impl std::future::Future<Output = Result<T, Stop>>,
+    ) -> Result<T, Stop> {
+        release.state = state;
+        release.stage = name.to_string();
+        self.save_release(
+            release,
+            "stage",
+            &format!("release #{}: {name}", release.id),
+        )
+        .map_err(|e| Stop::Failed(e.to_string()))?;
+        let step = crate::daemon::off_the_runtime(|| self.store.start_step(release.id, name, ""))
+            .map_err(|e| Stop::Failed(e.to_string()))?;
+        let outcome = work.await;
+        let (status, detail) = match &outcome {
+            Ok(_) => ("ok", String::new()),
+            Err(Stop::Failed(r) | Stop::Aborted(r) | Stop::RollBack(r)) => ("failed", r.clone()),
+        };
+        let _ = crate::daemon::off_the_runtime(|| self.store.end_step(step, status, &detail));
+        outcome
+    }
+
+    async fn drive(
+        self: &Arc<Self>,
+        release: &mut Release,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let stages = match release.kind {
+            ReleaseKind::Release => self.config.controller.pipeline.clone(),
+            ReleaseKind::Shift => vec![Stage::Switch],
+        };
+        let color = release.color;
+        for stage in stages {
+            if let Some(reason) = control.borrow().abort.clone() {
+                return Err(Stop::Aborted(reason));
+            }
+            let facts = self.facts(color, Some(release));
+            let id = Some(release.id);
+            match &stage {
+                Stage::Deploy => {
+                    let version = release.version.clone().unwrap_or_default();
+                    let env = release.extra_env.clone();
+                    let work = async {
+                        self.hook(HookPoint::PreDeploy, &facts, id)
+                            .await
+                            .map_err(Stop::Failed)?;
+                        self.deploy(color, &version, env, id)
+                            .await
+                            .map_err(|e| Stop::Failed(e.to_string()))?;
+                        self.hook(HookPoint::PostDeploy, &facts, id)
+                            .await
+                            .map_err(Stop::Failed)
+                    };
+                    let work = until_aborted(control.clone(), work);
+                    self.stage(release, "deploy", ReleaseState::Deploying, work)
+                        .await?;
+                }
+                Stage::Test => {
+                    let snapshot = release.clone();
+                    let work = async {
+                        let results = self
+                            .test_environment(color, Some(&snapshot))
+                            .await
+                            .map_err(|e| Stop::Failed(e.to_string()))?;
+                        let failed: Vec<String> = results
+                            .iter()
+                            .filter(|r| !r.passed)
+                            .map(|r| format!("{}: {}", r.name, r.detail))
+                            .collect();
+                        if failed.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(Stop::Failed(format!(
+                                "tests of {color} failed, the switch is blocked ({}); {color} keeps running for inspection through the preview route",
+                                failed.join("; ")
+                            )))
+                        }
+                    };
+                    let work = until_aborted(control.clone(), work);
+                    self.stage(release, "test", ReleaseState::Testing, work)
+                        .await?;
+                }
+                Stage::Run { name, argv } => {
+                    let moved = release.traffic_moved;
+                    let log = self.controller.logs_dir.join("hooks.log");
+                    let timeout = self.config.controller.hooks.timeout;
+                    let work = async {
+                        super::hooks::run(name, argv, &facts, &[], timeout, &log)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| {
+                                if moved {
+                                    Stop::RollBack(e)
+                                } else {
+                                    Stop::Failed(e)
+                                }
+                            })
+                    };
+                    let work = until_aborted(control.clone(), work);
+                    let name = name.clone();
+                    self.stage(release, &name, ReleaseState::Running, work)
+                        .await?;
+                }
+                Stage::Switch => {
+                    for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
+                        self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
+                    }
+                    self.shift(release, control).await?;
+                    let facts = self.facts(color, Some(release));
+                    self.hook(HookPoint::PostSwitch, &facts, id)
+                        .await
+                        .map_err(Stop::RollBack)?;
+                }
+                Stage::Cleanup => {
+                    let old = release.from_color;
+                    let delay = self.config.controller.scale_down_delay;
+                    let mut record = self.environment(old);
+                    if record.status == EnvironmentStatus::Stopped {
+                        continue;
+                    }
+                    if delay.is_zero() {
+                        self.clean_up(old).await;
+                        continue;
+                    }
+                    let at = now_ms() + delay.as_millis() as i64;
+                    record.scale_down_at_ms = Some(at);
+                    let message = format!(
+                        "{old} {} stays warm for {} (scale_down_delay), then stops",
+                        record.version.as_deref().unwrap_or(""),
+                        crate::duration::format(delay)
+                    );
+                    self.save_environment(record, Some(("cleanup", &message, id)))
+                        .map_err(|e| Stop::Failed(e.to_string()))?;
+                    self.schedule_scale_down(old, at);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The shift: each step's weight, held while analysis judges the new color, then the
+    /// monitor window at 100 %.
+    async fn shift(
+        &self,
+        release: &mut Release,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let color = release.color;
+        self.router
+            .check_split(Split::all(color))
+            .map_err(|e| Stop::Failed(format!("cannot shift: {e}")))?;
+        // The old color's numbers before the shift: the baseline once it has no traffic left.
+        let now = Instant::now();
+        let before = self
+            .snapshots_since(now - Duration::from_secs(60))
+            .map(|(at, snapshots)| {
+                WindowStats::between(
+                    &snapshots[release.from_color.index()],
+                    &self.snapshots()[release.from_color.index()],
+                    now.duration_since(at),
+                )
+            });
+        let mut baseline = before;
+        let steps = release.strategy.steps.clone();
+        let mut index = 0;
+        let mut seen_promotions = control.borrow().promotions;
+        while index < steps.len() {
+            let step = steps[index];
+            release.state = ReleaseState::Shifting;
+            release.stage = "switch".into();
+            release.step = index;
+            release.percent = step.percent;
+            release.traffic_moved = true;
+            let message = format!(
+                "release #{}: step {}/{}: {color} {}%",
+                release.id,
+                index + 1,
+                steps.len(),
+                step.percent
+            );
+            // Recorded before the router acts: a crash right after restarts into a known rule.
+            self.save_release(release, "step", &message)
+                .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let split = split_with(color, step.percent);
+            self.apply_internal(Command::Weights(split))
+                .await
+                .map_err(|e| {
+                    Stop::RollBack(format!("cannot set {color} to {}%: {e}", step.percent))
+                })?;
+            let db_step = crate::daemon::off_the_runtime(|| {
+                self.store
+                    .start_step(release.id, &format!("{}%", step.percent), "")
+            })
+            .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let outcome = self
+                .hold(
+                    release,
+                    control,
+                    step.hold,
+                    &mut baseline,
+                    &mut seen_promotions,
+                )
+                .await;
+            let detail = release
+                .verdict
+                .as_ref()
+                .map(|v| v.note.clone())
+                .unwrap_or_default();
+            let _ = crate::daemon::off_the_runtime(|| {
+                self.store.end_step(
+                    db_step,
+                    if outcome.is_ok() { "ok" } else { "failed" },
+                    &detail,
+                )
+            });
+            match outcome? {
+                Held::Done => index += 1,
+                Held::Full => index = steps.len() - 1,
+            }
+            if step.percent == 100 {
+                break;
+            }
+        }
+        let window = self.config.controller.monitor_window;
+        if !window.is_zero() {
+            release.state = ReleaseState::Monitoring;
+            let message = format!(
+                "release #{}: {color} has 100%; monitoring for {}",
+                release.id,
+                crate::duration::format(window)
+            );
+            self.save_release(release, "monitor", &message)
+                .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let step =
+                crate::daemon::off_the_runtime(|| self.store.start_step(release.id, "monitor", ""))
+                    .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let outcome = self
+                .hold(
+                    release,
+                    control,
+                    Hold::For(window),
+                    &mut baseline,
+                    &mut seen_promotions,
+                )
+                .await;
+            let detail = release
+                .verdict
+                .as_ref()
+                .map(|v| v.note.clone())
+                .unwrap_or_default();
+            let _ = crate::daemon::off_the_runtime(|| {
+                self.store
+                    .end_step(step, if outcome.is_ok() { "ok" } else { "failed" }, &detail)
+            });
+            outcome?;
+        }
+        Ok(())
+    }
+
+    /// Holds a step: judges the new color every analysis interval, follows pause, promote and
+    /// abort, and ends when the hold is over.
+    async fn hold(
+        &self,
+        release: &mut Release,
+        control: &mut watch::Receiver<Control>,
+        hold: Hold,
+        baseline: &mut Option<WindowStats>,
+        seen_promotions: &mut u64,
+    ) -> Result<Held, Stop> {
+        let spec = &self.config.controller.analysis;
+        let color = release.color;
+        let old = release.from_color;
+        let started = Instant::now();
+        let from = self.snapshots();
+        let mut remaining = match hold {
+            Hold::For(d) => Some(d),
+            Hold::UntilPromoted => None,
+        };
+        let mut last_tick = Instant::now();
+        let mut tick = tokio::time::interval(spec.interval.min(Duration::from_millis(500)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_judged = Instant::now();
+        loop {
+            let paused = control.borrow().paused;
+            release.step_ends_ms = match (remaining, paused) {
+                (Some(left), false) => Some(now_ms() + left.as_millis() as i64),
+                _ => None,
+            };
+            if let Some(left) = remaining
+                && left.is_zero()
+            {
+                return Ok(Held::Done);
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        return Err(Stop::Aborted("the daemon is stopping".into()));
+                    }
+                }
+            }
+            let now = Instant::now();
+            let state = control.borrow().clone();
+            if let Some(reason) = state.abort {
+                return Err(Stop::Aborted(reason));
+            }
+            if state.promotions != *seen_promotions {
+                *seen_promotions = state.promotions;
+                return Ok(if state.full { Held::Full } else { Held::Done });
+            }
+            if state.paused != release.paused {
+                release.paused = state.paused;
+                let word = if state.paused { "paused" } else { "resumed" };
+                let _ =
+                    self.save_release(release, word, &format!("release #{} {word}", release.id));
+            }
+            if let Some(left) = remaining.as_mut()
+                && !state.paused
+            {
+                *left = left.saturating_sub(now.duration_since(last_tick));
+            }
+            last_tick = now;
+            let environment = self.environment(color);
+            if environment.status == EnvironmentStatus::Failed {
+                return Err(Stop::RollBack(format!(
+                    "{color} failed: {}",
+                    environment.reason.unwrap_or_default()
+                )));
+            }
+            if now.duration_since(last_judged) < spec.interval {
+                continue;
+            }
+            last_judged = now;
+            let current = self.snapshots();
+            let elapsed = now.duration_since(started);
+            let new = WindowStats::between(&from[color.index()], &current[color.index()], elapsed);
+            let old_now = WindowStats::between(&from[old.index()], &current[old.index()], elapsed);
+            if old_now.requests >= spec.min_requests {
+                *baseline = Some(old_now);
+            }
+            let split = self.router.table().split;
+            let verdict = judge(
+                spec,
+                new,
+                baseline.clone(),
+                (split.weight(color), split.weight(old)),
+            );
+            let breach = verdict.breach.clone();
+            release.verdict = Some(verdict);
+            if let Some(active) = self.controller.active.lock().expect("lock").as_mut() {
+                active.0 = release.clone();
+            }
+            if let Some(breach) = breach {
+                return Err(Stop::RollBack(format!("analysis of {color}: {breach}")));
+            }
+        }
+    }
+
+    /// Sends all traffic back to the old color (still warm), runs `on_rollback`.
+    async fn roll_back_release(
+        &self,
+        release: &mut Release,
+        reason: &str,
+    ) -> Result<String, CommandError> {
+        let old = release.from_color;
+        let started = Instant::now();
+        self.apply_internal(Command::Switch {
+            to: old,
+            from: None,
+        })
+        .await?;
+        let message = format!(
+            "all traffic back on {old} {} in {:.1}ms",
+            release.from_version.as_deref().unwrap_or(""),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        let mut facts = self.facts(release.color, Some(release));
+        facts.reason = Some(reason.to_string());
+        if let Err(e) = self
+            .hook(HookPoint::OnRollback, &facts, Some(release.id))
+            .await
+        {
+            tracing::warn!(error = %e, "on_rollback hook failed");
+        }
+        Ok(message)
+    }
+
+    /// The rule for a release a previous daemon left unfinished (docs/lifecycle.md): before
+    /// any traffic moved it is abandoned (the live color never changed); after, it is rolled
+    /// back to the old color, whose instances kept running.
+    pub(crate) async fn settle_interrupted_release(&self) {
+        let Ok(releases) = self.releases(1) else {
+            return;
+        };
+        let Some(mut release) = releases.into_iter().next().filter(|r| !r.state.is_final()) else {
+            return;
+        };
+        let _ = crate::daemon::off_the_runtime(|| self.store.interrupt_steps(release.id));
+        let was = release.state.as_str();
+        let (state, reason) = if release.traffic_moved {
+            // Wait for the old color's instances to answer again before moving traffic back.
+            let spec = self.config.controller.environment(release.from_color);
+            let _ = self
+                .wait_healthy(release.from_color, 1, spec.ready_timeout)
+                .await;
+            match self
+                .apply_internal(Command::Switch {
+                    to: release.from_color,
+                    from: None,
+                })
+                .await
+            {
+                Ok(_) => (
+                    ReleaseState::RolledBack,
+                    format!(
+                        "the daemon stopped while the release was {was} ({}% on {}); rolled back to {} on restart",
+                        release.percent, release.color, release.from_color
+                    ),
+                ),
+                Err(e) => (
+                    ReleaseState::Failed,
+                    format!(
+                        "the daemon stopped while the release was {was}; rolling back on restart failed: {e}"
+                    ),
+                ),
+            }
+        } else {
+            (
+                ReleaseState::Aborted,
+                format!(
+                    "the daemon stopped while the release was {was}, before any traffic moved; abandoned, {} stays live",
+                    release.from_color
+                ),
+            )
+        };
+        release.state = state;
+        release.ended_ms = Some(now_ms());
+        release.reason = Some(reason.clone());
+        let message = format!("release #{}: {reason}", release.id);
+        let _ = self.save_release(&mut release, "recovered", &message);
+    }
+
+    /// `rollback --to VERSION`: the idle color runs it already (a table swap), or it is
+    /// deployed there first (which takes as long as a deploy).
+    pub async fn rollback_to_version(&self, version: &str) -> Result<String, CommandError> {
+        self.refuse_during_release("a rollback to a version")?;
+        let _exclusive = self.controller.exclusive.lock().await;
+        let split = self.router.table().split;
+        let live = split.sole_color().ok_or_else(|| {
+            CommandError::Refused(format!(
+                "traffic is split ({split}); run `bluegreen rollback` without --to first"
+            ))
+        })?;
+        if self.environment(live).version.as_deref() == Some(version) {
+            return Ok(format!(
+                "unchanged: {live} already runs {version} and is live"
+            ));
+        }
+        let idle = live.other();
+        let record = self.environment(idle);
+        let mut deployed = String::new();
+        if record.version.as_deref() != Some(version) || record.status != EnvironmentStatus::Running
+        {
+            let env = if record.version.as_deref() == Some(version) {
+                record.extra_env.clone()
+            } else {
+                BTreeMap::new()
+            };
+            deployed = format!("{}; ", self.deploy(idle, version, env, None).await?);
+        }
+        let outcome = self
+            .apply_internal(Command::Switch {
+                to: idle,
+                from: None,
+            })
+            .await?;
+        Ok(format!("{deployed}{}", outcome.message))
+    }
+
+    /// `rollback` after cleanup: the old color was stopped, so its version is deployed again first.
+    pub async fn redeploy_for_rollback(&self) -> Result<Option<String>, CommandError> {
+        let Some(back) = self.rollback_target().await else {
+            return Ok(None);
+        };
+        let record = self.environment(back);
+        let provider = self.config.controller.environment(back).provider;
+        if provider == ProviderKind::Static
+            || record.status == EnvironmentStatus::Running
+            || self.router.table().split.weight(back) > 0
+        {
+            return Ok(None);
+        }
+        let Some(version) = record.version.clone() else {
+            return Ok(None);
+        };
+        let _exclusive = self.controller.exclusive.lock().await;
+        let message = self
+            .deploy(back, &version, record.extra_env.clone(), None)
+            .await?;
+        Ok(Some(format!(
+            "{back} had been scaled down, so {version} was deployed again ({message})"
+        )))
+    }
+}
+
+enum Held {
+    Done,
+    /// Promoted with --full: go to 100 % now.
+    Full,
+}
+
+/// `percent` to `color`, the rest to the other.
+pub fn split_with(color: Color, percent: u8) -> Split {
+    let green = match color {
+        Color::Green => percent,
+        Color::Blue => 100 - percent,
+    };
+    Split::green_percent(green as u64).expect("a percent from 0 to 100")
+}
+
+/// Runs `work` unless the release is aborted first.
+async fn until_aborted<T>(
+    mut control: watch::Receiver<Control>,
+    work: impl std::future::Future<Output = Result<T, Stop>>,
+) -> Result<T, Stop> {
+    let aborted = async {
+        loop {
+            if let Some(reason) = control.borrow_and_update().abort.clone() {
+                return reason;
+            }
+            if control.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        outcome = work => outcome,
+        reason = aborted => Err(Stop::Aborted(reason)),
+    }
+}

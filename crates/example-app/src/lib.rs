@@ -1,0 +1,148 @@
+//! An example service for bluegreen: answers with its color and version, and misbehaves on request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bluegreen-example-app",
+    version,
+    about = "A small HTTP service for trying bluegreen: reports its color and version, and misbehaves on request"
+)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Color this instance belongs to, reported in every answer.
+    #[arg(long, default_value = "blue")]
+    color: String,
+    /// Version this instance runs, reported in every answer.
+    #[arg(long = "app-version", default_value = "1.0")]
+    app_version: String,
+    /// Fraction of requests (0.0-1.0) answered with 500.
+    #[arg(long, env = "EXAMPLE_ERROR_RATE", default_value_t = 0.0)]
+    error_rate: f64,
+    /// Added latency on every request, in milliseconds.
+    #[arg(long, env = "EXAMPLE_LATENCY_MS", default_value_t = 0)]
+    latency_ms: u64,
+    /// Make /healthz fail.
+    #[arg(long, env = "EXAMPLE_UNHEALTHY")]
+    unhealthy: bool,
+    /// /healthz fails for this long after start, in milliseconds.
+    #[arg(long, env = "EXAMPLE_SLOW_START_MS", default_value_t = 0)]
+    slow_start_ms: u64,
+}
+
+struct App {
+    args: Args,
+    started: Instant,
+}
+
+/// Parses `argv` (the program name first) and serves until killed; returns only on bad input.
+pub fn main_from<I, T>(argv: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match Args::try_parse_from(argv) {
+        Ok(args) => args,
+        Err(error) => {
+            let _ = error.print();
+            return std::process::ExitCode::from(if error.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(serve(args)),
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::process::ExitCode {
+    if !(0.0..=1.0).contains(&args.error_rate) {
+        eprintln!(
+            "--error-rate: {} is out of range; give a fraction from 0.0 to 1.0",
+            args.error_rate
+        );
+        return std::process::ExitCode::from(2);
+    }
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!("--listen: cannot bind {}: {error}", args.listen);
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let addr = listener.local_addr().expect("bound socket has an address");
+    println!("listening on {addr} ({} {})", args.color, args.app_version);
+    let app = Arc::new(App {
+        args,
+        started: Instant::now(),
+    });
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(Arc::clone(&app), request));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn answer(
+    app: Arc<App>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let args = &app.args;
+    let reply = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .header("x-color", &args.color)
+            .header("x-version", &args.app_version)
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    };
+    if request.uri().path() == "/healthz" {
+        let starting = app.started.elapsed() < Duration::from_millis(args.slow_start_ms);
+        return Ok(if args.unhealthy || starting {
+            reply(StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n".into())
+        } else {
+            reply(StatusCode::OK, "ok\n".into())
+        });
+    }
+    if args.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
+    }
+    if args.error_rate > 0.0 && fastrand::f64() < args.error_rate {
+        return Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{} {} failed on purpose\n", args.color, args.app_version),
+        ));
+    }
+    Ok(reply(
+        StatusCode::OK,
+        format!("{} {}\n", args.color, args.app_version),
+    ))
+}
