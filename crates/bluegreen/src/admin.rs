@@ -1,12 +1,12 @@
 //! The admin API: JSON over a 0600 unix socket, or over TCP behind a bearer token.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use axum::Router as Routes;
 use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
+use crate::controller::release::{ReleaseKind, ReleaseRequest};
 use crate::daemon::{Command, CommandError, Daemon};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
@@ -168,32 +169,299 @@ async fn history(
     State(daemon): State<Arc<Daemon>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let limit = history_limit(request.uri().query().unwrap_or(""))?;
-    Ok(Json(json!({ "events": daemon.history(limit)? })).into_response())
+    let query = Query::parse(request.uri().query(), &["limit", "after"])?;
+    let limit = query.number("limit", 1..=10_000, 50)? as usize;
+    let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
+    Ok(Json(json!({ "events": daemon.history_after(after, limit)? })).into_response())
 }
 
-/// `limit=N` (1 to 10000, default 50) is the only query parameter.
-fn history_limit(query: &str) -> Result<usize, ApiError> {
-    let mut limit = 50;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let Some(("limit", value)) = pair.split_once('=') else {
-            return Err(ApiError::invalid(
-                pair,
-                "unknown query parameter; only limit=N is accepted",
-            ));
+/// Query parameters, each known by name, numbers checked for range.
+struct Query<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Query<'a> {
+    fn parse(query: Option<&'a str>, known: &[&str]) -> Result<Query<'a>, ApiError> {
+        let mut pairs = Vec::new();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if !known.contains(&key) {
+                return Err(ApiError::invalid(
+                    key,
+                    format!("unknown query parameter; accepted: {}", known.join(", ")),
+                ));
+            }
+            pairs.push((key, value));
+        }
+        Ok(Query(pairs))
+    }
+
+    fn text(&self, key: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+    }
+
+    fn number(
+        &self,
+        key: &str,
+        range: std::ops::RangeInclusive<u64>,
+        default: u64,
+    ) -> Result<u64, ApiError> {
+        let Some(value) = self.text(key) else {
+            return Ok(default);
         };
-        limit = value
+        value
             .parse()
             .ok()
-            .filter(|n| (1..=10_000).contains(n))
+            .filter(|n| range.contains(n))
             .ok_or_else(|| {
                 ApiError::invalid(
-                    "limit",
-                    format!("{value:?} is out of range; use a whole number from 1 to 10000"),
+                    key,
+                    format!(
+                        "{value:?} is out of range; use a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
                 )
-            })?;
+            })
     }
-    Ok(limit)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    environment: Color,
+    version: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+async fn deploy(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: DeployBody = parse_body(&body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    daemon.refuse_during_release("a deploy")?;
+    let _exclusive = daemon.controller.exclusive.lock().await;
+    let message = daemon
+        .deploy(body.environment, &body.version, body.env, None)
+        .await?;
+    Ok(
+        Json(json!({ "message": message, "environment": daemon.environment(body.environment) }))
+            .into_response(),
+    )
+}
+
+fn check_version(version: &str) -> Result<(), ApiError> {
+    if version.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "version",
+            "is empty; give the version to deploy, e.g. \"2.0\"",
+        ));
+    }
+    if version.len() > 128 || version.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(ApiError::invalid(
+            "version",
+            format!(
+                "{version:?} must be at most 128 characters without spaces or control characters, e.g. \"2.0\" or a git sha"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for key in env.keys() {
+        let valid = !key.is_empty()
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(ApiError::invalid(
+                format!("env.{key}"),
+                "is not a valid environment variable name; use letters, digits and _, e.g. FEATURE_X",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestBody {
+    environment: Color,
+}
+
+async fn test(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: TestBody = parse_body(&body)?;
+    let results = daemon.test_environment(body.environment, None).await?;
+    let passed = results.iter().all(|r| r.passed);
+    let status = if passed {
+        StatusCode::OK
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    Ok((
+        status,
+        Json(json!({ "passed": passed, "results": results })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseBody {
+    version: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+async fn start_release(
+    State(daemon): State<Arc<Daemon>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: ReleaseBody = parse_body(&body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    let release = daemon
+        .start_release(ReleaseRequest {
+            kind: ReleaseKind::Release,
+            version: Some(body.version),
+            strategy: body.strategy,
+            extra_env: body.env,
+            to: None,
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "release": release }))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShiftBody {
+    to: Color,
+    #[serde(default)]
+    from: Option<Color>,
+    strategy: String,
+}
+
+async fn shift(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: ShiftBody = parse_body(&body)?;
+    if let Some(from) = body.from
+        && daemon.router.table().split.weight(from) == 0
+    {
+        return Err(CommandError::Refused(format!(
+            "--from {from} does not match the router: {from} takes no traffic"
+        ))
+        .into());
+    }
+    let release = daemon
+        .start_release(ReleaseRequest {
+            kind: ReleaseKind::Shift,
+            version: None,
+            strategy: Some(body.strategy),
+            extra_env: BTreeMap::new(),
+            to: Some(body.to),
+        })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "release": release }))).into_response())
+}
+
+async fn releases(
+    State(daemon): State<Arc<Daemon>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(request.uri().query(), &["limit"])?;
+    let limit = query.number("limit", 1..=1000, 20)? as usize;
+    Ok(
+        Json(json!({ "releases": daemon.releases(limit)?, "active": daemon.active_release() }))
+            .into_response(),
+    )
+}
+
+async fn release_by_id(
+    State(daemon): State<Arc<Daemon>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))?;
+    let release = match daemon.active_release().filter(|r| r.id == id) {
+        Some(active) => Some(active),
+        None => daemon.releases(10_000)?.into_iter().find(|r| r.id == id),
+    };
+    let Some(release) = release else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            field: Some("id".into()),
+            message: format!("no release #{id}; see GET /v1/releases"),
+        });
+    };
+    let steps = daemon.release_steps(id)?;
+    Ok(Json(json!({ "release": release, "steps": steps })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ControlBody {
+    #[serde(default)]
+    full: bool,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn control(daemon: Arc<Daemon>, action: &str, body: Bytes) -> Result<Response, ApiError> {
+    let body: ControlBody = parse_body(&body)?;
+    if body.full && action != "promote" {
+        return Err(ApiError::invalid("full", "only promote takes full"));
+    }
+    if body.reason.is_some() && action != "abort" {
+        return Err(ApiError::invalid("reason", "only abort takes a reason"));
+    }
+    let message = daemon.control(action, body.full, body.reason)?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
+async fn promote(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    control(daemon, "promote", body).await
+}
+
+async fn abort(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    control(daemon, "abort", body).await
+}
+
+async fn pause(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    control(daemon, "pause", body).await
+}
+
+async fn resume(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+    control(daemon, "resume", body).await
+}
+
+async fn environments(State(daemon): State<Arc<Daemon>>) -> Response {
+    Json(json!({ "environments": daemon.environments() })).into_response()
+}
+
+async fn logs(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Response, ApiError> {
+    let query = Query::parse(request.uri().query(), &["environment", "lines"])?;
+    let name = query.text("environment").ok_or_else(|| {
+        ApiError::invalid(
+            "environment",
+            "missing; give environment=blue, green, hooks or tests",
+        )
+    })?;
+    let lines = query.number("lines", 1..=100_000, 100)? as usize;
+    let files: Vec<_> = daemon
+        .logs(name, lines)?
+        .into_iter()
+        .map(|(file, lines)| json!({ "file": file, "lines": lines }))
+        .collect();
+    Ok(Json(json!({ "logs": files })).into_response())
+}
+
+async fn monitor(
+    State(daemon): State<Arc<Daemon>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let query = Query::parse(request.uri().query(), &["seconds"])?;
+    let seconds = query.number("seconds", 1..=600, 10)?;
+    Ok(Json(daemon.monitor(seconds)).into_response())
 }
 
 async fn status(State(daemon): State<Arc<Daemon>>) -> Response {
@@ -228,22 +496,37 @@ async fn weights(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Respo
     Ok(Json(outcome).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    to_version: Option<String>,
+}
+
 async fn rollback(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
-    let _: Empty = parse_body(&body)?;
+    let body: RollbackBody = parse_body(&body)?;
+    if let Some(version) = body.to_version {
+        check_version(&version).map_err(|e| ApiError {
+            field: Some("to_version".into()),
+            ..e
+        })?;
+        let message = daemon.rollback_to_version(&version).await?;
+        let split = daemon.router.table().split;
+        return Ok(Json(
+            json!({ "message": message, "weights": crate::daemon::Weights::from(split) }),
+        )
+        .into_response());
+    }
     let outcome = daemon.apply(Command::Rollback).await?;
     Ok(Json(outcome).into_response())
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
 
 async fn not_found(request: Request) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
         message: format!(
-            "no such endpoint {} {}; see GET /v1/status, POST /v1/switch, /v1/weights, /v1/rollback, /v1/upstreams, GET /v1/history, GET /metrics",
+            "no such endpoint {} {}; see GET /v1/status, /v1/environments, /v1/releases, /v1/history, /v1/monitor, /v1/logs, /metrics; POST /v1/deploy, /v1/test, /v1/releases, /v1/shift, /v1/switch, /v1/weights, /v1/rollback, /v1/promote, /v1/pause, /v1/resume, /v1/abort, /v1/upstreams",
             request.method(),
             request.uri().path()
         ),
@@ -292,6 +575,18 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/rollback", post(rollback))
         .route("/v1/upstreams", post(upstreams))
         .route("/v1/history", get(history))
+        .route("/v1/deploy", post(deploy))
+        .route("/v1/test", post(test))
+        .route("/v1/releases", post(start_release).get(releases))
+        .route("/v1/releases/{id}", get(release_by_id))
+        .route("/v1/shift", post(shift))
+        .route("/v1/promote", post(promote))
+        .route("/v1/abort", post(abort))
+        .route("/v1/pause", post(pause))
+        .route("/v1/resume", post(resume))
+        .route("/v1/environments", get(environments))
+        .route("/v1/logs", get(logs))
+        .route("/v1/monitor", get(monitor))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(daemon)
@@ -341,7 +636,7 @@ pub async fn bind(endpoint: &AdminEndpoint, token: Option<&str>) -> Result<Admin
     }
 }
 
-fn set_owner_only(path: &Path) -> Result<(), String> {
+fn set_owner_only(path: &std::path::Path) -> Result<(), String> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("router.admin: cannot chmod 0600 {}: {e}", path.display()))
 }

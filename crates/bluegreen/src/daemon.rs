@@ -285,8 +285,8 @@ impl Daemon {
 
 impl Daemon {
     /// The audit log, newest last.
-    pub fn history(&self, limit: usize) -> Result<Vec<Event>, CommandError> {
-        off_the_runtime(|| self.store.events(limit))
+    pub fn history_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, CommandError> {
+        off_the_runtime(|| self.store.events_after(after, limit))
             .map_err(|e| CommandError::Failed(e.to_string()))
     }
 

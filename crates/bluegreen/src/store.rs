@@ -280,20 +280,24 @@ impl Store {
         transaction.commit().map_err(|e| self.sqlite(e))
     }
 
-    /// The newest `limit` events after event `after` (0: from the start), oldest first.
+    /// The newest `limit` events, oldest first.
     pub fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.events_after(0, limit)
     }
 
     pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
         let connection = self.connection.lock().expect("lock");
-        let mut statement = connection
-            .prepare(
-                "SELECT id, at_ms, kind, message, release_id FROM
-                   (SELECT * FROM events WHERE id > ?2 ORDER BY id DESC LIMIT ?1)
-                 ORDER BY id",
-            )
-            .map_err(|e| self.sqlite(e))?;
+        // From the start: the newest `limit`. After an event: the oldest `limit` after it, so
+        // a follower that asks again with the last id it saw misses nothing.
+        let sql = if after == 0 {
+            "SELECT id, at_ms, kind, message, release_id FROM
+               (SELECT * FROM events ORDER BY id DESC LIMIT ?1)
+             WHERE id > ?2 ORDER BY id"
+        } else {
+            "SELECT id, at_ms, kind, message, release_id FROM events
+             WHERE id > ?2 ORDER BY id LIMIT ?1"
+        };
+        let mut statement = connection.prepare(sql).map_err(|e| self.sqlite(e))?;
         let rows = statement
             .query_map(params![limit as i64, after], |row| {
                 Ok(Event {

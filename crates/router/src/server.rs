@@ -203,7 +203,11 @@ impl Router {
         {
             let _serial = self.inner.publish.lock().expect("lock");
             let old = self.table();
-            refuse_blackhole(color, old.split.weight(color), &pool)?;
+            // A live color that has no healthy upstream serves no one already (first start,
+            // all instances down): new upstreams cannot make that worse.
+            if old.pool(color).healthy_count() > 0 {
+                refuse_blackhole(color, old.split.weight(color), &pool)?;
+            }
             let mut pools = old.pools.clone();
             pools[color.index()] = Arc::new(pool);
             let next = old.next(old.split, pools, old.drains.clone());

@@ -387,8 +387,13 @@ impl Daemon {
                 "version is empty; give the version to deploy, e.g. --version 2.0".into(),
             ));
         }
-        let weight = self.router.table().split.weight(color);
-        if weight > 0 {
+        let table = self.router.table();
+        let weight = table.split.weight(color);
+        // A live color with nothing running serves no one: its first deploy is allowed.
+        let bootstrap = self.environment(color).status != EnvironmentStatus::Running
+            && table.pool(color).healthy_count() == 0;
+        drop(table);
+        if weight > 0 && !bootstrap {
             return Err(CommandError::Refused(format!(
                 "{color} takes {weight}% of traffic; deploy to the idle color {} (or switch away from {color} first)",
                 color.other()

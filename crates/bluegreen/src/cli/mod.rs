@@ -1,5 +1,8 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
+mod init;
+mod release;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +24,10 @@ pub mod exit {
     pub const BAD_CONFIG: u8 = 3;
     pub const REFUSED: u8 = 4;
     pub const UNREACHABLE: u8 = 5;
+    /// The release (or shift) was rolled back: analysis found a breach, or an operator asked.
+    pub const ROLLED_BACK: u8 = 6;
+    /// The release was aborted before any traffic moved.
+    pub const ABORTED: u8 = 7;
 }
 
 #[derive(Parser, Debug)]
@@ -62,8 +69,62 @@ pub enum Output {
 pub enum Commands {
     /// Start the router daemon in the foreground (Ctrl-C or SIGTERM stops it gracefully).
     Up,
-    /// Send all traffic to one color.
+    /// Write a commented bluegreen.yaml that runs the example app (edit it for your service).
+    Init {
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Deploy a version to the idle environment and wait until it is healthy.
+    Deploy(DeployArgs),
+    /// Run the configured smoke tests against an environment through the preview route.
+    Test {
+        #[arg(long, value_parser = parse_color)]
+        environment: Color,
+    },
+    /// Send traffic to one color: at once, or gradually with --strategy (analysis guards each step).
     Switch(SwitchArgs),
+    /// Deploy, test, shift with analysis, monitor and clean up: one guarded run.
+    Release(ReleaseArgs),
+    /// Go to the next step of a running shift now (--full: straight to 100%).
+    Promote {
+        #[arg(long)]
+        full: bool,
+    },
+    /// Hold the running shift at its current step (analysis keeps running).
+    Pause,
+    /// Let a paused shift go on.
+    Resume,
+    /// Stop the running release: traffic goes back to the old color if any had moved.
+    Abort {
+        /// Recorded with the abort.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Live per-color numbers and the release's analysis, one line per interval.
+    Monitor(MonitorArgs),
+    /// What differs between the two environments' effective specs and what they run.
+    Diff {
+        #[arg(value_parser = parse_color, default_value = "blue")]
+        a: Color,
+        #[arg(value_parser = parse_color, default_value = "green")]
+        b: Color,
+    },
+    /// The newest log lines of an environment's instances (or of hooks, tests).
+    Logs {
+        /// blue, green, hooks or tests.
+        #[arg(long)]
+        environment: String,
+        #[arg(long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// Releases, newest first.
+    Releases {
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Run the whole story on this machine: the example app, load, a good and a bad release.
+    Demo(crate::demo::DemoArgs),
     /// Router commands, spelled as in the seed: `bluegreen router switch --from blue --to green`.
     Router {
         #[command(subcommand)]
@@ -71,8 +132,13 @@ pub enum Commands {
     },
     /// Split traffic: a percent to one color, the rest to the other.
     Weights(WeightsArgs),
-    /// Send all traffic back to the color that was live before the last change.
-    Rollback,
+    /// Send all traffic back to the color that was live before the last change (a running
+    /// release is aborted), or to a version with --to.
+    Rollback {
+        /// Roll back to this version: a table swap if the idle color runs it, else a deploy first.
+        #[arg(long = "to")]
+        to_version: Option<String>,
+    },
     /// Point one environment at other upstreams (kept across restarts, over the config's).
     Upstreams(UpstreamsArgs),
     /// Live color, weights, upstream health and per-color counters.
@@ -101,6 +167,62 @@ pub struct SwitchArgs {
     /// The color expected to be live now; refused if it is not.
     #[arg(long, value_parser = parse_color)]
     pub from: Option<Color>,
+    /// Shift gradually: canary, linear, instant, a preset (canary-10-5m, linear-10-every-1m)
+    /// or a name under strategies:. Without it the switch is one table swap.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// With --strategy: return once started instead of following it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// The environment to deploy to; must be idle.
+    #[arg(long, value_parser = parse_color)]
+    pub environment: Color,
+    #[arg(long)]
+    pub version: String,
+    /// Extra environment variables for this deployment's instances (KEY=VALUE, repeatable).
+    #[arg(long = "env", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReleaseArgs {
+    #[arg(long)]
+    pub version: String,
+    /// Overrides release.strategy for this release.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Extra environment variables for the new version's instances (KEY=VALUE, repeatable).
+    #[arg(long = "env", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Return once started instead of following it to the end.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    /// Only this color (default: both).
+    #[arg(long, value_parser = parse_color)]
+    pub environment: Option<Color>,
+    /// Seconds between lines (and the window each line covers).
+    #[arg(long, default_value_t = 2)]
+    pub interval: u64,
+    /// Stop after this many lines (default: until Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!(
+            "{text:?} is not KEY=VALUE, e.g. --env FEATURE_X=on"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -136,7 +258,7 @@ pub struct CliError {
 }
 
 impl CliError {
-    fn new(code: u8, message: impl Into<String>) -> CliError {
+    pub(crate) fn new(code: u8, message: impl Into<String>) -> CliError {
         CliError {
             code,
             message: message.into(),
@@ -171,10 +293,37 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Switch(args)
         | Commands::Router {
             command: RouterCommands::Switch(args),
-        } => {
-            let body = json!({ "to": args.to, "from": args.from });
-            change(&cli, "/v1/switch", body).await
+        } => match &args.strategy {
+            Some(strategy) => {
+                let body = json!({ "to": args.to, "from": args.from, "strategy": strategy });
+                release::start_and_follow(&cli, "/v1/shift", body, args.detach).await
+            }
+            None => {
+                let body = json!({ "to": args.to, "from": args.from });
+                change(&cli, "/v1/switch", body).await
+            }
+        },
+        Commands::Init { force } => init::write(&cli.config, *force),
+        Commands::Deploy(args) => release::deploy(&cli, args).await,
+        Commands::Test { environment } => release::test(&cli, *environment).await,
+        Commands::Release(args) => {
+            let env: serde_json::Map<String, Value> = args
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            let body = json!({ "version": args.version, "strategy": args.strategy, "env": env });
+            release::start_and_follow(&cli, "/v1/releases", body, args.detach).await
         }
+        Commands::Promote { full } => change(&cli, "/v1/promote", json!({ "full": full })).await,
+        Commands::Pause => change(&cli, "/v1/pause", json!({})).await,
+        Commands::Resume => change(&cli, "/v1/resume", json!({})).await,
+        Commands::Abort { reason } => change(&cli, "/v1/abort", json!({ "reason": reason })).await,
+        Commands::Monitor(args) => release::monitor(&cli, args).await,
+        Commands::Diff { a, b } => release::diff(&cli, *a, *b).await,
+        Commands::Logs { environment, lines } => release::logs(&cli, environment, *lines).await,
+        Commands::Releases { limit } => release::list(&cli, *limit).await,
+        Commands::Demo(args) => crate::demo::run(args).await,
         Commands::Weights(args) => {
             let body = match (args.green, args.blue) {
                 (Some(green), _) => json!({ "green": green }),
@@ -183,7 +332,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             change(&cli, "/v1/weights", body).await
         }
-        Commands::Rollback => change(&cli, "/v1/rollback", json!({})).await,
+        Commands::Rollback { to_version } => {
+            let body = match to_version {
+                Some(version) => json!({ "to_version": version }),
+                None => json!({}),
+            };
+            change(&cli, "/v1/rollback", body).await
+        }
         Commands::Upstreams(args) => {
             let body = json!({ "environment": args.environment, "upstreams": args.upstreams });
             change(&cli, "/v1/upstreams", body).await
@@ -217,7 +372,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
-async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
+pub(crate) async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
     let client = admin_client(cli)?;
     let outcome = expect_ok(client.call(Method::POST, path, Some(body)).await?)?;
     match cli.output {
@@ -228,7 +383,7 @@ async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
 }
 
 /// The daemon's answer as JSON, or its error message with the matching exit code.
-fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
+pub(crate) fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
     let value: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
     if status.is_success() {
@@ -252,7 +407,7 @@ fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliErr
 }
 
 /// Where the daemon is: `--admin` wins, else the config's router.admin.
-fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
+pub(crate) fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
     let read_token = |path: &PathBuf| {
         std::fs::read_to_string(path)
             .map(|t| t.trim().to_string())
@@ -306,6 +461,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
 
     daemon.router.start_health_checks().await;
+    daemon.start_controller().await;
     let table = daemon.router.table();
     for color in Color::ALL {
         if table.split.weight(color) > 0 && table.pool(color).healthy_count() == 0 {
@@ -363,6 +519,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let _ = stop_admin.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
     serving.abort();
+    daemon.shutdown_controller().await;
     if let AdminEndpoint::Unix(path) = &admin_endpoint {
         let _ = std::fs::remove_file(path);
     }
@@ -405,7 +562,7 @@ fn print_check(config: &Config, output: Output) {
 }
 
 /// Events one per line: UTC time, kind, message.
-fn render_history(answer: &Value) -> String {
+pub(crate) fn render_history(answer: &Value) -> String {
     let empty = Vec::new();
     answer["events"]
         .as_array()
@@ -424,7 +581,7 @@ fn render_history(answer: &Value) -> String {
 }
 
 /// RFC 3339 UTC time, to the second, from Unix milliseconds.
-fn utc_time(at_ms: i64) -> String {
+pub(crate) fn utc_time(at_ms: i64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms.max(0) as u64);
     humantime::format_rfc3339_seconds(at).to_string()
 }

@@ -1,0 +1,418 @@
+//! The controller's commands on the CLI side: deploy, test, release and shift (followed live), monitor, diff, logs.
+
+use std::time::{Duration, Instant};
+
+use bluegreen_router::Color;
+use http::Method;
+use serde_json::{Value, json};
+
+use super::{Cli, CliError, Output, admin_client, exit, expect_ok, utc_time};
+
+pub async fn deploy(cli: &Cli, args: &super::DeployArgs) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let env: serde_json::Map<String, Value> = args
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    if cli.output == Output::Text {
+        eprintln!(
+            "deploying {} to {} and waiting until it is healthy …",
+            args.version, args.environment
+        );
+    }
+    let body = json!({ "environment": args.environment, "version": args.version, "env": env });
+    let answer = expect_ok(client.call(Method::POST, "/v1/deploy", Some(body)).await?)?;
+    print_answer(cli, &answer);
+    Ok(())
+}
+
+pub async fn test(cli: &Cli, environment: Color) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let (status, body) = client
+        .call(
+            Method::POST,
+            "/v1/test",
+            Some(json!({ "environment": environment })),
+        )
+        .await?;
+    // 422 carries the results of a failed test run; anything else is an error.
+    let answer = if status == http::StatusCode::UNPROCESSABLE_ENTITY {
+        serde_json::from_slice(&body).unwrap_or(Value::Null)
+    } else {
+        expect_ok((status, body))?
+    };
+    match cli.output {
+        Output::Json => println!("{}", pretty(&answer)),
+        Output::Text => {
+            for result in answer["results"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {:<30} {}",
+                    if result["passed"].as_bool() == Some(true) {
+                        "PASS"
+                    } else {
+                        "FAIL"
+                    },
+                    result["name"].as_str().unwrap_or("?"),
+                    result["detail"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    if answer["passed"].as_bool() == Some(true) {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::FAILURE,
+            format!("tests of {environment} failed; a release would not switch to it"),
+        ))
+    }
+}
+
+/// Starts a release or shift and, unless detached, follows it to its end; the exit code says
+/// how it ended.
+pub async fn start_and_follow(
+    cli: &Cli,
+    path: &str,
+    body: Value,
+    detach: bool,
+) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let last = expect_ok(
+        client
+            .call(Method::GET, "/v1/history?limit=1", None)
+            .await?,
+    )?;
+    let mut after = last["events"][0]["id"].as_i64().unwrap_or(0);
+    let started = expect_ok(client.call(Method::POST, path, Some(body)).await?)?;
+    let id = started["release"]["id"].as_i64().unwrap_or(0);
+    if detach {
+        print_answer(
+            cli,
+            &json!({ "message": format!("release #{id} started; follow it with `bluegreen monitor`"), "release": started["release"] }),
+        );
+        return Ok(());
+    }
+    let text = cli.output == Output::Text;
+    let mut last_progress = Instant::now();
+    let final_answer = loop {
+        let events = expect_ok(
+            client
+                .call(
+                    Method::GET,
+                    &format!("/v1/history?after={after}&limit=500"),
+                    None,
+                )
+                .await?,
+        )?;
+        for event in events["events"].as_array().into_iter().flatten() {
+            after = event["id"].as_i64().unwrap_or(after);
+            if text {
+                println!(
+                    "{}  {:<11} {}",
+                    utc_time(event["at_ms"].as_i64().unwrap_or(0)),
+                    event["kind"].as_str().unwrap_or("?"),
+                    event["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        let answer = expect_ok(
+            client
+                .call(Method::GET, &format!("/v1/releases/{id}"), None)
+                .await?,
+        )?;
+        let release = &answer["release"];
+        let state = release["state"].as_str().unwrap_or("?");
+        if matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted") {
+            break answer;
+        }
+        if text && last_progress.elapsed() >= Duration::from_secs(3) {
+            last_progress = Instant::now();
+            println!("{}", progress_line(release));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let release = &final_answer["release"];
+    match cli.output {
+        Output::Json => println!("{}", pretty(&final_answer)),
+        Output::Text => println!(
+            "release #{id} {}: {}",
+            release["state"].as_str().unwrap_or("?"),
+            release["reason"].as_str().unwrap_or("")
+        ),
+    }
+    match release["state"].as_str() {
+        Some("succeeded") => Ok(()),
+        Some("rolled_back") => Err(CliError::new(
+            exit::ROLLED_BACK,
+            format!("release #{id} was rolled back"),
+        )),
+        Some("aborted") => Err(CliError::new(
+            exit::ABORTED,
+            format!("release #{id} was aborted"),
+        )),
+        _ => Err(CliError::new(
+            exit::FAILURE,
+            format!("release #{id} failed"),
+        )),
+    }
+}
+
+/// `[shifting 1/2: green 10%, 41s left] green 152 req 0.00% err p99 2.5ms | verdict`.
+fn progress_line(release: &Value) -> String {
+    let state = release["state"].as_str().unwrap_or("?");
+    let steps = release["strategy"]["steps"]
+        .as_array()
+        .map(|s| s.len())
+        .unwrap_or(0);
+    let left = release["step_ends_ms"]
+        .as_i64()
+        .map(|end| {
+            let now = crate::store::now_ms();
+            format!(", {}s left", ((end - now).max(0) + 999) / 1000)
+        })
+        .unwrap_or_else(|| {
+            if release["paused"].as_bool() == Some(true) {
+                ", paused".into()
+            } else if matches!(state, "shifting") {
+                ", waiting for promote".into()
+            } else {
+                String::new()
+            }
+        });
+    let head = match state {
+        "shifting" => format!(
+            "[shifting {}/{steps}: {} {}%{left}]",
+            release["step"].as_u64().unwrap_or(0) + 1,
+            release["color"].as_str().unwrap_or("?"),
+            release["percent"]
+        ),
+        "monitoring" => format!("[monitoring{left}]"),
+        other => format!("[{other}]"),
+    };
+    let verdict = &release["verdict"];
+    if verdict.is_null() {
+        return head;
+    }
+    format!(
+        "{head} {} | {}",
+        window_text(&verdict["new"]),
+        verdict["note"].as_str().unwrap_or("")
+    )
+}
+
+fn window_text(w: &Value) -> String {
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|x| format!("{x}ms"))
+            .unwrap_or_else(|| "-".into())
+    };
+    format!(
+        "{} {:.0} req/s {} req {:.2}% err p50 {} p99 {}",
+        w["color"].as_str().unwrap_or("?"),
+        w["requests_per_second"].as_f64().unwrap_or(0.0),
+        w["requests"],
+        w["error_rate_percent"].as_f64().unwrap_or(0.0),
+        ms(&w["p50_ms"]),
+        ms(&w["p99_ms"]),
+    )
+}
+
+pub async fn monitor(cli: &Cli, args: &super::MonitorArgs) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let interval = args.interval.clamp(1, 600);
+    let mut printed = 0;
+    loop {
+        let answer = expect_ok(
+            client
+                .call(
+                    Method::GET,
+                    &format!("/v1/monitor?seconds={interval}"),
+                    None,
+                )
+                .await?,
+        )?;
+        match cli.output {
+            Output::Json => println!("{answer}"),
+            Output::Text => println!("{}", monitor_line(&answer, args.environment)),
+        }
+        printed += 1;
+        if args.count.is_some_and(|count| printed >= count) {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(interval)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn monitor_line(answer: &Value, only: Option<Color>) -> String {
+    let now = utc_time(crate::store::now_ms());
+    let colors: Vec<String> = answer["colors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| only.is_none_or(|o| c["color"].as_str() == Some(o.as_str())))
+        .map(|c| {
+            format!(
+                "{} {} w{}% {}/{} healthy: {}",
+                c["color"].as_str().unwrap_or("?"),
+                c["version"].as_str().unwrap_or("-"),
+                c["weight"],
+                c["healthy_upstreams"],
+                c["upstreams"],
+                window_text(&c["window"])
+                    .split_once(' ')
+                    .map(|(_, rest)| rest.to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    let release = &answer["release"];
+    let release = if release.is_null() {
+        String::new()
+    } else {
+        format!(" || release #{} {}", release["id"], progress_line(release))
+    };
+    format!("{now}  {}{release}", colors.join(" | "))
+}
+
+pub async fn diff(cli: &Cli, a: Color, b: Color) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let answer = expect_ok(client.call(Method::GET, "/v1/environments", None).await?)?;
+    let find = |color: Color| {
+        answer["environments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["color"].as_str() == Some(color.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let (left, right) = (find(a), find(b));
+    let mut differences = Vec::new();
+    for key in ["version", "status"] {
+        if left[key] != right[key] {
+            differences.push(json!({ "key": key, a.as_str(): left[key], b.as_str(): right[key] }));
+        }
+    }
+    for key in [
+        "provider",
+        "instances",
+        "command",
+        "env",
+        "upstreams",
+        "deploy",
+        "stop",
+        "ready_timeout",
+        "stop_timeout",
+    ] {
+        let (l, r) = (&left["spec"][key], &right["spec"][key]);
+        if key == "upstreams" && left["spec"]["provider"] == "process" {
+            continue; // picked per deploy, always different
+        }
+        if l != r {
+            differences.push(json!({ "key": format!("spec.{key}"), a.as_str(): l, b.as_str(): r }));
+        }
+    }
+    if left["extra_env"] != right["extra_env"] {
+        differences.push(json!({ "key": "deploy --env", a.as_str(): left["extra_env"], b.as_str(): right["extra_env"] }));
+    }
+    match cli.output {
+        Output::Json => println!("{}", pretty(&json!({ "differences": differences }))),
+        Output::Text if differences.is_empty() => {
+            println!("{a} and {b} run the same version from the same spec")
+        }
+        Output::Text => {
+            println!("{:<22} {:<30} {:<30}", "KEY", a.as_str(), b.as_str());
+            for d in &differences {
+                println!(
+                    "{:<22} {:<30} {:<30}",
+                    d["key"].as_str().unwrap_or("?"),
+                    compact(&d[a.as_str()]),
+                    compact(&d[b.as_str()])
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn compact(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn logs(cli: &Cli, environment: &str, lines: usize) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let answer = expect_ok(
+        client
+            .call(
+                Method::GET,
+                &format!("/v1/logs?environment={environment}&lines={lines}"),
+                None,
+            )
+            .await?,
+    )?;
+    match cli.output {
+        Output::Json => println!("{}", pretty(&answer)),
+        Output::Text => {
+            let files = answer["logs"].as_array().cloned().unwrap_or_default();
+            if files.is_empty() {
+                println!("no logs yet for {environment}");
+            }
+            for file in files {
+                println!("==> {} <==", file["file"].as_str().unwrap_or("?"));
+                for line in file["lines"].as_array().into_iter().flatten() {
+                    println!("{}", line.as_str().unwrap_or(""));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn list(cli: &Cli, limit: usize) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let answer = expect_ok(
+        client
+            .call(Method::GET, &format!("/v1/releases?limit={limit}"), None)
+            .await?,
+    )?;
+    match cli.output {
+        Output::Json => println!("{}", pretty(&answer)),
+        Output::Text => {
+            println!(
+                "{:<4} {:<20} {:<10} {:<6} {:<12} REASON",
+                "ID", "STARTED", "VERSION", "TO", "STATE"
+            );
+            for r in answer["releases"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<4} {:<20} {:<10} {:<6} {:<12} {}",
+                    r["id"],
+                    utc_time(r["started_ms"].as_i64().unwrap_or(0)),
+                    r["version"].as_str().unwrap_or("-"),
+                    r["color"].as_str().unwrap_or("?"),
+                    r["state"].as_str().unwrap_or("?"),
+                    r["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_answer(cli: &Cli, answer: &Value) {
+    match cli.output {
+        Output::Json => println!("{}", pretty(answer)),
+        Output::Text => println!("{}", answer["message"].as_str().unwrap_or("done")),
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).expect("json")
+}

@@ -1,0 +1,427 @@
+//! `bluegreen demo`: the whole story on one machine with nothing but this binary: a good release and a bad one under load.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Args;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+use crate::cli::{CliError, exit, expect_ok};
+use crate::client::AdminClient;
+use crate::config::AdminEndpoint;
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Requests per second the demo's clients send through the router.
+    #[arg(long, default_value_t = 300)]
+    pub rate: u32,
+    /// Where to put the demo's config, state and logs (default: a new temporary folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Keep the folder afterwards (the daemon and the app are stopped either way).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// The hard limit on the demo's load, whatever happens: it stops by itself.
+const MAX_LOAD: Duration = Duration::from_secs(300);
+const CLIENTS: u32 = 8;
+
+/// Per second of load: answers from blue, from green, failures.
+#[derive(Default, Clone, Copy)]
+struct Second {
+    blue: u64,
+    green: u64,
+    failed: u64,
+}
+
+struct Load {
+    started: Instant,
+    seconds: Mutex<BTreeMap<u64, Second>>,
+    stop: AtomicBool,
+}
+
+impl Load {
+    fn record(&self, color: Option<&str>) {
+        let second = self.started.elapsed().as_secs();
+        let mut seconds = self.seconds.lock().expect("lock");
+        let entry = seconds.entry(second).or_default();
+        match color {
+            Some("blue") => entry.blue += 1,
+            Some("green") => entry.green += 1,
+            _ => entry.failed += 1,
+        }
+    }
+
+    fn totals(&self, from: u64, to: u64) -> Second {
+        let seconds = self.seconds.lock().expect("lock");
+        seconds
+            .range(from..to)
+            .fold(Second::default(), |a, (_, s)| Second {
+                blue: a.blue + s.blue,
+                green: a.green + s.green,
+                failed: a.failed + s.failed,
+            })
+    }
+}
+
+/// One client: a keep-alive connection, one request at a time, paced to its share of the rate.
+async fn load_client(router: SocketAddr, load: Arc<Load>, every: Duration) {
+    let deadline = load.started + MAX_LOAD;
+    let mut connection = None;
+    let mut next = Instant::now();
+    while !load.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        next += every;
+        if connection.is_none() {
+            connection = connect(router).await;
+        }
+        let Some(sender) = connection.as_mut() else {
+            load.record(None);
+            tokio::time::sleep(every).await;
+            continue;
+        };
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri("/")
+            .header(header::HOST, "demo")
+            .body(Empty::<Bytes>::new())
+            .expect("valid request");
+        let answer = async {
+            let response = sender.send_request(request).await.ok()?;
+            let color = response
+                .headers()
+                .get("x-color")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let ok = response.status().is_success();
+            response.into_body().collect().await.ok()?;
+            ok.then_some(color).flatten()
+        };
+        match tokio::time::timeout(Duration::from_secs(5), answer).await {
+            Ok(Some(color)) => load.record(Some(&color)),
+            _ => {
+                load.record(None);
+                connection = None;
+            }
+        }
+        tokio::time::sleep_until(next.into()).await;
+    }
+}
+
+async fn connect(
+    router: SocketAddr,
+) -> Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream = TcpStream::connect(router).await.ok()?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(sender)
+}
+
+fn config(binary: &Path, listen: SocketAddr) -> String {
+    let program = shlex::try_quote(&binary.to_string_lossy())
+        .map(|q| q.into_owned())
+        .unwrap_or_else(|_| binary.display().to_string());
+    format!(
+        r#"service: demo
+router:
+  listen: {listen}
+  admin: admin.sock
+  drain_timeout: 5s
+app:
+  provider: process
+  command: "{program} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}"
+  instances: 2
+  ready_timeout: 20s
+health: {{ path: /healthz, interval: 250ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }}
+test:
+  checks:
+    - {{ path: /healthz, status: 200, max_latency: 1s }}
+release:
+  strategy: demo
+  monitor_window: 4s
+  scale_down_delay: 6s
+strategies:
+  demo: {{ type: canary, steps: [10, 50], wait: 3s }}
+analysis:
+  interval: 500ms
+  min_requests: 40
+  error_rate: {{ max_percent: 5, max_increase_percent: 2 }}
+  latency_p99: {{ max_increase: 500ms }}
+"#
+    )
+}
+
+pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
+    let fail = |m: String| CliError::new(exit::FAILURE, m);
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("bluegreen-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    let binary =
+        std::env::current_exe().map_err(|e| fail(format!("cannot find this binary: {e}")))?;
+    let listen = crate::controller::process::free_port()
+        .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+        .map_err(|e| fail(format!("no free port: {e}")))?;
+    let config_path = dir.join("bluegreen.yaml");
+    std::fs::write(&config_path, config(&binary, listen))
+        .map_err(|e| fail(format!("cannot write {}: {e}", config_path.display())))?;
+    let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| fail(e.to_string()))?;
+    say(&format!(
+        "starting the daemon (router on {listen}; config, state and logs in {})",
+        dir.display()
+    ));
+    let mut daemon = tokio::process::Command::new(&binary)
+        .arg("up")
+        .arg("--config")
+        .arg(&config_path)
+        .env("BLUEGREEN_LOG", "warn")
+        .stdout(log.try_clone().map_err(|e| fail(e.to_string()))?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| fail(format!("cannot start the daemon: {e}")))?;
+    let client = AdminClient {
+        endpoint: AdminEndpoint::Unix(dir.join("admin.sock")),
+        token: None,
+    };
+    let outcome = story(&client, listen, args.rate).await;
+    say("stopping the daemon and every app instance it started");
+    if let Some(pid) = daemon
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(15), daemon.wait())
+        .await
+        .is_err()
+    {
+        let _ = daemon.kill().await;
+    }
+    if args.keep || outcome.is_err() {
+        say(&format!(
+            "kept {} (daemon.log, logs/, state.db)",
+            dir.display()
+        ));
+    } else if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    outcome
+}
+
+fn say(text: &str) {
+    println!("demo: {text}");
+}
+
+async fn call(
+    client: &AdminClient,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, CliError> {
+    expect_ok(client.call(method, path, body).await?)
+}
+
+/// Runs a release to its end, printing its events; returns (release, seconds since load start
+/// when it started and ended).
+async fn release(
+    client: &AdminClient,
+    load: &Load,
+    body: Value,
+) -> Result<(Value, u64, u64), CliError> {
+    let last = call(client, Method::GET, "/v1/history?limit=1", None).await?;
+    let mut after = last["events"][0]["id"].as_i64().unwrap_or(0);
+    let from = load.started.elapsed().as_secs();
+    let started = call(client, Method::POST, "/v1/releases", Some(body)).await?;
+    let id = started["release"]["id"].as_i64().unwrap_or(0);
+    loop {
+        let events = call(
+            client,
+            Method::GET,
+            &format!("/v1/history?after={after}&limit=500"),
+            None,
+        )
+        .await?;
+        for event in events["events"].as_array().into_iter().flatten() {
+            after = event["id"].as_i64().unwrap_or(after);
+            if event["kind"] != "stage" && event["kind"] != "instance" {
+                println!(
+                    "  +{:>5.1}s  {}",
+                    load.started.elapsed().as_secs_f64(),
+                    event["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        let answer = call(client, Method::GET, &format!("/v1/releases/{id}"), None).await?;
+        let state = answer["release"]["state"].as_str().unwrap_or("?");
+        if matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted") {
+            return Ok((
+                answer["release"].clone(),
+                from,
+                load.started.elapsed().as_secs() + 1,
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn story(client: &AdminClient, router: SocketAddr, rate: u32) -> Result<(), CliError> {
+    let fail = |m: String| CliError::new(exit::FAILURE, m);
+    let up = Instant::now();
+    while client.call(Method::GET, "/v1/status", None).await.is_err() {
+        if up.elapsed() > Duration::from_secs(15) {
+            return Err(fail(
+                "the daemon did not start within 15s; see daemon.log".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say("deploying 1.0 to blue (2 instances of the example app)");
+    let deployed = call(
+        client,
+        Method::POST,
+        "/v1/deploy",
+        Some(json!({ "environment": "blue", "version": "1.0" })),
+    )
+    .await?;
+    say(deployed["message"].as_str().unwrap_or("deployed"));
+
+    let load = Arc::new(Load {
+        started: Instant::now(),
+        seconds: Mutex::new(BTreeMap::new()),
+        stop: AtomicBool::new(false),
+    });
+    let every = Duration::from_secs_f64(CLIENTS as f64 / rate.clamp(10, 5000) as f64);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(load_client(router, Arc::clone(&load), every)))
+        .collect();
+    say(&format!(
+        "{CLIENTS} clients send {rate} requests/s through the router (keep-alive connections)"
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    say(
+        "release 2.0: deploy to green, test, canary 10% → 50% → 100% with analysis, monitor, cleanup",
+    );
+    let (good, good_from, good_to) = release(client, &load, json!({ "version": "2.0" })).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    say("release 3.0, which answers 20% of requests with 500: analysis must roll it back");
+    let (bad, bad_from, bad_to) = release(
+        client,
+        &load,
+        json!({ "version": "3.0", "env": { "EXAMPLE_ERROR_RATE": "0.2" } }),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let _ = c.await;
+    }
+
+    let end = load.started.elapsed().as_secs() + 1;
+    println!();
+    println!("requests per color over time (2-second rows)");
+    println!(
+        "{:>6} {:>7} {:>7} {:>7}  {}",
+        "TIME", "BLUE", "GREEN", "FAILED", ""
+    );
+    let mut t = 0;
+    while t < end {
+        let s = load.totals(t, t + 2);
+        let overlaps = |from: u64, to: u64| t < to && t + 2 > from;
+        let mark = if overlaps(good_from, good_to) {
+            "release 2.0"
+        } else if overlaps(bad_from, bad_to) {
+            "release 3.0 (bad)"
+        } else {
+            ""
+        };
+        let total = (s.blue + s.green).max(1);
+        let bar = format!(
+            "{}{}",
+            "b".repeat((s.blue * 30 / total) as usize),
+            "g".repeat((s.green * 30 / total) as usize)
+        );
+        println!(
+            "{:>5}s {:>7} {:>7} {:>7}  {bar:<30} {mark}",
+            t, s.blue, s.green, s.failed
+        );
+        t += 2;
+    }
+    let during_good = load.totals(good_from, good_to);
+    let during_bad = load.totals(bad_from, bad_to);
+    let all = load.totals(0, end);
+    println!();
+    println!("{:<34} {}", "requests", all.blue + all.green + all.failed);
+    println!(
+        "{:<34} {} ({})",
+        "release 2.0",
+        good["state"].as_str().unwrap_or("?"),
+        good["reason"].as_str().unwrap_or("")
+    );
+    println!(
+        "{:<34} {}",
+        "  failed requests during it", during_good.failed
+    );
+    println!(
+        "{:<34} {} ({})",
+        "release 3.0",
+        bad["state"].as_str().unwrap_or("?"),
+        bad["reason"].as_str().unwrap_or("")
+    );
+    println!(
+        "{:<34} {} (3.0's own 500s while it had its canary share)",
+        "  failed requests during it", during_bad.failed
+    );
+    println!(
+        "{:<34} {:.1}s",
+        "  from its start to the rollback",
+        (bad["ended_ms"].as_i64().unwrap_or(0) - bad["started_ms"].as_i64().unwrap_or(0)) as f64
+            / 1000.0
+    );
+    let history = call(client, Method::GET, "/v1/history?limit=200", None).await?;
+    let switches: Vec<String> = history["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| matches!(e["kind"].as_str(), Some("weights" | "switch" | "rollback")))
+        .map(|e| {
+            format!(
+                "{} {}",
+                crate::cli::utc_time(e["at_ms"].as_i64().unwrap_or(0)),
+                e["message"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    println!("traffic changes:");
+    for line in switches {
+        println!("  {line}");
+    }
+    let good_ok = good["state"] == "succeeded" && during_good.failed == 0;
+    let bad_ok = bad["state"] == "rolled_back";
+    if good_ok && bad_ok {
+        say("done: 2.0 released with 0 failed requests; 3.0 rolled back automatically");
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "the demo did not go as expected: release 2.0 {} with {} failed requests, release 3.0 {}",
+            good["state"], during_good.failed, bad["state"]
+        )))
+    }
+}
