@@ -162,6 +162,7 @@ pub(super) struct RawAnalysis {
     latency_p95: RawLimit,
     latency_p99: RawLimit,
     throughput: RawThroughput,
+    on_too_few_requests: String,
 }
 
 impl Default for RawAnalysis {
@@ -169,6 +170,7 @@ impl Default for RawAnalysis {
         RawAnalysis {
             interval: HumanDuration::secs(1),
             min_requests: 50,
+            on_too_few_requests: "wait".into(),
             error_rate: RawErrorRate {
                 max_percent: Some(5.0),
                 max_increase_percent: Some(2.0),
@@ -279,6 +281,9 @@ pub struct AnalysisSpec {
     pub latency_p99: Limit,
     /// The new color's requests per second per percent of weight, over the baseline's.
     pub min_throughput_ratio: Option<f64>,
+    /// A step whose time is up but whose new color never had `min_requests` waits for them
+    /// (true) or goes on unjudged (false).
+    pub wait_for_data: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -815,9 +820,23 @@ impl Validator<'_> {
                 format!("{ratio} is out of range; give a ratio from 0 to 1, e.g. 0.5"),
             );
         }
+        let wait_for_data = match raw.on_too_few_requests.as_str() {
+            "wait" => true,
+            "proceed" => false,
+            other => {
+                self.issue(
+                    "analysis.on_too_few_requests",
+                    format!(
+                        "unknown choice {other:?}; use wait (hold the step until judged) or proceed"
+                    ),
+                );
+                true
+            }
+        };
         AnalysisSpec {
             interval,
             min_requests: raw.min_requests,
+            wait_for_data,
             error_rate,
             latency_p50: latency(&raw.latency_p50),
             latency_p95: latency(&raw.latency_p95),

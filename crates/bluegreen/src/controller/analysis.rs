@@ -105,7 +105,7 @@ pub fn judge(
 ) -> Verdict {
     if new.requests < spec.min_requests {
         let note = format!(
-            "waiting for data: {} has {} of the {} requests needed to judge",
+            "waiting for data: {} has {} of the {} requests needed to judge (no traffic? `bluegreen promote` goes on without)",
             new.color, new.requests, spec.min_requests
         );
         return Verdict {
@@ -268,6 +268,7 @@ mod tests {
                 max_increase: Some(100.0),
             },
             min_throughput_ratio: Some(0.5),
+            wait_for_data: true,
         }
     }
 

@@ -206,6 +206,15 @@ impl Daemon {
         self: &Arc<Self>,
         request: ReleaseRequest,
     ) -> Result<Release, CommandError> {
+        if let Some(running) = self.active_release() {
+            return Err(CommandError::Refused(format!(
+                "release #{} ({} to {}) is still {}; wait for it, or `bluegreen abort` it",
+                running.id,
+                running.version.as_deref().unwrap_or("shift"),
+                running.color,
+                running.state.as_str()
+            )));
+        }
         let split = self.router.table().split;
         let Some(live) = split.sole_color() else {
             return Err(CommandError::Refused(format!(
@@ -704,6 +713,8 @@ impl Daemon {
         let mut tick = tokio::time::interval(spec.interval.min(Duration::from_millis(500)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_judged = Instant::now();
+        // A hold of zero (the 100 % step) needs no judgement: the monitor window follows.
+        let mut judged = hold == Hold::For(Duration::ZERO) || !spec.wait_for_data;
         loop {
             let paused = control.borrow().paused;
             release.step_ends_ms = match (remaining, paused) {
@@ -712,6 +723,7 @@ impl Daemon {
             };
             if let Some(left) = remaining
                 && left.is_zero()
+                && judged
             {
                 return Ok(Held::Done);
             }
@@ -770,6 +782,7 @@ impl Daemon {
                 (split.weight(color), split.weight(old)),
             );
             let breach = verdict.breach.clone();
+            judged |= verdict.judged;
             release.verdict = Some(verdict);
             if let Some(active) = self.controller.active.lock().expect("lock").as_mut() {
                 active.0 = release.clone();

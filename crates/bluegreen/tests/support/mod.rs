@@ -440,12 +440,137 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// SIGTERM first, so the daemon stops the app instances it supervises; SIGKILL if it hangs.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            for _ in 0..100 {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// A config for the process provider running the example app from the `bluegreen` binary
+/// (two instances per color), with fast health checks, a short canary and quick analysis.
+pub fn process_config() -> String {
+    format!(
+        r#"service: web
+router:
+  listen: 127.0.0.1:0
+  admin: .bluegreen/admin.sock
+  drain_timeout: 2s
+app:
+  command: "{BIN} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}"
+  instances: 2
+  ready_timeout: 15s
+  stop_timeout: 2s
+health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}
+test:
+  checks:
+    - {{ path: /healthz, status: 200 }}
+    - {{ path: /, status: 200, body_contains: "{{version}}" }}
+release:
+  strategy: quick
+  monitor_window: 1s
+  scale_down_delay: 30s
+strategies:
+  quick: {{ type: canary, steps: [20, 60], wait: 1s }}
+analysis:
+  interval: 200ms
+  min_requests: 20
+  error_rate: {{ max_percent: 5, max_increase_percent: 2 }}
+  latency_p99: {{ max_increase: 150ms }}
+"#
+    )
+}
+
+/// Steady keep-alive clients through the router, counting answers per color and failures.
+pub struct Load {
+    running: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Result<(u16, String), String>>>>,
+}
+
+pub struct LoadReport {
+    pub blue: usize,
+    pub green: usize,
+    /// Non-2xx answers and transport errors, as text.
+    pub failures: Vec<String>,
+    /// Every answer body seen, once each ("blue 1.0" …).
+    pub bodies: std::collections::BTreeSet<String>,
+}
+
+impl Load {
+    pub fn start(url: String, clients: usize) -> Load {
+        let running = Arc::new(AtomicBool::new(true));
+        let workers = (0..clients)
+            .map(|_| {
+                let running = Arc::clone(&running);
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let client = client();
+                    let mut seen = Vec::new();
+                    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                    while running.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                        seen.push(get(&client, &url, &[]).await.map(|(s, _, b)| (s, b)));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load { running, workers }
+    }
+
+    pub async fn stop(self) -> LoadReport {
+        self.running.store(false, Ordering::Relaxed);
+        let mut report = LoadReport {
+            blue: 0,
+            green: 0,
+            failures: Vec::new(),
+            bodies: Default::default(),
+        };
+        for worker in self.workers {
+            for result in worker.await.unwrap() {
+                match result {
+                    Ok((200, body)) => {
+                        if body.starts_with("blue") {
+                            report.blue += 1;
+                        } else if body.starts_with("green") {
+                            report.green += 1;
+                        }
+                        report.bodies.insert(body.trim().to_string());
+                    }
+                    Ok((status, body)) => report.failures.push(format!("{status} {body}")),
+                    Err(e) => report.failures.push(e),
+                }
+            }
+        }
+        report
+    }
+}
+
+/// Runs the CLI with this config and returns (exit code, stdout, stderr).
+pub fn run_cli(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A keep-alive client.
