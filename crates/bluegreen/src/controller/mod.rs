@@ -370,6 +370,24 @@ impl Daemon {
             }
         }
         self.settle_interrupted_release().await;
+        for color in Color::ALL {
+            let mut record = self.environment(color);
+            if record.status != EnvironmentStatus::Deploying {
+                continue;
+            }
+            // A deploy the previous daemon did not finish: never proven healthy, so stopped.
+            self.controller.supervisor.stop(color).await;
+            record.instances.iter_mut().for_each(|i| i.pid = None);
+            record.status = EnvironmentStatus::Failed;
+            record.reason = Some("the deploy was interrupted by a daemon restart".into());
+            let message = format!(
+                "{color} {}: the deploy was interrupted by a daemon restart; its instances were stopped",
+                record.version.as_deref().unwrap_or("")
+            );
+            if let Err(e) = self.save_environment(record, Some(("recover", &message, None))) {
+                tracing::error!(error = %e, "cannot record the interrupted deploy");
+            }
+        }
     }
 
     /// Deploys `version` to the idle `color` and waits until all its instances are healthy.
@@ -429,6 +447,10 @@ impl Daemon {
                     .await
             }
         };
+        // Instance events (pids) were recorded meanwhile: build on the record as it is now.
+        let upstreams = record.upstreams.clone();
+        let mut record = self.environment(color);
+        record.upstreams = upstreams;
         match outcome {
             Ok(()) => {
                 record.status = EnvironmentStatus::Running;
