@@ -1,0 +1,405 @@
+//! Around the shift: hooks, the webhook, pipeline stages, cleanup after scale_down_delay, crash loops, config mistakes, init and the demo.
+
+mod support;
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use support::{BIN, Daemon, process_config, run_cli, write_file};
+
+fn executable(dir: &Path, name: &str, body: &str) -> String {
+    let path = write_file(dir, name, &format!("#!/bin/sh\n{body}\n"));
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&path)
+        .status()
+        .unwrap();
+    path.display().to_string()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A webhook receiver on loopback that keeps every JSON body it is sent.
+async fn webhook_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let store = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        if let Ok(value) = serde_json::from_slice(&body) {
+                            store.lock().unwrap().push(value);
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hooks_run_with_release_facts_and_the_webhook_hears_every_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("hooks.txt");
+    let hook = |name: &str| {
+        executable(
+            dir.path(),
+            name,
+            &format!(
+                "echo \"$BLUEGREEN_STEP $BLUEGREEN_VERSION $BLUEGREEN_COLOR $BLUEGREEN_FROM_COLOR $BLUEGREEN_FROM_VERSION\" >> {}",
+                record.display()
+            ),
+        )
+    };
+    let (webhook, received) = webhook_receiver().await;
+    let config = process_config().replace(
+        "health:",
+        &format!(
+            "hooks:\n  pre_deploy: {}\n  post_deploy: {}\n  migrate_expand: {}\n  pre_switch: {}\n  post_switch: {}\n  cleanup: {}\n  migrate_contract: {}\n\
+             webhook: {{ url: \"http://{webhook}/events\" }}\nhealth:",
+            hook("pre"), hook("post"), hook("expand"), hook("preswitch"), hook("postswitch"), hook("cleanup"), hook("contract")
+        ),
+    )
+    .replace("scale_down_delay: 30s", "scale_down_delay: 0s")
+    .replace("min_requests: 20", "min_requests: 20\n  on_too_few_requests: proceed");
+    let daemon = Daemon::start(&config).await;
+    assert!(
+        daemon
+            .cli(&["deploy", "--environment", "blue", "--version", "1.0"])
+            .status
+            .success()
+    );
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lines = std::fs::read_to_string(&record).unwrap();
+    let lines: Vec<&str> = lines.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "pre_deploy 2.0 green blue 1.0",
+            "post_deploy 2.0 green blue 1.0",
+            "migrate_expand 2.0 green blue 1.0",
+            "pre_switch 2.0 green blue 1.0",
+            "post_switch 2.0 green blue 1.0",
+            "cleanup 2.0 green blue 1.0",
+            "migrate_contract 2.0 green blue 1.0",
+        ]
+    );
+    // scale_down_delay 0: blue was stopped as part of the release.
+    let status = daemon.status().await;
+    assert_eq!(status["environments"][0]["status"], "stopped", "{status}");
+    for _ in 0..50 {
+        if received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "succeeded")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kinds: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    for kind in [
+        "release",
+        "deploy",
+        "deployed",
+        "step",
+        "succeeded",
+        "stopped",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+    assert!(
+        received
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|e| e["service"] == "web")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_hook_stops_the_release_before_traffic_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = executable(
+        dir.path(),
+        "no-migration",
+        "echo 'schema locked' >&2; exit 3",
+    );
+    let config = process_config().replace(
+        "health:",
+        &format!("hooks:\n  migrate_expand: {failing}\nhealth:"),
+    );
+    let daemon = Daemon::start(&config).await;
+    assert!(
+        daemon
+            .cli(&["deploy", "--environment", "blue", "--version", "1.0"])
+            .status
+            .success()
+    );
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains("migrate_expand") && printed.contains("schema locked"),
+        "{printed}"
+    );
+    let status = daemon.status().await;
+    assert_eq!(status["live"], "blue");
+    assert_eq!(status["weights"]["green"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cleanup_stops_the_old_color_after_the_delay_and_rollback_then_redeploys_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let warm = dir.path().join("warmed");
+    let stage = executable(
+        dir.path(),
+        "warm-cache",
+        &format!("touch {}", warm.display()),
+    );
+    let config = process_config()
+        .replace("scale_down_delay: 30s", "scale_down_delay: 1500ms")
+        .replace(
+            "  strategy: quick\n",
+            &format!("  strategy: quick\n  pipeline: [deploy_green, test_green, \"run {stage}\", switch_traffic, cleanup_blue]\n"),
+        )
+        .replace("min_requests: 20", "min_requests: 20\n  on_too_few_requests: proceed");
+    let daemon = Daemon::start(&config).await;
+    assert!(
+        daemon
+            .cli(&["deploy", "--environment", "blue", "--version", "1.0"])
+            .status
+            .success()
+    );
+    let blue_pids: Vec<u64> = daemon.status().await["environments"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(warm.exists(), "the pipeline's own stage ran");
+    let finished = Instant::now();
+    // Warm first: still running right after the release.
+    let status = daemon.status().await;
+    assert_eq!(status["environments"][0]["status"], "running", "{status}");
+    let mut stopped_after = None;
+    for _ in 0..100 {
+        if daemon.status().await["environments"][0]["status"] == "stopped" {
+            stopped_after = Some(finished.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopped_after = stopped_after.expect("blue was stopped after scale_down_delay");
+    assert!(
+        stopped_after >= Duration::from_millis(1000),
+        "{stopped_after:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for pid in &blue_pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z"),
+            "blue instance {pid} still runs"
+        );
+    }
+    // Rollback now has to deploy 1.0 again, and says so.
+    let out = daemon.cli(&["rollback"]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    assert!(
+        printed.contains("scaled down") && printed.contains("1.0"),
+        "{printed}"
+    );
+    assert_eq!(daemon.status().await["live"], "blue");
+    // Colors alternate: the next release goes to the idle color, green.
+    let out = daemon.cli(&["release", "--version", "3.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = daemon.status().await;
+    assert_eq!(status["live"], "green");
+    assert_eq!(status["environments"][1]["version"], "3.0");
+    // rollback --to a version the idle color runs is a table swap.
+    let out = daemon.cli(&["rollback", "--to", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(daemon.status().await["live"], "blue");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_looping_version_fails_its_deploy_with_the_reason() {
+    let config = process_config().replace(
+        "--app-version {version}",
+        "--app-version {version} --error-rate 7",
+    );
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains("exited") && printed.contains("times"),
+        "{printed}"
+    );
+    let status = daemon.status().await;
+    assert_eq!(status["environments"][0]["status"], "failed", "{status}");
+    let out = daemon.cli(&["logs", "--environment", "blue"]);
+    assert!(text(&out).contains("--error-rate"), "{}", text(&out));
+}
+
+#[test]
+fn config_mistakes_name_their_key_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = write_file(dir.path(), "hook.sh", "#!/bin/sh\n");
+    let cases = [
+        (
+            process_config().replace("--listen 127.0.0.1:{port}", "--listen 127.0.0.1:8000"),
+            "app.command: has no {port}",
+        ),
+        (
+            process_config().replace("{color}", "{colour}"),
+            "unknown placeholder {colour}",
+        ),
+        (
+            process_config().replace(
+                "health:",
+                &format!(
+                    "hooks:\n  pre_switch: {}\nhealth:",
+                    not_executable.display()
+                ),
+            ),
+            "hooks.pre_switch:",
+        ),
+        (
+            process_config().replace("strategy: quick", "strategy: fastest"),
+            "release.strategy: unknown strategy \"fastest\"",
+        ),
+        (
+            process_config().replace(
+                "  strategy: quick\n",
+                "  strategy: quick\n  pipeline: [deploy, test]\n",
+            ),
+            "release.pipeline: has no switch stage",
+        ),
+        (
+            process_config().replace("wait: 1s", "wait: soon"),
+            "strategies.quick.wait:",
+        ),
+        (
+            process_config().replace("instances: 2", "instances: 2\n  replicas: 3"),
+            "app.replicas: unknown field",
+        ),
+        (
+            process_config().replace("instances: 2", "instances: two"),
+            "app.instances:",
+        ),
+        (
+            process_config().replace("max_percent: 5,", "max_percent: 150,"),
+            "analysis.error_rate.max_percent: 150 is out of range",
+        ),
+    ];
+    for (config, expected) in cases {
+        let path = write_file(dir.path(), "bluegreen.yaml", &config);
+        let (code, _, stderr) = run_cli(&path, &["check"]);
+        assert_eq!(code, 3, "{expected}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in: {stderr}"
+        );
+    }
+    // The hook message says how to fix it.
+    let path = write_file(
+        dir.path(),
+        "bluegreen.yaml",
+        &process_config().replace(
+            "health:",
+            &format!(
+                "hooks:\n  pre_switch: {}\nhealth:",
+                not_executable.display()
+            ),
+        ),
+    );
+    let (_, _, stderr) = run_cli(&path, &["check"]);
+    assert!(stderr.contains("chmod +x"), "{stderr}");
+}
+
+#[test]
+fn init_writes_a_config_that_checks_and_will_not_overwrite_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bluegreen.yaml");
+    let (code, stdout, stderr) = run_cli(&path, &["init"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        written.contains(BIN),
+        "the template runs the example app from this binary"
+    );
+    let (code, _, stderr) = run_cli(&path, &["check"]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, _, stderr) = run_cli(&path, &["init"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+}
+
+#[test]
+fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(BIN)
+        .args(["demo", "--rate", "200", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let printed = text(&output);
+    assert!(output.status.success(), "{printed}");
+    assert!(
+        printed.contains("release 2.0                        succeeded"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("rolled_back (analysis of blue: error_rate"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("failed requests during it        0"),
+        "{printed}"
+    );
+    // The daemon it started was stopped gracefully (which stops the app instances too).
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("bluegreen: stopped"), "{log}");
+}
