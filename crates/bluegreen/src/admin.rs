@@ -434,6 +434,18 @@ async fn resume(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Respon
     control(daemon, "resume", body).await
 }
 
+async fn diff(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Response, ApiError> {
+    let query = Query::parse(request.uri().query(), &["a", "b"])?;
+    let color = |key: &str, default: Color| match query.text(key) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<Color>()
+            .map_err(|e| ApiError::invalid(key, e.to_string())),
+    };
+    let (a, b) = (color("a", Color::Blue)?, color("b", Color::Green)?);
+    Ok(Json(json!({ "a": a, "b": b, "differences": daemon.diff(a, b) })).into_response())
+}
+
 async fn environments(State(daemon): State<Arc<Daemon>>) -> Response {
     Json(json!({ "environments": daemon.environments() })).into_response()
 }
@@ -526,7 +538,7 @@ async fn not_found(request: Request) -> ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
         message: format!(
-            "no such endpoint {} {}; see GET /v1/status, /v1/environments, /v1/releases, /v1/history, /v1/monitor, /v1/logs, /metrics; POST /v1/deploy, /v1/test, /v1/releases, /v1/shift, /v1/switch, /v1/weights, /v1/rollback, /v1/promote, /v1/pause, /v1/resume, /v1/abort, /v1/upstreams",
+            "no such endpoint {} {}; see GET /v1/status, /v1/environments, /v1/diff, /v1/releases, /v1/history, /v1/monitor, /v1/logs, /metrics; POST /v1/deploy, /v1/test, /v1/releases, /v1/shift, /v1/switch, /v1/weights, /v1/rollback, /v1/promote, /v1/pause, /v1/resume, /v1/abort, /v1/upstreams",
             request.method(),
             request.uri().path()
         ),
@@ -585,6 +597,7 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
         .route("/v1/environments", get(environments))
+        .route("/v1/diff", get(diff))
         .route("/v1/logs", get(logs))
         .route("/v1/monitor", get(monitor))
         .route("/metrics", get(metrics))

@@ -338,8 +338,8 @@ async fn story(client: &AdminClient, router: SocketAddr, rate: u32) -> Result<()
     println!();
     println!("requests per color over time (2-second rows)");
     println!(
-        "{:>6} {:>7} {:>7} {:>7}  {}",
-        "TIME", "BLUE", "GREEN", "FAILED", ""
+        "{:>6} {:>7} {:>7} {:>7}  SHARE (b = blue, g = green)",
+        "TIME", "BLUE", "GREEN", "FAILED"
     );
     let mut t = 0;
     while t < end {

@@ -281,6 +281,7 @@ impl Store {
     }
 
     /// The newest `limit` events, oldest first.
+    #[cfg(test)]
     pub fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
         self.events_after(0, limit)
     }

@@ -414,4 +414,22 @@ async fn diff_logs_and_monitor_show_the_environments() {
         "{printed}"
     );
     assert!(printed.contains("req/s"), "{printed}");
+    // A release to green warns that it is not configured like blue.
+    let out = daemon.cli(&["release", "--version", "3.0", "--detach"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (_, history) = daemon.admin("GET", "/v1/history?limit=50", None).await;
+    assert!(
+        history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "warning"
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("green is not configured like blue: instances (1 vs 2)")),
+        "{history}"
+    );
+    let out = daemon.cli(&["abort"]);
+    assert!(out.status.success(), "{}", text(&out));
 }

@@ -333,6 +333,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             change(&cli, "/v1/weights", body).await
         }
         Commands::Rollback { to_version } => {
+            if cli.output == Output::Text
+                && let Ok(client) = admin_client(&cli)
+                && let Ok(Ok(status)) = client
+                    .call(Method::GET, "/v1/status", None)
+                    .await
+                    .map(expect_ok)
+            {
+                let back = status["rollback_to"].as_str();
+                let stopped = status["environments"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["color"].as_str() == back && e["status"] == "stopped");
+                if let (None, Some(env)) = (to_version, stopped) {
+                    eprintln!(
+                        "{} was scaled down after the release: rolling back deploys {} to it again, which takes as long as a deploy …",
+                        env["color"].as_str().unwrap_or("?"),
+                        env["version"].as_str().unwrap_or("its last version")
+                    );
+                }
+            }
             let body = match to_version {
                 Some(version) => json!({ "to_version": version }),
                 None => json!({}),
@@ -657,5 +678,31 @@ pub fn render_status(status: &Value) -> String {
         "connections open: {}\n",
         status["connections_open"]
     ));
+    for env in status["environments"].as_array().unwrap_or(&empty) {
+        let warm = env["scale_down_at_ms"]
+            .as_i64()
+            .map(|at| format!(", warm until {}", utc_time(at)))
+            .unwrap_or_default();
+        let reason = env["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<6} runs {} — {}{warm}{reason}\n",
+            env["color"].as_str().unwrap_or("?"),
+            env["version"].as_str().unwrap_or("nothing"),
+            env["status"].as_str().unwrap_or("?"),
+        ));
+    }
+    let release = &status["release"];
+    if !release.is_null() {
+        out.push_str(&format!(
+            "release #{} {} → {}: {}\n",
+            release["id"],
+            release["version"].as_str().unwrap_or("shift"),
+            release["color"].as_str().unwrap_or("?"),
+            release::progress_line(release)
+        ));
+    }
     out
 }

@@ -159,7 +159,7 @@ pub async fn start_and_follow(
 }
 
 /// `[shifting 1/2: green 10%, 41s left] green 152 req 0.00% err p99 2.5ms | verdict`.
-fn progress_line(release: &Value) -> String {
+pub(super) fn progress_line(release: &Value) -> String {
     let state = release["state"].as_str().unwrap_or("?");
     let steps = release["strategy"]["steps"]
         .as_array()
@@ -280,47 +280,17 @@ fn monitor_line(answer: &Value, only: Option<Color>) -> String {
 
 pub async fn diff(cli: &Cli, a: Color, b: Color) -> Result<(), CliError> {
     let client = admin_client(cli)?;
-    let answer = expect_ok(client.call(Method::GET, "/v1/environments", None).await?)?;
-    let find = |color: Color| {
-        answer["environments"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["color"].as_str() == Some(color.as_str()))
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
-    let (left, right) = (find(a), find(b));
-    let mut differences = Vec::new();
-    for key in ["version", "status"] {
-        if left[key] != right[key] {
-            differences.push(json!({ "key": key, a.as_str(): left[key], b.as_str(): right[key] }));
-        }
-    }
-    for key in [
-        "provider",
-        "instances",
-        "command",
-        "env",
-        "upstreams",
-        "deploy",
-        "stop",
-        "ready_timeout",
-        "stop_timeout",
-    ] {
-        let (l, r) = (&left["spec"][key], &right["spec"][key]);
-        if key == "upstreams" && left["spec"]["provider"] == "process" {
-            continue; // picked per deploy, always different
-        }
-        if l != r {
-            differences.push(json!({ "key": format!("spec.{key}"), a.as_str(): l, b.as_str(): r }));
-        }
-    }
-    if left["extra_env"] != right["extra_env"] {
-        differences.push(json!({ "key": "deploy --env", a.as_str(): left["extra_env"], b.as_str(): right["extra_env"] }));
-    }
+    let answer = expect_ok(
+        client
+            .call(Method::GET, &format!("/v1/diff?a={a}&b={b}"), None)
+            .await?,
+    )?;
+    let differences = answer["differences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     match cli.output {
-        Output::Json => println!("{}", pretty(&json!({ "differences": differences }))),
+        Output::Json => println!("{}", pretty(&answer)),
         Output::Text if differences.is_empty() => {
             println!("{a} and {b} run the same version from the same spec")
         }
@@ -330,8 +300,8 @@ pub async fn diff(cli: &Cli, a: Color, b: Color) -> Result<(), CliError> {
                 println!(
                     "{:<22} {:<30} {:<30}",
                     d["key"].as_str().unwrap_or("?"),
-                    compact(&d[a.as_str()]),
-                    compact(&d[b.as_str()])
+                    compact(&d["values"][0]),
+                    compact(&d["values"][1])
                 );
             }
         }

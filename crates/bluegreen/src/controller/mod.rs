@@ -64,6 +64,13 @@ pub struct EnvironmentView {
     pub spec: EnvironmentSpec,
 }
 
+/// One way two colors differ: a key and each side's value.
+#[derive(Serialize)]
+pub struct Difference {
+    pub key: String,
+    pub values: [serde_json::Value; 2],
+}
+
 /// The numbers `bluegreen monitor` prints: each color over the last window, and the release.
 #[derive(Serialize)]
 pub struct MonitorView {
@@ -101,6 +108,58 @@ impl Daemon {
                 spec: self.spec(color).clone(),
             })
             .collect()
+    }
+
+    /// How two colors differ: what they run, and their effective specs (per-color overrides).
+    pub fn diff(&self, a: Color, b: Color) -> Vec<Difference> {
+        let view = |color: Color| {
+            serde_json::to_value(EnvironmentView {
+                record: self.environment(color),
+                spec: self.spec(color).clone(),
+            })
+            .expect("views serialize")
+        };
+        let (left, right) = (view(a), view(b));
+        let mut differences = Vec::new();
+        let mut compare = |key: String, l: &serde_json::Value, r: &serde_json::Value| {
+            if l != r {
+                differences.push(Difference {
+                    key,
+                    values: [l.clone(), r.clone()],
+                });
+            }
+        };
+        for key in ["version", "status", "extra_env"] {
+            compare(key.to_string(), &left[key], &right[key]);
+        }
+        for key in [
+            "provider",
+            "instances",
+            "command",
+            "env",
+            "deploy",
+            "stop",
+            "ready_timeout",
+            "stop_timeout",
+        ] {
+            compare(
+                format!("spec.{key}"),
+                &left["spec"][key],
+                &right["spec"][key],
+            );
+        }
+        // The process provider picks ports per deploy: only fixed upstreams are a difference.
+        if self.spec(a).provider == ProviderKind::Static {
+            compare(
+                "spec.upstreams".into(),
+                &left["spec"]["upstreams"].as_array().map(|u| u.len()).into(),
+                &right["spec"]["upstreams"]
+                    .as_array()
+                    .map(|u| u.len())
+                    .into(),
+            );
+        }
+        differences
     }
 
     /// Saves a color's record (and its event) before anything acts on it.

@@ -291,16 +291,33 @@ impl Daemon {
             step_ends_ms: None,
         };
         let message = format!(
-            "release started: {} to {color} (from {live} {}), strategy {}",
+            "release started: {} to {color} (from {live} {}), strategy {}, {} of planned holds",
             release.version.as_deref().unwrap_or("shift"),
             release.from_version.as_deref().unwrap_or("?"),
-            release.strategy.describe()
+            release.strategy.describe(),
+            crate::duration::format(release.strategy.planned())
         );
         crate::daemon::off_the_runtime(|| {
             self.store.save_release(&mut release, "release", &message)
         })
         .map_err(|e| CommandError::Failed(e.to_string()))?;
         self.notify("release", &message, Some(release.id));
+        let differences: Vec<String> = self
+            .diff(live, color)
+            .into_iter()
+            .filter(|d| d.key.starts_with("spec."))
+            .map(|d| format!("{} ({} vs {})", &d.key[5..], d.values[1], d.values[0]))
+            .collect();
+        if !differences.is_empty() {
+            self.event(
+                "warning",
+                &format!(
+                    "{color} is not configured like {live}: {}; see `bluegreen diff {live} {color}`",
+                    differences.join(", ")
+                ),
+                Some(release.id),
+            );
+        }
         let (control, receiver) = watch::channel(Control::default());
         *active = Some((release.clone(), control));
         drop(active);

@@ -493,10 +493,13 @@ analysis:
     )
 }
 
+/// Status and body, or why there was no answer.
+type Answer = Result<(u16, String), String>;
+
 /// Steady keep-alive clients through the router, counting answers per color and failures.
 pub struct Load {
     running: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<Vec<Result<(u16, String), String>>>>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Answer>>>,
 }
 
 pub struct LoadReport {
