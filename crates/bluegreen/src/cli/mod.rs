@@ -663,6 +663,7 @@ pub fn render_status(status: &Value) -> String {
         for upstream in upstreams {
             let error = upstream["last_error"]
                 .as_str()
+                .filter(|_| upstream["health"] != "healthy")
                 .map(|e| format!("  last error: {e}"))
                 .unwrap_or_default();
             out.push_str(&format!(

@@ -363,7 +363,7 @@ pub async fn list(cli: &Cli, limit: usize) -> Result<(), CliError> {
             for r in answer["releases"].as_array().into_iter().flatten() {
                 println!(
                     "{:<4} {:<20} {:<10} {:<6} {:<12} {}",
-                    r["id"],
+                    r["id"].to_string(),
                     utc_time(r["started_ms"].as_i64().unwrap_or(0)),
                     r["version"].as_str().unwrap_or("-"),
                     r["color"].as_str().unwrap_or("?"),

@@ -722,6 +722,7 @@ impl Daemon {
         let old = release.from_color;
         let started = Instant::now();
         let from = self.snapshots();
+        release.verdict = None;
         let mut remaining = match hold {
             Hold::For(d) => Some(d),
             Hold::UntilPromoted => None,
