@@ -139,11 +139,21 @@ struct RawLimit {
     max_increase: Option<HumanDuration>,
 }
 
-#[derive(Deserialize, Debug, Default)]
+/// Keys left out keep their defaults; `null` switches a limit off.
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 struct RawErrorRate {
     max_percent: Option<f64>,
     max_increase_percent: Option<f64>,
+}
+
+impl Default for RawErrorRate {
+    fn default() -> Self {
+        RawErrorRate {
+            max_percent: Some(5.0),
+            max_increase_percent: Some(2.0),
+        }
+    }
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -171,10 +181,7 @@ impl Default for RawAnalysis {
             interval: HumanDuration::secs(1),
             min_requests: 50,
             on_too_few_requests: "wait".into(),
-            error_rate: RawErrorRate {
-                max_percent: Some(5.0),
-                max_increase_percent: Some(2.0),
-            },
+            error_rate: RawErrorRate::default(),
             latency_p50: RawLimit::default(),
             latency_p95: RawLimit::default(),
             latency_p99: RawLimit {
@@ -491,6 +498,17 @@ impl Validator<'_> {
     ) -> [EnvironmentSpec; 2] {
         let Some(app) = app else {
             // No app: the environments' fixed upstreams (checked by the router part).
+            for color in Color::ALL {
+                if raw
+                    .get(color.as_str())
+                    .is_some_and(|e| e.upstreams.is_none())
+                {
+                    self.issue(
+                        format!("environments.{color}.upstreams"),
+                        "is required without an app section (the static provider); list host:port addresses, or add app: with a command",
+                    );
+                }
+            }
             return Color::ALL.map(|color| EnvironmentSpec {
                 color,
                 provider: ProviderKind::Static,
@@ -579,7 +597,12 @@ impl Validator<'_> {
                             }
                             self.placeholders(&command_key, &text);
                             for (key, value) in &spec.env {
-                                self.placeholders(&format!("app.env.{key}"), value);
+                                let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
+                                    at(&format!("env.{key}"))
+                                } else {
+                                    format!("app.env.{key}")
+                                };
+                                self.placeholders(&at_key, value);
                             }
                             spec.command = self.command_line(&command_key, &text).unwrap_or_default();
                         }
@@ -591,14 +614,16 @@ impl Validator<'_> {
                     }
                 }
                 ProviderKind::Command => {
-                    let deploy = own.deploy.as_ref().or(app.deploy.as_ref());
-                    let stop = own.stop.as_ref().or(app.stop.as_ref());
-                    match deploy {
-                        Some(text) => spec.deploy = self.executable("app.deploy", text),
+                    let pick = |key: &str, own: &Option<String>, shared: &Option<String>| match own {
+                        Some(text) => Some((at(key), text.clone())),
+                        None => shared.clone().map(|text| (format!("app.{key}"), text)),
+                    };
+                    match pick("deploy", &own.deploy, &app.deploy) {
+                        Some((key, text)) => spec.deploy = self.executable(&key, &text),
                         None => self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines"),
                     }
-                    match stop {
-                        Some(text) => spec.stop = self.executable("app.stop", text),
+                    match pick("stop", &own.stop, &app.stop) {
+                        Some((key, text)) => spec.stop = self.executable(&key, &text),
                         None => self.issue("app.stop", "is required for the command provider: a script that stops a color"),
                     }
                 }
@@ -637,13 +662,17 @@ impl Validator<'_> {
                     format!("{:?} must start with /, e.g. /healthz", c.path),
                 );
             }
-            let method = c.method.parse::<http::Method>().unwrap_or_else(|_| {
-                self.issue(
-                    at("method"),
-                    format!("{:?} is not an HTTP method; e.g. GET", c.method),
-                );
-                http::Method::GET
-            });
+            let method = c
+                .method
+                .to_ascii_uppercase()
+                .parse::<http::Method>()
+                .unwrap_or_else(|_| {
+                    self.issue(
+                        at("method"),
+                        format!("{:?} is not an HTTP method; e.g. GET", c.method),
+                    );
+                    http::Method::GET
+                });
             if !(100..=599).contains(&c.status) {
                 self.issue(
                     at("status"),

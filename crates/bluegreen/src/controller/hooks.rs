@@ -24,6 +24,8 @@ pub struct Facts {
     pub from_version: Option<String>,
     pub router_url: String,
     pub preview_header: Option<String>,
+    /// `Header: secret` when previews need the secret.
+    pub preview_secret: Option<String>,
     pub reason: Option<String>,
 }
 
@@ -49,6 +51,9 @@ impl Facts {
         if let (Some(header), Some(color)) = (&self.preview_header, &self.color) {
             env.push(("BLUEGREEN_PREVIEW_URL", self.router_url.clone()));
             env.push(("BLUEGREEN_PREVIEW_HEADER", format!("{header}: {color}")));
+            if let Some(secret) = &self.preview_secret {
+                env.push(("BLUEGREEN_PREVIEW_SECRET_HEADER", secret.clone()));
+            }
         }
         env
     }

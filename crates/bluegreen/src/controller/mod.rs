@@ -215,13 +215,26 @@ impl Daemon {
             from_version: release
                 .and_then(|r| r.from_version.clone())
                 .or(self.environment(from).version),
-            router_url: format!("http://{}", self.listen),
+            router_url: format!(
+                "{}://{}",
+                if self.config.router.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                loopback_of(self.listen)
+            ),
             preview_header: self
                 .config
                 .router
                 .preview
                 .as_ref()
                 .map(|p| p.header.to_string()),
+            preview_secret: self.config.router.preview.as_ref().and_then(|p| {
+                p.secret
+                    .as_ref()
+                    .map(|secret| format!("{}: {secret}", p.secret_header))
+            }),
             reason: None,
         }
     }
