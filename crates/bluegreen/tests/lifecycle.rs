@@ -403,3 +403,67 @@ fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("bluegreen: stopped"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_provider_deploys_and_stops_through_user_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = dir.path().display().to_string();
+    let deploy = executable(
+        dir.path(),
+        "deploy",
+        &format!(
+            "set -e\nout={scripts}/$BLUEGREEN_COLOR.out\n\
+             {BIN} example-app --listen 127.0.0.1:0 --color $BLUEGREEN_COLOR --app-version $BLUEGREEN_VERSION > $out 2>&1 &\n\
+             echo $! > {scripts}/$BLUEGREEN_COLOR.pid\n\
+             for i in $(seq 100); do grep -q listening $out && break; sleep 0.05; done\n\
+             echo \"deploying $BLUEGREEN_VERSION x$BLUEGREEN_INSTANCES\" >&2\n\
+             awk '{{print $3}}' $out"
+        ),
+    );
+    let stop = executable(
+        dir.path(),
+        "stop",
+        &format!("kill $(cat {scripts}/$BLUEGREEN_COLOR.pid)"),
+    );
+    let test_record = dir.path().join("test-env");
+    let test_command = executable(
+        dir.path(),
+        "smoke",
+        &format!(
+            "echo \"$BLUEGREEN_COLOR $BLUEGREEN_PREVIEW_HEADER $BLUEGREEN_PREVIEW_URL\" > {}",
+            test_record.display()
+        ),
+    );
+    let config = format!(
+        "service: web\nrouter: {{ listen: 127.0.0.1:0, admin: .bluegreen/admin.sock, drain_timeout: 1s }}\n\
+         app: {{ provider: command, deploy: {deploy}, stop: {stop}, ready_timeout: 10s }}\n\
+         health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}\n\
+         test: {{ command: {test_command} }}\n\
+         release: {{ strategy: instant, monitor_window: 0s, scale_down_delay: 0s }}\n"
+    );
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let blue_pid = std::fs::read_to_string(dir.path().join("blue.pid")).unwrap();
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let client = support::client();
+    let (code, _, body) = support::get(&client, &daemon.url("/"), &[]).await.unwrap();
+    assert_eq!((code, body.trim()), (200, "green 2.0"));
+    // The test command got the preview route of green.
+    let seen = std::fs::read_to_string(&test_record).unwrap();
+    assert!(
+        seen.starts_with("green x-bluegreen-env: green http://127.0.0.1:"),
+        "{seen}"
+    );
+    // scale_down_delay 0: the stop script stopped blue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stat =
+        std::fs::read_to_string(format!("/proc/{}/stat", blue_pid.trim())).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "blue still runs: {stat}"
+    );
+    let out = daemon.cli(&["logs", "--environment", "green"]);
+    assert!(text(&out).contains("deploying 2.0 x1"), "{}", text(&out));
+}

@@ -162,20 +162,30 @@ impl Daemon {
         differences
     }
 
-    /// Saves a color's record (and its event) before anything acts on it.
-    pub(crate) fn save_environment(
+    /// Changes a color's record and saves it (with the event `change` returns) before anything
+    /// acts on it. Read, change and write happen under one lock: instance events and deploys
+    /// update the same record concurrently.
+    pub(crate) fn update_environment(
         &self,
-        record: EnvironmentRecord,
-        event: Option<(&str, &str, Option<i64>)>,
-    ) -> Result<(), CommandError> {
-        crate::daemon::off_the_runtime(|| self.store.save_environment(&record, event))
+        color: Color,
+        release: Option<i64>,
+        change: impl FnOnce(&mut EnvironmentRecord) -> Option<(&'static str, String)>,
+    ) -> Result<EnvironmentRecord, CommandError> {
+        let mut all = self.controller.environments.lock().expect("lock");
+        let mut record = all[color.index()].clone();
+        let event = change(&mut record);
+        let stored = event
+            .as_ref()
+            .map(|(kind, message)| (*kind, message.as_str(), release));
+        crate::daemon::off_the_runtime(|| self.store.save_environment(&record, stored))
             .map_err(|e| CommandError::Failed(e.to_string()))?;
-        if let Some((kind, message, release)) = event {
+        all[color.index()] = record.clone();
+        drop(all);
+        if let Some((kind, message)) = &event {
+            tracing::info!(kind, "{message}");
             self.notify(kind, message, release);
         }
-        let index = record.color.index();
-        self.controller.environments.lock().expect("lock")[index] = record;
-        Ok(())
+        Ok(record)
     }
 
     pub(crate) fn event(&self, kind: &str, message: &str, release: Option<i64>) {
@@ -344,12 +354,14 @@ impl Daemon {
                 pid,
                 port,
             } if current(color, generation) => {
-                let mut record = self.environment(color);
-                if let Some(instance) = record.instances.get_mut(slot) {
-                    instance.pid = Some(pid);
-                    instance.port = port;
-                }
-                if let Err(e) = self.save_environment(record, None) {
+                let saved = self.update_environment(color, None, |record| {
+                    if let Some(instance) = record.instances.get_mut(slot) {
+                        instance.pid = Some(pid);
+                        instance.port = port;
+                    }
+                    None
+                });
+                if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record instance");
                 }
             }
@@ -361,16 +373,20 @@ impl Daemon {
                 status,
                 restart_in,
             } if current(color, generation) => {
-                let mut record = self.environment(color);
-                if let Some(instance) = record.instances.get_mut(slot) {
-                    instance.restarts += 1;
-                    instance.pid = None;
-                }
-                let message = format!(
-                    "{color} instance {slot} (port {port}) {status}; restarting in {}ms",
-                    restart_in.as_millis()
-                );
-                if let Err(e) = self.save_environment(record, Some(("instance", &message, None))) {
+                let saved = self.update_environment(color, None, |record| {
+                    if let Some(instance) = record.instances.get_mut(slot) {
+                        instance.restarts += 1;
+                        instance.pid = None;
+                    }
+                    Some((
+                        "instance",
+                        format!(
+                            "{color} instance {slot} (port {port}) {status}; restarting in {}ms",
+                            restart_in.as_millis()
+                        ),
+                    ))
+                });
+                if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record instance exit");
                 }
             }
@@ -379,11 +395,12 @@ impl Daemon {
                 generation,
                 reason,
             } if current(color, generation) => {
-                let mut record = self.environment(color);
-                record.status = EnvironmentStatus::Failed;
-                record.reason = Some(reason.clone());
-                let message = format!("{color} failed: {reason}");
-                if let Err(e) = self.save_environment(record, Some(("failed", &message, None))) {
+                let saved = self.update_environment(color, None, |record| {
+                    record.status = EnvironmentStatus::Failed;
+                    record.reason = Some(reason.clone());
+                    Some(("failed", format!("{color} failed: {reason}")))
+                });
+                if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record crash loop");
                 }
             }
@@ -443,20 +460,24 @@ impl Daemon {
         }
         self.settle_interrupted_release().await;
         for color in Color::ALL {
-            let mut record = self.environment(color);
-            if record.status != EnvironmentStatus::Deploying {
+            if self.environment(color).status != EnvironmentStatus::Deploying {
                 continue;
             }
             // A deploy the previous daemon did not finish: never proven healthy, so stopped.
             self.controller.supervisor.stop(color).await;
-            record.instances.iter_mut().for_each(|i| i.pid = None);
-            record.status = EnvironmentStatus::Failed;
-            record.reason = Some("the deploy was interrupted by a daemon restart".into());
-            let message = format!(
-                "{color} {}: the deploy was interrupted by a daemon restart; its instances were stopped",
-                record.version.as_deref().unwrap_or("")
-            );
-            if let Err(e) = self.save_environment(record, Some(("recover", &message, None))) {
+            let saved = self.update_environment(color, None, |record| {
+                record.instances.iter_mut().for_each(|i| i.pid = None);
+                record.status = EnvironmentStatus::Failed;
+                record.reason = Some("the deploy was interrupted by a daemon restart".into());
+                Some((
+                    "recover",
+                    format!(
+                        "{color} {}: the deploy was interrupted by a daemon restart; its instances were stopped",
+                        record.version.as_deref().unwrap_or("")
+                    ),
+                ))
+            });
+            if let Err(e) = saved {
                 tracing::error!(error = %e, "cannot record the interrupted deploy");
             }
         }
@@ -491,25 +512,22 @@ impl Daemon {
         }
         let spec = self.spec(color).clone();
         let started = Instant::now();
-        let mut record = self.environment(color);
-        record.version = Some(version.to_string());
-        record.status = EnvironmentStatus::Deploying;
-        record.extra_env = extra_env;
-        record.reason = None;
-        record.scale_down_at_ms = None;
-        record.deployed_at_ms = Some(now_ms());
-        self.save_environment(
-            record.clone(),
+        let mut record = self.update_environment(color, release, |record| {
+            record.version = Some(version.to_string());
+            record.status = EnvironmentStatus::Deploying;
+            record.extra_env = extra_env;
+            record.reason = None;
+            record.scale_down_at_ms = None;
+            record.deployed_at_ms = Some(now_ms());
             Some((
                 "deploy",
-                &format!(
+                format!(
                     "deploying {version} to {color} ({} instance(s), {} provider)",
                     spec.instances,
                     provider_name(spec.provider)
                 ),
-                release,
-            )),
-        )?;
+            ))
+        })?;
         let outcome = match spec.provider {
             ProviderKind::Process => self.deploy_processes(color, &mut record).await,
             ProviderKind::Command => self.deploy_by_command(color, &mut record, release).await,
@@ -519,30 +537,33 @@ impl Daemon {
                     .await
             }
         };
-        // Instance events (pids) were recorded meanwhile: build on the record as it is now.
-        let upstreams = record.upstreams.clone();
-        let mut record = self.environment(color);
-        record.upstreams = upstreams;
+        let upstreams = record.upstreams;
         match outcome {
             Ok(()) => {
-                record.status = EnvironmentStatus::Running;
                 let message = format!(
                     "{color} runs {version}: {} healthy upstream(s) in {:.1}s",
                     self.router.table().pool(color).healthy_count(),
                     started.elapsed().as_secs_f64()
                 );
-                self.save_environment(record, Some(("deployed", &message, release)))?;
+                self.update_environment(color, release, |record| {
+                    record.upstreams = upstreams;
+                    record.status = EnvironmentStatus::Running;
+                    Some(("deployed", message.clone()))
+                })?;
                 Ok(message)
             }
             Err(reason) => {
                 if spec.provider == ProviderKind::Process {
                     self.controller.supervisor.stop(color).await;
-                    record.instances.iter_mut().for_each(|i| i.pid = None);
                 }
-                record.status = EnvironmentStatus::Failed;
-                record.reason = Some(reason.clone());
                 let message = format!("deploying {version} to {color} failed: {reason}");
-                self.save_environment(record, Some(("deploy-failed", &message, release)))?;
+                self.update_environment(color, release, |record| {
+                    record.upstreams = upstreams;
+                    record.instances.iter_mut().for_each(|i| i.pid = None);
+                    record.status = EnvironmentStatus::Failed;
+                    record.reason = Some(reason);
+                    Some(("deploy-failed", message.clone()))
+                })?;
                 Err(CommandError::Failed(message))
             }
         }
@@ -570,8 +591,12 @@ impl Daemon {
             .collect();
         record.instances = instances.clone();
         record.upstreams = addrs.clone();
-        self.save_environment(record.clone(), None)
-            .map_err(|e| e.to_string())?;
+        self.update_environment(color, None, |saved| {
+            saved.instances = instances.clone();
+            saved.upstreams = addrs.clone();
+            None
+        })
+        .map_err(|e| e.to_string())?;
         self.controller
             .supervisor
             .start(self.launch(color, record), instances)
@@ -678,7 +703,6 @@ impl Daemon {
             )));
         }
         let spec = self.spec(color).clone();
-        let mut record = self.environment(color);
         match spec.provider {
             ProviderKind::Process => self.controller.supervisor.stop(color).await,
             ProviderKind::Command => {
@@ -700,14 +724,19 @@ impl Daemon {
             }
             ProviderKind::Static => {}
         }
-        record.instances.iter_mut().for_each(|i| i.pid = None);
-        record.status = EnvironmentStatus::Stopped;
-        record.scale_down_at_ms = None;
-        let message = format!(
-            "{color} {} stopped: {why}",
-            record.version.as_deref().unwrap_or("")
-        );
-        self.save_environment(record, Some(("stopped", &message, None)))
+        self.update_environment(color, None, |record| {
+            record.instances.iter_mut().for_each(|i| i.pid = None);
+            record.status = EnvironmentStatus::Stopped;
+            record.scale_down_at_ms = None;
+            Some((
+                "stopped",
+                format!(
+                    "{color} {} stopped: {why}",
+                    record.version.as_deref().unwrap_or("")
+                ),
+            ))
+        })
+        .map(|_| ())
     }
 
     /// Arms the timer that stops a warm old color at `at_ms`, unless it takes traffic again or
@@ -726,16 +755,13 @@ impl Daemon {
                 return; // redeployed or rescheduled since
             }
             if daemon.router.table().split.weight(color) > 0 {
-                let mut record = record;
-                record.scale_down_at_ms = None;
-                let _ = daemon.save_environment(
-                    record,
+                let _ = daemon.update_environment(color, None, |record| {
+                    record.scale_down_at_ms = None;
                     Some((
                         "cleanup",
-                        &format!("{color} takes traffic again; not stopped"),
-                        None,
-                    )),
-                );
+                        format!("{color} takes traffic again; not stopped"),
+                    ))
+                });
                 return;
             }
             daemon.clean_up(color).await;

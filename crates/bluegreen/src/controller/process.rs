@@ -122,6 +122,8 @@ impl Supervisor {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let launch = Arc::new(launch);
+        // Held while the tasks start: their first events must find this generation registered.
+        let mut groups = self.groups.lock().expect("lock");
         let tasks = instances
             .into_iter()
             .enumerate()
@@ -140,9 +142,7 @@ impl Supervisor {
                 ))
             })
             .collect();
-        let color = launch.color;
-        let mut groups = self.groups.lock().expect("lock");
-        groups[color.index()] = Some(Group {
+        groups[launch.color.index()] = Some(Group {
             generation,
             cancel,
             tasks,

@@ -564,8 +564,7 @@ impl Daemon {
                 Stage::Cleanup => {
                     let old = release.from_color;
                     let delay = self.config.controller.scale_down_delay;
-                    let mut record = self.environment(old);
-                    if record.status == EnvironmentStatus::Stopped {
+                    if self.environment(old).status == EnvironmentStatus::Stopped {
                         continue;
                     }
                     if delay.is_zero() {
@@ -573,14 +572,18 @@ impl Daemon {
                         continue;
                     }
                     let at = now_ms() + delay.as_millis() as i64;
-                    record.scale_down_at_ms = Some(at);
-                    let message = format!(
-                        "{old} {} stays warm for {} (scale_down_delay), then stops",
-                        record.version.as_deref().unwrap_or(""),
-                        crate::duration::format(delay)
-                    );
-                    self.save_environment(record, Some(("cleanup", &message, id)))
-                        .map_err(|e| Stop::Failed(e.to_string()))?;
+                    self.update_environment(old, id, |record| {
+                        record.scale_down_at_ms = Some(at);
+                        Some((
+                            "cleanup",
+                            format!(
+                                "{old} {} stays warm for {} (scale_down_delay), then stops",
+                                record.version.as_deref().unwrap_or(""),
+                                crate::duration::format(delay)
+                            ),
+                        ))
+                    })
+                    .map_err(|e| Stop::Failed(e.to_string()))?;
                     self.schedule_scale_down(old, at);
                 }
             }
