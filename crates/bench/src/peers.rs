@@ -131,7 +131,7 @@ impl Peer {
         let config = format!(
             "service: bench\nrouter:\n  listen: 127.0.0.1:{port}\n  admin: admin.sock\n  drain_timeout: 5s\n  max_connections: 19000\n\
              environments:\n  blue: {{ upstreams: [\"{}\"] }}\n  green: {{ upstreams: [\"{}\"] }}\n\
-             health: {{ path: /healthz, interval: 1s, timeout: 1s }}\n",
+             health: {{ path: /healthz, interval: 1s, timeout: 1s }}\ndashboard: {{ enabled: false }}\n",
             backends.blue, backends.green
         );
         std::fs::write(dir.join("bluegreen.yaml"), config).map_err(|e| e.to_string())?;

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
 use crate::controller::release::{ReleaseKind, ReleaseRequest};
@@ -446,6 +446,45 @@ async fn diff(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Res
     Ok(Json(json!({ "a": a, "b": b, "differences": daemon.diff(a, b) })).into_response())
 }
 
+/// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
+/// event as it is stored, so a watcher misses none. Ends when the daemon stops.
+async fn stream(State(daemon): State<Arc<Daemon>>) -> Response {
+    let events = daemon.watch_events();
+    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let body = futures_util::stream::unfold(
+        (daemon, events, tick),
+        |(daemon, mut events, mut tick)| async move {
+            let chunk = tokio::select! {
+                _ = tick.tick() => {
+                    if daemon.router.is_stopping() {
+                        return None;
+                    }
+                    format!("event: snapshot\ndata: {}\n\n", daemon.snapshot().await)
+                }
+                received = events.recv() => match received {
+                    Ok(event) => format!("event: event\ndata: {}\n\n", json!(event)),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        format!("event: lagged\ndata: {missed}\n\n")
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
+                (daemon, events, tick),
+            ))
+        },
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
 async fn environments(State(daemon): State<Arc<Daemon>>) -> Response {
     Json(json!({ "environments": daemon.environments() })).into_response()
 }
@@ -600,9 +639,99 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/diff", get(diff))
         .route("/v1/logs", get(logs))
         .route("/v1/monitor", get(monitor))
+        .route("/v1/stream", get(stream))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(daemon)
+}
+
+/// The dashboard page: one HTML file with its script, served by the binary (no build step).
+const DASHBOARD_PAGE: &str = include_str!("dashboard.html");
+
+async fn dashboard_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD_PAGE,
+    )
+        .into_response()
+}
+
+/// The web dashboard: the page, its live stream and release history for anyone who can reach
+/// `dashboard.listen` (loopback by default); its buttons' calls need the dashboard token.
+fn dashboard_routes(daemon: Arc<Daemon>, token: Arc<String>) -> Routes {
+    let actions = Routes::new()
+        .route("/api/switch", post(switch))
+        .route("/api/promote", post(promote))
+        .route("/api/pause", post(pause))
+        .route("/api/resume", post(resume))
+        .route("/api/abort", post(abort))
+        .route("/api/rollback", post(rollback))
+        .layer(middleware::from_fn_with_state(token, require_token));
+    Routes::new()
+        .route("/", get(dashboard_page))
+        .route("/api/stream", get(stream))
+        .route("/api/releases", get(releases))
+        .route("/api/status", get(status))
+        .merge(actions)
+        .fallback(not_found)
+        .with_state(daemon)
+}
+
+/// Serves the dashboard until `shutdown` turns true.
+pub async fn run_dashboard(
+    listener: TcpListener,
+    token: String,
+    daemon: Arc<Daemon>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let app = dashboard_routes(daemon, Arc::new(token));
+    if let Err(error) = serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::error!(%error, "dashboard stopped");
+    }
+}
+
+/// The dashboard token: read from its file, or created there (mode 0600) on first start.
+pub fn dashboard_token(path: &std::path::Path) -> Result<String, String> {
+    if let Ok(token) = std::fs::read_to_string(path) {
+        let token = token.trim().to_string();
+        if token.len() < 16 {
+            return Err(format!(
+                "dashboard.token_file: {} holds a token shorter than 16 characters; write a long random one",
+                path.display()
+            ));
+        }
+        return Ok(token);
+    }
+    let mut bytes = [0u8; 24];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        filled +=
+            rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty())
+                .map_err(|e| format!("dashboard: no randomness for a token: {e}"))?;
+    }
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "dashboard.token_file: cannot create {}: {e}",
+                path.display()
+            )
+        })?;
+    writeln!(file, "{token}")
+        .map_err(|e| format!("dashboard.token_file: cannot write {}: {e}", path.display()))?;
+    Ok(token)
 }
 
 /// A bound admin listener, ready to serve.

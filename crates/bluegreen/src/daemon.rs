@@ -60,6 +60,8 @@ pub struct Daemon {
     pub config: Config,
     pub router: Router,
     pub listen: SocketAddr,
+    /// Where the web dashboard listens, when it is enabled.
+    pub dashboard: Option<SocketAddr>,
     state: Mutex<RouterState>,
     pub(crate) store: Store,
     pub(crate) controller: Controller,
@@ -70,6 +72,8 @@ pub struct DaemonStatus {
     pub service: String,
     pub listen: SocketAddr,
     pub admin: String,
+    /// The web dashboard's address (`bluegreen dashboard` prints it with the token).
+    pub dashboard: Option<String>,
     pub live: Option<Color>,
     pub weights: Weights,
     /// The color `rollback` would make live.
@@ -82,7 +86,11 @@ pub struct DaemonStatus {
 
 impl Daemon {
     /// Builds the router from the config and the saved state (which wins over `initial_live`).
-    pub fn new(config: Config, listen: SocketAddr) -> Result<Arc<Daemon>, String> {
+    pub fn new(
+        config: Config,
+        listen: SocketAddr,
+        dashboard: Option<SocketAddr>,
+    ) -> Result<Arc<Daemon>, String> {
         let store = Store::open(&config.state_dir).map_err(|e| e.to_string())?;
         let state = match store.load().map_err(|e| e.to_string())? {
             Some(state) => {
@@ -103,6 +111,11 @@ impl Daemon {
             }
         };
         let environments = store.environments().map_err(|e| e.to_string())?;
+        let last_event = store
+            .events_after(0, 1)
+            .map_err(|e| e.to_string())?
+            .last()
+            .map_or(0, |e| e.id);
         let logs_dir = config.state_dir.join("logs");
         let r = &config.router;
         let router = Router::new(bluegreen_router::RouterConfig {
@@ -142,9 +155,10 @@ impl Daemon {
             config,
             router,
             listen,
+            dashboard,
             state: Mutex::new(state),
             store,
-            controller: Controller::new(environments, logs_dir),
+            controller: Controller::new(environments, logs_dir, last_event),
         }))
     }
 
@@ -155,6 +169,7 @@ impl Daemon {
             service: self.config.service.clone(),
             listen: self.listen,
             admin: self.config.router.admin.to_string(),
+            dashboard: self.dashboard.map(|addr| format!("http://{addr}/")),
             live: router.live,
             weights: router.split.into(),
             rollback_to,
@@ -294,14 +309,19 @@ impl Daemon {
     /// into what was recorded.
     fn persist(&self, next: &RouterState, kind: &str, message: &str) -> Result<(), CommandError> {
         off_the_runtime(|| self.store.record(next, kind, message))
-            .map_err(|e| CommandError::Failed(e.to_string()))
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        self.notify(kind, message, None);
+        Ok(())
     }
 
     /// The router refused after the new state was recorded: record the old one again.
     fn revert(&self, old: &RouterState, refused: String) -> CommandError {
         let message = format!("not applied: {refused}");
         match off_the_runtime(|| self.store.record(old, "reverted", &message)) {
-            Ok(()) => CommandError::Refused(refused),
+            Ok(()) => {
+                self.notify("reverted", &message, None);
+                CommandError::Refused(refused)
+            }
             Err(e) => {
                 CommandError::Failed(format!("{refused}; and recording the way back failed: {e}"))
             }

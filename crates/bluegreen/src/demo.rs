@@ -146,6 +146,7 @@ app:
   instances: 2
   ready_timeout: 20s
 health: {{ path: /healthz, interval: 250ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }}
+dashboard: {{ listen: "127.0.0.1:0" }}
 test:
   checks:
     - {{ path: /healthz, status: 200, max_latency: 1s }}

@@ -439,7 +439,8 @@ async fn the_command_provider_deploys_and_stops_through_user_scripts() {
          app: {{ provider: command, deploy: {deploy}, stop: {stop}, ready_timeout: 10s }}\n\
          health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}\n\
          test: {{ command: {test_command} }}\n\
-         release: {{ strategy: instant, monitor_window: 0s, scale_down_delay: 0s }}\n"
+         release: {{ strategy: instant, monitor_window: 0s, scale_down_delay: 0s }}\n\
+         dashboard: {{ listen: \"127.0.0.1:0\" }}\n"
     );
     let daemon = Daemon::start(&config).await;
     let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);

@@ -219,6 +219,11 @@ impl Router {
         Ok(())
     }
 
+    /// True once [`Router::shutdown`] began.
+    pub fn is_stopping(&self) -> bool {
+        self.inner.stopping.is_cancelled()
+    }
+
     pub fn table(&self) -> Arc<RoutingTable> {
         self.inner.proxy.table.load_full()
     }

@@ -123,6 +123,8 @@ pub enum Commands {
         #[arg(long, default_value_t = 10)]
         limit: usize,
     },
+    /// The web dashboard's address with its token (open it in a browser).
+    Dashboard,
     /// Run the whole story on this machine: the example app, load, a good and a bad release.
     Demo(crate::demo::DemoArgs),
     /// Router commands, spelled as in the seed: `bluegreen router switch --from blue --to green`.
@@ -324,6 +326,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Logs { environment, lines } => release::logs(&cli, environment, *lines).await,
         Commands::Releases { limit } => release::list(&cli, *limit).await,
         Commands::Demo(args) => crate::demo::run(args).await,
+        Commands::Dashboard => {
+            let config = Config::load(&cli.config)?;
+            let Some(settings) = &config.dashboard else {
+                return Err(CliError::new(
+                    exit::REFUSED,
+                    "the dashboard is disabled (dashboard.enabled: false)",
+                ));
+            };
+            let client = admin_client(&cli)?;
+            let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
+            let url = status["dashboard"].as_str().unwrap_or("").to_string();
+            let token = std::fs::read_to_string(&settings.token_file)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    CliError::new(
+                        exit::FAILURE,
+                        format!(
+                            "cannot read the dashboard token {}: {e}",
+                            settings.token_file.display()
+                        ),
+                    )
+                })?;
+            match cli.output {
+                Output::Json => println!("{}", json!({ "url": url, "token": token })),
+                Output::Text => println!("{url}#token={token}"),
+            }
+            Ok(())
+        }
         Commands::Weights(args) => {
             let body = match (args.green, args.blue) {
                 (Some(green), _) => json!({ "green": green }),
@@ -477,7 +507,26 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let admin_listener = admin::bind(&admin_endpoint, config.router.admin_token.as_deref())
         .await
         .map_err(failure)?;
-    let daemon = Daemon::new(config, listen).map_err(failure)?;
+    let dashboard = match &config.dashboard {
+        Some(settings) => {
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .map_err(|e| {
+                    failure(format!(
+                        "dashboard.listen: cannot bind {}: {e}; choose another address, or set dashboard.enabled: false",
+                        settings.listen
+                    ))
+                })?;
+            let token = admin::dashboard_token(&settings.token_file).map_err(failure)?;
+            Some((listener, token))
+        }
+        None => None,
+    };
+    let dashboard_addr = match &dashboard {
+        Some((listener, _)) => Some(listener.local_addr().map_err(|e| failure(e.to_string()))?),
+        None => None,
+    };
+    let daemon = Daemon::new(config, listen, dashboard_addr).map_err(failure)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| failure(e.to_string()))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
 
@@ -498,6 +547,14 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         Arc::clone(&daemon),
         admin_stopped,
     ));
+    let dashboard_task = dashboard.map(|(listener, token)| {
+        tokio::spawn(admin::run_dashboard(
+            listener,
+            token,
+            Arc::clone(&daemon),
+            stop_admin.subscribe(),
+        ))
+    });
     let status = daemon.status().await;
     let health: Vec<String> = status
         .router
@@ -513,7 +570,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         })
         .collect();
     println!(
-        "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}",
+        "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}{}",
         daemon.config.service,
         if daemon.config.router.tls.is_some() {
             "https"
@@ -522,6 +579,11 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         },
         health.join(", "),
         status.weights_text(),
+        match &status.dashboard {
+            Some(url) =>
+                format!("; dashboard: {url} (`bluegreen dashboard` prints it with its token)"),
+            None => String::new(),
+        }
     );
 
     tokio::select! {
@@ -539,6 +601,9 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     }
     let _ = stop_admin.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
+    if let Some(task) = dashboard_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     serving.abort();
     daemon.shutdown_controller().await;
     if let AdminEndpoint::Unix(path) = &admin_endpoint {

@@ -77,6 +77,26 @@ struct RawConfig {
     hooks: RawHooks,
     #[serde(default)]
     webhook: Option<RawWebhook>,
+    #[serde(default)]
+    dashboard: RawDashboard,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawDashboard {
+    enabled: bool,
+    listen: String,
+    token_file: Option<String>,
+}
+
+impl Default for RawDashboard {
+    fn default() -> Self {
+        RawDashboard {
+            enabled: true,
+            listen: "127.0.0.1:9900".into(),
+            token_file: None,
+        }
+    }
 }
 
 fn default_state_dir() -> String {
@@ -274,6 +294,15 @@ pub struct Config {
     pub upstreams: [Vec<SocketAddr>; 2],
     pub health: HealthSettings,
     pub controller: ControllerConfig,
+    pub dashboard: Option<DashboardConfig>,
+}
+
+/// The web dashboard: where it listens, and the file holding the token its buttons need
+/// (created with a random token on first start when it does not exist).
+#[derive(Debug, Clone)]
+pub struct DashboardConfig {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
 }
 
 impl Config {
@@ -577,13 +606,30 @@ impl<'a> Validator<'a> {
             },
             &upstreams,
         );
+        let state_dir = self.resolve(&raw.state_dir);
+        let dashboard = raw.dashboard.enabled.then(|| {
+            let listen = parse_socket_addr(&raw.dashboard.listen).unwrap_or_else(|message| {
+                self.issue("dashboard.listen", message);
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            });
+            DashboardConfig {
+                listen,
+                token_file: raw
+                    .dashboard
+                    .token_file
+                    .as_deref()
+                    .map(|f| self.resolve(f))
+                    .unwrap_or_else(|| state_dir.join("dashboard.token")),
+            }
+        });
         if !self.issues.is_empty() {
             return Err(self.issues);
         }
         Ok(Config {
             controller,
+            dashboard,
             service: raw.service,
-            state_dir: self.resolve(&raw.state_dir),
+            state_dir,
             router: RouterConfig {
                 listen,
                 admin,

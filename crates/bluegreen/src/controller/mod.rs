@@ -36,13 +36,20 @@ pub struct Controller {
     /// The release in progress, and the channel its runner listens to.
     active: Mutex<Option<(Release, watch::Sender<Control>)>>,
     history: Mutex<History>,
+    /// Events as they are stored, for `/v1/stream` watchers; `published` is the last one sent.
+    live: tokio::sync::broadcast::Sender<crate::store::Event>,
+    published: Mutex<i64>,
     /// Deploys, releases and redeploying rollbacks change environments one at a time.
     pub(crate) exclusive: tokio::sync::Mutex<()>,
     pub logs_dir: PathBuf,
 }
 
 impl Controller {
-    pub fn new(environments: [EnvironmentRecord; 2], logs_dir: PathBuf) -> Controller {
+    pub fn new(
+        environments: [EnvironmentRecord; 2],
+        logs_dir: PathBuf,
+        last_event: i64,
+    ) -> Controller {
         let (events, receiver) = mpsc::unbounded_channel();
         Controller {
             environments: Mutex::new(environments),
@@ -50,6 +57,8 @@ impl Controller {
             supervisor_events: Mutex::new(Some(receiver)),
             active: Mutex::new(None),
             history: Mutex::new(History::new(HISTORY_SECONDS)),
+            live: tokio::sync::broadcast::channel(1024).0,
+            published: Mutex::new(last_event),
             exclusive: tokio::sync::Mutex::new(()),
             logs_dir,
         }
@@ -197,7 +206,9 @@ impl Daemon {
         self.notify(kind, message, release);
     }
 
-    fn notify(&self, kind: &str, message: &str, release: Option<i64>) {
+    /// After an event is stored: live watchers (`/v1/stream`) and the webhook hear of it.
+    pub(crate) fn notify(&self, kind: &str, message: &str, release: Option<i64>) {
+        self.publish_events();
         if let Some(webhook) = &self.config.controller.webhook {
             hooks::notify(
                 webhook,
@@ -210,6 +221,40 @@ impl Daemon {
                 }),
             );
         }
+    }
+
+    /// Sends events stored since the last call to the live watchers, in order.
+    fn publish_events(&self) {
+        let mut last = self.controller.published.lock().expect("lock");
+        match crate::daemon::off_the_runtime(|| self.store.events_after(*last, 1000)) {
+            Ok(events) => {
+                for event in events {
+                    *last = event.id;
+                    let _ = self.controller.live.send(event);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read new events"),
+        }
+    }
+
+    /// Subscribes to events as they are stored.
+    pub fn watch_events(&self) -> tokio::sync::broadcast::Receiver<crate::store::Event> {
+        self.controller.live.subscribe()
+    }
+
+    /// One picture of the daemon for live views: both colors with their recent numbers, the
+    /// live color, the release in progress.
+    pub async fn snapshot(&self) -> serde_json::Value {
+        let split = self.router.table().split;
+        serde_json::json!({
+            "service": self.config.service,
+            "at_ms": now_ms(),
+            "live": split.sole_color(),
+            "weights": crate::daemon::Weights::from(split),
+            "rollback_to": self.rollback_target().await,
+            "environments": Color::ALL.map(|c| self.environment(c)),
+            "monitor": self.monitor(10),
+        })
     }
 
     /// The facts hooks and test commands receive.

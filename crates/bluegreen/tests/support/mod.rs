@@ -245,7 +245,8 @@ pub fn config(blue: &[&Backend], green: &[&Backend], router_extra: &str) -> Stri
     format!(
         "service: web\nrouter:\n  listen: 127.0.0.1:0\n  admin: .bluegreen/admin.sock\n{drain}{router_extra}\
          environments:\n  blue: {{ upstreams: [{}] }}\n  green: {{ upstreams: [{}] }}\n\
-         health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2 }}\n",
+         health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2 }}\n\
+         dashboard: {{ listen: \"127.0.0.1:0\" }}\n",
         list(blue),
         list(green)
     )
@@ -474,6 +475,7 @@ app:
   ready_timeout: 15s
   stop_timeout: 2s
 health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}
+dashboard: {{ listen: "127.0.0.1:0" }}
 test:
   checks:
     - {{ path: /healthz, status: 200 }}
