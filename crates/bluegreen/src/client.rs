@@ -48,6 +48,47 @@ impl AdminClient {
         }
     }
 
+    /// A GET whose answer body is read as it arrives (the `/v1/stream` of server-sent events).
+    pub async fn stream(&self, path: &str) -> Result<hyper::body::Incoming, ClientError> {
+        let endpoint = self.endpoint.to_string();
+        let unreachable = |e: std::io::Error| ClientError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        };
+        let protocol = |e: hyper::Error| ClientError::Protocol {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        };
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(header::HOST, "bluegreen");
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .expect("a valid request");
+        let response = match &self.endpoint {
+            AdminEndpoint::Unix(socket) => {
+                let stream = UnixStream::connect(socket).await.map_err(unreachable)?;
+                open(stream, request).await
+            }
+            AdminEndpoint::Tcp(addr) => {
+                let stream = TcpStream::connect(addr).await.map_err(unreachable)?;
+                open(stream, request).await
+            }
+        }
+        .map_err(protocol)?;
+        if !response.status().is_success() {
+            return Err(ClientError::Protocol {
+                endpoint,
+                reason: format!("{path} answered {}", response.status()),
+            });
+        }
+        Ok(response.into_body())
+    }
+
     async fn send<S>(
         &self,
         stream: S,
@@ -77,6 +118,20 @@ impl AdminClient {
     }
 }
 
+/// Sends one request on a fresh connection and hands back the answer with its body unread.
+async fn open<S>(
+    stream: S,
+    request: Request<Full<Bytes>>,
+) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
+}
+
 /// One HTTP/1.1 request on a fresh connection; the whole answer body is read.
 pub async fn exchange<S>(
     stream: S,
@@ -85,10 +140,7 @@ pub async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
+    let response = open(stream, request).await?;
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await?.to_bytes();
     Ok((parts.status, parts.headers, bytes))

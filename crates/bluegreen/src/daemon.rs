@@ -110,7 +110,16 @@ impl Daemon {
                 state
             }
         };
-        let environments = store.environments().map_err(|e| e.to_string())?;
+        let mut environments = store.environments().map_err(|e| e.to_string())?;
+        for record in &mut environments {
+            // Fixed upstreams are run by someone else: they count as running, health tells.
+            if config.controller.environment(record.color).provider
+                == crate::config::controller::ProviderKind::Static
+                && record.status == crate::store::EnvironmentStatus::Stopped
+            {
+                record.status = crate::store::EnvironmentStatus::Running;
+            }
+        }
         let last_event = store
             .events_after(0, 1)
             .map_err(|e| e.to_string())?

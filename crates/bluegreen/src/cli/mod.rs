@@ -2,6 +2,7 @@
 
 mod init;
 mod release;
+mod tui;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -220,6 +220,13 @@ fn window_text(w: &Value) -> String {
 
 pub async fn monitor(cli: &Cli, args: &super::MonitorArgs) -> Result<(), CliError> {
     let client = admin_client(cli)?;
+    // On a terminal: the live screen; in a pipe or a log: one line per interval.
+    if cli.output == Output::Text
+        && args.count.is_none()
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
+    {
+        return super::tui::run(client).await;
+    }
     let interval = args.interval.clamp(1, 600);
     let mut printed = 0;
     loop {
