@@ -359,6 +359,45 @@ fn config_mistakes_name_their_key_and_the_fix() {
 }
 
 #[test]
+fn completions_and_the_man_page_come_from_the_command_definitions() {
+    for (shell, expected) in [
+        ("bash", "_bluegreen()"),
+        ("zsh", "#compdef bluegreen"),
+        ("fish", "complete -c bluegreen"),
+    ] {
+        let output = std::process::Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && text.contains(expected),
+            "{shell}: {text:.200}"
+        );
+        assert!(
+            text.contains("release") && text.contains("rollback"),
+            "{shell}"
+        );
+    }
+    let output = std::process::Command::new(BIN).arg("man").output().unwrap();
+    let page = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && page.contains(".TH bluegreen"),
+        "{page:.300}"
+    );
+    assert!(page.contains("release"), "the subcommands are listed");
+    let output = std::process::Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
+
+#[test]
 fn init_writes_a_config_that_checks_and_will_not_overwrite_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bluegreen.yaml");

@@ -126,6 +126,13 @@ pub enum Commands {
     },
     /// The web dashboard's address with its token (open it in a browser).
     Dashboard,
+    /// Shell completions, generated from these definitions: `bluegreen completions bash > …`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// The man page (roff), generated from these definitions: `bluegreen man | man -l -`.
+    Man,
     /// Run the whole story on this machine: the example app, load, a good and a bad release.
     Demo(crate::demo::DemoArgs),
     /// Router commands, spelled as in the seed: `bluegreen router switch --from blue --to green`.
@@ -327,6 +334,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Logs { environment, lines } => release::logs(&cli, environment, *lines).await,
         Commands::Releases { limit } => release::list(&cli, *limit).await,
         Commands::Demo(args) => crate::demo::run(args).await,
+        Commands::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "bluegreen", &mut std::io::stdout());
+            Ok(())
+        }
+        Commands::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            let mut page = Vec::new();
+            clap_mangen::Man::new(command)
+                .render(&mut page)
+                .map_err(|e| {
+                    CliError::new(exit::FAILURE, format!("cannot render the man page: {e}"))
+                })?;
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&page)
+                .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+            Ok(())
+        }
         Commands::Dashboard => {
             let config = Config::load(&cli.config)?;
             let Some(settings) = &config.dashboard else {
@@ -379,7 +405,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     .find(|e| e["color"].as_str() == back && e["status"] == "stopped");
                 if let (None, Some(env)) = (to_version, stopped) {
                     eprintln!(
-                        "{} was scaled down after the release: rolling back deploys {} to it again, which takes as long as a deploy …",
+                        "{} was scaled down after the release: rolling back deploys {} to it again, which takes as long as a deploy",
                         env["color"].as_str().unwrap_or("?"),
                         env["version"].as_str().unwrap_or("its last version")
                     );
@@ -389,7 +415,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 Some(version) => json!({ "to_version": version }),
                 None => json!({}),
             };
-            change(&cli, "/v1/rollback", body).await
+            let progress = release::spinner(&cli, "rolling back".into());
+            let outcome = change(&cli, "/v1/rollback", body).await;
+            progress.finish_and_clear();
+            outcome
         }
         Commands::Upstreams(args) => {
             let body = json!({ "environment": args.environment, "upstreams": args.upstreams });

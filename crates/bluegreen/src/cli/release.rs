@@ -8,6 +8,25 @@ use serde_json::{Value, json};
 
 use super::{Cli, CliError, Output, admin_client, exit, expect_ok, utc_time};
 
+/// A spinner on stderr with a step's name, its elapsed time and what it waits for; hidden when
+/// stderr is not a terminal or the output is JSON.
+pub(super) fn spinner(cli: &Cli, message: String) -> indicatif::ProgressBar {
+    let visible =
+        cli.output == Output::Text && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = if visible {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_msg}")
+            .expect("a valid template"),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
 pub async fn deploy(cli: &Cli, args: &super::DeployArgs) -> Result<(), CliError> {
     let client = admin_client(cli)?;
     let env: serde_json::Map<String, Value> = args
@@ -15,27 +34,36 @@ pub async fn deploy(cli: &Cli, args: &super::DeployArgs) -> Result<(), CliError>
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    if cli.output == Output::Text {
-        eprintln!(
-            "deploying {} to {} and waiting until it is healthy …",
+    let progress = spinner(
+        cli,
+        format!(
+            "deploying {} to {}: waiting until all its upstreams pass health checks",
             args.version, args.environment
-        );
-    }
+        ),
+    );
     let body = json!({ "environment": args.environment, "version": args.version, "env": env });
-    let answer = expect_ok(client.call(Method::POST, "/v1/deploy", Some(body)).await?)?;
+    let answer = client.call(Method::POST, "/v1/deploy", Some(body)).await;
+    progress.finish_and_clear();
+    let answer = expect_ok(answer?)?;
     print_answer(cli, &answer);
     Ok(())
 }
 
 pub async fn test(cli: &Cli, environment: Color) -> Result<(), CliError> {
     let client = admin_client(cli)?;
-    let (status, body) = client
+    let progress = spinner(
+        cli,
+        format!("testing {environment} through the router's preview route"),
+    );
+    let answer = client
         .call(
             Method::POST,
             "/v1/test",
             Some(json!({ "environment": environment })),
         )
-        .await?;
+        .await;
+    progress.finish_and_clear();
+    let (status, body) = answer?;
     // 422 carries the results of a failed test run; anything else is an error.
     let answer = if status == http::StatusCode::UNPROCESSABLE_ENTITY {
         serde_json::from_slice(&body).unwrap_or(Value::Null)
@@ -94,6 +122,7 @@ pub async fn start_and_follow(
         return Ok(());
     }
     let text = cli.output == Output::Text;
+    let progress = spinner(cli, format!("release #{id} starting"));
     let mut last_progress = Instant::now();
     let final_answer = loop {
         let events = expect_ok(
@@ -108,12 +137,14 @@ pub async fn start_and_follow(
         for event in events["events"].as_array().into_iter().flatten() {
             after = event["id"].as_i64().unwrap_or(after);
             if text {
-                println!(
-                    "{}  {:<11} {}",
-                    utc_time(event["at_ms"].as_i64().unwrap_or(0)),
-                    event["kind"].as_str().unwrap_or("?"),
-                    event["message"].as_str().unwrap_or("")
-                );
+                progress.suspend(|| {
+                    println!(
+                        "{}  {:<11} {}",
+                        utc_time(event["at_ms"].as_i64().unwrap_or(0)),
+                        event["kind"].as_str().unwrap_or("?"),
+                        event["message"].as_str().unwrap_or("")
+                    )
+                });
             }
         }
         let answer = expect_ok(
@@ -124,11 +155,17 @@ pub async fn start_and_follow(
         let release = &answer["release"];
         let state = release["state"].as_str().unwrap_or("?");
         if matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted") {
+            progress.finish_and_clear();
             break answer;
         }
-        if text && last_progress.elapsed() >= Duration::from_secs(3) {
-            last_progress = Instant::now();
-            println!("{}", progress_line(release));
+        if progress.is_hidden() {
+            // Not a terminal (a CI log): a progress line now and then instead of a spinner.
+            if text && last_progress.elapsed() >= Duration::from_secs(3) {
+                last_progress = Instant::now();
+                println!("{}", progress_line(release));
+            }
+        } else {
+            progress.set_message(progress_line(release));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -188,6 +225,19 @@ pub(super) fn progress_line(release: &Value) -> String {
             release["percent"]
         ),
         "monitoring" => format!("[monitoring{left}]"),
+        "deploying" => format!(
+            "[deploying {} to {}: waiting until its upstreams pass health checks]",
+            release["version"].as_str().unwrap_or("?"),
+            release["color"].as_str().unwrap_or("?")
+        ),
+        "testing" => format!(
+            "[testing {} through the router's preview route]",
+            release["color"].as_str().unwrap_or("?")
+        ),
+        "running" => format!(
+            "[running stage {}]",
+            release["stage"].as_str().unwrap_or("?")
+        ),
         other => format!("[{other}]"),
     };
     let verdict = &release["verdict"];

@@ -202,10 +202,19 @@ fn read_keys(inputs: mpsc::Sender<Input>) {
 }
 
 fn tint(color: &str) -> Tint {
-    match color {
+    paint(match color {
         "blue" => Tint::Blue,
         "green" => Tint::Green,
         _ => Tint::Gray,
+    })
+}
+
+/// A color, or the terminal's own when `NO_COLOR` is set.
+fn paint(color: Tint) -> Tint {
+    if std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()) {
+        Tint::Reset
+    } else {
+        color
     }
 }
 
@@ -240,7 +249,7 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             Line::from(vec![
                 Span::styled(
                     format!("{} ", utc_time(e["at_ms"].as_i64().unwrap_or(0))),
-                    Style::default().fg(Tint::DarkGray),
+                    Style::default().fg(paint(Tint::DarkGray)),
                 ),
                 Span::styled(
                     format!("{:<11} ", e["kind"].as_str().unwrap_or("?")),
@@ -255,9 +264,11 @@ fn draw(frame: &mut Frame, screen: &Screen) {
         events,
     );
     let style = if screen.pending.is_some() {
-        Style::default().fg(Tint::Black).bg(Tint::Yellow)
+        Style::default()
+            .fg(paint(Tint::Black))
+            .bg(paint(Tint::Yellow))
     } else {
-        Style::default().fg(Tint::DarkGray)
+        Style::default().fg(paint(Tint::DarkGray))
     };
     frame.render_widget(Paragraph::new(screen.message.as_str()).style(style), footer);
 }
@@ -276,7 +287,11 @@ fn draw_header(frame: &mut Frame, area: Rect, snapshot: &Value, connected: bool)
     );
     let gauge = Gauge::default()
         .block(Block::default().borders(Borders::ALL).title(title))
-        .gauge_style(Style::default().fg(Tint::Green).bg(Tint::Blue))
+        .gauge_style(
+            Style::default()
+                .fg(paint(Tint::Green))
+                .bg(paint(Tint::Blue)),
+        )
         .percent(green.min(100) as u16)
         .label(format!(
             "blue {}% │ green {green}%",
@@ -334,7 +349,9 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
         Line::from(Span::styled(
             format!("errors {error_rate:.2}%"),
             if error_rate > 1.0 {
-                Style::default().fg(Tint::Red).add_modifier(Modifier::BOLD)
+                Style::default()
+                    .fg(paint(Tint::Red))
+                    .add_modifier(Modifier::BOLD)
             } else {
                 Style::default()
             },
@@ -405,7 +422,7 @@ fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
         if verdict["breach"].is_null() {
             Style::default()
         } else {
-            Style::default().fg(Tint::Red)
+            Style::default().fg(paint(Tint::Red))
         },
     ));
     frame.render_widget(
