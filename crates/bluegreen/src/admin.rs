@@ -674,6 +674,7 @@ fn dashboard_routes(daemon: Arc<Daemon>, token: Arc<String>) -> Routes {
         .route("/", get(dashboard_page))
         .route("/api/stream", get(stream))
         .route("/api/releases", get(releases))
+        .route("/api/history", get(history))
         .route("/api/status", get(status))
         .merge(actions)
         .fallback(not_found)

@@ -201,7 +201,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
         endpoint: AdminEndpoint::Unix(dir.join("admin.sock")),
         token: None,
     };
-    let outcome = story(&client, listen, args.rate).await;
+    let outcome = story(&client, listen, args.rate, &dir).await;
     say("stopping the daemon and every app instance it started");
     if let Some(pid) = daemon
         .id()
@@ -282,7 +282,12 @@ async fn release(
     }
 }
 
-async fn story(client: &AdminClient, router: SocketAddr, rate: u32) -> Result<(), CliError> {
+async fn story(
+    client: &AdminClient,
+    router: SocketAddr,
+    rate: u32,
+    dir: &Path,
+) -> Result<(), CliError> {
     let fail = |m: String| CliError::new(exit::FAILURE, m);
     let up = Instant::now();
     while client.call(Method::GET, "/v1/status", None).await.is_err() {
@@ -292,6 +297,15 @@ async fn story(client: &AdminClient, router: SocketAddr, rate: u32) -> Result<()
             ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = call(client, Method::GET, "/v1/status", None).await?;
+    if let Some(url) = status["dashboard"].as_str()
+        && let Ok(token) = std::fs::read_to_string(dir.join(".bluegreen/dashboard.token"))
+    {
+        say(&format!(
+            "watch it in a browser: {url}#token={}",
+            token.trim()
+        ));
     }
     say("deploying 1.0 to blue (2 instances of the example app)");
     let deployed = call(

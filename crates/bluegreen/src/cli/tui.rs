@@ -48,10 +48,22 @@ pub async fn run(client: AdminClient) -> Result<(), CliError> {
     let keys = inputs.clone();
     std::thread::spawn(move || read_keys(keys));
 
+    // The recent past first, so the event log is not empty until something happens.
+    let recent = match client
+        .call(Method::GET, "/v1/history?limit=100", None)
+        .await
+    {
+        Ok(answer) => expect_ok(answer)?,
+        Err(e) => return Err(e.into()),
+    };
+    let events: VecDeque<Value> = recent["events"]
+        .as_array()
+        .map(|e| e.iter().rev().cloned().collect())
+        .unwrap_or_default();
     let mut terminal = ratatui::init();
     let mut screen = Screen {
         snapshot: None,
-        events: VecDeque::new(),
+        events,
         pending: None,
         message: "p pause/resume · r rollback · q quit".into(),
         connected: true,
@@ -69,8 +81,11 @@ pub async fn run(client: AdminClient) -> Result<(), CliError> {
                 screen.snapshot = Some(snapshot);
             }
             Input::Event(event) => {
-                screen.events.push_front(event);
-                screen.events.truncate(100);
+                // The stream opened before the history was read: an event may come twice.
+                if !screen.events.iter().any(|e| e["id"] == event["id"]) {
+                    screen.events.push_front(event);
+                    screen.events.truncate(100);
+                }
             }
             Input::Disconnected(why) => {
                 screen.connected = false;
