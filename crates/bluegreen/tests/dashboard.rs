@@ -188,6 +188,16 @@ async fn the_dashboard_shows_both_colors_live_and_its_rollback_button_rolls_back
         "green's live request rate",
     )
     .await;
+    let upstreams = page
+        .eval("document.querySelector('#card-green .upstreams').textContent")
+        .await;
+    assert!(
+        upstreams
+            .as_str()
+            .unwrap()
+            .contains(&green.addr.to_string()),
+        "each upstream is listed: {upstreams}"
+    );
     // Live: the snapshot the page shows keeps changing.
     let first = page
         .eval("document.getElementById('conn').textContent")

@@ -80,6 +80,7 @@ impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = Command::new("tmux")
             .args(["-L", &self.socket, "kill-server"])
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -116,6 +117,10 @@ async fn the_monitor_shows_both_colors_live_and_r_then_y_rolls_back() {
         })
         .await;
     assert!(screen.contains("upstreams 1/1 healthy"), "{screen}");
+    assert!(
+        screen.contains(&format!("{} healthy", green.addr)),
+        "each upstream: {screen}"
+    );
     assert!(screen.contains("no release running"), "{screen}");
 
     // r asks; anything but y cancels.

@@ -236,7 +236,7 @@ fn paint(color: Tint) -> Tint {
 fn draw(frame: &mut Frame, screen: &Screen) {
     let [header, colors, release, events, footer] = Layout::vertical([
         Constraint::Length(3),
-        Constraint::Length(11),
+        Constraint::Length(12),
         Constraint::Length(5),
         Constraint::Min(3),
         Constraint::Length(1),
@@ -348,7 +348,7 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let [numbers, spark] =
-        Layout::vertical([Constraint::Length(5), Constraint::Min(1)]).areas(inner);
+        Layout::vertical([Constraint::Length(6), Constraint::Min(1)]).areas(inner);
     let error_rate = w["error_rate_percent"].as_f64().unwrap_or(0.0);
     let lines = vec![
         Line::from(format!(
@@ -377,6 +377,25 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
             ms(&w["p95_ms"]),
             ms(&w["p99_ms"])
         )),
+        Line::from(
+            monitor["upstream_health"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|u| {
+                    let health = u[1].as_str().unwrap_or("?");
+                    let mark = match health {
+                        "healthy" => Style::default().fg(paint(Tint::Green)),
+                        "unhealthy" => Style::default().fg(paint(Tint::Red)),
+                        _ => Style::default().fg(paint(Tint::DarkGray)),
+                    };
+                    [
+                        Span::styled("● ", mark),
+                        Span::raw(format!("{} {health}  ", u[0].as_str().unwrap_or("?"))),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
     ];
     frame.render_widget(Paragraph::new(lines), numbers);
     let history: Vec<u64> = monitor["rps_history"]

@@ -95,6 +95,8 @@ pub struct MonitorColor {
     pub weight: u8,
     pub healthy_upstreams: usize,
     pub upstreams: usize,
+    /// Each upstream and its health (`healthy`, `unhealthy`, `unknown`).
+    pub upstream_health: Vec<(SocketAddr, bluegreen_router::Health)>,
     pub window: WindowStats,
     /// Requests per second, one per second, oldest first.
     pub rps_history: Vec<f64>,
@@ -941,6 +943,11 @@ impl Daemon {
                     weight: table.split.weight(color),
                     healthy_upstreams: pool.healthy_count(),
                     upstreams: pool.upstreams.len(),
+                    upstream_health: pool
+                        .upstreams
+                        .iter()
+                        .map(|u| (u.addr, u.health()))
+                        .collect(),
                     window: WindowStats::between(
                         &from[color.index()],
                         &current[color.index()],
