@@ -561,7 +561,6 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
 
     daemon.router.start_health_checks().await;
-    daemon.start_controller().await;
     let table = daemon.router.table();
     for color in Color::ALL {
         if table.split.weight(color) > 0 && table.pool(color).healthy_count() == 0 {
@@ -570,7 +569,9 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
             tracing::warn!(%color, "takes traffic but has no healthy upstream yet; requests get 503 until one passes its check");
         }
     }
+    // Traffic first: settling an interrupted release may wait for instances to answer.
     let serving = daemon.router.serve(listener);
+    daemon.start_controller().await;
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = tokio::spawn(admin::run(
         admin_listener,

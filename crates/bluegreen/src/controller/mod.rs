@@ -579,8 +579,10 @@ impl Daemon {
             ProviderKind::Process => self.deploy_processes(color, &mut record).await,
             ProviderKind::Command => self.deploy_by_command(color, &mut record, release).await,
             ProviderKind::Static => {
-                record.upstreams = spec.upstreams.clone();
-                self.wait_healthy(color, spec.upstreams.len(), spec.ready_timeout)
+                // The router's upstreams: the config's, or those set with `bluegreen upstreams`.
+                let pool = Arc::clone(self.router.table().pool(color));
+                record.upstreams = pool.upstreams.iter().map(|u| u.addr).collect();
+                self.wait_healthy(color, pool.upstreams.len(), spec.ready_timeout)
                     .await
             }
         };
