@@ -775,6 +775,11 @@ pub fn render_status(status: &Value) -> String {
         "connections open: {}\n",
         status["connections_open"]
     ));
+    if let Some(url) = status["dashboard"].as_str() {
+        out.push_str(&format!(
+            "dashboard: {url} (`bluegreen dashboard` adds the token)\n"
+        ));
+    }
     for env in status["environments"].as_array().unwrap_or(&empty) {
         let warm = env["scale_down_at_ms"]
             .as_i64()
