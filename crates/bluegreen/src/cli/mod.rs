@@ -789,10 +789,13 @@ pub fn render_status(status: &Value) -> String {
             .as_str()
             .map(|r| format!(" ({r})"))
             .unwrap_or_default();
+        let version = env["version"]
+            .as_str()
+            .map(|v| format!("version {v}"))
+            .unwrap_or_else(|| "no version recorded".into());
         out.push_str(&format!(
-            "{:<6} runs {} — {}{warm}{reason}\n",
+            "{:<6} {version}, {}{warm}{reason}\n",
             env["color"].as_str().unwrap_or("?"),
-            env["version"].as_str().unwrap_or("nothing"),
             env["status"].as_str().unwrap_or("?"),
         ));
     }
