@@ -442,3 +442,52 @@ async fn diff_logs_and_monitor_show_the_environments() {
     let out = daemon.cli(&["abort"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aborting_during_the_deploy_stops_the_new_instances() {
+    let daemon = blue_live(&process_config()).await;
+    let out = daemon.cli(&[
+        "release",
+        "--version",
+        "2.0",
+        "--env",
+        "EXAMPLE_SLOW_START_MS=10000",
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut green_pids = Vec::new();
+    for _ in 0..100 {
+        let status = daemon.status().await;
+        green_pids = status["environments"][1]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["pid"].as_u64())
+            .collect();
+        if status["release"]["state"] == "deploying" && green_pids.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(green_pids.len(), 2, "green's instances started");
+    let out = daemon.cli(&["abort", "--reason", "wrong build"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for _ in 0..100 {
+        if daemon.status().await["release"].is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = release(&daemon, 1).await;
+    assert_eq!(answer["release"]["state"], "aborted", "{answer}");
+    let status = daemon.status().await;
+    assert_eq!(status["environments"][1]["status"], "failed", "{status}");
+    assert_eq!(live(&status), Some("blue"));
+    for pid in green_pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "green instance {pid} still runs"
+        );
+    }
+}

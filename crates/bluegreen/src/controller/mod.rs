@@ -31,7 +31,7 @@ const HISTORY_SECONDS: usize = 600;
 /// The controller's live parts, owned by the daemon.
 pub struct Controller {
     environments: Mutex<[EnvironmentRecord; 2]>,
-    supervisor: Supervisor,
+    pub(crate) supervisor: Supervisor,
     supervisor_events: Mutex<Option<mpsc::UnboundedReceiver<InstanceEvent>>>,
     /// The release in progress, and the channel its runner listens to.
     active: Mutex<Option<(Release, watch::Sender<Control>)>>,

@@ -393,6 +393,9 @@ impl Daemon {
     ) {
         let _exclusive = self.controller.exclusive.lock().await;
         let outcome = self.drive(&mut release, &mut control).await;
+        if outcome.is_err() {
+            self.stop_unfinished_deploy(release.color, release.id).await;
+        }
         let (state, reason) = match outcome {
             Ok(()) => (ReleaseState::Succeeded, self.success_message(&release)),
             Err(Stop::Failed(reason)) => (ReleaseState::Failed, reason),
@@ -841,6 +844,32 @@ impl Daemon {
             tracing::warn!(error = %e, "on_rollback hook failed");
         }
         Ok(message)
+    }
+
+    /// A deploy cut off by an abort never proved healthy: its instances are stopped and the
+    /// color is marked failed, so it does not stay "deploying".
+    async fn stop_unfinished_deploy(&self, color: Color, release: i64) {
+        if self.environment(color).status != EnvironmentStatus::Deploying {
+            return;
+        }
+        if self.config.controller.environment(color).provider == ProviderKind::Process {
+            self.controller.supervisor.stop(color).await;
+        }
+        let saved = self.update_environment(color, Some(release), |record| {
+            record.instances.iter_mut().for_each(|i| i.pid = None);
+            record.status = EnvironmentStatus::Failed;
+            record.reason = Some("the deploy was aborted".into());
+            Some((
+                "stopped",
+                format!(
+                    "{color} {}: the deploy was aborted; its instances were stopped",
+                    record.version.as_deref().unwrap_or("")
+                ),
+            ))
+        });
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "cannot record the aborted deploy");
+        }
     }
 
     /// The rule for a release a previous daemon left unfinished (docs/lifecycle.md): before
