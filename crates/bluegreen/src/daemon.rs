@@ -17,9 +17,14 @@ use crate::store::{Event, RouterState, Store};
 /// A change to the traffic split, as the CLI and admin API ask for it.
 #[derive(Clone, Copy, Debug)]
 pub enum Command {
-    Switch { to: Color, from: Option<Color> },
+    Switch {
+        to: Color,
+        from: Option<Color>,
+    },
     Weights(Split),
     Rollback,
+    /// All traffic back to this color: how a release rolls back (recorded as a rollback).
+    ReturnTo(Color),
 }
 
 /// Why a command was not carried out. Nothing changed in any case.
@@ -215,7 +220,9 @@ impl Daemon {
                 });
             }
             Command::Rollback => {}
-            Command::Switch { .. } => self.refuse_during_release("a switch")?,
+            Command::Switch { .. } | Command::ReturnTo(_) => {
+                self.refuse_during_release("a switch")?
+            }
             Command::Weights(_) => self.refuse_during_release("setting weights")?,
         }
         let redeployed = match command {
@@ -247,6 +254,7 @@ impl Daemon {
                 Split::all(to)
             }
             Command::Weights(split) => split,
+            Command::ReturnTo(color) => Split::all(color),
             Command::Rollback => Split::all(state.rollback_to.ok_or_else(|| {
                 CommandError::Refused("nothing to roll back to: no switch has been made yet".into())
             })?),
@@ -280,7 +288,7 @@ impl Daemon {
             upstreams: state.upstreams.clone(),
         };
         let (kind, verb) = match command {
-            Command::Rollback => ("rollback", "rolled back"),
+            Command::Rollback | Command::ReturnTo(_) => ("rollback", "rolled back"),
             Command::Switch { .. } => ("switch", "switched"),
             Command::Weights(_) => ("weights", "weights set"),
         };

@@ -825,11 +825,7 @@ impl Daemon {
     ) -> Result<String, CommandError> {
         let old = release.from_color;
         let started = Instant::now();
-        self.apply_internal(Command::Switch {
-            to: old,
-            from: None,
-        })
-        .await?;
+        self.apply_internal(Command::ReturnTo(old)).await?;
         let message = format!(
             "all traffic back on {old} {} in {:.1}ms",
             release.from_version.as_deref().unwrap_or(""),
@@ -891,10 +887,7 @@ impl Daemon {
                 .wait_healthy(release.from_color, 1, spec.ready_timeout)
                 .await;
             match self
-                .apply_internal(Command::Switch {
-                    to: release.from_color,
-                    from: None,
-                })
+                .apply_internal(Command::ReturnTo(release.from_color))
                 .await
             {
                 Ok(_) => (
