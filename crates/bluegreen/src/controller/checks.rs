@@ -9,8 +9,12 @@ use http::{HeaderName, Request, header};
 use http_body_util::Full;
 use serde::Serialize;
 
+use super::hooks;
+use super::release::Release;
 use crate::client::http_request;
 use crate::config::controller::Check;
+use crate::daemon::{CommandError, Daemon};
+use crate::store::EnvironmentStatus;
 
 /// The outcome of one check.
 #[derive(Clone, Debug, Serialize)]
@@ -97,4 +101,96 @@ pub async fn run(
         });
     }
     results
+}
+
+impl Daemon {
+    /// Runs the configured smoke tests against `color` through the preview route.
+    pub async fn test_environment(
+        &self,
+        color: Color,
+        release: Option<&Release>,
+    ) -> Result<Vec<CheckResult>, CommandError> {
+        let test = &self.config.controller.test;
+        let Some(preview) = &self.config.router.preview else {
+            return Err(CommandError::Refused(
+                "router.preview is disabled; tests reach the idle color through it. Enable router.preview".into(),
+            ));
+        };
+        if self.config.router.tls.is_some() && !test.checks.is_empty() {
+            return Err(CommandError::Refused(
+                "test.checks over a TLS router.listen are not supported yet; use test.command"
+                    .into(),
+            ));
+        }
+        if self.router.table().pool(color).healthy_count() == 0 {
+            let record = self.environment(color);
+            return Err(CommandError::Refused(match record.status {
+                EnvironmentStatus::Stopped => format!(
+                    "{color} is not deployed; run `bluegreen deploy --environment {color} --version V` first"
+                ),
+                _ => format!("{color} has no healthy upstream; see `bluegreen status`"),
+            }));
+        }
+        let route = PreviewRoute {
+            router: super::loopback_of(self.listen),
+            header: preview.header.clone(),
+            secret: preview
+                .secret
+                .as_ref()
+                .map(|s| (preview.secret_header.clone(), s.clone())),
+        };
+        let version = self.environment(color).version;
+        let mut results = run(
+            &route,
+            color,
+            version.as_deref(),
+            &test.checks,
+            test.timeout,
+        )
+        .await;
+        if let Some(argv) = &test.command {
+            let facts = self.facts(color, release);
+            let started = Instant::now();
+            let outcome = hooks::run(
+                "test",
+                argv,
+                &facts,
+                &[],
+                test.timeout,
+                &self.controller.logs_dir.join("tests.log"),
+            )
+            .await;
+            results.push(CheckResult {
+                name: argv.join(" "),
+                passed: outcome.is_ok(),
+                detail: match outcome {
+                    Ok(_) => "exited 0".into(),
+                    Err(e) => e,
+                },
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        if results.is_empty() {
+            results.push(CheckResult {
+                name: "health".into(),
+                passed: true,
+                detail:
+                    "no test.checks or test.command configured; only health checks vouch for it"
+                        .into(),
+                latency_ms: 0.0,
+            });
+        }
+        let failed = results.iter().filter(|r| !r.passed).count();
+        let message = format!(
+            "tests of {color}: {} passed, {failed} failed{}",
+            results.len() - failed,
+            results
+                .iter()
+                .filter(|r| !r.passed)
+                .map(|r| format!("; {}: {}", r.name, r.detail))
+                .collect::<String>()
+        );
+        self.event("test", &message, release.map(|r| r.id));
+        Ok(results)
+    }
 }

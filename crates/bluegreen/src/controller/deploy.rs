@@ -1,0 +1,320 @@
+//! Deploying a version to a color through its provider, waiting for health, stopping and scaling down.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bluegreen_router::Color;
+
+use super::{hooks, process, provider_name};
+use crate::config::controller::{HookPoint, ProviderKind};
+use crate::daemon::{CommandError, Daemon};
+use crate::store::{EnvironmentRecord, EnvironmentStatus, InstanceRecord, now_ms};
+
+impl Daemon {
+    /// Deploys `version` to the idle `color` and waits until all its instances are healthy.
+    /// Refused for a color that takes traffic. On failure the color is left stopped or failed
+    /// and the live color is untouched.
+    pub async fn deploy(
+        &self,
+        color: Color,
+        version: &str,
+        extra_env: BTreeMap<String, String>,
+        release: Option<i64>,
+    ) -> Result<String, CommandError> {
+        if version.trim().is_empty() {
+            return Err(CommandError::Refused(
+                "version is empty; give the version to deploy, e.g. --version 2.0".into(),
+            ));
+        }
+        let table = self.router.table();
+        let weight = table.split.weight(color);
+        // A live color with nothing running serves no one: its first deploy is allowed.
+        let bootstrap = self.environment(color).status != EnvironmentStatus::Running
+            && table.pool(color).healthy_count() == 0;
+        drop(table);
+        if weight > 0 && !bootstrap {
+            return Err(CommandError::Refused(format!(
+                "{color} takes {weight}% of traffic; deploy to the idle color {} (or switch away from {color} first)",
+                color.other()
+            )));
+        }
+        let spec = self.spec(color).clone();
+        let started = Instant::now();
+        let mut record = self.update_environment(color, release, |record| {
+            record.version = Some(version.to_string());
+            record.status = EnvironmentStatus::Deploying;
+            record.extra_env = extra_env;
+            record.reason = None;
+            record.scale_down_at_ms = None;
+            record.deployed_at_ms = Some(now_ms());
+            Some((
+                "deploy",
+                format!(
+                    "deploying {version} to {color} ({} instance(s), {} provider)",
+                    spec.instances,
+                    provider_name(spec.provider)
+                ),
+            ))
+        })?;
+        let outcome = match spec.provider {
+            ProviderKind::Process => self.deploy_processes(color, &mut record).await,
+            ProviderKind::Command => self.deploy_by_command(color, &mut record, release).await,
+            ProviderKind::Static => {
+                // The router's upstreams: the config's, or those set with `bluegreen upstreams`.
+                let pool = Arc::clone(self.router.table().pool(color));
+                record.upstreams = pool.upstreams.iter().map(|u| u.addr).collect();
+                self.wait_healthy(color, pool.upstreams.len(), spec.ready_timeout)
+                    .await
+            }
+        };
+        let upstreams = record.upstreams;
+        match outcome {
+            Ok(()) => {
+                let message = format!(
+                    "{color} runs {version}: {} healthy upstream(s) in {:.1}s",
+                    self.router.table().pool(color).healthy_count(),
+                    started.elapsed().as_secs_f64()
+                );
+                self.update_environment(color, release, |record| {
+                    record.upstreams = upstreams;
+                    record.status = EnvironmentStatus::Running;
+                    Some(("deployed", message.clone()))
+                })?;
+                Ok(message)
+            }
+            Err(reason) => {
+                if spec.provider == ProviderKind::Process {
+                    self.controller.supervisor.stop(color).await;
+                }
+                let message = format!("deploying {version} to {color} failed: {reason}");
+                self.update_environment(color, release, |record| {
+                    record.upstreams = upstreams;
+                    record.instances.iter_mut().for_each(|i| i.pid = None);
+                    record.status = EnvironmentStatus::Failed;
+                    record.reason = Some(reason);
+                    Some(("deploy-failed", message.clone()))
+                })?;
+                Err(CommandError::Failed(message))
+            }
+        }
+    }
+
+    async fn deploy_processes(
+        &self,
+        color: Color,
+        record: &mut EnvironmentRecord,
+    ) -> Result<(), String> {
+        let spec = self.spec(color);
+        self.controller.supervisor.stop(color).await;
+        let mut instances = Vec::new();
+        for _ in 0..spec.instances {
+            let port = process::free_port().map_err(|e| format!("no free port: {e}"))?;
+            instances.push(InstanceRecord {
+                port,
+                pid: None,
+                restarts: 0,
+            });
+        }
+        let addrs: Vec<SocketAddr> = instances
+            .iter()
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], i.port)))
+            .collect();
+        record.instances = instances.clone();
+        record.upstreams = addrs.clone();
+        self.update_environment(color, None, |saved| {
+            saved.instances = instances.clone();
+            saved.upstreams = addrs.clone();
+            None
+        })
+        .map_err(|e| e.to_string())?;
+        self.controller
+            .supervisor
+            .start(self.launch(color, record), instances)
+            .map_err(|e| format!("cannot start instances: {e}"))?;
+        self.set_upstreams(color, addrs)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.wait_healthy(color, spec.instances as usize, spec.ready_timeout)
+            .await
+    }
+
+    async fn deploy_by_command(
+        &self,
+        color: Color,
+        record: &mut EnvironmentRecord,
+        release: Option<i64>,
+    ) -> Result<(), String> {
+        let spec = self.spec(color);
+        let argv = spec.deploy.as_ref().ok_or("no deploy script configured")?;
+        let _ = std::fs::create_dir_all(&self.controller.logs_dir);
+        let mut facts = self.facts(color, None);
+        facts.version = record.version.clone();
+        facts.release_id = release;
+        let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
+        env.extend(record.extra_env.clone());
+        env.push(("BLUEGREEN_INSTANCES".into(), spec.instances.to_string()));
+        let stdout = hooks::run(
+            "deploy",
+            argv,
+            &facts,
+            &env,
+            spec.ready_timeout,
+            &self.controller.logs_dir.join(format!("{color}-deploy.log")),
+        )
+        .await?;
+        let mut addrs = Vec::new();
+        for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let addr = crate::config::parse_socket_addr(line).map_err(|e| {
+                format!("the deploy script printed {line:?}, not an upstream address: {e}")
+            })?;
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err(
+                "the deploy script printed no upstream address (one host:port per line on stdout)"
+                    .into(),
+            );
+        }
+        record.upstreams = addrs.clone();
+        self.set_upstreams(color, addrs.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.wait_healthy(color, addrs.len(), spec.ready_timeout)
+            .await
+    }
+
+    /// Waits until `wanted` upstreams of `color` pass their health checks, or the color's
+    /// instances crash-loop, or the time is up.
+    pub(crate) async fn wait_healthy(
+        &self,
+        color: Color,
+        wanted: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pool = Arc::clone(self.router.table().pool(color));
+            let healthy = pool.healthy_count();
+            if healthy >= wanted.max(1) {
+                return Ok(());
+            }
+            let record = self.environment(color);
+            if record.status == EnvironmentStatus::Failed {
+                return Err(record.reason.unwrap_or_else(|| "instances failed".into()));
+            }
+            if Instant::now() >= deadline {
+                let errors: Vec<String> = pool
+                    .upstreams
+                    .iter()
+                    .filter_map(|u| u.last_error().map(|e| format!("{}: {e}", u.addr)))
+                    .collect();
+                return Err(format!(
+                    "{healthy} of {wanted} upstream(s) healthy after {}s{}; see `bluegreen logs --environment {color}`",
+                    timeout.as_secs(),
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (last errors: {})", errors.join("; "))
+                    }
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops a color that takes no traffic. Its version stays recorded, so a rollback to it
+    /// can deploy it again.
+    pub async fn stop_environment(&self, color: Color, why: &str) -> Result<(), CommandError> {
+        if self.router.table().split.weight(color) > 0 {
+            return Err(CommandError::Refused(format!(
+                "{color} takes traffic; it cannot be stopped"
+            )));
+        }
+        let spec = self.spec(color).clone();
+        match spec.provider {
+            ProviderKind::Process => self.controller.supervisor.stop(color).await,
+            ProviderKind::Command => {
+                if let Some(argv) = &spec.stop {
+                    let facts = self.facts(color, None);
+                    if let Err(e) = hooks::run(
+                        "stop",
+                        argv,
+                        &facts,
+                        &[],
+                        spec.stop_timeout.max(Duration::from_secs(30)),
+                        &self.controller.logs_dir.join(format!("{color}-deploy.log")),
+                    )
+                    .await
+                    {
+                        self.event("stop-failed", &e, None);
+                    }
+                }
+            }
+            ProviderKind::Static => {}
+        }
+        self.update_environment(color, None, |record| {
+            record.instances.iter_mut().for_each(|i| i.pid = None);
+            record.status = EnvironmentStatus::Stopped;
+            record.scale_down_at_ms = None;
+            Some((
+                "stopped",
+                format!(
+                    "{color} {} stopped: {why}",
+                    record.version.as_deref().unwrap_or("")
+                ),
+            ))
+        })
+        .map(|_| ())
+    }
+
+    /// Arms the timer that stops a warm old color at `at_ms`, unless it takes traffic again or
+    /// is redeployed by then.
+    pub(crate) fn schedule_scale_down(self: &Arc<Self>, color: Color, at_ms: i64) {
+        let daemon = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let wait = (at_ms - now_ms()).max(0) as u64;
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let Some(daemon) = daemon.upgrade() else {
+                return;
+            };
+            let _exclusive = daemon.controller.exclusive.lock().await;
+            let record = daemon.environment(color);
+            if record.scale_down_at_ms != Some(at_ms) {
+                return; // redeployed or rescheduled since
+            }
+            if daemon.router.table().split.weight(color) > 0 {
+                let _ = daemon.update_environment(color, None, |record| {
+                    record.scale_down_at_ms = None;
+                    Some((
+                        "cleanup",
+                        format!("{color} takes traffic again; not stopped"),
+                    ))
+                });
+                return;
+            }
+            daemon.clean_up(color).await;
+        });
+    }
+
+    /// The cleanup stage proper: the `cleanup` hook, stopping the old color, `migrate_contract`.
+    pub(crate) async fn clean_up(&self, color: Color) {
+        let facts = self.facts(color.other(), None);
+        if let Err(e) = self.hook(HookPoint::Cleanup, &facts, None).await {
+            tracing::warn!(error = %e, "cleanup hook failed; stopping anyway");
+        }
+        if let Err(e) = self
+            .stop_environment(color, "scale_down_delay passed after the release")
+            .await
+        {
+            self.event("cleanup", &format!("cleanup of {color} failed: {e}"), None);
+            return;
+        }
+        if let Err(e) = self.hook(HookPoint::MigrateContract, &facts, None).await {
+            tracing::warn!(error = %e, "migrate_contract hook failed");
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! What live views read: per-color numbers over a recent window, and instance logs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bluegreen_router::Color;
+
+use serde::Serialize;
+
+use super::analysis::WindowStats;
+use super::release::Release;
+use super::{EnvironmentView, Launch};
+use crate::config::controller::ProviderKind;
+use crate::daemon::{CommandError, Daemon};
+
+/// One way two colors differ: a key and each side's value.
+#[derive(Serialize)]
+pub struct Difference {
+    pub key: String,
+    pub values: [serde_json::Value; 2],
+}
+
+/// The numbers `bluegreen monitor` prints: each color over the last window, and the release.
+#[derive(Serialize)]
+pub struct MonitorView {
+    pub window_seconds: f64,
+    pub colors: Vec<MonitorColor>,
+    pub release: Option<Release>,
+}
+
+#[derive(Serialize)]
+pub struct MonitorColor {
+    pub color: Color,
+    pub version: Option<String>,
+    pub weight: u8,
+    pub healthy_upstreams: usize,
+    pub upstreams: usize,
+    /// Each upstream and its health (`healthy`, `unhealthy`, `unknown`).
+    pub upstream_health: Vec<(SocketAddr, bluegreen_router::Health)>,
+    pub window: WindowStats,
+    /// Requests per second, one per second, oldest first.
+    pub rps_history: Vec<f64>,
+}
+
+impl Daemon {
+    /// How two colors differ: what they run, and their effective specs (per-color overrides).
+    pub fn diff(&self, a: Color, b: Color) -> Vec<Difference> {
+        let view = |color: Color| {
+            serde_json::to_value(EnvironmentView {
+                record: self.environment(color),
+                spec: self.spec(color).clone(),
+            })
+            .expect("views serialize")
+        };
+        let (left, right) = (view(a), view(b));
+        let mut differences = Vec::new();
+        let mut compare = |key: String, l: &serde_json::Value, r: &serde_json::Value| {
+            if l != r {
+                differences.push(Difference {
+                    key,
+                    values: [l.clone(), r.clone()],
+                });
+            }
+        };
+        for key in ["version", "status", "extra_env"] {
+            compare(key.to_string(), &left[key], &right[key]);
+        }
+        for key in [
+            "provider",
+            "instances",
+            "command",
+            "env",
+            "deploy",
+            "stop",
+            "ready_timeout",
+            "stop_timeout",
+        ] {
+            compare(
+                format!("spec.{key}"),
+                &left["spec"][key],
+                &right["spec"][key],
+            );
+        }
+        // The process provider picks ports per deploy: only fixed upstreams are a difference.
+        if self.spec(a).provider == ProviderKind::Static {
+            compare(
+                "spec.upstreams".into(),
+                &left["spec"]["upstreams"].as_array().map(|u| u.len()).into(),
+                &right["spec"]["upstreams"]
+                    .as_array()
+                    .map(|u| u.len())
+                    .into(),
+            );
+        }
+        differences
+    }
+
+    /// Numbers for `bluegreen monitor`: the last `seconds` of each color and the release.
+    pub fn monitor(&self, seconds: u64) -> MonitorView {
+        let now = Instant::now();
+        let current = self.snapshots();
+        let table = self.router.table();
+        let (from_at, from) = self
+            .snapshots_since(now - Duration::from_secs(seconds))
+            .unwrap_or((now, current.clone()));
+        let elapsed = now.duration_since(from_at);
+        let history = self.controller.history.lock().expect("lock");
+        let colors = Color::ALL
+            .into_iter()
+            .map(|color| {
+                let pool = table.pool(color);
+                MonitorColor {
+                    color,
+                    version: self.environment(color).version,
+                    weight: table.split.weight(color),
+                    healthy_upstreams: pool.healthy_count(),
+                    upstreams: pool.upstreams.len(),
+                    upstream_health: pool
+                        .upstreams
+                        .iter()
+                        .map(|u| (u.addr, u.health()))
+                        .collect(),
+                    window: WindowStats::between(
+                        &from[color.index()],
+                        &current[color.index()],
+                        elapsed,
+                    ),
+                    rps_history: history
+                        .series(color, 60)
+                        .iter()
+                        .map(|w| w.requests_per_second)
+                        .collect(),
+                }
+            })
+            .collect();
+        MonitorView {
+            window_seconds: elapsed.as_secs_f64(),
+            colors,
+            release: self.active_release(),
+        }
+    }
+
+    /// The newest log lines of a color's instances (or of the hooks, for `hooks`).
+    pub fn logs(
+        &self,
+        name: &str,
+        lines: usize,
+    ) -> Result<Vec<(String, Vec<String>)>, CommandError> {
+        let dir = &self.controller.logs_dir;
+        let files: Vec<PathBuf> = match name.parse::<Color>() {
+            Ok(color) => {
+                let count = self.environment(color).instances.len().max(1);
+                let mut files: Vec<PathBuf> = (0..count)
+                    .map(|slot| Launch::log_path(dir, color, slot))
+                    .collect();
+                files.push(dir.join(format!("{color}-deploy.log")));
+                files
+            }
+            Err(_) if name == "hooks" || name == "tests" => vec![dir.join(format!("{name}.log"))],
+            Err(_) => {
+                return Err(CommandError::Refused(format!(
+                    "unknown log {name:?}; use blue, green, hooks or tests"
+                )));
+            }
+        };
+        Ok(files
+            .into_iter()
+            .filter(|f| f.exists())
+            .map(|file| {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                let tail = all[all.len().saturating_sub(lines)..]
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect();
+                (file.display().to_string(), tail)
+            })
+            .collect())
+    }
+}
