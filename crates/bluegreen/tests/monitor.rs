@@ -55,6 +55,7 @@ impl Tmux {
     fn running(&self) -> bool {
         Command::new("tmux")
             .args(["-L", &self.socket, "has-session", "-t", "monitor"])
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     }
@@ -122,6 +123,10 @@ async fn the_monitor_shows_both_colors_live_and_r_then_y_rolls_back() {
         "each upstream: {screen}"
     );
     assert!(screen.contains("no release running"), "{screen}");
+    assert!(
+        screen.contains("req/s, last minute") && screen.contains("p99 ms (max"),
+        "{screen}"
+    );
 
     // r asks; anything but y cancels.
     tmux.keys("r");

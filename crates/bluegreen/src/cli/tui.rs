@@ -398,19 +398,35 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
         ),
     ];
     frame.render_widget(Paragraph::new(lines), numbers);
-    let history: Vec<u64> = monitor["rps_history"]
-        .as_array()
-        .map(|h| {
-            h.iter()
-                .map(|v| v.as_f64().unwrap_or(0.0).round() as u64)
-                .collect()
-        })
-        .unwrap_or_default();
+    let series = |key: &str| -> Vec<u64> {
+        monitor[key]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .map(|v| v.as_f64().unwrap_or(0.0).round() as u64)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (rps, p99) = (series("rps_history"), series("p99_history"));
+    let [rps_area, p99_area] =
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(spark);
     frame.render_widget(
         Sparkline::default()
-            .data(&history)
+            .block(Block::default().title("req/s, last minute"))
+            .data(&rps)
             .style(Style::default().fg(tint(color))),
-        spark,
+        rps_area,
+    );
+    frame.render_widget(
+        Sparkline::default()
+            .block(Block::default().title(format!(
+                "p99 ms (max {})",
+                p99.iter().max().copied().unwrap_or(0)
+            )))
+            .data(&p99)
+            .style(Style::default().fg(paint(Tint::Magenta))),
+        p99_area,
     );
 }
 

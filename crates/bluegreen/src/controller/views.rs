@@ -41,6 +41,8 @@ pub struct MonitorColor {
     pub window: WindowStats,
     /// Requests per second, one per second, oldest first.
     pub rps_history: Vec<f64>,
+    /// p99 latency in milliseconds per second (0 for a second without requests), oldest first.
+    pub p99_history: Vec<f64>,
 }
 
 impl Daemon {
@@ -110,6 +112,7 @@ impl Daemon {
             .into_iter()
             .map(|color| {
                 let pool = table.pool(color);
+                let series = history.series(color, 60);
                 MonitorColor {
                     color,
                     version: self.environment(color).version,
@@ -126,11 +129,8 @@ impl Daemon {
                         &current[color.index()],
                         elapsed,
                     ),
-                    rps_history: history
-                        .series(color, 60)
-                        .iter()
-                        .map(|w| w.requests_per_second)
-                        .collect(),
+                    rps_history: series.iter().map(|w| w.requests_per_second).collect(),
+                    p99_history: series.iter().map(|w| w.p99_ms.unwrap_or(0.0)).collect(),
                 }
             })
             .collect();
