@@ -625,11 +625,25 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
         daemon.config.router.drain_timeout.as_secs_f32()
     );
+    let progress = release::spinner(cli, "draining".into());
+    let watch_drain = async {
+        loop {
+            let status = daemon.router.status();
+            let in_flight: u64 = status.colors.iter().map(|c| c.metrics.open).sum();
+            progress.set_message(format!(
+                "draining: {in_flight} request(s) and {} connection(s) still open",
+                status.connections_open
+            ));
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
     tokio::select! {
         _ = daemon.router.shutdown() => {}
+        _ = watch_drain => {}
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
+    progress.finish_and_clear();
     let _ = stop_admin.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
     if let Some(task) = dashboard_task {
