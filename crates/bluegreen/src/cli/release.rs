@@ -275,7 +275,7 @@ pub async fn monitor(cli: &Cli, args: &super::MonitorArgs) -> Result<(), CliErro
         && args.count.is_none()
         && std::io::IsTerminal::is_terminal(&std::io::stdout())
     {
-        return super::tui::run(client).await;
+        return super::tui::run(client, args.environment).await;
     }
     let interval = args.interval.clamp(1, 600);
     let mut printed = 0;

@@ -32,6 +32,8 @@ enum Pending {
 }
 
 struct Screen {
+    /// `--environment`: show this color alone.
+    only: Option<bluegreen_router::Color>,
     snapshot: Option<Value>,
     events: VecDeque<Value>,
     pending: Option<Pending>,
@@ -40,7 +42,10 @@ struct Screen {
 }
 
 /// Runs the terminal UI until `q`; keys act through the admin API like the CLI does.
-pub async fn run(client: AdminClient) -> Result<(), CliError> {
+pub async fn run(
+    client: AdminClient,
+    only: Option<bluegreen_router::Color>,
+) -> Result<(), CliError> {
     // Fail before taking over the terminal if the daemon is not there.
     let body = client.stream("/v1/stream").await?;
     let (inputs, mut received) = mpsc::channel::<Input>(256);
@@ -62,6 +67,7 @@ pub async fn run(client: AdminClient) -> Result<(), CliError> {
         .unwrap_or_default();
     let mut terminal = ratatui::init();
     let mut screen = Screen {
+        only,
         snapshot: None,
         events,
         pending: None,
@@ -250,10 +256,16 @@ fn draw(frame: &mut Frame, screen: &Screen) {
         return;
     };
     draw_header(frame, header, snapshot, screen.connected);
-    let [left, right] =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(colors);
-    for (area, color) in [(left, "blue"), (right, "green")] {
-        draw_color(frame, area, snapshot, color);
+    match screen.only {
+        Some(color) => draw_color(frame, colors, snapshot, color.as_str()),
+        None => {
+            let [left, right] =
+                Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)])
+                    .areas(colors);
+            for (area, color) in [(left, "blue"), (right, "green")] {
+                draw_color(frame, area, snapshot, color);
+            }
+        }
     }
     draw_release(frame, release, &snapshot["monitor"]["release"]);
     let lines: Vec<Line> = screen
