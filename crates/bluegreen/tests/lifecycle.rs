@@ -443,6 +443,8 @@ fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
     assert!(log.contains("bluegreen: stopped"), "{log}");
 }
 
+/// The deploy script leaves its app running with the script's stderr still open, as scripts
+/// that background a process usually do: the deploy must not wait for that pipe to close.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_command_provider_deploys_and_stops_through_user_scripts() {
     let dir = tempfile::tempdir().unwrap();
@@ -452,7 +454,7 @@ async fn the_command_provider_deploys_and_stops_through_user_scripts() {
         "deploy",
         &format!(
             "set -e\nout={scripts}/$BLUEGREEN_COLOR.out\n\
-             {BIN} example-app --listen 127.0.0.1:0 --color $BLUEGREEN_COLOR --app-version $BLUEGREEN_VERSION > $out 2>&1 &\n\
+             {BIN} example-app --listen 127.0.0.1:0 --color $BLUEGREEN_COLOR --app-version $BLUEGREEN_VERSION > $out &\n\
              echo $! > {scripts}/$BLUEGREEN_COLOR.pid\n\
              for i in $(seq 100); do grep -q listening $out && break; sleep 0.05; done\n\
              echo \"deploying $BLUEGREEN_VERSION x$BLUEGREEN_INSTANCES\" >&2\n\

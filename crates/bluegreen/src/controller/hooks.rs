@@ -2,7 +2,8 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,11 +79,25 @@ pub async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|e| format!("{step}: cannot run {}: {e}", argv[0]))?;
-    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(Ok(output)) => output,
+    // Read the pipes in tasks of their own: a script that leaves a background child holding
+    // them open (`./app &`) must not keep the step waiting once the script itself has exited.
+    let stdout_sink = Arc::new(Mutex::new(Vec::new()));
+    let stderr_sink = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|pipe| tokio::spawn(collect(pipe, Arc::clone(&stdout_sink)))),
+        child
+            .stderr
+            .take()
+            .map(|pipe| tokio::spawn(collect(pipe, Arc::clone(&stderr_sink)))),
+    ];
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
         Ok(Err(e)) => return Err(format!("{step}: {} failed to run: {e}", argv[0])),
         Err(_) => {
             return Err(format!(
@@ -91,6 +106,20 @@ pub async fn run(
                 timeout.as_secs()
             ));
         }
+    };
+    for reader in readers.into_iter().flatten() {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(Duration::from_millis(500), reader)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    let output = Output {
+        status,
+        stdout: std::mem::take(&mut *stdout_sink.lock().expect("lock")),
+        stderr: std::mem::take(&mut *stderr_sink.lock().expect("lock")),
     };
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -121,6 +150,18 @@ pub async fn run(
                 format!(": {tail}")
             }
         ))
+    }
+}
+
+/// Appends what a pipe yields to `sink` until it closes.
+async fn collect(mut pipe: impl tokio::io::AsyncRead + Unpin, sink: Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 8192];
+    while let Ok(read) = pipe.read(&mut chunk).await {
+        if read == 0 {
+            break;
+        }
+        sink.lock().expect("lock").extend_from_slice(&chunk[..read]);
     }
 }
 
