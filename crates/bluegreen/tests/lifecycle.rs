@@ -509,3 +509,92 @@ async fn the_command_provider_deploys_and_stops_through_user_scripts() {
     let out = daemon.cli(&["logs", "--environment", "green"]);
     assert!(text(&out).contains("deploying 2.0 x1"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_webhook_is_verified_against_its_ca_file() {
+    use std::sync::Arc as StdArc;
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_file(dir.path(), "webhook-ca.pem", &certified.cert.pem());
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(StdArc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(StdArc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let store = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, store) = (acceptor.clone(), Arc::clone(&store));
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        if let Ok(value) = serde_json::from_slice(&body) {
+                            store.lock().unwrap().push(value);
+                        }
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let blue = support::Backend::start("blue-1").await;
+    let green = support::Backend::start("green-1").await;
+    let config = support::config(&[&blue], &[&green], "").replace(
+        "health:",
+        &format!(
+            "webhook: {{ url: \"https://{addr}/events\", ca_file: {} }}\nhealth:",
+            ca.display()
+        ),
+    );
+    let daemon = Daemon::start(&config).await;
+    daemon.wait_healthy("green", 1).await;
+    daemon.switch("green").await;
+    for _ in 0..100 {
+        if received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "switch")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let events = received.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "switch"
+                && e["message"].as_str().unwrap().contains("green is live")),
+        "{events:?}"
+    );
+    // A ca_file that cannot be read is a config error naming the key.
+    let path = write_file(
+        dir.path(),
+        "bad.yaml",
+        &config.replace(&ca.display().to_string(), "/nonexistent/ca.pem"),
+    );
+    let (code, _, stderr) = run_cli(&path, &["check"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(
+        stderr.contains("webhook.ca_file: cannot read /nonexistent/ca.pem"),
+        "{stderr}"
+    );
+}

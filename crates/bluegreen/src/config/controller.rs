@@ -211,6 +211,7 @@ pub(super) struct RawHooks {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWebhook {
     url: String,
+    ca_file: Option<String>,
     #[serde(default = "default_webhook_timeout")]
     timeout: HumanDuration,
 }
@@ -327,11 +328,16 @@ pub struct Hooks {
     pub timeout: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Webhook {
     pub url: http::Uri,
     pub addr: SocketAddr,
     pub timeout: Duration,
+    /// For `https://`: the TLS client (Mozilla's roots, plus `ca_file`) and the name to verify.
+    pub tls: Option<(
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 /// A stage of `bluegreen release`.
@@ -908,24 +914,111 @@ impl Validator<'_> {
                 return None;
             }
         };
-        if uri.scheme_str() != Some("http") {
-            self.issue("webhook.url", format!("{:?}: only http:// URLs are supported (put a local relay in front of an https endpoint)", raw.url));
-            return None;
-        }
-        let authority = uri.authority()?.as_str();
-        let with_port = if uri.port().is_some() {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => {
+                self.issue(
+                    "webhook.url",
+                    format!("{:?}: give an http:// or https:// URL", raw.url),
+                );
+                return None;
+            }
         };
-        match parse_socket_addr(&with_port) {
-            Ok(addr) => Some(Webhook {
-                url: uri,
-                addr,
-                timeout,
-            }),
+        let Some(host) = uri.host().map(str::to_string) else {
+            self.issue("webhook.url", format!("{:?} has no host", raw.url));
+            return None;
+        };
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let addr = match parse_socket_addr(&format!("{host}:{port}")) {
+            Ok(addr) => addr,
             Err(e) => {
                 self.issue("webhook.url", e);
+                return None;
+            }
+        };
+        if raw.ca_file.is_some() && !https {
+            self.issue(
+                "webhook.ca_file",
+                "only used with an https:// url; remove it or use https",
+            );
+        }
+        let tls = if https {
+            self.webhook_tls(&host, raw.ca_file.as_deref())
+        } else {
+            None
+        };
+        Some(Webhook {
+            url: uri,
+            addr,
+            timeout,
+            tls,
+        })
+    }
+
+    /// A TLS client that trusts Mozilla's roots and the certificates in `ca_file`.
+    fn webhook_tls(
+        &mut self,
+        host: &str,
+        ca_file: Option<&str>,
+    ) -> Option<(
+        std::sync::Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )> {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(file) = ca_file {
+            let path = self.resolve(file);
+            let certs = std::fs::File::open(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())
+                });
+            match certs {
+                Ok(certs) if !certs.is_empty() => {
+                    for cert in certs {
+                        if let Err(e) = roots.add(cert) {
+                            self.issue("webhook.ca_file", format!("{}: {e}", path.display()));
+                        }
+                    }
+                }
+                Ok(_) => self.issue(
+                    "webhook.ca_file",
+                    format!("{} holds no PEM certificate", path.display()),
+                ),
+                Err(e) => self.issue(
+                    "webhook.ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+            }
+        }
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let name = match rustls::pki_types::ServerName::try_from(bare) {
+            Ok(name) => name,
+            Err(e) => {
+                self.issue(
+                    "webhook.url",
+                    format!("{host:?} is not a TLS server name: {e}"),
+                );
+                return None;
+            }
+        };
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        match rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+        {
+            Ok(builder) => Some((
+                std::sync::Arc::new(builder.with_root_certificates(roots).with_no_client_auth()),
+                name,
+            )),
+            Err(e) => {
+                self.issue("webhook.url", format!("TLS: {e}"));
                 None
             }
         }
