@@ -35,7 +35,7 @@ pub mod exit {
 #[command(
     name = "bluegreen",
     version,
-    about = "Zero-downtime blue-green releases: a router that switches traffic between two environments"
+    about = "Zero-downtime blue-green releases: deploy to the idle color, test it, shift traffic under analysis, roll back at once"
 )]
 pub struct Cli {
     /// Config file (YAML).
@@ -68,7 +68,7 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 pub enum Commands {
-    /// Start the router daemon in the foreground (Ctrl-C or SIGTERM stops it gracefully).
+    /// Start the daemon in the foreground: router, controller, admin API, dashboard (Ctrl-C or SIGTERM stops it gracefully).
     Up,
     /// Write a commented bluegreen.yaml that runs the example app (edit it for your service).
     Init {
@@ -102,7 +102,7 @@ pub enum Commands {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Live per-color numbers and the release's analysis, one line per interval.
+    /// Live per-color numbers, the release and its analysis: a live screen on a terminal, else one line per interval.
     Monitor(MonitorArgs),
     /// What differs between the two environments' effective specs and what they run.
     Diff {
@@ -151,9 +151,9 @@ pub enum Commands {
     },
     /// Point one environment at other upstreams (kept across restarts, over the config's).
     Upstreams(UpstreamsArgs),
-    /// Live color, weights, upstream health and per-color counters.
+    /// Live color, weights, upstream health, per-color counters, what each color runs, the release.
     Status,
-    /// What changed and when: switches, weights, rollbacks, upstream changes.
+    /// What changed and when: releases and their steps, deploys, switches, rollbacks, instance restarts.
     History {
         /// How many of the newest events to show.
         #[arg(long, default_value_t = 20)]
@@ -191,6 +191,7 @@ pub struct DeployArgs {
     /// The environment to deploy to; must be idle.
     #[arg(long, value_parser = parse_color)]
     pub environment: Color,
+    /// The version to deploy (a tag, a git sha: no spaces); filled into {version}.
     #[arg(long)]
     pub version: String,
     /// Extra environment variables for this deployment's instances (KEY=VALUE, repeatable).
@@ -200,6 +201,7 @@ pub struct DeployArgs {
 
 #[derive(Args, Debug)]
 pub struct ReleaseArgs {
+    /// The version to release (a tag, a git sha: no spaces); it goes to the idle color.
     #[arg(long)]
     pub version: String,
     /// Overrides release.strategy for this release.
