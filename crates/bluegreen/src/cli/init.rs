@@ -48,7 +48,8 @@ strategies:
 # The new color is compared with the old on the router's own numbers; a breach rolls back.
 analysis:
   interval: 1s
-  min_requests: 50
+  min_requests: 50                   # a step goes on only once the new color had this many requests
+  # on_too_few_requests: proceed     # for a quiet staging setup: go on unjudged instead of waiting
   error_rate: { max_percent: 5, max_increase_percent: 2 }
   latency_p99: { max_increase: 500ms }
 
