@@ -146,9 +146,17 @@ where
     Ok((parts.status, parts.headers, bytes))
 }
 
-/// One request to a TCP address within `timeout`, for smoke checks and webhooks.
+/// A TLS client and the server name it verifies.
+pub type TlsClient = (
+    std::sync::Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
+/// One request to a TCP address within `timeout` (over TLS when `tls` is given), for smoke
+/// checks and webhooks.
 pub async fn http_request(
     addr: std::net::SocketAddr,
+    tls: Option<&TlsClient>,
     request: Request<Full<Bytes>>,
     timeout: std::time::Duration,
 ) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
@@ -157,9 +165,17 @@ pub async fn http_request(
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);
-        exchange(stream, request)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))
+        match tls {
+            None => exchange(stream, request).await,
+            Some((config, name)) => {
+                let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(config))
+                    .connect(name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS with {addr}: {e}"))?;
+                exchange(stream, request).await
+            }
+        }
+        .map_err(|e| format!("{addr}: {e}"))
     };
     tokio::time::timeout(timeout, attempt)
         .await

@@ -598,3 +598,30 @@ async fn an_https_webhook_is_verified_against_its_ca_file() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smoke_checks_reach_the_idle_color_through_a_tls_router() {
+    let certified = rcgen::generate_simple_self_signed(vec!["shop.example".to_string()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_file(dir.path(), "cert.pem", &certified.cert.pem());
+    write_file(
+        dir.path(),
+        "key.pem",
+        &certified.signing_key.serialize_pem(),
+    );
+    let config = process_config().replace(
+        "  drain_timeout: 2s\n",
+        "  drain_timeout: 2s\n  tls: { cert: cert.pem, key: key.pem }\n",
+    );
+    let daemon = Daemon::start_in(dir, &config).await;
+    for (color, version) in [("blue", "1.0"), ("green", "2.0")] {
+        let out = daemon.cli(&["deploy", "--environment", color, "--version", version]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // The certificate names shop.example, not 127.0.0.1: the checks trust exactly the
+    // router's own certificate instead.
+    let out = daemon.cli(&["test", "--environment", "green"]);
+    let printed = text(&out);
+    assert!(out.status.success(), "{printed}");
+    assert_eq!(printed.matches("PASS").count(), 2, "{printed}");
+}

@@ -334,10 +334,7 @@ pub struct Webhook {
     pub addr: SocketAddr,
     pub timeout: Duration,
     /// For `https://`: the TLS client (Mozilla's roots, plus `ca_file`) and the name to verify.
-    pub tls: Option<(
-        std::sync::Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )>,
+    pub tls: Option<crate::client::TlsClient>,
 }
 
 /// A stage of `bluegreen release`.
@@ -961,10 +958,7 @@ impl Validator<'_> {
         &mut self,
         host: &str,
         ca_file: Option<&str>,
-    ) -> Option<(
-        std::sync::Arc<rustls::ClientConfig>,
-        rustls::pki_types::ServerName<'static>,
-    )> {
+    ) -> Option<crate::client::TlsClient> {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };

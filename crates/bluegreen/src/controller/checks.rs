@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::hooks;
 use super::release::Release;
-use crate::client::http_request;
+use crate::client::{TlsClient, http_request};
 use crate::config::controller::Check;
 use crate::daemon::{CommandError, Daemon};
 use crate::store::EnvironmentStatus;
@@ -30,6 +30,8 @@ pub struct PreviewRoute {
     pub router: SocketAddr,
     pub header: HeaderName,
     pub secret: Option<(HeaderName, String)>,
+    /// With `router.tls`: a client that trusts exactly the router's own certificate.
+    pub tls: Option<TlsClient>,
 }
 
 /// Runs each check once through the preview route and reports every result.
@@ -55,7 +57,7 @@ pub async fn run(
             .body(Full::new(Bytes::new()))
             .expect("checked method and path");
         let started = Instant::now();
-        let answer = http_request(route.router, request, timeout).await;
+        let answer = http_request(route.router, route.tls.as_ref(), request, timeout).await;
         let latency = started.elapsed();
         let latency_ms = latency.as_secs_f64() * 1000.0;
         let failure = match &answer {
@@ -116,12 +118,13 @@ impl Daemon {
                 "router.preview is disabled; tests reach the idle color through it. Enable router.preview".into(),
             ));
         };
-        if self.config.router.tls.is_some() && !test.checks.is_empty() {
-            return Err(CommandError::Refused(
-                "test.checks over a TLS router.listen are not supported yet; use test.command"
-                    .into(),
-            ));
-        }
+        let tls = match &self.config.router.tls {
+            Some(files) => Some(
+                own_certificate_client(&files.cert)
+                    .map_err(|e| CommandError::Failed(format!("router.tls.cert: {e}")))?,
+            ),
+            None => None,
+        };
         if self.router.table().pool(color).healthy_count() == 0 {
             let record = self.environment(color);
             return Err(CommandError::Refused(match record.status {
@@ -138,6 +141,7 @@ impl Daemon {
                 .secret
                 .as_ref()
                 .map(|s| (preview.secret_header.clone(), s.clone())),
+            tls,
         };
         let version = self.environment(color).version;
         let mut results = run(
@@ -192,5 +196,117 @@ impl Daemon {
         );
         self.event("test", &message, release.map(|r| r.id));
         Ok(results)
+    }
+}
+
+/// A TLS client for talking to our own router: it accepts exactly the certificate in
+/// `router.tls.cert` (whatever names it carries), and nothing else.
+fn own_certificate_client(cert: &std::path::Path) -> Result<TlsClient, String> {
+    use std::sync::Arc;
+    let file =
+        std::fs::File::open(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+    let leaf = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .next()
+        .ok_or_else(|| format!("{} holds no PEM certificate", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(OwnCertificate {
+        leaf: leaf.to_vec(),
+        provider: Arc::clone(&provider),
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name");
+    Ok((Arc::new(config), name))
+}
+
+/// Certificate pinning to the router's own leaf certificate; signatures are still checked.
+#[derive(Debug)]
+struct OwnCertificate {
+    leaf: Vec<u8>,
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for OwnCertificate {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.leaf.as_slice() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the certificate is not router.tls.cert: this is not our router".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+
+    #[test]
+    fn only_the_routers_own_certificate_is_accepted() {
+        let ours = rcgen::generate_simple_self_signed(vec!["shop.example".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["shop.example".into()]).unwrap();
+        let verifier = OwnCertificate {
+            leaf: ours.cert.der().to_vec(),
+            provider: std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        };
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        assert!(
+            verifier
+                .verify_server_cert(ours.cert.der(), &[], &name, &[], now)
+                .is_ok()
+        );
+        let refused = verifier
+            .verify_server_cert(other.cert.der(), &[], &name, &[], now)
+            .unwrap_err();
+        assert!(refused.to_string().contains("not our router"), "{refused}");
     }
 }

@@ -187,32 +187,7 @@ pub fn notify(webhook: &Webhook, payload: serde_json::Value) {
             .header(header::USER_AGENT, "bluegreen")
             .body(Full::new(Bytes::from(payload.to_string())))
             .expect("a valid request");
-        let sent = match &webhook.tls {
-            None => http_request(webhook.addr, request, webhook.timeout).await,
-            Some((tls, name)) => {
-                let connector = tokio_rustls::TlsConnector::from(Arc::clone(tls));
-                let attempt = async {
-                    let tcp = tokio::net::TcpStream::connect(webhook.addr)
-                        .await
-                        .map_err(|e| format!("cannot connect to {}: {e}", webhook.addr))?;
-                    let stream = connector
-                        .connect(name.clone(), tcp)
-                        .await
-                        .map_err(|e| format!("TLS with {}: {e}", webhook.addr))?;
-                    crate::client::exchange(stream, request)
-                        .await
-                        .map_err(|e| format!("{}: {e}", webhook.addr))
-                };
-                tokio::time::timeout(webhook.timeout, attempt)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "no answer within {}ms",
-                            webhook.timeout.as_millis()
-                        ))
-                    })
-            }
-        };
+        let sent = http_request(webhook.addr, webhook.tls.as_ref(), request, webhook.timeout).await;
         match sent {
             Ok((status, _, _)) if status.is_success() => {}
             Ok((status, _, _)) => {
