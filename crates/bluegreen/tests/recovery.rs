@@ -36,7 +36,12 @@ async fn kill_during(state: &str, config: &str, release: &[&str]) -> (Daemon, Va
     let mut reached = false;
     for _ in 0..400 {
         let status = daemon.status().await;
-        if status["release"]["state"] == state {
+        // In that state, and inside its step (the step row is written just after the state).
+        let (_, release) = daemon.admin("GET", "/v1/releases/1", None).await;
+        let in_step = release["steps"]
+            .as_array()
+            .is_some_and(|steps| steps.iter().any(|s| s["status"] == "running"));
+        if status["release"]["state"] == state && in_step {
             reached = true;
             break;
         }
