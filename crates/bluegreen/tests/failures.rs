@@ -119,6 +119,9 @@ async fn when_no_other_upstream_can_take_the_retry_the_real_failure_is_reported(
     }
     daemon.wait_healthy("blue", 1).await;
     blue1.kill();
+    // Let the router see its idle keep-alive connection to blue-1 close; a request racing that
+    // close would fail as `upstream-failed` (sent, then cut) instead of `upstream-connect`.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let response = support::get_response(&http, &daemon.url("/")).await;
     assert_eq!(response.status(), 502);
     assert_eq!(response.headers()["x-bluegreen-error"], "upstream-connect");
