@@ -246,40 +246,23 @@ async fn release(
     load: &Load,
     body: Value,
 ) -> Result<(Value, u64, u64), CliError> {
-    let last = call(client, Method::GET, "/v1/history?limit=1", None).await?;
-    let mut after = last["events"][0]["id"].as_i64().unwrap_or(0);
     let from = load.started.elapsed().as_secs();
-    let started = call(client, Method::POST, "/v1/releases", Some(body)).await?;
-    let id = started["release"]["id"].as_i64().unwrap_or(0);
-    loop {
-        let events = call(
-            client,
-            Method::GET,
-            &format!("/v1/history?after={after}&limit=500"),
-            None,
-        )
-        .await?;
-        for event in events["events"].as_array().into_iter().flatten() {
-            after = event["id"].as_i64().unwrap_or(after);
-            if event["kind"] != "stage" && event["kind"] != "instance" {
-                println!(
-                    "  +{:>5.1}s  {}",
-                    load.started.elapsed().as_secs_f64(),
-                    event["message"].as_str().unwrap_or("")
-                );
-            }
+    let (id, after, _) = crate::cli::release::start(client, "/v1/releases", body).await?;
+    let print_event = |event: &Value| {
+        if event["kind"] != "stage" && event["kind"] != "instance" {
+            println!(
+                "  +{:>5.1}s  {}",
+                load.started.elapsed().as_secs_f64(),
+                event["message"].as_str().unwrap_or("")
+            );
         }
-        let answer = call(client, Method::GET, &format!("/v1/releases/{id}"), None).await?;
-        let state = answer["release"]["state"].as_str().unwrap_or("?");
-        if matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted") {
-            return Ok((
-                answer["release"].clone(),
-                from,
-                load.started.elapsed().as_secs() + 1,
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    let answer = crate::cli::release::follow(client, id, after, print_event, |_| {}).await?;
+    Ok((
+        answer["release"].clone(),
+        from,
+        load.started.elapsed().as_secs() + 1,
+    ))
 }
 
 async fn story(

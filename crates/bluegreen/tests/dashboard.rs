@@ -225,11 +225,9 @@ async fn the_dashboard_shows_both_colors_live_and_its_rollback_button_rolls_back
     );
     page.eval("document.getElementById('confirm-yes').click(); true")
         .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.status().await["live"] != "blue" {
-        assert!(Instant::now() < deadline, "the daemon never rolled back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("the rollback to blue", |s| s["live"] == "blue")
+        .await;
     page.wait_for(
         "document.getElementById('result').textContent.includes('rolled back')",
         "the rollback's answer",

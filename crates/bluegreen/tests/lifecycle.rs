@@ -32,33 +32,50 @@ fn text(out: &std::process::Output) -> String {
     )
 }
 
-/// A webhook receiver on loopback that keeps every JSON body it is sent.
-async fn webhook_receiver() -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
+/// A webhook receiver on loopback (over TLS with `tls`) that keeps every JSON body it is sent.
+async fn webhook_receiver(
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<Value>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let received = Arc::new(Mutex::new(Vec::new()));
     let store = Arc::clone(&received);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let store = Arc::clone(&store);
+            let (store, tls) = (Arc::clone(&store), tls.clone());
             tokio::spawn(async move {
-                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let store = Arc::clone(&store);
-                    async move {
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        if let Ok(value) = serde_json::from_slice(&body) {
-                            store.lock().unwrap().push(value);
+                match tls {
+                    None => keep_json_bodies(stream, store).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            keep_json_bodies(stream, store).await;
                         }
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                }
             });
         }
     });
     (addr, received)
+}
+
+/// Serves one connection, keeping each request's JSON body.
+async fn keep_json_bodies<S>(stream: S, store: Arc<Mutex<Vec<Value>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let store = Arc::clone(&store);
+        async move {
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            if let Ok(value) = serde_json::from_slice(&body) {
+                store.lock().unwrap().push(value);
+            }
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,7 +92,7 @@ async fn hooks_run_with_release_facts_and_the_webhook_hears_every_event() {
             ),
         )
     };
-    let (webhook, received) = webhook_receiver().await;
+    let (webhook, received) = webhook_receiver(None).await;
     let config = process_config().replace(
         "health:",
         &format!(
@@ -527,33 +544,7 @@ async fn an_https_webhook_is_verified_against_its_ca_file() {
     .with_single_cert(vec![certified.cert.der().clone()], key)
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(StdArc::new(server));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-    let store = Arc::clone(&received);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, store) = (acceptor.clone(), Arc::clone(&store));
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                    let store = Arc::clone(&store);
-                    async move {
-                        let body = request.into_body().collect().await.unwrap().to_bytes();
-                        if let Ok(value) = serde_json::from_slice(&body) {
-                            store.lock().unwrap().push(value);
-                        }
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok"))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (addr, received) = webhook_receiver(Some(acceptor)).await;
     let blue = support::Backend::start("blue-1").await;
     let green = support::Backend::start("green-1").await;
     let config = support::config(&[&blue], &[&green], "").replace(

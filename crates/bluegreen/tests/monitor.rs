@@ -143,11 +143,9 @@ async fn the_monitor_shows_both_colors_live_and_r_then_y_rolls_back() {
     tmux.wait_for("the rollback question", |s| s.contains("y/n"))
         .await;
     tmux.keys("y");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.status().await["live"] != "blue" {
-        assert!(Instant::now() < deadline, "the daemon never rolled back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("the rollback to blue", |s| s["live"] == "blue")
+        .await;
     tmux.wait_for("blue live and the rollback event", |s| {
         s.contains("live: blue") && s.contains("rolled back: blue is live")
     })

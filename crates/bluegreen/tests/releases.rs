@@ -247,24 +247,18 @@ async fn a_manual_canary_waits_for_promote_and_pause_holds_it() {
     let out = daemon.cli(&["promote"]);
     assert!(out.status.success(), "{}", text(&out));
     // Now at 100 % and in the monitor window; pause holds it there.
-    for _ in 0..50 {
-        if daemon.status().await["weights"]["green"] == 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("green at 100 %", |s| s["weights"]["green"] == 100)
+        .await;
     assert!(daemon.cli(&["pause"]).status.success());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = daemon.status().await;
     assert_eq!(status["release"]["state"], "monitoring", "{status}");
     assert_eq!(status["release"]["paused"], true, "{status}");
     assert!(daemon.cli(&["resume"]).status.success());
-    for _ in 0..100 {
-        if daemon.status().await["release"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("the release's end", |s| s["release"].is_null())
+        .await;
     let answer = release(&daemon, 1).await;
     assert_eq!(answer["release"]["state"], "succeeded", "{answer}");
     assert_eq!(answer["release"]["kind"], "shift");
@@ -306,20 +300,14 @@ async fn linear_and_instant_strategies_and_abort() {
         "--detach",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    for _ in 0..50 {
-        if daemon.status().await["weights"]["green"] == 50 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("green at 50 %", |s| s["weights"]["green"] == 50)
+        .await;
     let out = daemon.cli(&["abort", "--reason", "saw something odd"]);
     assert!(out.status.success(), "{}", text(&out));
-    for _ in 0..100 {
-        if daemon.status().await["release"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("the release's end", |s| s["release"].is_null())
+        .await;
     let status = daemon.status().await;
     assert_eq!(live(&status), Some("blue"), "{status}");
     let answer = release(&daemon, 3).await;
@@ -472,12 +460,9 @@ async fn aborting_during_the_deploy_stops_the_new_instances() {
     assert_eq!(green_pids.len(), 2, "green's instances started");
     let out = daemon.cli(&["abort", "--reason", "wrong build"]);
     assert!(out.status.success(), "{}", text(&out));
-    for _ in 0..100 {
-        if daemon.status().await["release"].is_null() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon
+        .wait_status("the release's end", |s| s["release"].is_null())
+        .await;
     let answer = release(&daemon, 1).await;
     assert_eq!(answer["release"]["state"], "aborted", "{answer}");
     let status = daemon.status().await;

@@ -1,7 +1,7 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
 mod init;
-mod release;
+pub(crate) mod release;
 mod tui;
 
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ use http::Method;
 use serde_json::{Value, json};
 
 use super::{Cli, CliError, Output, admin_client, exit, expect_ok, utc_time};
+use crate::client::AdminClient;
 
 /// A spinner on stderr with a step's name, its elapsed time and what it waits for; hidden when
 /// stderr is not a terminal or the output is JSON.
@@ -97,34 +98,34 @@ pub async fn test(cli: &Cli, environment: Color) -> Result<(), CliError> {
     }
 }
 
-/// Starts a release or shift and, unless detached, follows it to its end; the exit code says
-/// how it ended.
-pub async fn start_and_follow(
-    cli: &Cli,
+/// Starts a release (or shift) with `POST path`; returns its id and the last event id before
+/// it, from where to follow it.
+pub(crate) async fn start(
+    client: &AdminClient,
     path: &str,
     body: Value,
-    detach: bool,
-) -> Result<(), CliError> {
-    let client = admin_client(cli)?;
+) -> Result<(i64, i64, Value), CliError> {
     let last = expect_ok(
         client
             .call(Method::GET, "/v1/history?limit=1", None)
             .await?,
     )?;
-    let mut after = last["events"][0]["id"].as_i64().unwrap_or(0);
+    let after = last["events"][0]["id"].as_i64().unwrap_or(0);
     let started = expect_ok(client.call(Method::POST, path, Some(body)).await?)?;
     let id = started["release"]["id"].as_i64().unwrap_or(0);
-    if detach {
-        print_answer(
-            cli,
-            &json!({ "message": format!("release #{id} started; follow it with `bluegreen monitor`"), "release": started["release"] }),
-        );
-        return Ok(());
-    }
-    let text = cli.output == Output::Text;
-    let progress = spinner(cli, format!("release #{id} starting"));
-    let mut last_progress = Instant::now();
-    let final_answer = loop {
+    Ok((id, after, started["release"].clone()))
+}
+
+/// Follows release `id` to its end: `on_event` gets each event stored after `after`,
+/// `on_poll` the release as it stands after each poll. Returns `GET /v1/releases/{id}` at the end.
+pub(crate) async fn follow(
+    client: &AdminClient,
+    id: i64,
+    mut after: i64,
+    mut on_event: impl FnMut(&Value),
+    mut on_poll: impl FnMut(&Value),
+) -> Result<Value, CliError> {
+    loop {
         let events = expect_ok(
             client
                 .call(
@@ -136,39 +137,68 @@ pub async fn start_and_follow(
         )?;
         for event in events["events"].as_array().into_iter().flatten() {
             after = event["id"].as_i64().unwrap_or(after);
-            if text {
-                progress.suspend(|| {
-                    println!(
-                        "{}  {:<11} {}",
-                        utc_time(event["at_ms"].as_i64().unwrap_or(0)),
-                        event["kind"].as_str().unwrap_or("?"),
-                        event["message"].as_str().unwrap_or("")
-                    )
-                });
-            }
+            on_event(event);
         }
         let answer = expect_ok(
             client
                 .call(Method::GET, &format!("/v1/releases/{id}"), None)
                 .await?,
         )?;
-        let release = &answer["release"];
-        let state = release["state"].as_str().unwrap_or("?");
-        if matches!(state, "succeeded" | "rolled_back" | "failed" | "aborted") {
-            progress.finish_and_clear();
-            break answer;
+        if matches!(
+            answer["release"]["state"].as_str(),
+            Some("succeeded" | "rolled_back" | "failed" | "aborted")
+        ) {
+            return Ok(answer);
         }
-        if progress.is_hidden() {
-            // Not a terminal (a CI log): a progress line now and then instead of a spinner.
-            if text && last_progress.elapsed() >= Duration::from_secs(3) {
-                last_progress = Instant::now();
-                println!("{}", progress_line(release));
-            }
-        } else {
-            progress.set_message(progress_line(release));
-        }
+        on_poll(&answer["release"]);
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Starts a release or shift and, unless detached, follows it to its end; the exit code says
+/// how it ended.
+pub async fn start_and_follow(
+    cli: &Cli,
+    path: &str,
+    body: Value,
+    detach: bool,
+) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let (id, after, started) = start(&client, path, body).await?;
+    if detach {
+        print_answer(
+            cli,
+            &json!({ "message": format!("release #{id} started; follow it with `bluegreen monitor`"), "release": started }),
+        );
+        return Ok(());
+    }
+    let text = cli.output == Output::Text;
+    let progress = spinner(cli, format!("release #{id} starting"));
+    let mut last_progress = Instant::now();
+    let print_event = |event: &Value| {
+        if text {
+            progress.suspend(|| {
+                println!(
+                    "{}  {:<11} {}",
+                    utc_time(event["at_ms"].as_i64().unwrap_or(0)),
+                    event["kind"].as_str().unwrap_or("?"),
+                    event["message"].as_str().unwrap_or("")
+                )
+            });
+        }
     };
+    let show_progress = |release: &Value| {
+        if !progress.is_hidden() {
+            progress.set_message(progress_line(release));
+        } else if text && last_progress.elapsed() >= Duration::from_secs(3) {
+            // Not a terminal (a CI log): a progress line now and then instead of a spinner.
+            last_progress = Instant::now();
+            println!("{}", progress_line(release));
+        }
+    };
+    let final_answer = follow(&client, id, after, print_event, show_progress).await;
+    progress.finish_and_clear();
+    let final_answer = final_answer?;
     let release = &final_answer["release"];
     match cli.output {
         Output::Json => println!("{}", pretty(&final_answer)),
@@ -195,6 +225,19 @@ pub async fn start_and_follow(
     }
 }
 
+/// `, 41s left` while a step's time runs, `, paused`, `, waiting for promote`, or nothing.
+pub(super) fn time_left(release: &Value) -> String {
+    match release["step_ends_ms"].as_i64() {
+        Some(end) => format!(
+            ", {}s left",
+            ((end - crate::store::now_ms()).max(0) + 999) / 1000
+        ),
+        None if release["paused"] == true => ", paused".into(),
+        None if release["state"] == "shifting" => ", waiting for promote".into(),
+        None => String::new(),
+    }
+}
+
 /// `[shifting 1/2: green 10%, 41s left] green 152 req 0.00% err p99 2.5ms | verdict`.
 pub(super) fn progress_line(release: &Value) -> String {
     let state = release["state"].as_str().unwrap_or("?");
@@ -202,21 +245,7 @@ pub(super) fn progress_line(release: &Value) -> String {
         .as_array()
         .map(|s| s.len())
         .unwrap_or(0);
-    let left = release["step_ends_ms"]
-        .as_i64()
-        .map(|end| {
-            let now = crate::store::now_ms();
-            format!(", {}s left", ((end - now).max(0) + 999) / 1000)
-        })
-        .unwrap_or_else(|| {
-            if release["paused"].as_bool() == Some(true) {
-                ", paused".into()
-            } else if matches!(state, "shifting") {
-                ", waiting for promote".into()
-            } else {
-                String::new()
-            }
-        });
+    let left = time_left(release);
     let head = match state {
         "shifting" => format!(
             "[shifting {}/{steps}: {} {}%{left}]",

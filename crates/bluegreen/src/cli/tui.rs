@@ -451,14 +451,7 @@ fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
     let steps = release["strategy"]["steps"]
         .as_array()
         .map_or(0, |s| s.len());
-    let left = match release["step_ends_ms"].as_i64() {
-        Some(end) => format!(
-            ", {}s left",
-            ((end - crate::store::now_ms()).max(0) + 999) / 1000
-        ),
-        None if release["paused"] == true => ", PAUSED".into(),
-        None => String::new(),
-    };
+    let left = super::release::time_left(release);
     let head = format!(
         "#{} {} → {}: {}{}{left}",
         release["id"],

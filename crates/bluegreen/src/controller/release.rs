@@ -657,18 +657,7 @@ impl Daemon {
                     &mut seen_promotions,
                 )
                 .await;
-            let detail = release
-                .verdict
-                .as_ref()
-                .map(|v| v.note.clone())
-                .unwrap_or_default();
-            let _ = crate::daemon::off_the_runtime(|| {
-                self.store.end_step(
-                    db_step,
-                    if outcome.is_ok() { "ok" } else { "failed" },
-                    &detail,
-                )
-            });
+            self.end_held_step(db_step, outcome.is_ok(), release);
             match outcome? {
                 Held::Done => index += 1,
                 Held::Full => index = steps.len() - 1,
@@ -699,18 +688,25 @@ impl Daemon {
                     &mut seen_promotions,
                 )
                 .await;
-            let detail = release
-                .verdict
-                .as_ref()
-                .map(|v| v.note.clone())
-                .unwrap_or_default();
-            let _ = crate::daemon::off_the_runtime(|| {
-                self.store
-                    .end_step(step, if outcome.is_ok() { "ok" } else { "failed" }, &detail)
-            });
+            self.end_held_step(step, outcome.is_ok(), release);
             outcome?;
         }
         Ok(())
+    }
+
+    /// Closes a shift step's row with the last analysis note as its detail.
+    fn end_held_step(&self, step: i64, ok: bool, release: &Release) {
+        let detail = release
+            .verdict
+            .as_ref()
+            .map(|v| v.note.clone())
+            .unwrap_or_default();
+        let status = if ok { "ok" } else { "failed" };
+        if let Err(e) =
+            crate::daemon::off_the_runtime(|| self.store.end_step(step, status, &detail))
+        {
+            tracing::error!(error = %e, "cannot record the end of a step");
+        }
     }
 
     /// Holds a step: judges the new color every analysis interval, follows pause, promote and

@@ -400,6 +400,22 @@ impl Daemon {
         std::mem::replace(&mut self.dir, dir)
     }
 
+    /// Polls `GET /v1/status` until `done` holds (10 s at most) and returns that status.
+    pub async fn wait_status(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never reached {what}: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the color has this many healthy upstreams.
     pub async fn wait_healthy(&self, color: &str, healthy: u64) {
         self.wait_for(
