@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
 use crate::controller::release::{ReleaseKind, ReleaseRequest};
-use crate::daemon::{Command, CommandError, Daemon};
+use crate::controller::{Command, CommandError, Controller};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
 #[derive(Debug)]
@@ -141,7 +141,10 @@ struct UpstreamsBody {
     upstreams: Vec<String>,
 }
 
-async fn upstreams(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn upstreams(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: UpstreamsBody = parse_body(&body)?;
     if body.upstreams.is_empty() {
         return Err(ApiError::invalid(
@@ -161,18 +164,18 @@ async fn upstreams(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Res
         }
         addrs.push(addr);
     }
-    let message = daemon.set_upstreams(body.environment, addrs).await?;
+    let message = controller.set_upstreams(body.environment, addrs).await?;
     Ok(Json(json!({ "message": message })).into_response())
 }
 
 async fn history(
-    State(daemon): State<Arc<Daemon>>,
+    State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["limit", "after"])?;
     let limit = query.number("limit", 1..=10_000, 50)? as usize;
     let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
-    Ok(Json(json!({ "events": daemon.history_after(after, limit)? })).into_response())
+    Ok(Json(json!({ "events": controller.history_after(after, limit).await? })).into_response())
 }
 
 /// Query parameters, each known by name, numbers checked for range.
@@ -233,18 +236,23 @@ struct DeployBody {
     env: BTreeMap<String, String>,
 }
 
-async fn deploy(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn deploy(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: DeployBody = parse_body(&body)?;
     check_version(&body.version)?;
     check_env(&body.env)?;
-    daemon.refuse_during_release("a deploy")?;
-    let _exclusive = daemon.controller.exclusive.lock().await;
-    let message = daemon
+    controller.refuse_during_release("a deploy")?;
+    let _exclusive = controller.exclusive.lock().await;
+    let message = controller
         .deploy(body.environment, &body.version, body.env, None)
         .await?;
     Ok(
-        Json(json!({ "message": message, "environment": daemon.environment(body.environment) }))
-            .into_response(),
+        Json(
+            json!({ "message": message, "environment": controller.environment(body.environment) }),
+        )
+        .into_response(),
     )
 }
 
@@ -287,9 +295,12 @@ struct TestBody {
     environment: Color,
 }
 
-async fn test(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn test(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: TestBody = parse_body(&body)?;
-    let results = daemon.test_environment(body.environment, None).await?;
+    let results = controller.test_environment(body.environment, None).await?;
     let passed = results.iter().all(|r| r.passed);
     let status = if passed {
         StatusCode::OK
@@ -314,13 +325,13 @@ struct ReleaseBody {
 }
 
 async fn start_release(
-    State(daemon): State<Arc<Daemon>>,
+    State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: ReleaseBody = parse_body(&body)?;
     check_version(&body.version)?;
     check_env(&body.env)?;
-    let release = daemon
+    let release = controller
         .start_release(ReleaseRequest {
             kind: ReleaseKind::Release,
             version: Some(body.version),
@@ -341,17 +352,20 @@ struct ShiftBody {
     strategy: String,
 }
 
-async fn shift(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn shift(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: ShiftBody = parse_body(&body)?;
     if let Some(from) = body.from
-        && daemon.router.table().split.weight(from) == 0
+        && controller.plane.split().weight(from) == 0
     {
         return Err(CommandError::Refused(format!(
             "--from {from} does not match the router: {from} takes no traffic"
         ))
         .into());
     }
-    let release = daemon
+    let release = controller
         .start_release(ReleaseRequest {
             kind: ReleaseKind::Shift,
             version: None,
@@ -364,27 +378,31 @@ async fn shift(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Respons
 }
 
 async fn releases(
-    State(daemon): State<Arc<Daemon>>,
+    State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["limit"])?;
     let limit = query.number("limit", 1..=1000, 20)? as usize;
     Ok(
-        Json(json!({ "releases": daemon.releases(limit)?, "active": daemon.active_release() }))
+        Json(json!({ "releases": controller.releases(limit).await?, "active": controller.active_release() }))
             .into_response(),
     )
 }
 
 async fn release_by_id(
-    State(daemon): State<Arc<Daemon>>,
+    State(controller): State<Arc<Controller>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))?;
-    let release = match daemon.active_release().filter(|r| r.id == id) {
+    let release = match controller.active_release().filter(|r| r.id == id) {
         Some(active) => Some(active),
-        None => daemon.releases(10_000)?.into_iter().find(|r| r.id == id),
+        None => controller
+            .releases(10_000)
+            .await?
+            .into_iter()
+            .find(|r| r.id == id),
     };
     let Some(release) = release else {
         return Err(ApiError {
@@ -393,7 +411,7 @@ async fn release_by_id(
             message: format!("no release #{id}; see GET /v1/releases"),
         });
     };
-    let steps = daemon.release_steps(id)?;
+    let steps = controller.release_steps(id).await?;
     Ok(Json(json!({ "release": release, "steps": steps })).into_response())
 }
 
@@ -406,7 +424,11 @@ struct ControlBody {
     reason: Option<String>,
 }
 
-async fn control(daemon: Arc<Daemon>, action: &str, body: Bytes) -> Result<Response, ApiError> {
+async fn control(
+    controller: Arc<Controller>,
+    action: &str,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: ControlBody = parse_body(&body)?;
     if body.full && action != "promote" {
         return Err(ApiError::invalid("full", "only promote takes full"));
@@ -414,27 +436,42 @@ async fn control(daemon: Arc<Daemon>, action: &str, body: Bytes) -> Result<Respo
     if body.reason.is_some() && action != "abort" {
         return Err(ApiError::invalid("reason", "only abort takes a reason"));
     }
-    let message = daemon.control(action, body.full, body.reason)?;
+    let message = controller.control(action, body.full, body.reason).await?;
     Ok(Json(json!({ "message": message })).into_response())
 }
 
-async fn promote(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
-    control(daemon, "promote", body).await
+async fn promote(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    control(controller, "promote", body).await
 }
 
-async fn abort(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
-    control(daemon, "abort", body).await
+async fn abort(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    control(controller, "abort", body).await
 }
 
-async fn pause(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
-    control(daemon, "pause", body).await
+async fn pause(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    control(controller, "pause", body).await
 }
 
-async fn resume(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
-    control(daemon, "resume", body).await
+async fn resume(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    control(controller, "resume", body).await
 }
 
-async fn diff(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Response, ApiError> {
+async fn diff(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["a", "b"])?;
     let color = |key: &str, default: Color| match query.text(key) {
         None => Ok(default),
@@ -443,23 +480,23 @@ async fn diff(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Res
             .map_err(|e| ApiError::invalid(key, e.to_string())),
     };
     let (a, b) = (color("a", Color::Blue)?, color("b", Color::Green)?);
-    Ok(Json(json!({ "a": a, "b": b, "differences": daemon.diff(a, b) })).into_response())
+    Ok(Json(json!({ "a": a, "b": b, "differences": controller.diff(a, b) })).into_response())
 }
 
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
-/// event as it is stored, so a watcher misses none. Ends when the daemon stops.
-async fn stream(State(daemon): State<Arc<Daemon>>) -> Response {
-    let events = daemon.watch_events();
+/// event as it is stored, so a watcher misses none. Ends when the controller stops.
+async fn stream(State(controller): State<Arc<Controller>>) -> Response {
+    let events = controller.watch_events();
     let tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let body = futures_util::stream::unfold(
-        (daemon, events, tick),
-        |(daemon, mut events, mut tick)| async move {
+        (controller, events, tick),
+        |(controller, mut events, mut tick)| async move {
             let chunk = tokio::select! {
                 _ = tick.tick() => {
-                    if daemon.router.is_stopping() {
+                    if controller.plane.is_stopping() {
                         return None;
                     }
-                    format!("event: snapshot\ndata: {}\n\n", daemon.snapshot().await)
+                    format!("event: snapshot\ndata: {}\n\n", controller.snapshot().await)
                 }
                 received = events.recv() => match received {
                     Ok(event) => format!("event: event\ndata: {}\n\n", json!(event)),
@@ -471,7 +508,7 @@ async fn stream(State(daemon): State<Arc<Daemon>>) -> Response {
             };
             Some((
                 Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
-                (daemon, events, tick),
+                (controller, events, tick),
             ))
         },
     );
@@ -485,11 +522,14 @@ async fn stream(State(daemon): State<Arc<Daemon>>) -> Response {
         .into_response()
 }
 
-async fn environments(State(daemon): State<Arc<Daemon>>) -> Response {
-    Json(json!({ "environments": daemon.environments() })).into_response()
+async fn environments(State(controller): State<Arc<Controller>>) -> Response {
+    Json(json!({ "environments": controller.environments() })).into_response()
 }
 
-async fn logs(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Response, ApiError> {
+async fn logs(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["environment", "lines"])?;
     let name = query.text("environment").ok_or_else(|| {
         ApiError::invalid(
@@ -498,7 +538,7 @@ async fn logs(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Res
         )
     })?;
     let lines = query.number("lines", 1..=100_000, 100)? as usize;
-    let files: Vec<_> = daemon
+    let files: Vec<_> = controller
         .logs(name, lines)?
         .into_iter()
         .map(|(file, lines)| json!({ "file": file, "lines": lines }))
@@ -507,32 +547,35 @@ async fn logs(State(daemon): State<Arc<Daemon>>, request: Request) -> Result<Res
 }
 
 async fn monitor(
-    State(daemon): State<Arc<Daemon>>,
+    State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["seconds"])?;
     let seconds = query.number("seconds", 1..=600, 10)?;
-    Ok(Json(daemon.monitor(seconds)).into_response())
+    Ok(Json(controller.monitor(seconds)).into_response())
 }
 
-async fn status(State(daemon): State<Arc<Daemon>>) -> Response {
-    Json(daemon.status().await).into_response()
+async fn status(State(controller): State<Arc<Controller>>) -> Response {
+    Json(controller.status().await).into_response()
 }
 
-async fn metrics(State(daemon): State<Arc<Daemon>>) -> Response {
+async fn metrics(State(controller): State<Arc<Controller>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        daemon.router.prometheus(),
+        controller.plane.prometheus(),
     )
         .into_response()
 }
 
-async fn switch(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn switch(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: SwitchBody = parse_body(&body)?;
-    let outcome = daemon
+    let outcome = controller
         .apply(Command::Switch {
             to: body.to,
             from: body.from,
@@ -541,9 +584,12 @@ async fn switch(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Respon
     Ok(Json(outcome).into_response())
 }
 
-async fn weights(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn weights(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: WeightsBody = parse_body(&body)?;
-    let outcome = daemon.apply(Command::Weights(body.split()?)).await?;
+    let outcome = controller.apply(Command::Weights(body.split()?)).await?;
     Ok(Json(outcome).into_response())
 }
 
@@ -554,21 +600,24 @@ struct RollbackBody {
     to_version: Option<String>,
 }
 
-async fn rollback(State(daemon): State<Arc<Daemon>>, body: Bytes) -> Result<Response, ApiError> {
+async fn rollback(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: RollbackBody = parse_body(&body)?;
     if let Some(version) = body.to_version {
         check_version(&version).map_err(|e| ApiError {
             field: Some("to_version".into()),
             ..e
         })?;
-        let message = daemon.rollback_to_version(&version).await?;
-        let split = daemon.router.table().split;
+        let message = controller.rollback_to_version(&version).await?;
+        let split = controller.plane.split();
         return Ok(Json(
-            json!({ "message": message, "weights": crate::daemon::Weights::from(split) }),
+            json!({ "message": message, "weights": crate::controller::Weights::from(split) }),
         )
         .into_response());
     }
-    let outcome = daemon.apply(Command::Rollback).await?;
+    let outcome = controller.apply(Command::Rollback).await?;
     Ok(Json(outcome).into_response())
 }
 
@@ -618,7 +667,7 @@ async fn require_token(
     next.run(request).await
 }
 
-fn routes(daemon: Arc<Daemon>) -> Routes {
+fn routes(controller: Arc<Controller>) -> Routes {
     Routes::new()
         .route("/v1/status", get(status))
         .route("/v1/switch", post(switch))
@@ -642,7 +691,7 @@ fn routes(daemon: Arc<Daemon>) -> Routes {
         .route("/v1/stream", get(stream))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(daemon)
+        .with_state(controller)
 }
 
 /// The dashboard page: one HTML file with its script, served by the binary (no build step).
@@ -661,7 +710,7 @@ async fn dashboard_page() -> Response {
 
 /// The web dashboard: the page, its live stream and release history for anyone who can reach
 /// `dashboard.listen` (loopback by default); its buttons' calls need the dashboard token.
-fn dashboard_routes(daemon: Arc<Daemon>, token: Arc<String>) -> Routes {
+fn dashboard_routes(controller: Arc<Controller>, token: Arc<String>) -> Routes {
     let actions = Routes::new()
         .route("/api/switch", post(switch))
         .route("/api/promote", post(promote))
@@ -678,20 +727,20 @@ fn dashboard_routes(daemon: Arc<Daemon>, token: Arc<String>) -> Routes {
         .route("/api/status", get(status))
         .merge(actions)
         .fallback(not_found)
-        .with_state(daemon)
+        .with_state(controller)
 }
 
 /// Serves the dashboard until `shutdown` turns true.
 pub async fn run_dashboard(
     listener: TcpListener,
     token: String,
-    daemon: Arc<Daemon>,
+    controller: Arc<Controller>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    let app = dashboard_routes(daemon, Arc::new(token));
+    let app = dashboard_routes(controller, Arc::new(token));
     if let Err(error) = serve(listener, app).with_graceful_shutdown(stop).await {
         tracing::error!(%error, "dashboard stopped");
     }
@@ -742,14 +791,14 @@ pub enum AdminListener {
 }
 
 /// Binds the admin endpoint. A unix socket is created mode 0600; a leftover socket from a
-/// daemon that died is replaced, a live one is an error.
+/// controller that died is replaced, a live one is an error.
 pub async fn bind(endpoint: &AdminEndpoint, token: Option<&str>) -> Result<AdminListener, String> {
     match endpoint {
         AdminEndpoint::Unix(path) => {
             if path.exists() {
                 if tokio::net::UnixStream::connect(path).await.is_ok() {
                     return Err(format!(
-                        "router.admin: another bluegreen daemon is already listening on {}; stop it first",
+                        "router.admin: another bluegreen controller is already listening on {}; stop it first",
                         path.display()
                     ));
                 }
@@ -786,7 +835,7 @@ fn set_owner_only(path: &std::path::Path) -> Result<(), String> {
 
 pub async fn run(
     listener: AdminListener,
-    daemon: Arc<Daemon>,
+    controller: Arc<Controller>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stop = async move {
@@ -794,12 +843,13 @@ pub async fn run(
     };
     let result = match listener {
         AdminListener::Unix(listener) => {
-            serve(listener, routes(daemon))
+            serve(listener, routes(controller))
                 .with_graceful_shutdown(stop)
                 .await
         }
         AdminListener::Tcp(listener, token) => {
-            let app = routes(daemon).layer(middleware::from_fn_with_state(token, require_token));
+            let app =
+                routes(controller).layer(middleware::from_fn_with_state(token, require_token));
             serve(listener, app).with_graceful_shutdown(stop).await
         }
     };

@@ -6,6 +6,7 @@ mod client;
 mod config;
 mod controller;
 mod daemon;
+mod dataplane;
 mod demo;
 mod duration;
 mod store;

@@ -558,7 +558,9 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         Some((listener, _)) => Some(listener.local_addr().map_err(|e| failure(e.to_string()))?),
         None => None,
     };
-    let daemon = Daemon::new(config, listen, dashboard_addr).map_err(failure)?;
+    let daemon = Daemon::build(config, listen, dashboard_addr)
+        .await
+        .map_err(failure)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| failure(e.to_string()))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
 
@@ -573,22 +575,22 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     }
     // Traffic first: settling an interrupted release may wait for instances to answer.
     let serving = daemon.router.serve(listener);
-    daemon.start_controller().await;
+    daemon.controller.start().await;
     let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = tokio::spawn(admin::run(
         admin_listener,
-        Arc::clone(&daemon),
+        Arc::clone(&daemon.controller),
         admin_stopped,
     ));
     let dashboard_task = dashboard.map(|(listener, token)| {
         tokio::spawn(admin::run_dashboard(
             listener,
             token,
-            Arc::clone(&daemon),
+            Arc::clone(&daemon.controller),
             stop_admin.subscribe(),
         ))
     });
-    let status = daemon.status().await;
+    let status = daemon.controller.status().await;
     let health: Vec<String> = status
         .router
         .colors
@@ -604,8 +606,8 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         .collect();
     println!(
         "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}{}",
-        daemon.config.service,
-        if daemon.config.router.tls.is_some() {
+        daemon.controller.config.service,
+        if daemon.controller.config.router.tls.is_some() {
             "https"
         } else {
             "http"
@@ -625,7 +627,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     }
     println!(
         "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
-        daemon.config.router.drain_timeout.as_secs_f32()
+        daemon.controller.config.router.drain_timeout.as_secs_f32()
     );
     let progress = release::spinner(cli, "draining".into());
     let watch_drain = async {
@@ -652,7 +654,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
     serving.abort();
-    daemon.shutdown_controller().await;
+    daemon.controller.shutdown().await;
     if let AdminEndpoint::Unix(path) = &admin_endpoint {
         let _ = std::fs::remove_file(path);
     }
@@ -660,7 +662,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     Ok(())
 }
 
-impl crate::daemon::DaemonStatus {
+impl crate::controller::traffic::ControllerStatus {
     fn weights_text(&self) -> String {
         match self.live {
             Some(color) => color.to_string(),

@@ -1,7 +1,9 @@
 //! Analysis: a window of the router's own counters per color, judged against absolute and baseline-relative limits.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bluegreen_router::metrics::quantile_ms;
 use bluegreen_router::{Color, ColorSnapshot};

@@ -11,9 +11,9 @@ use serde::Serialize;
 
 use super::hooks;
 use super::release::Release;
+use super::{CommandError, Controller};
 use crate::client::{TlsClient, http_request};
 use crate::config::controller::Check;
-use crate::daemon::{CommandError, Daemon};
 use crate::store::EnvironmentStatus;
 
 /// The outcome of one check.
@@ -105,7 +105,7 @@ pub async fn run(
     results
 }
 
-impl Daemon {
+impl Controller {
     /// Runs the configured smoke tests against `color` through the preview route.
     pub async fn test_environment(
         &self,
@@ -125,7 +125,7 @@ impl Daemon {
             ),
             None => None,
         };
-        if self.router.table().pool(color).healthy_count() == 0 {
+        if self.plane.healthy_count(color) == 0 {
             let record = self.environment(color);
             return Err(CommandError::Refused(match record.status {
                 EnvironmentStatus::Stopped => format!(
@@ -135,7 +135,7 @@ impl Daemon {
             }));
         }
         let route = PreviewRoute {
-            router: super::loopback_of(self.listen),
+            router: self.plane.preview().router,
             header: preview.header.clone(),
             secret: preview
                 .secret
@@ -161,7 +161,7 @@ impl Daemon {
                 &facts,
                 &[],
                 test.timeout,
-                &self.controller.logs_dir.join("tests.log"),
+                &self.logs_dir.join("tests.log"),
             )
             .await;
             results.push(CheckResult {
@@ -194,7 +194,7 @@ impl Daemon {
                 .map(|r| format!("; {}: {}", r.name, r.detail))
                 .collect::<String>()
         );
-        self.event("test", &message, release.map(|r| r.id));
+        self.event("test", &message, release.map(|r| r.id)).await;
         Ok(results)
     }
 }

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use bluegreen_router::Color;
 
+use super::{CommandError, Controller};
 use super::{hooks, process, provider_name};
 use crate::config::controller::{HookPoint, ProviderKind};
-use crate::daemon::{CommandError, Daemon};
-use crate::store::{EnvironmentRecord, EnvironmentStatus, InstanceRecord, now_ms};
+use crate::store::{EnvironmentRecord, EnvironmentStatus, InstanceRecord, ProviderState, now_ms};
 
-impl Daemon {
+impl Controller {
     /// Deploys `version` to the idle `color` and waits until all its instances are healthy.
     /// Refused for a color that takes traffic. On failure the color is left stopped or failed
     /// and the live color is untouched.
@@ -28,12 +28,10 @@ impl Daemon {
                 "version is empty; give the version to deploy, e.g. --version 2.0".into(),
             ));
         }
-        let table = self.router.table();
-        let weight = table.split.weight(color);
+        let weight = self.plane.split().weight(color);
         // A live color with nothing running serves no one: its first deploy is allowed.
         let bootstrap = self.environment(color).status != EnvironmentStatus::Running
-            && table.pool(color).healthy_count() == 0;
-        drop(table);
+            && self.plane.healthy_count(color) == 0;
         if weight > 0 && !bootstrap {
             return Err(CommandError::Refused(format!(
                 "{color} takes {weight}% of traffic; deploy to the idle color {} (or switch away from {color} first)",
@@ -42,30 +40,31 @@ impl Daemon {
         }
         let spec = self.spec(color).clone();
         let started = Instant::now();
-        let mut record = self.update_environment(color, release, |record| {
-            record.version = Some(version.to_string());
-            record.status = EnvironmentStatus::Deploying;
-            record.extra_env = extra_env;
-            record.reason = None;
-            record.scale_down_at_ms = None;
-            record.deployed_at_ms = Some(now_ms());
-            Some((
-                "deploy",
-                format!(
-                    "deploying {version} to {color} ({} instance(s), {} provider)",
-                    spec.instances,
-                    provider_name(spec.provider)
-                ),
-            ))
-        })?;
+        let mut record = self
+            .update_environment(color, release, |record| {
+                record.version = Some(version.to_string());
+                record.status = EnvironmentStatus::Deploying;
+                record.extra_env = extra_env;
+                record.reason = None;
+                record.scale_down_at_ms = None;
+                record.deployed_at_ms = Some(now_ms());
+                Some((
+                    "deploy",
+                    format!(
+                        "deploying {version} to {color} ({} instance(s), {} provider)",
+                        spec.instances,
+                        provider_name(spec.provider)
+                    ),
+                ))
+            })
+            .await?;
         let outcome = match spec.provider {
             ProviderKind::Process => self.deploy_processes(color, &mut record).await,
             ProviderKind::Command => self.deploy_by_command(color, &mut record, release).await,
             ProviderKind::Static => {
                 // The router's upstreams: the config's, or those set with `bluegreen upstreams`.
-                let pool = Arc::clone(self.router.table().pool(color));
-                record.upstreams = pool.upstreams.iter().map(|u| u.addr).collect();
-                self.wait_healthy(color, pool.upstreams.len(), spec.ready_timeout)
+                record.upstreams = self.plane.upstreams(color).iter().map(|u| u.addr).collect();
+                self.wait_healthy(color, record.upstreams.len(), spec.ready_timeout)
                     .await
             }
         };
@@ -74,28 +73,30 @@ impl Daemon {
             Ok(()) => {
                 let message = format!(
                     "{color} runs {version}: {} healthy upstream(s) in {:.1}s",
-                    self.router.table().pool(color).healthy_count(),
+                    self.plane.healthy_count(color),
                     started.elapsed().as_secs_f64()
                 );
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
                     record.status = EnvironmentStatus::Running;
                     Some(("deployed", message.clone()))
-                })?;
+                })
+                .await?;
                 Ok(message)
             }
             Err(reason) => {
                 if spec.provider == ProviderKind::Process {
-                    self.controller.supervisor.stop(color).await;
+                    self.supervisor.stop(color).await;
                 }
                 let message = format!("deploying {version} to {color} failed: {reason}");
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
-                    record.instances.iter_mut().for_each(|i| i.pid = None);
+                    record.provider.mark_stopped();
                     record.status = EnvironmentStatus::Failed;
                     record.reason = Some(reason);
                     Some(("deploy-failed", message.clone()))
-                })?;
+                })
+                .await?;
                 Err(CommandError::Failed(message))
             }
         }
@@ -107,7 +108,7 @@ impl Daemon {
         record: &mut EnvironmentRecord,
     ) -> Result<(), String> {
         let spec = self.spec(color);
-        self.controller.supervisor.stop(color).await;
+        self.supervisor.stop(color).await;
         let mut instances = Vec::new();
         for _ in 0..spec.instances {
             let port = process::free_port().map_err(|e| format!("no free port: {e}"))?;
@@ -121,16 +122,18 @@ impl Daemon {
             .iter()
             .map(|i| SocketAddr::from(([127, 0, 0, 1], i.port)))
             .collect();
-        record.instances = instances.clone();
+        record.provider = ProviderState::Process {
+            instances: instances.clone(),
+        };
         record.upstreams = addrs.clone();
         self.update_environment(color, None, |saved| {
-            saved.instances = instances.clone();
+            saved.provider = record.provider.clone();
             saved.upstreams = addrs.clone();
             None
         })
+        .await
         .map_err(|e| e.to_string())?;
-        self.controller
-            .supervisor
+        self.supervisor
             .start(self.launch(color, record), instances)
             .map_err(|e| format!("cannot start instances: {e}"))?;
         self.set_upstreams(color, addrs)
@@ -148,7 +151,7 @@ impl Daemon {
     ) -> Result<(), String> {
         let spec = self.spec(color);
         let argv = spec.deploy.as_ref().ok_or("no deploy script configured")?;
-        let _ = std::fs::create_dir_all(&self.controller.logs_dir);
+        let _ = std::fs::create_dir_all(&self.logs_dir);
         let mut facts = self.facts(color, None);
         facts.version = record.version.clone();
         facts.release_id = release;
@@ -161,7 +164,7 @@ impl Daemon {
             &facts,
             &env,
             spec.ready_timeout,
-            &self.controller.logs_dir.join(format!("{color}-deploy.log")),
+            &self.logs_dir.join(format!("{color}-deploy.log")),
         )
         .await?;
         let mut addrs = Vec::new();
@@ -197,8 +200,8 @@ impl Daemon {
     ) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let pool = Arc::clone(self.router.table().pool(color));
-            let healthy = pool.healthy_count();
+            let upstreams = self.plane.upstreams(color);
+            let healthy = self.plane.healthy_count(color);
             if healthy >= wanted.max(1) {
                 return Ok(());
             }
@@ -207,10 +210,9 @@ impl Daemon {
                 return Err(record.reason.unwrap_or_else(|| "instances failed".into()));
             }
             if Instant::now() >= deadline {
-                let errors: Vec<String> = pool
-                    .upstreams
+                let errors: Vec<String> = upstreams
                     .iter()
-                    .filter_map(|u| u.last_error().map(|e| format!("{}: {e}", u.addr)))
+                    .filter_map(|u| u.last_error.as_ref().map(|e| format!("{}: {e}", u.addr)))
                     .collect();
                 return Err(format!(
                     "{healthy} of {wanted} upstream(s) healthy after {}s{}; see `bluegreen logs --environment {color}`",
@@ -229,14 +231,14 @@ impl Daemon {
     /// Stops a color that takes no traffic. Its version stays recorded, so a rollback to it
     /// can deploy it again.
     pub async fn stop_environment(&self, color: Color, why: &str) -> Result<(), CommandError> {
-        if self.router.table().split.weight(color) > 0 {
+        if self.plane.split().weight(color) > 0 {
             return Err(CommandError::Refused(format!(
                 "{color} takes traffic; it cannot be stopped"
             )));
         }
         let spec = self.spec(color).clone();
         match spec.provider {
-            ProviderKind::Process => self.controller.supervisor.stop(color).await,
+            ProviderKind::Process => self.supervisor.stop(color).await,
             ProviderKind::Command => {
                 if let Some(argv) = &spec.stop {
                     let facts = self.facts(color, None);
@@ -246,18 +248,18 @@ impl Daemon {
                         &facts,
                         &[],
                         spec.stop_timeout.max(Duration::from_secs(30)),
-                        &self.controller.logs_dir.join(format!("{color}-deploy.log")),
+                        &self.logs_dir.join(format!("{color}-deploy.log")),
                     )
                     .await
                     {
-                        self.event("stop-failed", &e, None);
+                        self.event("stop-failed", &e, None).await;
                     }
                 }
             }
             ProviderKind::Static => {}
         }
         self.update_environment(color, None, |record| {
-            record.instances.iter_mut().for_each(|i| i.pid = None);
+            record.provider.mark_stopped();
             record.status = EnvironmentStatus::Stopped;
             record.scale_down_at_ms = None;
             Some((
@@ -268,6 +270,7 @@ impl Daemon {
                 ),
             ))
         })
+        .await
         .map(|_| ())
     }
 
@@ -281,19 +284,21 @@ impl Daemon {
             let Some(daemon) = daemon.upgrade() else {
                 return;
             };
-            let _exclusive = daemon.controller.exclusive.lock().await;
+            let _exclusive = daemon.exclusive.lock().await;
             let record = daemon.environment(color);
             if record.scale_down_at_ms != Some(at_ms) {
                 return; // redeployed or rescheduled since
             }
-            if daemon.router.table().split.weight(color) > 0 {
-                let _ = daemon.update_environment(color, None, |record| {
-                    record.scale_down_at_ms = None;
-                    Some((
-                        "cleanup",
-                        format!("{color} takes traffic again; not stopped"),
-                    ))
-                });
+            if daemon.plane.split().weight(color) > 0 {
+                let _ = daemon
+                    .update_environment(color, None, |record| {
+                        record.scale_down_at_ms = None;
+                        Some((
+                            "cleanup",
+                            format!("{color} takes traffic again; not stopped"),
+                        ))
+                    })
+                    .await;
                 return;
             }
             daemon.clean_up(color).await;
@@ -310,7 +315,8 @@ impl Daemon {
             .stop_environment(color, "scale_down_delay passed after the release")
             .await
         {
-            self.event("cleanup", &format!("cleanup of {color} failed: {e}"), None);
+            self.event("cleanup", &format!("cleanup of {color} failed: {e}"), None)
+                .await;
             return;
         }
         if let Err(e) = self.hook(HookPoint::MigrateContract, &facts, None).await {

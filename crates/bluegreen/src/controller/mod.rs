@@ -2,36 +2,63 @@
 
 pub mod analysis;
 pub mod checks;
+pub mod decide;
 mod deploy;
 pub mod hooks;
 pub mod process;
 pub mod release;
 pub mod strategy;
+pub mod traffic;
 mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bluegreen_router::{Color, ColorSnapshot};
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
+use crate::config::Config;
 use crate::config::controller::{EnvironmentSpec, HookPoint, ProviderKind};
-use crate::daemon::{CommandError, Daemon};
-use crate::store::{EnvironmentRecord, EnvironmentStatus, now_ms};
+use crate::dataplane::DataPlane;
+use crate::store::{
+    EnvironmentRecord, EnvironmentStatus, Key, ProviderState, RouterState, StateStore, Versioned,
+    Write, now_ms,
+};
 use analysis::History;
 use hooks::Facts;
 use process::{InstanceEvent, Launch, Supervisor};
 use release::{Control, Release};
+pub use traffic::{Command, CommandError, Weights};
 
 /// How many one-second samples of the router's counters are kept (ten minutes).
 const HISTORY_SECONDS: usize = 600;
 
-/// The controller's live parts, owned by the daemon.
+/// Where the daemon can be reached, for `bluegreen status`.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub listen: SocketAddr,
+    pub dashboard: Option<SocketAddr>,
+}
+
+/// The control plane: owns the state store, the providers' supervisor and the data plane,
+/// and turns operators' commands into recorded changes and then into effects.
 pub struct Controller {
-    environments: Mutex<[EnvironmentRecord; 2]>,
+    pub config: Config,
+    pub(crate) store: Arc<dyn StateStore>,
+    pub(crate) plane: Arc<dyn DataPlane>,
+    pub endpoints: Endpoints,
+    /// The recorded split, and the revision it was read at. Changes hold this lock while
+    /// they decide and record (never the router's: it swaps its own table).
+    pub(crate) state: tokio::sync::Mutex<Versioned<RouterState>>,
+    /// Both colors' records as last stored, for readers that must not wait for a write.
+    environments: Mutex<[Versioned<EnvironmentRecord>; 2]>,
+    /// Writers of environment records take turns here (read, change, record, publish).
+    environment_writes: tokio::sync::Mutex<()>,
     pub(crate) supervisor: Supervisor,
     supervisor_events: Mutex<Option<mpsc::UnboundedReceiver<InstanceEvent>>>,
     /// The release in progress, and the channel its runner listens to.
@@ -39,30 +66,58 @@ pub struct Controller {
     history: Mutex<History>,
     /// Events as they are stored, for `/v1/stream` watchers; `published` is the last one sent.
     live: tokio::sync::broadcast::Sender<crate::store::Event>,
-    published: Mutex<i64>,
+    published: tokio::sync::Mutex<i64>,
     /// Deploys, releases and redeploying rollbacks change environments one at a time.
     pub(crate) exclusive: tokio::sync::Mutex<()>,
+    /// Releases being started take turns, so two asks never both start one.
+    starting: tokio::sync::Mutex<()>,
     pub logs_dir: PathBuf,
 }
 
 impl Controller {
-    pub fn new(
-        environments: [EnvironmentRecord; 2],
-        logs_dir: PathBuf,
-        last_event: i64,
-    ) -> Controller {
+    /// A controller over `store` and `plane`, starting from what the store holds.
+    pub async fn open(
+        config: Config,
+        store: Arc<dyn StateStore>,
+        plane: Arc<dyn DataPlane>,
+        endpoints: Endpoints,
+        state: Versioned<RouterState>,
+    ) -> Result<Controller, String> {
+        let mut environments = store.environments().await.map_err(|e| e.to_string())?;
+        for record in &mut environments {
+            // Fixed upstreams are run by someone else: they count as running, health tells.
+            if config.controller.environment(record.value.color).provider == ProviderKind::Static
+                && record.value.status == EnvironmentStatus::Stopped
+            {
+                record.value.status = EnvironmentStatus::Running;
+            }
+        }
+        let last_event = store
+            .events_after(0, 1)
+            .await
+            .map_err(|e| e.to_string())?
+            .last()
+            .map_or(0, |e| e.id);
+        let logs_dir = config.state_dir.join("logs");
         let (events, receiver) = mpsc::unbounded_channel();
-        Controller {
+        Ok(Controller {
+            config,
+            store,
+            plane,
+            endpoints,
+            state: tokio::sync::Mutex::new(state),
             environments: Mutex::new(environments),
+            environment_writes: tokio::sync::Mutex::new(()),
             supervisor: Supervisor::new(events),
             supervisor_events: Mutex::new(Some(receiver)),
             active: Mutex::new(None),
             history: Mutex::new(History::new(HISTORY_SECONDS)),
             live: tokio::sync::broadcast::channel(1024).0,
-            published: Mutex::new(last_event),
+            published: tokio::sync::Mutex::new(last_event),
             exclusive: tokio::sync::Mutex::new(()),
+            starting: tokio::sync::Mutex::new(()),
             logs_dir,
-        }
+        })
     }
 }
 
@@ -74,13 +129,15 @@ pub struct EnvironmentView {
     pub spec: EnvironmentSpec,
 }
 
-impl Daemon {
+impl Controller {
     fn spec(&self, color: Color) -> &EnvironmentSpec {
         self.config.controller.environment(color)
     }
 
     pub fn environment(&self, color: Color) -> EnvironmentRecord {
-        self.controller.environments.lock().expect("lock")[color.index()].clone()
+        self.environments.lock().expect("lock")[color.index()]
+            .value
+            .clone()
     }
 
     pub fn environments(&self) -> Vec<EnvironmentView> {
@@ -96,41 +153,55 @@ impl Daemon {
     /// Changes a color's record and saves it (with the event `change` returns) before anything
     /// acts on it. Read, change and write happen under one lock: instance events and deploys
     /// update the same record concurrently.
-    pub(crate) fn update_environment(
+    pub(crate) async fn update_environment(
         &self,
         color: Color,
         release: Option<i64>,
         change: impl FnOnce(&mut EnvironmentRecord) -> Option<(&'static str, String)>,
     ) -> Result<EnvironmentRecord, CommandError> {
-        let mut all = self.controller.environments.lock().expect("lock");
-        let mut record = all[color.index()].clone();
+        // Only writers wait here; readers of `environments` never wait for the disk.
+        let _turn = self.environment_writes.lock().await;
+        let current = self.environments.lock().expect("lock")[color.index()].clone();
+        let mut record = current.value.clone();
         let event = change(&mut record);
-        let stored = event
-            .as_ref()
-            .map(|(kind, message)| (*kind, message.as_str(), release));
-        crate::daemon::off_the_runtime(|| self.store.save_environment(&record, stored))
+        let mut write = Write {
+            environment: Some((current.revision, record.clone())),
+            ..Write::default()
+        };
+        if let Some((kind, message)) = &event {
+            write = write.with_event(kind, message, release);
+        }
+        let committed = self
+            .store
+            .commit(write)
+            .await
             .map_err(|e| CommandError::Failed(e.to_string()))?;
-        all[color.index()] = record.clone();
-        drop(all);
+        self.environments.lock().expect("lock")[color.index()] = Versioned {
+            value: record.clone(),
+            revision: committed.revision,
+        };
         if let Some((kind, message)) = &event {
             tracing::info!(kind, "{message}");
-            self.notify(kind, message, release);
+            self.notify(kind, message, release).await;
         }
         Ok(record)
     }
 
-    pub(crate) fn event(&self, kind: &str, message: &str, release: Option<i64>) {
+    pub(crate) async fn event(&self, kind: &str, message: &str, release: Option<i64>) {
         tracing::info!(kind, "{message}");
-        if let Err(e) = crate::daemon::off_the_runtime(|| self.store.event(kind, message, release))
+        if let Err(e) = self
+            .store
+            .commit(Write::event(kind, message, release))
+            .await
         {
             tracing::error!(error = %e, "cannot record event");
         }
-        self.notify(kind, message, release);
+        self.notify(kind, message, release).await;
     }
 
     /// After an event is stored: live watchers (`/v1/stream`) and the webhook hear of it.
-    pub(crate) fn notify(&self, kind: &str, message: &str, release: Option<i64>) {
-        self.publish_events();
+    pub(crate) async fn notify(&self, kind: &str, message: &str, release: Option<i64>) {
+        self.publish_events().await;
         if let Some(webhook) = &self.config.controller.webhook {
             hooks::notify(
                 webhook,
@@ -146,13 +217,13 @@ impl Daemon {
     }
 
     /// Sends events stored since the last call to the live watchers, in order.
-    fn publish_events(&self) {
-        let mut last = self.controller.published.lock().expect("lock");
-        match crate::daemon::off_the_runtime(|| self.store.events_after(*last, 1000)) {
+    async fn publish_events(&self) {
+        let mut last = self.published.lock().await;
+        match self.store.events_after(*last, 1000).await {
             Ok(events) => {
                 for event in events {
                     *last = event.id;
-                    let _ = self.controller.live.send(event);
+                    let _ = self.live.send(event);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read new events"),
@@ -161,18 +232,18 @@ impl Daemon {
 
     /// Subscribes to events as they are stored.
     pub fn watch_events(&self) -> tokio::sync::broadcast::Receiver<crate::store::Event> {
-        self.controller.live.subscribe()
+        self.live.subscribe()
     }
 
     /// One picture of the daemon for live views: both colors with their recent numbers, the
     /// live color, the release in progress.
     pub async fn snapshot(&self) -> serde_json::Value {
-        let split = self.router.table().split;
+        let split = self.plane.split();
         serde_json::json!({
             "service": self.config.service,
             "at_ms": now_ms(),
             "live": split.sole_color(),
-            "weights": crate::daemon::Weights::from(split),
+            "weights": Weights::from(split),
             "rollback_to": self.rollback_target().await,
             "environments": Color::ALL.map(|c| self.environment(c)),
             "monitor": self.monitor(10),
@@ -183,6 +254,7 @@ impl Daemon {
     pub(crate) fn facts(&self, color: Color, release: Option<&Release>) -> Facts {
         let env = self.environment(color);
         let from = color.other();
+        let preview = self.plane.preview();
         Facts {
             service: self.config.service.clone(),
             release_id: release.map(|r| r.id),
@@ -194,24 +266,13 @@ impl Daemon {
                 .or(self.environment(from).version),
             router_url: format!(
                 "{}://{}",
-                if self.config.router.tls.is_some() {
-                    "https"
-                } else {
-                    "http"
-                },
-                loopback_of(self.listen)
+                if preview.tls { "https" } else { "http" },
+                preview.router
             ),
-            preview_header: self
-                .config
-                .router
-                .preview
-                .as_ref()
-                .map(|p| p.header.to_string()),
-            preview_secret: self.config.router.preview.as_ref().and_then(|p| {
-                p.secret
-                    .as_ref()
-                    .map(|secret| format!("{}: {secret}", p.secret_header))
-            }),
+            preview_header: preview.header,
+            preview_secret: preview
+                .secret
+                .map(|(header, secret)| format!("{header}: {secret}")),
             reason: None,
         }
     }
@@ -226,8 +287,8 @@ impl Daemon {
         let Some(argv) = self.config.controller.hooks.commands.get(&point) else {
             return Ok(());
         };
-        let log = self.controller.logs_dir.join("hooks.log");
-        let _ = std::fs::create_dir_all(&self.controller.logs_dir);
+        let log = self.logs_dir.join("hooks.log");
+        let _ = std::fs::create_dir_all(&self.logs_dir);
         let outcome = hooks::run(
             point.as_str(),
             argv,
@@ -238,12 +299,18 @@ impl Daemon {
         )
         .await;
         match &outcome {
-            Ok(_) => self.event("hook", &format!("{} hook passed", point.as_str()), release),
-            Err(e) => self.event(
-                "hook",
-                &format!("{} hook failed: {e}", point.as_str()),
-                release,
-            ),
+            Ok(_) => {
+                self.event("hook", &format!("{} hook passed", point.as_str()), release)
+                    .await
+            }
+            Err(e) => {
+                self.event(
+                    "hook",
+                    &format!("{} hook failed: {e}", point.as_str()),
+                    release,
+                )
+                .await
+            }
         }
         outcome.map(|_| ())
     }
@@ -251,18 +318,13 @@ impl Daemon {
     /// Starts the controller's background work: recording instance events, sampling the
     /// router's counters, bringing back instances and timers after a restart, and settling a
     /// release a previous daemon left unfinished.
-    pub async fn start_controller(self: &Arc<Self>) {
-        let events = self
-            .controller
-            .supervisor_events
-            .lock()
-            .expect("lock")
-            .take();
+    pub async fn start(self: &Arc<Self>) {
+        let events = self.supervisor_events.lock().expect("lock").take();
         if let Some(mut events) = events {
             let daemon = Arc::clone(self);
             tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
-                    daemon.instance_event(event);
+                    daemon.instance_event(event).await;
                 }
             });
         }
@@ -276,43 +338,66 @@ impl Daemon {
                 };
                 let snapshots = daemon.snapshots();
                 daemon
-                    .controller
                     .history
                     .lock()
                     .expect("lock")
                     .push(Instant::now(), snapshots);
             }
         });
+        self.follow_store().await;
         self.recover().await;
+    }
+
+    /// Follows the store's commits, so events written by any writer (another daemon on a
+    /// shared store, a restart's recovery) reach live watchers.
+    async fn follow_store(self: &Arc<Self>) {
+        let from = match self.store.revision().await {
+            Ok(revision) => revision,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow the state store");
+                return;
+            }
+        };
+        let controller = Arc::downgrade(self);
+        let mut changes = self.store.watch(from);
+        tokio::spawn(async move {
+            while let Some(change) = changes.next().await {
+                let Some(controller) = controller.upgrade() else {
+                    break;
+                };
+                match change {
+                    Ok(change) if change.keys.iter().any(|k| matches!(k, Key::Event(_))) => {
+                        controller.publish_events().await
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // Compacted or gone: what matters (the events) is read by id anyway.
+                        tracing::warn!(error = %e, "stopped following the state store");
+                        controller.publish_events().await;
+                        break;
+                    }
+                }
+            }
+        });
     }
 
     /// Both colors' cumulative counters now.
     pub(crate) fn snapshots(&self) -> [ColorSnapshot; 2] {
-        let status = self.router.status();
-        Color::ALL.map(|color| {
-            status
-                .colors
-                .iter()
-                .find(|c| c.color == color)
-                .map(|c| c.metrics.clone())
-                .expect("the router reports both colors")
-        })
+        self.plane.counters()
     }
 
     /// The counters as they were at `since` (or the oldest kept sample).
     pub(crate) fn snapshots_since(&self, since: Instant) -> Option<(Instant, [ColorSnapshot; 2])> {
-        self.controller
-            .history
+        self.history
             .lock()
             .expect("lock")
             .at_or_after(since)
             .cloned()
     }
 
-    fn instance_event(&self, event: InstanceEvent) {
-        let current = |color: Color, generation: u64| {
-            self.controller.supervisor.generation(color) == Some(generation)
-        };
+    async fn instance_event(&self, event: InstanceEvent) {
+        let current =
+            |color: Color, generation: u64| self.supervisor.generation(color) == Some(generation);
         match event {
             InstanceEvent::Started {
                 color,
@@ -321,13 +406,17 @@ impl Daemon {
                 pid,
                 port,
             } if current(color, generation) => {
-                let saved = self.update_environment(color, None, |record| {
-                    if let Some(instance) = record.instances.get_mut(slot) {
-                        instance.pid = Some(pid);
-                        instance.port = port;
-                    }
-                    None
-                });
+                let saved = self
+                    .update_environment(color, None, |record| {
+                        if let ProviderState::Process { instances } = &mut record.provider
+                            && let Some(instance) = instances.get_mut(slot)
+                        {
+                            instance.pid = Some(pid);
+                            instance.port = port;
+                        }
+                        None
+                    })
+                    .await;
                 if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record instance");
                 }
@@ -341,7 +430,9 @@ impl Daemon {
                 restart_in,
             } if current(color, generation) => {
                 let saved = self.update_environment(color, None, |record| {
-                    if let Some(instance) = record.instances.get_mut(slot) {
+                    if let ProviderState::Process { instances } = &mut record.provider
+                        && let Some(instance) = instances.get_mut(slot)
+                    {
                         instance.restarts += 1;
                         instance.pid = None;
                     }
@@ -352,7 +443,7 @@ impl Daemon {
                             restart_in.as_millis()
                         ),
                     ))
-                });
+                }).await;
                 if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record instance exit");
                 }
@@ -362,11 +453,13 @@ impl Daemon {
                 generation,
                 reason,
             } if current(color, generation) => {
-                let saved = self.update_environment(color, None, |record| {
-                    record.status = EnvironmentStatus::Failed;
-                    record.reason = Some(reason.clone());
-                    Some(("failed", format!("{color} failed: {reason}")))
-                });
+                let saved = self
+                    .update_environment(color, None, |record| {
+                        record.status = EnvironmentStatus::Failed;
+                        record.reason = Some(reason.clone());
+                        Some(("failed", format!("{color} failed: {reason}")))
+                    })
+                    .await;
                 if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record crash loop");
                 }
@@ -385,7 +478,7 @@ impl Daemon {
             argv: spec.command.clone(),
             env,
             stop_timeout: spec.stop_timeout,
-            logs_dir: self.controller.logs_dir.clone(),
+            logs_dir: self.logs_dir.clone(),
         }
     }
 
@@ -399,25 +492,25 @@ impl Daemon {
                 record.status,
                 EnvironmentStatus::Running | EnvironmentStatus::Deploying
             );
-            if self.spec(color).provider == ProviderKind::Process
-                && runs
-                && !record.instances.is_empty()
-            {
-                let adopted = record.instances.iter().filter(|i| i.pid.is_some()).count();
+            let instances = record.provider.instances();
+            if self.spec(color).provider == ProviderKind::Process && runs && !instances.is_empty() {
+                let adopted = instances.iter().filter(|i| i.pid.is_some()).count();
                 match self
-                    .controller
                     .supervisor
-                    .start(self.launch(color, &record), record.instances.clone())
+                    .start(self.launch(color, &record), instances.to_vec())
                 {
-                    Ok(_) => self.event(
-                        "recover",
-                        &format!(
-                            "{color} {}: {} instance(s) brought back ({adopted} recorded as running are adopted if still alive)",
-                            record.version.as_deref().unwrap_or("?"),
-                            record.instances.len()
-                        ),
-                        None,
-                    ),
+                    Ok(_) => {
+                        self.event(
+                            "recover",
+                            &format!(
+                                "{color} {}: {} instance(s) brought back ({adopted} recorded as running are adopted if still alive)",
+                                record.version.as_deref().unwrap_or("?"),
+                                instances.len()
+                            ),
+                            None,
+                        )
+                        .await
+                    }
                     Err(e) => tracing::error!(%color, error = %e, "cannot restart instances"),
                 }
             }
@@ -431,9 +524,9 @@ impl Daemon {
                 continue;
             }
             // A deploy the previous daemon did not finish: never proven healthy, so stopped.
-            self.controller.supervisor.stop(color).await;
+            self.supervisor.stop(color).await;
             let saved = self.update_environment(color, None, |record| {
-                record.instances.iter_mut().for_each(|i| i.pid = None);
+                record.provider.mark_stopped();
                 record.status = EnvironmentStatus::Failed;
                 record.reason = Some("the deploy was interrupted by a daemon restart".into());
                 Some((
@@ -443,15 +536,15 @@ impl Daemon {
                         record.version.as_deref().unwrap_or("")
                     ),
                 ))
-            });
+            }).await;
             if let Err(e) = saved {
                 tracing::error!(error = %e, "cannot record the interrupted deploy");
             }
         }
     }
 
-    pub async fn shutdown_controller(&self) {
-        self.controller.supervisor.stop_all().await;
+    pub async fn shutdown(&self) {
+        self.supervisor.stop_all().await;
     }
 }
 

@@ -2,17 +2,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bluegreen_router::{Color, Split};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::analysis::{Verdict, WindowStats, judge};
+use super::decide::{self, Ending, Recovery, ReleaseAsk, Stop};
 use super::strategy::{Hold, Strategy};
+use super::{Command, CommandError, Controller};
 use crate::config::controller::{HookPoint, ProviderKind, Stage};
-use crate::daemon::{Command, CommandError, Daemon};
-use crate::store::{EnvironmentStatus, ReleaseRow, now_ms};
+use crate::store::{EnvironmentStatus, StepWrite, StoredRelease, Write, now_ms};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -68,6 +70,9 @@ impl ReleaseState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Release {
     pub id: i64,
+    /// The store's revision of this record when it was last read or written.
+    #[serde(skip)]
+    pub revision: i64,
     pub kind: ReleaseKind,
     pub version: Option<String>,
     /// The color the release moves traffic to.
@@ -93,29 +98,30 @@ pub struct Release {
     pub verdict: Option<Verdict>,
     /// When the step in progress is due to end (Unix ms; `None` while waiting for promote).
     pub step_ends_ms: Option<i64>,
+    /// The first release of a service: nothing ran before it, so it switched at once.
+    #[serde(default)]
+    pub first: bool,
 }
 
-impl ReleaseRow for Release {
-    fn id(&self) -> i64 {
-        self.id
+impl Release {
+    /// The record as the store keeps it.
+    pub fn to_stored(&self) -> StoredRelease {
+        StoredRelease {
+            id: self.id,
+            version: self.version.clone(),
+            color: self.color,
+            state: self.state.as_str().to_string(),
+            started_ms: self.started_ms,
+            ended_ms: self.ended_ms,
+            document: serde_json::to_value(self).expect("a release serializes"),
+        }
     }
-    fn set_id(&mut self, id: i64) {
-        self.id = id;
-    }
-    fn version(&self) -> Option<&str> {
-        self.version.as_deref()
-    }
-    fn color(&self) -> Color {
-        self.color
-    }
-    fn state(&self) -> &'static str {
-        self.state.as_str()
-    }
-    fn started_ms(&self) -> i64 {
-        self.started_ms
-    }
-    fn ended_ms(&self) -> Option<i64> {
-        self.ended_ms
+
+    pub fn from_stored(stored: crate::store::Versioned<StoredRelease>) -> Result<Release, String> {
+        let mut release: Release = serde_json::from_value(stored.value.document)
+            .map_err(|e| format!("release #{} does not parse: {e}", stored.value.id))?;
+        release.revision = stored.revision;
+        Ok(release)
     }
 }
 
@@ -129,14 +135,6 @@ pub struct Control {
     pub abort: Option<String>,
 }
 
-/// Why a release stopped early.
-enum Stop {
-    Failed(String),
-    Aborted(String),
-    /// A breach, failure or abort after traffic moved.
-    RollBack(String),
-}
-
 /// What `release` and `switch --strategy` ask for.
 pub struct ReleaseRequest {
     pub kind: ReleaseKind,
@@ -147,44 +145,116 @@ pub struct ReleaseRequest {
     pub to: Option<Color>,
 }
 
-impl Daemon {
+impl Controller {
     pub fn active_release(&self) -> Option<Release> {
-        self.controller
-            .active
+        self.active
             .lock()
             .expect("lock")
             .as_ref()
             .map(|(r, _)| r.clone())
     }
 
-    pub fn releases(&self, limit: usize) -> Result<Vec<Release>, CommandError> {
-        crate::daemon::off_the_runtime(|| self.store.releases(limit))
+    pub async fn releases(&self, limit: usize) -> Result<Vec<Release>, CommandError> {
+        let stored = self
+            .store
+            .releases(limit)
+            .await
+            .map_err(|e| CommandError::Failed(e.to_string()))?;
+        stored
+            .into_iter()
+            .map(|r| Release::from_stored(r).map_err(CommandError::Failed))
+            .collect()
+    }
+
+    pub async fn release_steps(
+        &self,
+        id: i64,
+    ) -> Result<Vec<crate::store::StepRecord>, CommandError> {
+        self.store
+            .steps(id)
+            .await
             .map_err(|e| CommandError::Failed(e.to_string()))
     }
 
-    pub fn release_steps(&self, id: i64) -> Result<Vec<crate::store::StepRecord>, CommandError> {
-        crate::daemon::off_the_runtime(|| self.store.steps(id))
-            .map_err(|e| CommandError::Failed(e.to_string()))
-    }
-
-    fn save_release(
+    /// Records the release (compare-and-set on the revision it was read at) with its event.
+    async fn save_release(
         &self,
         release: &mut Release,
         kind: &str,
         message: &str,
     ) -> Result<(), CommandError> {
+        self.save_release_with(release, None, kind, message)
+            .await
+            .map(|_| ())
+    }
+
+    /// Records the release together with a change to its steps; returns the step's id.
+    async fn save_release_with(
+        &self,
+        release: &mut Release,
+        step: Option<StepWrite>,
+        kind: &str,
+        message: &str,
+    ) -> Result<Option<i64>, CommandError> {
         tracing::info!(release = release.id, kind, "{message}");
-        crate::daemon::off_the_runtime(|| self.store.save_release(release, kind, message))
+        let committed = self
+            .store
+            .commit(Write {
+                release: Some((release.revision, release.to_stored())),
+                steps: step.map(|step| (release.id, step)),
+                ..Write::event(kind, message, None)
+            })
+            .await
             .map_err(|e| CommandError::Failed(e.to_string()))?;
-        let mut active = self.controller.active.lock().expect("lock");
-        if let Some((current, _)) = active.as_mut()
+        release.revision = committed.revision;
+        if let Some(id) = committed.release_id {
+            release.id = id;
+        }
+        if let Some((current, _)) = self.active.lock().expect("lock").as_mut()
             && current.id == release.id
         {
             *current = release.clone();
         }
-        drop(active);
-        self.notify(kind, message, Some(release.id));
-        Ok(())
+        self.notify(kind, message, Some(release.id)).await;
+        Ok(committed.step_id)
+    }
+
+    /// Opens a step row of a release; returns its id and revision for closing it.
+    async fn start_step(&self, release: i64, name: &str) -> Result<(i64, i64), String> {
+        let committed = self
+            .store
+            .commit(Write {
+                steps: Some((
+                    release,
+                    StepWrite::Start {
+                        name: name.to_string(),
+                        detail: String::new(),
+                    },
+                )),
+                ..Write::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((committed.step_id.unwrap_or(0), committed.revision))
+    }
+
+    /// Closes a step row opened by [`Controller::start_step`].
+    async fn end_step(&self, release: i64, (id, revision): (i64, i64), status: &str, detail: &str) {
+        let write = Write {
+            steps: Some((
+                release,
+                StepWrite::End {
+                    id,
+                    revision,
+                    status: status.to_string(),
+                    detail: detail.to_string(),
+                },
+            )),
+            ..Write::default()
+        };
+        if let Err(e) = self.store.commit(write).await {
+            tracing::error!(error = %e, "cannot record the end of a step");
+        }
     }
 
     /// Refuses anything that would change traffic by hand while a release runs.
@@ -206,39 +276,30 @@ impl Daemon {
         self: &Arc<Self>,
         request: ReleaseRequest,
     ) -> Result<Release, CommandError> {
-        if let Some(running) = self.active_release() {
-            return Err(CommandError::Refused(format!(
-                "release #{} ({} to {}) is still {}; wait for it, or `bluegreen abort` it",
-                running.id,
-                running.version.as_deref().unwrap_or("shift"),
-                running.color,
-                running.state.as_str()
-            )));
-        }
-        let split = self.router.table().split;
-        let Some(live) = split.sole_color() else {
-            return Err(CommandError::Refused(format!(
-                "traffic is split ({split}); finish it with `bluegreen switch` or `bluegreen rollback` before a release"
-            )));
+        let split = self.plane.split();
+        let deployed = Color::ALL.map(|color| {
+            self.config.controller.environment(color).provider == ProviderKind::Static
+                || self.environment(color).status != EnvironmentStatus::Stopped
+        });
+        let running = self.active_release();
+        let plan = decide::start_release(&ReleaseAsk {
+            kind: request.kind,
+            version: request.version.as_deref(),
+            to: request.to,
+            running: running.as_ref(),
+            split,
+            deployed,
+        })
+        .map_err(CommandError::Refused)?;
+        let (color, live) = (plan.color, plan.from);
+        let strategy = if plan.first {
+            Strategy::instant()
+        } else {
+            self.config
+                .controller
+                .strategy(request.strategy.as_deref())
+                .map_err(CommandError::Refused)?
         };
-        let color = request.to.unwrap_or(live.other());
-        if request.kind == ReleaseKind::Shift && color == live {
-            return Err(CommandError::Refused(format!(
-                "{color} is already live; nothing to shift"
-            )));
-        }
-        if let Some(version) = &request.version
-            && version.trim().is_empty()
-        {
-            return Err(CommandError::Refused(
-                "version is empty; give the version to release, e.g. --version 2.0".into(),
-            ));
-        }
-        let strategy = self
-            .config
-            .controller
-            .strategy(request.strategy.as_deref())
-            .map_err(CommandError::Refused)?;
         let target = self.environment(color);
         if request.kind == ReleaseKind::Shift {
             let spec = self.config.controller.environment(color);
@@ -249,12 +310,13 @@ impl Daemon {
                     serde_json::to_value(target.status).expect("status")
                 )));
             }
-            self.router
+            self.plane
                 .check_split(Split::all(color))
-                .map_err(|e| CommandError::Refused(e.to_string()))?;
+                .map_err(CommandError::Refused)?;
         }
-        let mut active = self.controller.active.lock().expect("lock");
-        if let Some((running, _)) = active.as_ref() {
+        // Taken before recording, so two asks never both start a release.
+        let starting = self.starting.lock().await;
+        if let Some(running) = self.active_release() {
             return Err(CommandError::Refused(format!(
                 "release #{} ({} to {}) is still {}; wait for it, or `bluegreen abort` it",
                 running.id,
@@ -263,8 +325,10 @@ impl Daemon {
                 running.state.as_str()
             )));
         }
+        let from_version = self.environment(live).version;
         let mut release = Release {
             id: 0,
+            revision: 0,
             kind: request.kind,
             version: match request.kind {
                 ReleaseKind::Release => request.version,
@@ -272,7 +336,7 @@ impl Daemon {
             },
             color,
             from_color: live,
-            from_version: self.environment(live).version,
+            from_version: if plan.first { None } else { from_version },
             strategy,
             state: match request.kind {
                 ReleaseKind::Release => ReleaseState::Deploying,
@@ -289,19 +353,41 @@ impl Daemon {
             extra_env: request.extra_env,
             verdict: None,
             step_ends_ms: None,
+            first: plan.first,
         };
-        let message = format!(
-            "release started: {} to {color} (from {live} {}), strategy {}, {} of planned holds",
-            release.version.as_deref().unwrap_or("shift"),
-            release.from_version.as_deref().unwrap_or("?"),
-            release.strategy.describe(),
-            crate::duration::format(release.strategy.planned())
-        );
-        crate::daemon::off_the_runtime(|| {
-            self.store.save_release(&mut release, "release", &message)
-        })
-        .map_err(|e| CommandError::Failed(e.to_string()))?;
-        self.notify("release", &message, Some(release.id));
+        let from = match &release.from_version {
+            Some(version) => format!("{live} {version}"),
+            None if plan.first => "nothing".to_string(),
+            None => format!("{live} ?"),
+        };
+        let message = if plan.first {
+            format!(
+                "release started: {} to {color} (from {from}); first release: no baseline to compare with, switching at once",
+                release.version.as_deref().unwrap_or("shift"),
+            )
+        } else {
+            format!(
+                "release started: {} to {color} (from {from}), strategy {}, {} of planned holds",
+                release.version.as_deref().unwrap_or("shift"),
+                release.strategy.describe(),
+                crate::duration::format(release.strategy.planned())
+            )
+        };
+        self.save_release(&mut release, "release", &message).await?;
+        if !plan.first {
+            self.warn_of_differences(live, color, release.id).await;
+        }
+        let (control, receiver) = watch::channel(Control::default());
+        *self.active.lock().expect("lock") = Some((release.clone(), control));
+        drop(starting);
+        let controller = Arc::clone(self);
+        let running = release.clone();
+        tokio::spawn(async move { controller.run_release(running, receiver).await });
+        Ok(release)
+    }
+
+    /// A release between colors configured differently says so in its events.
+    async fn warn_of_differences(&self, live: Color, color: Color, release: i64) {
         let differences: Vec<String> = self
             .diff(live, color)
             .into_iter()
@@ -315,74 +401,69 @@ impl Daemon {
                     "{color} is not configured like {live}: {}; see `bluegreen diff {live} {color}`",
                     differences.join(", ")
                 ),
-                Some(release.id),
-            );
+                Some(release),
+            )
+            .await;
         }
-        let (control, receiver) = watch::channel(Control::default());
-        *active = Some((release.clone(), control));
-        drop(active);
-        let daemon = Arc::clone(self);
-        let running = release.clone();
-        tokio::spawn(async move { daemon.run_release(running, receiver).await });
-        Ok(release)
     }
 
     /// Sends an operator's request to the running release.
-    pub fn control(
+    pub async fn control(
         &self,
         action: &str,
         full: bool,
         reason: Option<String>,
     ) -> Result<String, CommandError> {
-        let active = self.controller.active.lock().expect("lock");
-        let Some((release, control)) = active.as_ref() else {
-            return Err(CommandError::Refused(format!(
-                "{action}: no release or shift is running; see `bluegreen status`"
-            )));
-        };
-        let shifting = matches!(
-            release.state,
-            ReleaseState::Shifting | ReleaseState::Monitoring
-        );
-        let message = match action {
-            "promote" if !shifting => {
+        let message = {
+            let active = self.active.lock().expect("lock");
+            let Some((release, control)) = active.as_ref() else {
                 return Err(CommandError::Refused(format!(
-                    "promote: release #{} is {}, not shifting traffic yet; promote applies to a running shift",
-                    release.id,
-                    release.state.as_str()
+                    "{action}: no release or shift is running; see `bluegreen status`"
                 )));
-            }
-            "promote" => {
-                control.send_modify(|c| {
-                    c.promotions += 1;
-                    c.full |= full;
-                });
-                if full {
-                    format!("release #{}: promoting straight to 100%", release.id)
-                } else {
-                    format!("release #{}: promoting to the next step", release.id)
+            };
+            let shifting = matches!(
+                release.state,
+                ReleaseState::Shifting | ReleaseState::Monitoring
+            );
+            match action {
+                "promote" if !shifting => {
+                    return Err(CommandError::Refused(format!(
+                        "promote: release #{} is {}, not shifting traffic yet; promote applies to a running shift",
+                        release.id,
+                        release.state.as_str()
+                    )));
                 }
+                "promote" => {
+                    control.send_modify(|c| {
+                        c.promotions += 1;
+                        c.full |= full;
+                    });
+                    if full {
+                        format!("release #{}: promoting straight to 100%", release.id)
+                    } else {
+                        format!("release #{}: promoting to the next step", release.id)
+                    }
+                }
+                "pause" => {
+                    control.send_modify(|c| c.paused = true);
+                    format!(
+                        "release #{} paused: steps hold (analysis still runs and can roll back)",
+                        release.id
+                    )
+                }
+                "resume" => {
+                    control.send_modify(|c| c.paused = false);
+                    format!("release #{} resumed", release.id)
+                }
+                "abort" => {
+                    let why = reason.unwrap_or_else(|| "aborted by operator".into());
+                    control.send_modify(|c| c.abort = Some(why.clone()));
+                    format!("release #{} aborting: {why}", release.id)
+                }
+                other => return Err(CommandError::Refused(format!("unknown action {other}"))),
             }
-            "pause" => {
-                control.send_modify(|c| c.paused = true);
-                format!(
-                    "release #{} paused: steps hold (analysis still runs and can roll back)",
-                    release.id
-                )
-            }
-            "resume" => {
-                control.send_modify(|c| c.paused = false);
-                format!("release #{} resumed", release.id)
-            }
-            "abort" => {
-                let why = reason.unwrap_or_else(|| "aborted by operator".into());
-                control.send_modify(|c| c.abort = Some(why.clone()));
-                format!("release #{} aborting: {why}", release.id)
-            }
-            other => return Err(CommandError::Refused(format!("unknown action {other}"))),
         };
-        drop(active);
-        self.event(action, &message, None);
+        self.event(action, &message, None).await;
         Ok(message)
     }
 
@@ -391,24 +472,22 @@ impl Daemon {
         mut release: Release,
         mut control: watch::Receiver<Control>,
     ) {
-        let _exclusive = self.controller.exclusive.lock().await;
+        let _exclusive = self.exclusive.lock().await;
         let outcome = self.drive(&mut release, &mut control).await;
         if outcome.is_err() {
             self.stop_unfinished_deploy(release.color, release.id).await;
         }
-        let (state, reason) = match outcome {
-            Ok(()) => (ReleaseState::Succeeded, self.success_message(&release)),
-            Err(Stop::Failed(reason)) => (ReleaseState::Failed, reason),
-            Err(Stop::Aborted(reason)) if !release.traffic_moved => (ReleaseState::Aborted, reason),
-            Err(Stop::Aborted(reason)) | Err(Stop::RollBack(reason)) => {
-                match self.roll_back_release(&mut release, &reason).await {
-                    Ok(message) => (ReleaseState::RolledBack, format!("{reason}; {message}")),
-                    Err(e) => (
-                        ReleaseState::Failed,
-                        format!("{reason}; and the rollback failed: {e}"),
-                    ),
-                }
-            }
+        let (state, reason) = match decide::ending(outcome, release.traffic_moved) {
+            Ending::Succeeded => (ReleaseState::Succeeded, self.success_message(&release)),
+            Ending::Failed(reason) => (ReleaseState::Failed, reason),
+            Ending::Aborted(reason) => (ReleaseState::Aborted, reason),
+            Ending::RollBack(reason) => match self.roll_back_release(&mut release, &reason).await {
+                Ok(message) => (ReleaseState::RolledBack, format!("{reason}; {message}")),
+                Err(e) => (
+                    ReleaseState::Failed,
+                    format!("{reason}; and the rollback failed: {e}"),
+                ),
+            },
         };
         release.state = state;
         release.ended_ms = Some(now_ms());
@@ -421,10 +500,10 @@ impl Daemon {
             _ => "failed",
         };
         let message = format!("release #{} {}: {reason}", release.id, state.as_str());
-        if let Err(e) = self.save_release(&mut release, kind, &message) {
+        if let Err(e) = self.save_release(&mut release, kind, &message).await {
             tracing::error!(error = %e, "cannot record the end of the release");
         }
-        *self.controller.active.lock().expect("lock") = None;
+        *self.active.lock().expect("lock") = None;
     }
 
     fn success_message(&self, release: &Release) -> String {
@@ -456,20 +535,27 @@ impl Daemon {
     ) -> Result<T, Stop> {
         release.state = state;
         release.stage = name.to_string();
-        self.save_release(
-            release,
-            "stage",
-            &format!("release #{}: {name}", release.id),
-        )
-        .map_err(|e| Stop::Failed(e.to_string()))?;
-        let step = crate::daemon::off_the_runtime(|| self.store.start_step(release.id, name, ""))
-            .map_err(|e| Stop::Failed(e.to_string()))?;
+        let step = self
+            .save_release_with(
+                release,
+                Some(StepWrite::Start {
+                    name: name.to_string(),
+                    detail: String::new(),
+                }),
+                "stage",
+                &format!("release #{}: {name}", release.id),
+            )
+            .await
+            .map_err(|e| Stop::Failed(e.to_string()))?
+            .unwrap_or(0);
+        let opened = release.revision;
         let outcome = work.await;
         let (status, detail) = match &outcome {
             Ok(_) => ("ok", String::new()),
             Err(Stop::Failed(r) | Stop::Aborted(r) | Stop::RollBack(r)) => ("failed", r.clone()),
         };
-        let _ = crate::daemon::off_the_runtime(|| self.store.end_step(step, status, &detail));
+        self.end_step(release.id, (step, opened), status, &detail)
+            .await;
         outcome
     }
 
@@ -535,7 +621,7 @@ impl Daemon {
                 }
                 Stage::Run { name, argv } => {
                     let moved = release.traffic_moved;
-                    let log = self.controller.logs_dir.join("hooks.log");
+                    let log = self.logs_dir.join("hooks.log");
                     let timeout = self.config.controller.hooks.timeout;
                     let work = async {
                         super::hooks::run(name, argv, &facts, &[], timeout, &log)
@@ -586,6 +672,7 @@ impl Daemon {
                             ),
                         ))
                     })
+                    .await
                     .map_err(|e| Stop::Failed(e.to_string()))?;
                     self.schedule_scale_down(old, at);
                 }
@@ -602,7 +689,7 @@ impl Daemon {
         control: &mut watch::Receiver<Control>,
     ) -> Result<(), Stop> {
         let color = release.color;
-        self.router
+        self.plane
             .check_split(Split::all(color))
             .map_err(|e| Stop::Failed(format!("cannot shift: {e}")))?;
         // The old color's numbers before the shift: the baseline once it has no traffic left.
@@ -636,6 +723,7 @@ impl Daemon {
             );
             // Recorded before the router acts: a crash right after restarts into a known rule.
             self.save_release(release, "step", &message)
+                .await
                 .map_err(|e| Stop::RollBack(e.to_string()))?;
             let split = split_with(color, step.percent);
             self.apply_internal(Command::Weights(split))
@@ -643,11 +731,10 @@ impl Daemon {
                 .map_err(|e| {
                     Stop::RollBack(format!("cannot set {color} to {}%: {e}", step.percent))
                 })?;
-            let db_step = crate::daemon::off_the_runtime(|| {
-                self.store
-                    .start_step(release.id, &format!("{}%", step.percent), "")
-            })
-            .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let db_step = self
+                .start_step(release.id, &format!("{}%", step.percent))
+                .await
+                .map_err(Stop::RollBack)?;
             let outcome = self
                 .hold(
                     release,
@@ -657,11 +744,8 @@ impl Daemon {
                     &mut seen_promotions,
                 )
                 .await;
-            self.end_held_step(db_step, outcome.is_ok(), release);
-            match outcome? {
-                Held::Done => index += 1,
-                Held::Full => index = steps.len() - 1,
-            }
+            self.end_held_step(db_step, outcome.is_ok(), release).await;
+            index = decide::next_step(index, steps.len(), outcome? == Held::Full);
             if step.percent == 100 {
                 break;
             }
@@ -675,10 +759,12 @@ impl Daemon {
                 crate::duration::format(window)
             );
             self.save_release(release, "monitor", &message)
+                .await
                 .map_err(|e| Stop::RollBack(e.to_string()))?;
-            let step =
-                crate::daemon::off_the_runtime(|| self.store.start_step(release.id, "monitor", ""))
-                    .map_err(|e| Stop::RollBack(e.to_string()))?;
+            let step = self
+                .start_step(release.id, "monitor")
+                .await
+                .map_err(Stop::RollBack)?;
             let outcome = self
                 .hold(
                     release,
@@ -688,25 +774,21 @@ impl Daemon {
                     &mut seen_promotions,
                 )
                 .await;
-            self.end_held_step(step, outcome.is_ok(), release);
+            self.end_held_step(step, outcome.is_ok(), release).await;
             outcome?;
         }
         Ok(())
     }
 
     /// Closes a shift step's row with the last analysis note as its detail.
-    fn end_held_step(&self, step: i64, ok: bool, release: &Release) {
+    async fn end_held_step(&self, step: (i64, i64), ok: bool, release: &Release) {
         let detail = release
             .verdict
             .as_ref()
             .map(|v| v.note.clone())
             .unwrap_or_default();
         let status = if ok { "ok" } else { "failed" };
-        if let Err(e) =
-            crate::daemon::off_the_runtime(|| self.store.end_step(step, status, &detail))
-        {
-            tracing::error!(error = %e, "cannot record the end of a step");
-        }
+        self.end_step(release.id, step, status, &detail).await;
     }
 
     /// Holds a step: judges the new color every analysis interval, follows pause, promote and
@@ -767,8 +849,9 @@ impl Daemon {
             if state.paused != release.paused {
                 release.paused = state.paused;
                 let word = if state.paused { "paused" } else { "resumed" };
-                let _ =
-                    self.save_release(release, word, &format!("release #{} {word}", release.id));
+                let _ = self
+                    .save_release(release, word, &format!("release #{} {word}", release.id))
+                    .await;
             }
             if let Some(left) = remaining.as_mut()
                 && !state.paused
@@ -794,7 +877,7 @@ impl Daemon {
             if old_now.requests >= spec.min_requests {
                 *baseline = Some(old_now);
             }
-            let split = self.router.table().split;
+            let split = self.plane.split();
             let verdict = judge(
                 spec,
                 new,
@@ -804,7 +887,7 @@ impl Daemon {
             let breach = verdict.breach.clone();
             judged |= verdict.judged;
             release.verdict = Some(verdict);
-            if let Some(active) = self.controller.active.lock().expect("lock").as_mut() {
+            if let Some(active) = self.active.lock().expect("lock").as_mut() {
                 active.0 = release.clone();
             }
             if let Some(breach) = breach {
@@ -845,20 +928,22 @@ impl Daemon {
             return;
         }
         if self.config.controller.environment(color).provider == ProviderKind::Process {
-            self.controller.supervisor.stop(color).await;
+            self.supervisor.stop(color).await;
         }
-        let saved = self.update_environment(color, Some(release), |record| {
-            record.instances.iter_mut().for_each(|i| i.pid = None);
-            record.status = EnvironmentStatus::Failed;
-            record.reason = Some("the deploy was aborted".into());
-            Some((
-                "stopped",
-                format!(
-                    "{color} {}: the deploy was aborted; its instances were stopped",
-                    record.version.as_deref().unwrap_or("")
-                ),
-            ))
-        });
+        let saved = self
+            .update_environment(color, Some(release), |record| {
+                record.provider.mark_stopped();
+                record.status = EnvironmentStatus::Failed;
+                record.reason = Some("the deploy was aborted".into());
+                Some((
+                    "stopped",
+                    format!(
+                        "{color} {}: the deploy was aborted; its instances were stopped",
+                        record.version.as_deref().unwrap_or("")
+                    ),
+                ))
+            })
+            .await;
         if let Err(e) = saved {
             tracing::error!(error = %e, "cannot record the aborted deploy");
         }
@@ -868,60 +953,51 @@ impl Daemon {
     /// any traffic moved it is abandoned (the live color never changed); after, it is rolled
     /// back to the old color, whose instances kept running.
     pub(crate) async fn settle_interrupted_release(&self) {
-        let Ok(releases) = self.releases(1) else {
+        let Ok(releases) = self.releases(1).await else {
             return;
         };
-        let Some(mut release) = releases.into_iter().next().filter(|r| !r.state.is_final()) else {
+        let Some(mut release) = releases.into_iter().next() else {
             return;
         };
-        let _ = crate::daemon::off_the_runtime(|| self.store.interrupt_steps(release.id));
-        let was = release.state.as_str();
-        let (state, reason) = if release.traffic_moved {
-            // Wait for the old color's instances to answer again before moving traffic back.
-            let spec = self.config.controller.environment(release.from_color);
-            let _ = self
-                .wait_healthy(release.from_color, 1, spec.ready_timeout)
-                .await;
-            match self
-                .apply_internal(Command::ReturnTo(release.from_color))
-                .await
-            {
-                Ok(_) => (
-                    ReleaseState::RolledBack,
-                    format!(
-                        "the daemon stopped while the release was {was} ({}% on {}); rolled back to {} on restart",
-                        release.percent, release.color, release.from_color
+        let (state, reason) = match decide::after_restart(Some(&release)) {
+            Recovery::Nothing => return,
+            Recovery::Abandon { state, reason } => (state, reason),
+            Recovery::RollBackTo { color, reason } => {
+                // Wait for the old color's instances to answer again before moving traffic back.
+                let spec = self.config.controller.environment(color);
+                let _ = self.wait_healthy(color, 1, spec.ready_timeout).await;
+                match self.apply_internal(Command::ReturnTo(color)).await {
+                    Ok(_) => (ReleaseState::RolledBack, reason),
+                    Err(e) => (
+                        ReleaseState::Failed,
+                        format!(
+                            "the daemon stopped while the release was {}; rolling back on restart failed: {e}",
+                            release.state.as_str()
+                        ),
                     ),
-                ),
-                Err(e) => (
-                    ReleaseState::Failed,
-                    format!(
-                        "the daemon stopped while the release was {was}; rolling back on restart failed: {e}"
-                    ),
-                ),
+                }
             }
-        } else {
-            (
-                ReleaseState::Aborted,
-                format!(
-                    "the daemon stopped while the release was {was}, before any traffic moved; abandoned, {} stays live",
-                    release.from_color
-                ),
-            )
         };
         release.state = state;
         release.ended_ms = Some(now_ms());
         release.reason = Some(reason.clone());
         let message = format!("release #{}: {reason}", release.id);
-        let _ = self.save_release(&mut release, "recovered", &message);
+        let _ = self
+            .save_release_with(
+                &mut release,
+                Some(StepWrite::InterruptRunning),
+                "recovered",
+                &message,
+            )
+            .await;
     }
 
     /// `rollback --to VERSION`: the idle color runs it already (a table swap), or it is
     /// deployed there first (which takes as long as a deploy).
     pub async fn rollback_to_version(&self, version: &str) -> Result<String, CommandError> {
         self.refuse_during_release("a rollback to a version")?;
-        let _exclusive = self.controller.exclusive.lock().await;
-        let split = self.router.table().split;
+        let _exclusive = self.exclusive.lock().await;
+        let split = self.plane.split();
         let live = split.sole_color().ok_or_else(|| {
             CommandError::Refused(format!(
                 "traffic is split ({split}); run `bluegreen rollback` without --to first"
@@ -962,14 +1038,14 @@ impl Daemon {
         let provider = self.config.controller.environment(back).provider;
         if provider == ProviderKind::Static
             || record.status == EnvironmentStatus::Running
-            || self.router.table().split.weight(back) > 0
+            || self.plane.split().weight(back) > 0
         {
             return Ok(None);
         }
         let Some(version) = record.version.clone() else {
             return Ok(None);
         };
-        let _exclusive = self.controller.exclusive.lock().await;
+        let _exclusive = self.exclusive.lock().await;
         let message = self
             .deploy(back, &version, record.extra_env.clone(), None)
             .await?;
@@ -979,6 +1055,7 @@ impl Daemon {
     }
 }
 
+#[derive(PartialEq)]
 enum Held {
     Done,
     /// Promoted with --full: go to 100 % now.

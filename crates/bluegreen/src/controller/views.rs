@@ -2,7 +2,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bluegreen_router::Color;
 
@@ -10,9 +12,9 @@ use serde::Serialize;
 
 use super::analysis::WindowStats;
 use super::release::Release;
+use super::{CommandError, Controller};
 use super::{EnvironmentView, Launch};
 use crate::config::controller::ProviderKind;
-use crate::daemon::{CommandError, Daemon};
 
 /// One way two colors differ: a key and each side's value.
 #[derive(Serialize)]
@@ -45,7 +47,7 @@ pub struct MonitorColor {
     pub p99_history: Vec<f64>,
 }
 
-impl Daemon {
+impl Controller {
     /// How two colors differ: what they run, and their effective specs (per-color overrides).
     pub fn diff(&self, a: Color, b: Color) -> Vec<Difference> {
         let view = |color: Color| {
@@ -102,28 +104,24 @@ impl Daemon {
     pub fn monitor(&self, seconds: u64) -> MonitorView {
         let now = Instant::now();
         let current = self.snapshots();
-        let table = self.router.table();
+        let split = self.plane.split();
         let (from_at, from) = self
             .snapshots_since(now - Duration::from_secs(seconds))
             .unwrap_or((now, current.clone()));
         let elapsed = now.duration_since(from_at);
-        let history = self.controller.history.lock().expect("lock");
+        let history = self.history.lock().expect("lock");
         let colors = Color::ALL
             .into_iter()
             .map(|color| {
-                let pool = table.pool(color);
+                let upstreams = self.plane.upstreams(color);
                 let series = history.series(color, 60);
                 MonitorColor {
                     color,
                     version: self.environment(color).version,
-                    weight: table.split.weight(color),
-                    healthy_upstreams: pool.healthy_count(),
-                    upstreams: pool.upstreams.len(),
-                    upstream_health: pool
-                        .upstreams
-                        .iter()
-                        .map(|u| (u.addr, u.health()))
-                        .collect(),
+                    weight: split.weight(color),
+                    healthy_upstreams: self.plane.healthy_count(color),
+                    upstreams: upstreams.len(),
+                    upstream_health: upstreams.iter().map(|u| (u.addr, u.health)).collect(),
                     window: WindowStats::between(
                         &from[color.index()],
                         &current[color.index()],
@@ -147,10 +145,10 @@ impl Daemon {
         name: &str,
         lines: usize,
     ) -> Result<Vec<(String, Vec<String>)>, CommandError> {
-        let dir = &self.controller.logs_dir;
+        let dir = &self.logs_dir;
         let files: Vec<PathBuf> = match name.parse::<Color>() {
             Ok(color) => {
-                let count = self.environment(color).instances.len().max(1);
+                let count = self.environment(color).provider.instances().len().max(1);
                 let mut files: Vec<PathBuf> = (0..count)
                     .map(|slot| Launch::log_path(dir, color, slot))
                     .collect();
