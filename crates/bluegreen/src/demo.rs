@@ -175,7 +175,7 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
         .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
     let binary =
         std::env::current_exe().map_err(|e| fail(format!("cannot find this binary: {e}")))?;
-    let listen = crate::controller::process::free_port()
+    let listen = crate::controller::provider::supervisor::free_port()
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
         .map_err(|e| fail(format!("no free port: {e}")))?;
     let config_path = dir.join("bluegreen.yaml");

@@ -460,6 +460,19 @@ fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
     assert!(log.contains("bluegreen: stopped"), "{log}");
 }
 
+/// Stops the apps a test's deploy scripts started (their pids are in `<color>.pid`).
+struct ScriptedApps(std::path::PathBuf);
+
+impl Drop for ScriptedApps {
+    fn drop(&mut self) {
+        for color in ["blue", "green"] {
+            if let Ok(pid) = std::fs::read_to_string(self.0.join(format!("{color}.pid"))) {
+                let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+            }
+        }
+    }
+}
+
 /// The deploy script leaves its app running with the script's stderr still open, as scripts
 /// that background a process usually do: the deploy must not wait for that pipe to close.
 #[tokio::test(flavor = "multi_thread")]
@@ -501,6 +514,8 @@ async fn the_command_provider_deploys_and_stops_through_user_scripts() {
          dashboard: {{ listen: \"127.0.0.1:0\" }}\n"
     );
     let daemon = Daemon::start(&config).await;
+    // The scripts' apps are the user's to stop, not the daemon's: stopped here, pass or fail.
+    let _apps = ScriptedApps(dir.path().to_path_buf());
     let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
     assert!(out.status.success(), "{}", text(&out));
     let blue_pid = std::fs::read_to_string(dir.path().join("blue.pid")).unwrap();

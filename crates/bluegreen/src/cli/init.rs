@@ -104,7 +104,13 @@ mod tests {
             .controller
             .environment(bluegreen_router::Color::Green);
         assert_eq!(green.instances, 2);
-        assert_eq!(green.command[0], "/usr/bin/bluegreen");
+        let crate::config::controller::ProviderSpec::Process { command } = &green.provider else {
+            panic!(
+                "the example runs on the process provider: {:?}",
+                green.provider
+            );
+        };
+        assert_eq!(command[0], "/usr/bin/bluegreen");
         assert_eq!(config.controller.strategy.steps.len(), 2);
     }
 }

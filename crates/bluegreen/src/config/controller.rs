@@ -233,18 +233,43 @@ pub enum ProviderKind {
     Command,
 }
 
+/// Each provider's own part of a color's spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "provider", rename_all = "snake_case")]
+pub enum ProviderSpec {
+    /// argv of the instance command, with `{port}`, `{version}`, `{color}` still in it.
+    Process {
+        command: Vec<String>,
+    },
+    Static {
+        upstreams: Vec<SocketAddr>,
+    },
+    /// argv of the deploy and stop scripts.
+    Command {
+        deploy: Vec<String>,
+        stop: Vec<String>,
+    },
+}
+
+impl ProviderSpec {
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            ProviderSpec::Process { .. } => ProviderKind::Process,
+            ProviderSpec::Static { .. } => ProviderKind::Static,
+            ProviderSpec::Command { .. } => ProviderKind::Command,
+        }
+    }
+}
+
 /// One color's effective spec: the shared `app` with this color's overrides applied.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EnvironmentSpec {
     pub color: Color,
-    pub provider: ProviderKind,
+    /// The provider and what it alone needs.
+    #[serde(flatten)]
+    pub provider: ProviderSpec,
     pub instances: u32,
-    /// argv of the instance command, with `{port}`, `{version}`, `{color}` still in it.
-    pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
-    pub upstreams: Vec<SocketAddr>,
-    pub deploy: Option<Vec<String>>,
-    pub stop: Option<Vec<String>>,
     #[serde(with = "crate::config::controller::ms")]
     pub ready_timeout: Duration,
     #[serde(with = "crate::config::controller::ms")]
@@ -514,13 +539,11 @@ impl Validator<'_> {
             }
             return Color::ALL.map(|color| EnvironmentSpec {
                 color,
-                provider: ProviderKind::Static,
+                provider: ProviderSpec::Static {
+                    upstreams: static_upstreams[color.index()].clone(),
+                },
                 instances: static_upstreams[color.index()].len() as u32,
-                command: Vec::new(),
                 env: BTreeMap::new(),
-                upstreams: static_upstreams[color.index()].clone(),
-                deploy: None,
-                stop: None,
                 ready_timeout: default_ready_timeout().0,
                 stop_timeout: default_stop_timeout().0,
                 overrides: raw
@@ -576,24 +599,25 @@ impl Validator<'_> {
             };
             let mut spec = EnvironmentSpec {
                 color,
-                provider,
+                provider: ProviderSpec::Static {
+                    upstreams: static_upstreams[color.index()].clone(),
+                },
                 instances,
-                command: Vec::new(),
                 env,
-                upstreams: static_upstreams[color.index()].clone(),
-                deploy: None,
-                stop: None,
                 ready_timeout,
                 stop_timeout,
                 overrides,
             };
-            match provider {
+            spec.provider = match provider {
                 ProviderKind::Process => {
                     if own.upstreams.is_some() {
                         self.issue(at("upstreams"), "the process provider picks the upstreams itself; remove it, or set app.provider: static");
                     }
                     match command_text {
-                        None => self.issue(command_key, "is required for the process provider; e.g. \"./my-app --listen 127.0.0.1:{port}\""),
+                        None => {
+                            self.issue(command_key, "is required for the process provider; e.g. \"./my-app --listen 127.0.0.1:{port}\"");
+                            ProviderSpec::Process { command: Vec::new() }
+                        }
                         Some(text) => {
                             if !text.contains("{port}") {
                                 self.issue(&command_key, "has no {port}; the process provider starts each instance on a free port and passes it there, e.g. --listen 127.0.0.1:{port}");
@@ -607,30 +631,42 @@ impl Validator<'_> {
                                 };
                                 self.placeholders(&at_key, value);
                             }
-                            spec.command = self.command_line(&command_key, &text).unwrap_or_default();
+                            let command = self.command_line(&command_key, &text).unwrap_or_default();
+                            ProviderSpec::Process { command }
                         }
                     }
                 }
                 ProviderKind::Static => {
-                    if spec.upstreams.is_empty() && own.upstreams.is_none() {
+                    if static_upstreams[color.index()].is_empty() && own.upstreams.is_none() {
                         self.issue(at("upstreams"), "is required for the static provider; list host:port addresses, e.g. [\"127.0.0.1:9001\"]");
                     }
+                    spec.provider
                 }
                 ProviderKind::Command => {
                     let pick = |key: &str, own: &Option<String>, shared: &Option<String>| match own {
                         Some(text) => Some((at(key), text.clone())),
                         None => shared.clone().map(|text| (format!("app.{key}"), text)),
                     };
-                    match pick("deploy", &own.deploy, &app.deploy) {
-                        Some((key, text)) => spec.deploy = self.executable(&key, &text),
-                        None => self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines"),
-                    }
-                    match pick("stop", &own.stop, &app.stop) {
-                        Some((key, text)) => spec.stop = self.executable(&key, &text),
-                        None => self.issue("app.stop", "is required for the command provider: a script that stops a color"),
+                    let deploy = match pick("deploy", &own.deploy, &app.deploy) {
+                        Some((key, text)) => self.executable(&key, &text),
+                        None => {
+                            self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines");
+                            None
+                        }
+                    };
+                    let stop = match pick("stop", &own.stop, &app.stop) {
+                        Some((key, text)) => self.executable(&key, &text),
+                        None => {
+                            self.issue("app.stop", "is required for the command provider: a script that stops a color");
+                            None
+                        }
+                    };
+                    ProviderSpec::Command {
+                        deploy: deploy.unwrap_or_default(),
+                        stop: stop.unwrap_or_default(),
                     }
                 }
-            }
+            };
             spec
         })
     }

@@ -1,16 +1,15 @@
 //! Deploying a version to a color through its provider, waiting for health, stopping and scaling down.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bluegreen_router::Color;
 
+use super::provider::{DeployRequest, StopRequest};
 use super::{CommandError, Controller};
-use super::{hooks, process, provider_name};
-use crate::config::controller::{HookPoint, ProviderKind};
-use crate::store::{EnvironmentRecord, EnvironmentStatus, InstanceRecord, ProviderState, now_ms};
+use crate::config::controller::HookPoint;
+use crate::store::{EnvironmentRecord, EnvironmentStatus, ProviderState, now_ms};
 
 impl Controller {
     /// Deploys `version` to the idle `color` and waits until all its instances are healthy.
@@ -53,21 +52,12 @@ impl Controller {
                     format!(
                         "deploying {version} to {color} ({} instance(s), {} provider)",
                         spec.instances,
-                        provider_name(spec.provider)
+                        self.provider(color).name()
                     ),
                 ))
             })
             .await?;
-        let outcome = match spec.provider {
-            ProviderKind::Process => self.deploy_processes(color, &mut record).await,
-            ProviderKind::Command => self.deploy_by_command(color, &mut record, release).await,
-            ProviderKind::Static => {
-                // The router's upstreams: the config's, or those set with `bluegreen upstreams`.
-                record.upstreams = self.plane.upstreams(color).iter().map(|u| u.addr).collect();
-                self.wait_healthy(color, record.upstreams.len(), spec.ready_timeout)
-                    .await
-            }
-        };
+        let outcome = self.run_provider(color, &mut record, release).await;
         let upstreams = record.upstreams;
         match outcome {
             Ok(()) => {
@@ -85,9 +75,7 @@ impl Controller {
                 Ok(message)
             }
             Err(reason) => {
-                if spec.provider == ProviderKind::Process {
-                    self.supervisor.stop(color).await;
-                }
+                self.provider(color).abandon(color).await;
                 let message = format!("deploying {version} to {color} failed: {reason}");
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
@@ -102,91 +90,56 @@ impl Controller {
         }
     }
 
-    async fn deploy_processes(
+    /// What a provider needs to deploy (or adopt) `record`'s version on `color`.
+    pub(crate) fn deploy_request(
         &self,
         color: Color,
-        record: &mut EnvironmentRecord,
-    ) -> Result<(), String> {
-        let spec = self.spec(color);
-        self.supervisor.stop(color).await;
-        let mut instances = Vec::new();
-        for _ in 0..spec.instances {
-            let port = process::free_port().map_err(|e| format!("no free port: {e}"))?;
-            instances.push(InstanceRecord {
-                port,
-                pid: None,
-                restarts: 0,
-            });
+        record: &EnvironmentRecord,
+        release: Option<i64>,
+    ) -> DeployRequest {
+        let mut facts = self.facts(color, None);
+        facts.version = record.version.clone();
+        facts.release_id = release;
+        DeployRequest {
+            color,
+            version: record.version.clone().unwrap_or_default(),
+            spec: self.spec(color).clone(),
+            extra_env: record.extra_env.clone(),
+            facts,
+            logs_dir: self.logs_dir.clone(),
+            current_upstreams: self.plane.upstreams(color).iter().map(|u| u.addr).collect(),
         }
-        let addrs: Vec<SocketAddr> = instances
-            .iter()
-            .map(|i| SocketAddr::from(([127, 0, 0, 1], i.port)))
-            .collect();
-        record.provider = ProviderState::Process {
-            instances: instances.clone(),
-        };
-        record.upstreams = addrs.clone();
-        self.update_environment(color, None, |saved| {
-            saved.provider = record.provider.clone();
-            saved.upstreams = addrs.clone();
-            None
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        self.supervisor
-            .start(self.launch(color, record), instances)
-            .map_err(|e| format!("cannot start instances: {e}"))?;
-        self.set_upstreams(color, addrs)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.wait_healthy(color, spec.instances as usize, spec.ready_timeout)
-            .await
     }
 
-    async fn deploy_by_command(
+    /// The provider's part of a deploy: record what it will start, start it, point the router
+    /// at it, wait for health.
+    async fn run_provider(
         &self,
         color: Color,
         record: &mut EnvironmentRecord,
         release: Option<i64>,
     ) -> Result<(), String> {
-        let spec = self.spec(color);
-        let argv = spec.deploy.as_ref().ok_or("no deploy script configured")?;
-        let _ = std::fs::create_dir_all(&self.logs_dir);
-        let mut facts = self.facts(color, None);
-        facts.version = record.version.clone();
-        facts.release_id = release;
-        let mut env: Vec<(String, String)> = spec.env.clone().into_iter().collect();
-        env.extend(record.extra_env.clone());
-        env.push(("BLUEGREEN_INSTANCES".into(), spec.instances.to_string()));
-        let stdout = hooks::run(
-            "deploy",
-            argv,
-            &facts,
-            &env,
-            spec.ready_timeout,
-            &self.logs_dir.join(format!("{color}-deploy.log")),
-        )
-        .await?;
-        let mut addrs = Vec::new();
-        for line in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
-            let addr = crate::config::parse_socket_addr(line).map_err(|e| {
-                format!("the deploy script printed {line:?}, not an upstream address: {e}")
-            })?;
-            if !addrs.contains(&addr) {
-                addrs.push(addr);
-            }
-        }
-        if addrs.is_empty() {
-            return Err(
-                "the deploy script printed no upstream address (one host:port per line on stdout)"
-                    .into(),
-            );
-        }
-        record.upstreams = addrs.clone();
-        self.set_upstreams(color, addrs.clone())
+        let provider = self.provider(color);
+        let request = self.deploy_request(color, record, release);
+        let prepared = provider.prepare(&request)?;
+        if prepared != ProviderState::None {
+            // Recorded before anything starts: a daemon killed now finds what it started.
+            record.provider = prepared.clone();
+            self.update_environment(color, None, |saved| {
+                saved.provider = prepared.clone();
+                None
+            })
             .await
             .map_err(|e| e.to_string())?;
-        self.wait_healthy(color, addrs.len(), spec.ready_timeout)
+        }
+        let addrs = provider.start(&request, &prepared).await?;
+        record.upstreams = addrs.clone();
+        if !provider.runs_elsewhere() {
+            self.set_upstreams(color, addrs.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.wait_healthy(color, addrs.len(), request.spec.ready_timeout)
             .await
     }
 
@@ -236,27 +189,14 @@ impl Controller {
                 "{color} takes traffic; it cannot be stopped"
             )));
         }
-        let spec = self.spec(color).clone();
-        match spec.provider {
-            ProviderKind::Process => self.supervisor.stop(color).await,
-            ProviderKind::Command => {
-                if let Some(argv) = &spec.stop {
-                    let facts = self.facts(color, None);
-                    if let Err(e) = hooks::run(
-                        "stop",
-                        argv,
-                        &facts,
-                        &[],
-                        spec.stop_timeout.max(Duration::from_secs(30)),
-                        &self.logs_dir.join(format!("{color}-deploy.log")),
-                    )
-                    .await
-                    {
-                        self.event("stop-failed", &e, None).await;
-                    }
-                }
-            }
-            ProviderKind::Static => {}
+        let request = StopRequest {
+            color,
+            spec: self.spec(color).clone(),
+            facts: self.facts(color, None),
+            logs_dir: self.logs_dir.clone(),
+        };
+        if let Err(e) = self.provider(color).stop(&request).await {
+            self.event("stop-failed", &e, None).await;
         }
         self.update_environment(color, None, |record| {
             record.provider.mark_stopped();

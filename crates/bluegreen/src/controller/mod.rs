@@ -5,7 +5,7 @@ pub mod checks;
 pub mod decide;
 mod deploy;
 pub mod hooks;
-pub mod process;
+pub mod provider;
 pub mod release;
 pub mod strategy;
 pub mod traffic;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use bluegreen_router::{Color, ColorSnapshot};
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Config;
@@ -31,7 +31,10 @@ use crate::store::{
 };
 use analysis::History;
 use hooks::Facts;
-use process::{InstanceEvent, Launch, Supervisor};
+use provider::command::CommandProvider;
+use provider::process::ProcessProvider;
+use provider::static_upstreams::StaticProvider;
+use provider::{InstanceEvent, Provider};
 use release::{Control, Release};
 pub use traffic::{Command, CommandError, Weights};
 
@@ -59,8 +62,8 @@ pub struct Controller {
     environments: Mutex<[Versioned<EnvironmentRecord>; 2]>,
     /// Writers of environment records take turns here (read, change, record, publish).
     environment_writes: tokio::sync::Mutex<()>,
-    pub(crate) supervisor: Supervisor,
-    supervisor_events: Mutex<Option<mpsc::UnboundedReceiver<InstanceEvent>>>,
+    /// Each color's provider (both colors share one instance of a kind).
+    providers: [Arc<dyn Provider>; 2],
     /// The release in progress, and the channel its runner listens to.
     active: Mutex<Option<(Release, watch::Sender<Control>)>>,
     history: Mutex<History>,
@@ -86,7 +89,12 @@ impl Controller {
         let mut environments = store.environments().await.map_err(|e| e.to_string())?;
         for record in &mut environments {
             // Fixed upstreams are run by someone else: they count as running, health tells.
-            if config.controller.environment(record.value.color).provider == ProviderKind::Static
+            if config
+                .controller
+                .environment(record.value.color)
+                .provider
+                .kind()
+                == ProviderKind::Static
                 && record.value.status == EnvironmentStatus::Stopped
             {
                 record.value.status = EnvironmentStatus::Running;
@@ -99,7 +107,7 @@ impl Controller {
             .last()
             .map_or(0, |e| e.id);
         let logs_dir = config.state_dir.join("logs");
-        let (events, receiver) = mpsc::unbounded_channel();
+        let providers = providers_for(&config);
         Ok(Controller {
             config,
             store,
@@ -108,8 +116,7 @@ impl Controller {
             state: tokio::sync::Mutex::new(state),
             environments: Mutex::new(environments),
             environment_writes: tokio::sync::Mutex::new(()),
-            supervisor: Supervisor::new(events),
-            supervisor_events: Mutex::new(Some(receiver)),
+            providers,
             active: Mutex::new(None),
             history: Mutex::new(History::new(HISTORY_SECONDS)),
             live: tokio::sync::broadcast::channel(1024).0,
@@ -126,12 +133,47 @@ impl Controller {
 pub struct EnvironmentView {
     #[serde(flatten)]
     pub record: EnvironmentRecord,
+    /// The supervised instances (the process provider's), for status and scripts.
+    pub instances: Vec<crate::store::InstanceRecord>,
     pub spec: EnvironmentSpec,
+}
+
+impl EnvironmentView {
+    pub fn new(record: EnvironmentRecord, spec: EnvironmentSpec) -> EnvironmentView {
+        EnvironmentView {
+            instances: record.provider.instances().to_vec(),
+            record,
+            spec,
+        }
+    }
+}
+
+/// One provider per kind the config uses, shared by both colors.
+fn providers_for(config: &Config) -> [Arc<dyn Provider>; 2] {
+    let mut made: Vec<(ProviderKind, Arc<dyn Provider>)> = Vec::new();
+    Color::ALL.map(|color| {
+        let kind = config.controller.environment(color).provider.kind();
+        if let Some((_, provider)) = made.iter().find(|(k, _)| *k == kind) {
+            return Arc::clone(provider);
+        }
+        let provider: Arc<dyn Provider> = match kind {
+            ProviderKind::Process => Arc::new(ProcessProvider::new()),
+            ProviderKind::Static => Arc::new(StaticProvider),
+            ProviderKind::Command => Arc::new(CommandProvider),
+        };
+        made.push((kind, Arc::clone(&provider)));
+        provider
+    })
 }
 
 impl Controller {
     fn spec(&self, color: Color) -> &EnvironmentSpec {
         self.config.controller.environment(color)
+    }
+
+    /// The provider that runs `color`'s instances.
+    pub(crate) fn provider(&self, color: Color) -> &Arc<dyn Provider> {
+        &self.providers[color.index()]
     }
 
     pub fn environment(&self, color: Color) -> EnvironmentRecord {
@@ -143,10 +185,7 @@ impl Controller {
     pub fn environments(&self) -> Vec<EnvironmentView> {
         Color::ALL
             .into_iter()
-            .map(|color| EnvironmentView {
-                record: self.environment(color),
-                spec: self.spec(color).clone(),
-            })
+            .map(|color| EnvironmentView::new(self.environment(color), self.spec(color).clone()))
             .collect()
     }
 
@@ -319,14 +358,15 @@ impl Controller {
     /// router's counters, bringing back instances and timers after a restart, and settling a
     /// release a previous daemon left unfinished.
     pub async fn start(self: &Arc<Self>) {
-        let events = self.supervisor_events.lock().expect("lock").take();
-        if let Some(mut events) = events {
-            let daemon = Arc::clone(self);
-            tokio::spawn(async move {
-                while let Some(event) = events.recv().await {
-                    daemon.instance_event(event).await;
-                }
-            });
+        for provider in &self.providers {
+            if let Some(mut events) = provider.take_events() {
+                let controller = Arc::clone(self);
+                tokio::spawn(async move {
+                    while let Some(event) = events.recv().await {
+                        controller.instance_event(event).await;
+                    }
+                });
+            }
         }
         let daemon = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -397,7 +437,7 @@ impl Controller {
 
     async fn instance_event(&self, event: InstanceEvent) {
         let current =
-            |color: Color, generation: u64| self.supervisor.generation(color) == Some(generation);
+            |color: Color, generation: u64| self.provider(color).is_current(color, generation);
         match event {
             InstanceEvent::Started {
                 color,
@@ -468,20 +508,6 @@ impl Controller {
         }
     }
 
-    fn launch(&self, color: Color, record: &EnvironmentRecord) -> Launch {
-        let spec = self.spec(color);
-        let mut env = spec.env.clone();
-        env.extend(record.extra_env.clone());
-        Launch {
-            color,
-            version: record.version.clone().unwrap_or_default(),
-            argv: spec.command.clone(),
-            env,
-            stop_timeout: spec.stop_timeout,
-            logs_dir: self.logs_dir.clone(),
-        }
-    }
-
     /// After a restart: instances recorded as running are adopted (or started again on their
     /// ports), scale-down timers are re-armed, and an unfinished release is settled by the rule
     /// in docs/lifecycle.md.
@@ -492,25 +518,11 @@ impl Controller {
                 record.status,
                 EnvironmentStatus::Running | EnvironmentStatus::Deploying
             );
-            let instances = record.provider.instances();
-            if self.spec(color).provider == ProviderKind::Process && runs && !instances.is_empty() {
-                let adopted = instances.iter().filter(|i| i.pid.is_some()).count();
-                match self
-                    .supervisor
-                    .start(self.launch(color, &record), instances.to_vec())
-                {
-                    Ok(_) => {
-                        self.event(
-                            "recover",
-                            &format!(
-                                "{color} {}: {} instance(s) brought back ({adopted} recorded as running are adopted if still alive)",
-                                record.version.as_deref().unwrap_or("?"),
-                                instances.len()
-                            ),
-                            None,
-                        )
-                        .await
-                    }
+            if runs {
+                let request = self.deploy_request(color, &record, None);
+                match self.provider(color).adopt(&request, &record).await {
+                    Ok(Some(message)) => self.event("recover", &message, None).await,
+                    Ok(None) => {}
                     Err(e) => tracing::error!(%color, error = %e, "cannot restart instances"),
                 }
             }
@@ -524,7 +536,7 @@ impl Controller {
                 continue;
             }
             // A deploy the previous daemon did not finish: never proven healthy, so stopped.
-            self.supervisor.stop(color).await;
+            self.provider(color).abandon(color).await;
             let saved = self.update_environment(color, None, |record| {
                 record.provider.mark_stopped();
                 record.status = EnvironmentStatus::Failed;
@@ -544,7 +556,9 @@ impl Controller {
     }
 
     pub async fn shutdown(&self) {
-        self.supervisor.stop_all().await;
+        for provider in &self.providers {
+            provider.shutdown().await;
+        }
     }
 }
 
@@ -558,13 +572,5 @@ pub(crate) fn loopback_of(listen: SocketAddr) -> SocketAddr {
             SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
         }
         other => other,
-    }
-}
-
-pub fn provider_name(kind: ProviderKind) -> &'static str {
-    match kind {
-        ProviderKind::Process => "process",
-        ProviderKind::Static => "static",
-        ProviderKind::Command => "command",
     }
 }

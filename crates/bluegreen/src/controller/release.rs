@@ -13,7 +13,7 @@ use super::analysis::{Verdict, WindowStats, judge};
 use super::decide::{self, Ending, Recovery, ReleaseAsk, Stop};
 use super::strategy::{Hold, Strategy};
 use super::{Command, CommandError, Controller};
-use crate::config::controller::{HookPoint, ProviderKind, Stage};
+use crate::config::controller::{HookPoint, Stage};
 use crate::store::{EnvironmentStatus, StepWrite, StoredRelease, Write, now_ms};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,7 +278,7 @@ impl Controller {
     ) -> Result<Release, CommandError> {
         let split = self.plane.split();
         let deployed = Color::ALL.map(|color| {
-            self.config.controller.environment(color).provider == ProviderKind::Static
+            self.provider(color).runs_elsewhere()
                 || self.environment(color).status != EnvironmentStatus::Stopped
         });
         let running = self.active_release();
@@ -302,8 +302,7 @@ impl Controller {
         };
         let target = self.environment(color);
         if request.kind == ReleaseKind::Shift {
-            let spec = self.config.controller.environment(color);
-            if spec.provider != ProviderKind::Static && target.status != EnvironmentStatus::Running
+            if !self.provider(color).runs_elsewhere() && target.status != EnvironmentStatus::Running
             {
                 return Err(CommandError::Refused(format!(
                     "{color} is not deployed ({}); run `bluegreen deploy --environment {color} --version V` first",
@@ -927,9 +926,7 @@ impl Controller {
         if self.environment(color).status != EnvironmentStatus::Deploying {
             return;
         }
-        if self.config.controller.environment(color).provider == ProviderKind::Process {
-            self.supervisor.stop(color).await;
-        }
+        self.provider(color).abandon(color).await;
         let saved = self
             .update_environment(color, Some(release), |record| {
                 record.provider.mark_stopped();
@@ -1035,8 +1032,7 @@ impl Controller {
             return Ok(None);
         };
         let record = self.environment(back);
-        let provider = self.config.controller.environment(back).provider;
-        if provider == ProviderKind::Static
+        if self.provider(back).runs_elsewhere()
             || record.status == EnvironmentStatus::Running
             || self.plane.split().weight(back) > 0
         {

@@ -167,8 +167,7 @@ impl Controller {
             let undeployed = Color::ALL.into_iter().find(|c| {
                 target.weight(*c) > 0
                     && self.environment(*c).status == crate::store::EnvironmentStatus::Stopped
-                    && self.config.controller.environment(*c).provider
-                        != crate::config::controller::ProviderKind::Static
+                    && !self.provider(*c).runs_elsewhere()
             });
             return Err(CommandError::Refused(match undeployed {
                 Some(color) => format!(

@@ -10,11 +10,11 @@ use bluegreen_router::Color;
 
 use serde::Serialize;
 
+use super::EnvironmentView;
 use super::analysis::WindowStats;
+use super::provider::supervisor::Launch;
 use super::release::Release;
 use super::{CommandError, Controller};
-use super::{EnvironmentView, Launch};
-use crate::config::controller::ProviderKind;
 
 /// One way two colors differ: a key and each side's value.
 #[derive(Serialize)]
@@ -51,10 +51,10 @@ impl Controller {
     /// How two colors differ: what they run, and their effective specs (per-color overrides).
     pub fn diff(&self, a: Color, b: Color) -> Vec<Difference> {
         let view = |color: Color| {
-            serde_json::to_value(EnvironmentView {
-                record: self.environment(color),
-                spec: self.spec(color).clone(),
-            })
+            serde_json::to_value(EnvironmentView::new(
+                self.environment(color),
+                self.spec(color).clone(),
+            ))
             .expect("views serialize")
         };
         let (left, right) = (view(a), view(b));
@@ -87,7 +87,7 @@ impl Controller {
             );
         }
         // The process provider picks ports per deploy: only fixed upstreams are a difference.
-        if self.spec(a).provider == ProviderKind::Static {
+        if self.provider(a).runs_elsewhere() {
             compare(
                 "spec.upstreams".into(),
                 &left["spec"]["upstreams"].as_array().map(|u| u.len()).into(),

@@ -1,4 +1,4 @@
-//! The process provider: runs N instances of a command template on free ports, restarts them with backoff, logs to files.
+//! Supervised local processes: one task per instance, restarted with backoff, stopped by process group.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;

@@ -1,0 +1,101 @@
+//! The provider seam: turning "color + version" into running instances, stopping them, and adopting them after a restart.
+//!
+//! Implementations, one file each: [`process`] (supervised local processes, the default),
+//! [`static`](static_upstreams) (fixed addresses someone else runs) and [`command`] (the
+//! user's deploy and stop scripts). The next one (containers through the Docker Engine API)
+//! goes beside them. A provider keeps what it needs to find its instances again in the
+//! environment record, as its own [`ProviderState`].
+
+pub mod command;
+pub mod process;
+#[path = "static.rs"]
+pub mod static_upstreams;
+pub mod supervisor;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use bluegreen_router::Color;
+
+use super::hooks::Facts;
+use crate::config::controller::EnvironmentSpec;
+use crate::store::{EnvironmentRecord, ProviderState};
+pub use supervisor::InstanceEvent;
+
+/// What a deploy asks of a provider.
+pub struct DeployRequest {
+    pub color: Color,
+    pub version: String,
+    pub spec: EnvironmentSpec,
+    pub extra_env: BTreeMap<String, String>,
+    /// The facts scripts receive (`BLUEGREEN_*`).
+    pub facts: Facts,
+    pub logs_dir: PathBuf,
+    /// The router's upstreams of the color now.
+    pub current_upstreams: Vec<SocketAddr>,
+}
+
+/// What stopping a color needs.
+pub struct StopRequest {
+    pub color: Color,
+    pub spec: EnvironmentSpec,
+    pub facts: Facts,
+    pub logs_dir: PathBuf,
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// As the config names it.
+    fn name(&self) -> &'static str;
+
+    /// Someone else runs the instances (fixed addresses): a color counts as running whether
+    /// or not bluegreen deployed it, and health tells.
+    fn runs_elsewhere(&self) -> bool {
+        false
+    }
+
+    /// What to record before anything starts, so a daemon killed mid-deploy can find what
+    /// the deploy started (the process provider: the ports it will use).
+    fn prepare(&self, _request: &DeployRequest) -> Result<ProviderState, String> {
+        Ok(ProviderState::None)
+    }
+
+    /// Starts `request.version` on `request.color` (its previous instances are replaced);
+    /// returns the upstream addresses to route to. Health is the controller's to wait for.
+    async fn start(
+        &self,
+        request: &DeployRequest,
+        prepared: &ProviderState,
+    ) -> Result<Vec<SocketAddr>, String>;
+
+    /// Stops a color's instances (cleanup, `bluegreen` stopping a color).
+    async fn stop(&self, request: &StopRequest) -> Result<(), String>;
+
+    /// Stops whatever a deploy that did not finish started (an abort, a restart mid-deploy).
+    async fn abandon(&self, _color: Color) {}
+
+    /// After a daemon restart: takes over the instances the record says run, starting again
+    /// those that died. Returns what it did, for the event log.
+    async fn adopt(
+        &self,
+        _request: &DeployRequest,
+        _record: &EnvironmentRecord,
+    ) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+
+    /// The stream of instance events (started, exited, crash loop), taken once.
+    fn take_events(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<InstanceEvent>> {
+        None
+    }
+
+    /// Whether an event comes from the instances running now (not a replaced generation).
+    fn is_current(&self, _color: Color, _generation: u64) -> bool {
+        true
+    }
+
+    /// Stops everything this provider supervises (the daemon is stopping).
+    async fn shutdown(&self) {}
+}

@@ -1,0 +1,126 @@
+//! The process provider (the default): N instances of a command template on free local ports, supervised and adopted after a restart.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bluegreen_router::Color;
+use tokio::sync::mpsc;
+
+use super::supervisor::{Launch, Supervisor, free_port};
+use super::{DeployRequest, InstanceEvent, Provider, StopRequest};
+use crate::config::controller::ProviderSpec;
+use crate::store::{EnvironmentRecord, InstanceRecord, ProviderState};
+
+pub struct ProcessProvider {
+    supervisor: Supervisor,
+    events: Mutex<Option<mpsc::UnboundedReceiver<InstanceEvent>>>,
+}
+
+impl ProcessProvider {
+    pub fn new() -> ProcessProvider {
+        let (events, receiver) = mpsc::unbounded_channel();
+        ProcessProvider {
+            supervisor: Supervisor::new(events),
+            events: Mutex::new(Some(receiver)),
+        }
+    }
+
+    fn launch(request: &DeployRequest) -> Launch {
+        let mut env = request.spec.env.clone();
+        env.extend(request.extra_env.clone());
+        Launch {
+            color: request.color,
+            version: request.version.clone(),
+            argv: match &request.spec.provider {
+                ProviderSpec::Process { command } => command.clone(),
+                _ => Vec::new(),
+            },
+            env,
+            stop_timeout: request.spec.stop_timeout,
+            logs_dir: request.logs_dir.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for ProcessProvider {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    /// A free port per instance, recorded before anything starts.
+    fn prepare(&self, request: &DeployRequest) -> Result<ProviderState, String> {
+        let instances = (0..request.spec.instances)
+            .map(|_| {
+                free_port()
+                    .map(|port| InstanceRecord {
+                        port,
+                        pid: None,
+                        restarts: 0,
+                    })
+                    .map_err(|e| format!("no free port: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ProviderState::Process { instances })
+    }
+
+    async fn start(
+        &self,
+        request: &DeployRequest,
+        prepared: &ProviderState,
+    ) -> Result<Vec<SocketAddr>, String> {
+        self.supervisor.stop(request.color).await;
+        let instances = prepared.instances().to_vec();
+        let addrs = instances
+            .iter()
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], i.port)))
+            .collect();
+        self.supervisor
+            .start(ProcessProvider::launch(request), instances)
+            .map_err(|e| format!("cannot start instances: {e}"))?;
+        Ok(addrs)
+    }
+
+    async fn stop(&self, request: &StopRequest) -> Result<(), String> {
+        self.supervisor.stop(request.color).await;
+        Ok(())
+    }
+
+    async fn abandon(&self, color: Color) {
+        self.supervisor.stop(color).await;
+    }
+
+    async fn adopt(
+        &self,
+        request: &DeployRequest,
+        record: &EnvironmentRecord,
+    ) -> Result<Option<String>, String> {
+        let instances = record.provider.instances();
+        if instances.is_empty() {
+            return Ok(None);
+        }
+        let adopted = instances.iter().filter(|i| i.pid.is_some()).count();
+        self.supervisor
+            .start(ProcessProvider::launch(request), instances.to_vec())
+            .map_err(|e| e.to_string())?;
+        Ok(Some(format!(
+            "{} {}: {} instance(s) brought back ({adopted} recorded as running are adopted if still alive)",
+            request.color,
+            request.version,
+            instances.len()
+        )))
+    }
+
+    fn take_events(&self) -> Option<mpsc::UnboundedReceiver<InstanceEvent>> {
+        self.events.lock().expect("lock").take()
+    }
+
+    fn is_current(&self, color: Color, generation: u64) -> bool {
+        self.supervisor.generation(color) == Some(generation)
+    }
+
+    async fn shutdown(&self) {
+        self.supervisor.stop_all().await;
+    }
+}
