@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
 mod init;
+mod progress;
 pub(crate) mod release;
 mod tui;
 
@@ -822,7 +823,7 @@ pub fn render_status(status: &Value) -> String {
             release["id"],
             release["version"].as_str().unwrap_or("shift"),
             release["color"].as_str().unwrap_or("?"),
-            release::progress_line(release)
+            progress::progress_line(release)
         ));
     }
     out

@@ -14,6 +14,7 @@ use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Sparkline, Wrap};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use super::progress::time_left;
 use super::{CliError, exit, expect_ok, utc_time};
 use crate::client::AdminClient;
 
@@ -451,7 +452,7 @@ fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
     let steps = release["strategy"]["steps"]
         .as_array()
         .map_or(0, |s| s.len());
-    let left = super::release::time_left(release);
+    let left = time_left(release);
     let head = format!(
         "#{} {} → {}: {}{}{left}",
         release["id"],
