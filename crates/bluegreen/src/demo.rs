@@ -16,9 +16,11 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use crate::cli::{CliError, exit, expect_ok};
 use crate::client::AdminClient;
 use crate::config::AdminEndpoint;
+use crate::exit::{self, CliError, expect_ok};
+use crate::follower::{follow, start};
+use crate::timestamp::utc_time;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -247,7 +249,7 @@ async fn release(
     body: Value,
 ) -> Result<(Value, u64, u64), CliError> {
     let from = load.started.elapsed().as_secs();
-    let (id, after, _) = crate::cli::release::start(client, "/v1/releases", body).await?;
+    let (id, after, _) = start(client, "/v1/releases", body).await?;
     let print_event = |event: &Value| {
         if event["kind"] != "stage" && event["kind"] != "instance" {
             println!(
@@ -257,7 +259,7 @@ async fn release(
             );
         }
     };
-    let answer = crate::cli::release::follow(client, id, after, print_event, |_| {}).await?;
+    let answer = follow(client, id, after, print_event, |_| {}).await?;
     Ok((
         answer["release"].clone(),
         from,
@@ -402,7 +404,7 @@ async fn story(
         .map(|e| {
             format!(
                 "{} {}",
-                crate::cli::utc_time(e["at_ms"].as_i64().unwrap_or(0)),
+                utc_time(e["at_ms"].as_i64().unwrap_or(0)),
                 e["message"].as_str().unwrap_or("")
             )
         })

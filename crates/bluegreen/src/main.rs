@@ -8,7 +8,10 @@ mod controller;
 mod daemon;
 mod demo;
 mod duration;
+mod exit;
+mod follower;
 mod store;
+mod timestamp;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -30,11 +33,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() {
-                cli::exit::USAGE
-            } else {
-                0
-            });
+            return ExitCode::from(if error.use_stderr() { exit::USAGE } else { 0 });
         }
     };
     tracing_subscriber::fmt()
@@ -59,7 +58,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("bluegreen: cannot start the async runtime: {error}");
-            return ExitCode::from(cli::exit::FAILURE);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     match runtime.block_on(cli::run(cli)) {

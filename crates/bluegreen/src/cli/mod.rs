@@ -2,7 +2,7 @@
 
 mod init;
 mod progress;
-pub(crate) mod release;
+mod release;
 mod tui;
 
 use std::path::{Path, PathBuf};
@@ -10,27 +10,16 @@ use std::sync::Arc;
 
 use bluegreen_router::Color;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use http::{Method, StatusCode};
+use http::Method;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin;
-use crate::client::{AdminClient, ClientError};
-use crate::config::{AdminEndpoint, Config, ConfigError};
+use crate::client::AdminClient;
+use crate::config::{AdminEndpoint, Config};
 use crate::daemon::Daemon;
-
-/// Exit codes a script can branch on.
-pub mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const BAD_CONFIG: u8 = 3;
-    pub const REFUSED: u8 = 4;
-    pub const UNREACHABLE: u8 = 5;
-    /// The release (or shift) was rolled back: analysis found a breach, or an operator asked.
-    pub const ROLLED_BACK: u8 = 6;
-    /// The release was aborted before any traffic moved.
-    pub const ABORTED: u8 = 7;
-}
+use crate::exit::{self, CliError, expect_ok};
+use crate::timestamp::utc_time;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -263,38 +252,6 @@ fn parse_color(text: &str) -> Result<Color, String> {
     text.parse::<Color>().map_err(|e| e.to_string())
 }
 
-/// A failure to report: what went wrong, and the exit code that tells scripts which kind.
-#[derive(Debug)]
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl CliError {
-    pub(crate) fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<ConfigError> for CliError {
-    fn from(error: ConfigError) -> Self {
-        CliError::new(exit::BAD_CONFIG, error.to_string())
-    }
-}
-
-impl From<ClientError> for CliError {
-    fn from(error: ClientError) -> Self {
-        let code = match error {
-            ClientError::Unreachable { .. } => exit::UNREACHABLE,
-            ClientError::Protocol { .. } => exit::FAILURE,
-        };
-        CliError::new(code, error.to_string())
-    }
-}
-
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         Commands::Up => up(&cli).await,
@@ -464,30 +421,6 @@ pub(crate) async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), Cli
         Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("done")),
     }
     Ok(())
-}
-
-/// The daemon's answer as JSON, or its error message with the matching exit code.
-pub(crate) fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
-    let value: Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
-    if status.is_success() {
-        return Ok(value);
-    }
-    let error = &value["error"];
-    let message = error["message"]
-        .as_str()
-        .unwrap_or("the daemon refused the request")
-        .to_string();
-    let message = match error["field"].as_str() {
-        Some(field) => format!("{field}: {message}"),
-        None => message,
-    };
-    let code = if status.is_client_error() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    };
-    Err(CliError::new(code, message))
 }
 
 /// Where the daemon is: `--admin` wins, else the config's router.admin.
@@ -712,12 +645,6 @@ pub(crate) fn render_history(answer: &Value) -> String {
             )
         })
         .collect()
-}
-
-/// RFC 3339 UTC time, to the second, from Unix milliseconds.
-pub(crate) fn utc_time(at_ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// The status as a small table.

@@ -15,8 +15,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::progress::time_left;
-use super::{CliError, exit, expect_ok, utc_time};
 use crate::client::AdminClient;
+use crate::exit::{self, CliError, expect_ok};
+use crate::timestamp::utc_time;
 
 /// What the stream and the keyboard deliver to the screen loop.
 enum Input {
