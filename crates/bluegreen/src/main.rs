@@ -12,6 +12,7 @@ mod exit;
 mod follower;
 mod store;
 mod timestamp;
+mod transport;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
