@@ -6,7 +6,7 @@ mod report;
 mod tools;
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -371,7 +371,24 @@ fn render(
     args: &Args,
     elapsed: Duration,
 ) -> String {
-    let machine = format!(
+    let machine = machine_description();
+    let versions = tool_versions(&args.bin_dir);
+    let mut out = String::new();
+    out.push_str("# Benchmarks: bluegreen against nginx and HAProxy\n\n");
+    out.push_str(&format!(
+        "Written by `bench/run{}` in {:.0} s. Machine: {machine}. Every number below comes from this one run; rerun `bench/run` to reproduce on your machine.\n\n",
+        if args.quick { " --quick" } else { "" },
+        elapsed.as_secs_f64()
+    ));
+    out.push_str("![req/s and p99 per router](benchmarks.svg)\n\n");
+    render_setup(&mut out, plan, &versions, commands);
+    render_results(&mut out, results, plan);
+    out
+}
+
+/// Cores, CPU model and kernel.
+fn machine_description() -> String {
+    format!(
         "{} cores, {}, kernel {}",
         tools::version_of("nproc", &["--all"]),
         std::fs::read_to_string("/proc/cpuinfo")
@@ -386,29 +403,26 @@ fn render(
             )
             .unwrap_or_else(|| "unknown CPU".into()),
         tools::version_of("uname", &["-r"])
-    );
-    let versions = [
+    )
+}
+
+/// What each program in the run reports as its version.
+fn tool_versions(bin_dir: &Path) -> [(&'static str, String); 6] {
+    [
         (
             "bluegreen",
-            tools::version_of(
-                &args.bin_dir.join("bluegreen").to_string_lossy(),
-                &["--version"],
-            ),
+            tools::version_of(&bin_dir.join("bluegreen").to_string_lossy(), &["--version"]),
         ),
         ("nginx", tools::version_of("nginx", &["-v"])),
         ("HAProxy", tools::version_of("haproxy", &["-v"])),
         ("wrk", tools::version_of("wrk", &["-v"])),
         ("h2load", tools::version_of("h2load", &["--version"])),
         ("rustc", tools::version_of("rustc", &["--version"])),
-    ];
-    let mut out = String::new();
-    out.push_str("# Benchmarks: bluegreen against nginx and HAProxy\n\n");
-    out.push_str(&format!(
-        "Written by `bench/run{}` in {:.0} s. Machine: {machine}. Every number below comes from this one run; rerun `bench/run` to reproduce on your machine.\n\n",
-        if args.quick { " --quick" } else { "" },
-        elapsed.as_secs_f64()
-    ));
-    out.push_str("![req/s and p99 per router](benchmarks.svg)\n\n");
+    ]
+}
+
+/// How the run was set up: core placement, backend, peers, rounds, versions and commands.
+fn render_setup(out: &mut String, plan: Plan, versions: &[(&str, String)], commands: &[String]) {
     out.push_str("## Setup\n\n");
     out.push_str(&format!(
         "- **Cores.** The router under test runs alone on core {ROUTER_CORE} (`taskset -c {ROUTER_CORE}`) with one worker: `BLUEGREEN_WORKER_THREADS=1`, nginx `worker_processes 1`, HAProxy `nbthread 1`. The load generator and the backend share the other core. Every peer gets the same placement, so the ratios compare work per core.\n\
@@ -418,7 +432,7 @@ fn render(
         plan.rounds, plan.seconds, plan.fixed_rounds, plan.fixed_seconds, plan.h2_rounds
     ));
     out.push_str("Versions:\n\n");
-    for (name, version) in &versions {
+    for (name, version) in versions {
         out.push_str(&format!("- {name}: `{version}`\n"));
     }
     out.push_str("\nCommands:\n\n```\n");
@@ -427,6 +441,10 @@ fn render(
         out.push('\n');
     }
     out.push_str("```\n\n");
+}
+
+/// One section per measurement, each with its table.
+fn render_results(out: &mut String, results: &Results, plan: Plan) {
     out.push_str(&format!(
         "## Throughput and latency at saturation (wrk, {} keep-alive connections)\n\n{}\n",
         plan.connections,
@@ -458,5 +476,4 @@ fn render(
         PROPAGATION_GAP.as_millis(),
         results.propagation_table()
     ));
-    out
 }
