@@ -6,7 +6,7 @@ mod report;
 mod tools;
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -174,8 +174,23 @@ async fn measure_peers(
     let mut results = Results::default();
     let mut commands = Vec::new();
     let start_rss: Vec<u64> = routers.iter().map(|p| p.rss_kib()).collect();
+    measure_throughput(peers, plan, &mut results, &mut commands)?;
+    let saturated_peak: Vec<u64> = routers.iter().map(|p| p.peak_rss_kib()).collect();
+    measure_fixed_rate(peers, plan, fixed_rate, &mut results, &mut commands).await?;
+    measure_h2(&routers, plan, &mut results, &mut commands)?;
+    measure_idle_memory(&routers, plan, &start_rss, &saturated_peak, &mut results).await?;
+    measure_switching(&routers, plan, &mut results).await?;
+    measure_propagation(&routers, plan, &mut results).await?;
+    Ok((results, commands))
+}
 
-    // 1. Throughput and latency at saturation, interleaved A B C D A B C D ….
+/// 1. Throughput and latency at saturation, interleaved A B C D A B C D ….
+fn measure_throughput(
+    peers: &[Peer],
+    plan: Plan,
+    results: &mut Results,
+    commands: &mut Vec<String>,
+) -> Result<(), String> {
     commands.push(
         tools::wrk_command("http://127.0.0.1:PORT/", plan.connections, plan.seconds).join(" "),
     );
@@ -195,9 +210,17 @@ async fn measure_peers(
             results.throughput[i].1.push(run);
         }
     }
-    let saturated_peak: Vec<u64> = routers.iter().map(|p| p.peak_rss_kib()).collect();
+    Ok(())
+}
 
-    // 2. Latency at a fixed rate below saturation: half of the slowest router's median.
+/// 2. Latency at a fixed rate below saturation: half of the slowest router's median.
+async fn measure_fixed_rate(
+    peers: &[Peer],
+    plan: Plan,
+    fixed_rate: Option<f64>,
+    results: &mut Results,
+    commands: &mut Vec<String>,
+) -> Result<(), String> {
     let slowest = results
         .throughput
         .iter()
@@ -239,8 +262,16 @@ async fn measure_peers(
             ));
         }
     }
+    Ok(())
+}
 
-    // 3. HTTP/2 (h2c with prior knowledge) with h2load; the upstream side stays HTTP/1.1.
+/// 3. HTTP/2 (h2c with prior knowledge) with h2load; the upstream side stays HTTP/1.1.
+fn measure_h2(
+    routers: &[&Peer],
+    plan: Plan,
+    results: &mut Results,
+    commands: &mut Vec<String>,
+) -> Result<(), String> {
     commands.push(tools::h2load_command("http://127.0.0.1:PORT/", 16, 10, plan.seconds).join(" "));
     results.h2 = routers.iter().map(|p| (p.kind, Vec::new())).collect();
     for round in 0..plan.h2_rounds {
@@ -257,8 +288,18 @@ async fn measure_peers(
             results.h2[i].1.push(run);
         }
     }
+    Ok(())
+}
 
-    // 4. Memory with many idle keep-alive connections.
+/// 4. Memory with many idle keep-alive connections, beside each router's `start_rss` (before
+///    any load) and `saturated_peak` (the peak of the saturation runs).
+async fn measure_idle_memory(
+    routers: &[&Peer],
+    plan: Plan,
+    start_rss: &[u64],
+    saturated_peak: &[u64],
+    results: &mut Results,
+) -> Result<(), String> {
     for (i, peer) in routers.iter().enumerate() {
         let held = load::hold_idle_connections(peer.http, plan.idle_connections).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -279,9 +320,16 @@ async fn measure_peers(
         drop(held);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    Ok(())
+}
 
-    // 5. Switching under saturating load, every response checked.
-    for peer in &routers {
+/// 5. Switching under saturating load, every response checked.
+async fn measure_switching(
+    routers: &[&Peer],
+    plan: Plan,
+    results: &mut Results,
+) -> Result<(), String> {
+    for peer in routers {
         let tally =
             load::switch_under_load(peer, 32, 4, plan.switches, Duration::from_millis(20)).await?;
         progress(&format!(
@@ -294,9 +342,16 @@ async fn measure_peers(
         ));
         results.switching.push((peer.kind, plan.switches, tally));
     }
+    Ok(())
+}
 
-    // 6. Propagation: how soon new requests see the new color.
-    for peer in &routers {
+/// 6. Propagation: how soon new requests see the new color.
+async fn measure_propagation(
+    routers: &[&Peer],
+    plan: Plan,
+    results: &mut Results,
+) -> Result<(), String> {
+    for peer in routers {
         let p = load::propagation(peer, plan.propagation_switches, PROPAGATION_GAP, 4).await?;
         progress(&format!(
             "propagation: {:<14} first new {:.3} ms, last old {:.3} ms (medians)",
@@ -306,7 +361,7 @@ async fn measure_peers(
         ));
         results.propagation.push((peer.kind, p));
     }
-    Ok((results, commands))
+    Ok(())
 }
 
 fn render(
@@ -316,7 +371,24 @@ fn render(
     args: &Args,
     elapsed: Duration,
 ) -> String {
-    let machine = format!(
+    let machine = machine_description();
+    let versions = tool_versions(&args.bin_dir);
+    let mut out = String::new();
+    out.push_str("# Benchmarks: bluegreen against nginx and HAProxy\n\n");
+    out.push_str(&format!(
+        "Written by `bench/run{}` in {:.0} s. Machine: {machine}. Every number below comes from this one run; rerun `bench/run` to reproduce on your machine.\n\n",
+        if args.quick { " --quick" } else { "" },
+        elapsed.as_secs_f64()
+    ));
+    out.push_str("![req/s and p99 per router](benchmarks.svg)\n\n");
+    render_setup(&mut out, plan, &versions, commands);
+    render_results(&mut out, results, plan);
+    out
+}
+
+/// Cores, CPU model and kernel.
+fn machine_description() -> String {
+    format!(
         "{} cores, {}, kernel {}",
         tools::version_of("nproc", &["--all"]),
         std::fs::read_to_string("/proc/cpuinfo")
@@ -331,29 +403,26 @@ fn render(
             )
             .unwrap_or_else(|| "unknown CPU".into()),
         tools::version_of("uname", &["-r"])
-    );
-    let versions = [
+    )
+}
+
+/// What each program in the run reports as its version.
+fn tool_versions(bin_dir: &Path) -> [(&'static str, String); 6] {
+    [
         (
             "bluegreen",
-            tools::version_of(
-                &args.bin_dir.join("bluegreen").to_string_lossy(),
-                &["--version"],
-            ),
+            tools::version_of(&bin_dir.join("bluegreen").to_string_lossy(), &["--version"]),
         ),
         ("nginx", tools::version_of("nginx", &["-v"])),
         ("HAProxy", tools::version_of("haproxy", &["-v"])),
         ("wrk", tools::version_of("wrk", &["-v"])),
         ("h2load", tools::version_of("h2load", &["--version"])),
         ("rustc", tools::version_of("rustc", &["--version"])),
-    ];
-    let mut out = String::new();
-    out.push_str("# Benchmarks: bluegreen against nginx and HAProxy\n\n");
-    out.push_str(&format!(
-        "Written by `bench/run{}` in {:.0} s. Machine: {machine}. Every number below comes from this one run; rerun `bench/run` to reproduce on your machine.\n\n",
-        if args.quick { " --quick" } else { "" },
-        elapsed.as_secs_f64()
-    ));
-    out.push_str("![req/s and p99 per router](benchmarks.svg)\n\n");
+    ]
+}
+
+/// How the run was set up: core placement, backend, peers, rounds, versions and commands.
+fn render_setup(out: &mut String, plan: Plan, versions: &[(&str, String)], commands: &[String]) {
     out.push_str("## Setup\n\n");
     out.push_str(&format!(
         "- **Cores.** The router under test runs alone on core {ROUTER_CORE} (`taskset -c {ROUTER_CORE}`) with one worker: `BLUEGREEN_WORKER_THREADS=1`, nginx `worker_processes 1`, HAProxy `nbthread 1`. The load generator and the backend share the other core. Every peer gets the same placement, so the ratios compare work per core.\n\
@@ -363,7 +432,7 @@ fn render(
         plan.rounds, plan.seconds, plan.fixed_rounds, plan.fixed_seconds, plan.h2_rounds
     ));
     out.push_str("Versions:\n\n");
-    for (name, version) in &versions {
+    for (name, version) in versions {
         out.push_str(&format!("- {name}: `{version}`\n"));
     }
     out.push_str("\nCommands:\n\n```\n");
@@ -372,6 +441,10 @@ fn render(
         out.push('\n');
     }
     out.push_str("```\n\n");
+}
+
+/// One section per measurement, each with its table.
+fn render_results(out: &mut String, results: &Results, plan: Plan) {
     out.push_str(&format!(
         "## Throughput and latency at saturation (wrk, {} keep-alive connections)\n\n{}\n",
         plan.connections,
@@ -403,5 +476,4 @@ fn render(
         PROPAGATION_GAP.as_millis(),
         results.propagation_table()
     ));
-    out
 }

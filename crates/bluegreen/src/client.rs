@@ -2,12 +2,15 @@
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::AdminEndpoint;
+use crate::transport::{exchange, open};
+// config/controller.rs and controller/ still name these here; once they import them from
+// `crate::transport`, this re-export goes and config no longer depends on the admin client.
+pub use crate::transport::{TlsClient, http_request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -116,68 +119,4 @@ impl AdminClient {
         let (status, _, bytes) = exchange(stream, request).await.map_err(protocol)?;
         Ok((status, bytes))
     }
-}
-
-/// Sends one request on a fresh connection and hands back the answer with its body unread.
-async fn open<S>(
-    stream: S,
-    request: Request<Full<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    sender.send_request(request).await
-}
-
-/// One HTTP/1.1 request on a fresh connection; the whole answer body is read.
-pub async fn exchange<S>(
-    stream: S,
-    request: Request<Full<Bytes>>,
-) -> Result<(StatusCode, http::HeaderMap, Bytes), hyper::Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let response = open(stream, request).await?;
-    let (parts, body) = response.into_parts();
-    let bytes = body.collect().await?.to_bytes();
-    Ok((parts.status, parts.headers, bytes))
-}
-
-/// A TLS client and the server name it verifies.
-pub type TlsClient = (
-    std::sync::Arc<rustls::ClientConfig>,
-    rustls::pki_types::ServerName<'static>,
-);
-
-/// One request to a TCP address within `timeout` (over TLS when `tls` is given), for smoke
-/// checks and webhooks.
-pub async fn http_request(
-    addr: std::net::SocketAddr,
-    tls: Option<&TlsClient>,
-    request: Request<Full<Bytes>>,
-    timeout: std::time::Duration,
-) -> Result<(StatusCode, http::HeaderMap, Bytes), String> {
-    let attempt = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let _ = stream.set_nodelay(true);
-        match tls {
-            None => exchange(stream, request).await,
-            Some((config, name)) => {
-                let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(config))
-                    .connect(name.clone(), stream)
-                    .await
-                    .map_err(|e| format!("TLS with {addr}: {e}"))?;
-                exchange(stream, request).await
-            }
-        }
-        .map_err(|e| format!("{addr}: {e}"))
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| format!("no answer from {addr} within {}ms", timeout.as_millis()))?
 }

@@ -16,9 +16,11 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
-use crate::cli::{CliError, exit, expect_ok};
 use crate::client::AdminClient;
 use crate::config::AdminEndpoint;
+use crate::exit::{self, CliError, expect_ok};
+use crate::follower::{follow, start};
+use crate::timestamp::utc_time;
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -247,7 +249,7 @@ async fn release(
     body: Value,
 ) -> Result<(Value, u64, u64), CliError> {
     let from = load.started.elapsed().as_secs();
-    let (id, after, _) = crate::cli::release::start(client, "/v1/releases", body).await?;
+    let (id, after, _) = start(client, "/v1/releases", body).await?;
     let print_event = |event: &Value| {
         if event["kind"] != "stage" && event["kind"] != "instance" {
             println!(
@@ -257,7 +259,7 @@ async fn release(
             );
         }
     };
-    let answer = crate::cli::release::follow(client, id, after, print_event, |_| {}).await?;
+    let answer = follow(client, id, after, print_event, |_| {}).await?;
     Ok((
         answer["release"].clone(),
         from,
@@ -271,16 +273,7 @@ async fn story(
     rate: u32,
     dir: &Path,
 ) -> Result<(), CliError> {
-    let fail = |m: String| CliError::new(exit::FAILURE, m);
-    let up = Instant::now();
-    while client.call(Method::GET, "/v1/status", None).await.is_err() {
-        if up.elapsed() > Duration::from_secs(15) {
-            return Err(fail(
-                "the daemon did not start within 15s; see daemon.log".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_daemon(client).await?;
     let status = call(client, Method::GET, "/v1/status", None).await?;
     if let Some(url) = status["dashboard"].as_str()
         && let Ok(token) = std::fs::read_to_string(dir.join(".bluegreen/dashboard.token"))
@@ -300,18 +293,7 @@ async fn story(
     .await?;
     say(deployed["message"].as_str().unwrap_or("deployed"));
 
-    let load = Arc::new(Load {
-        started: Instant::now(),
-        seconds: Mutex::new(BTreeMap::new()),
-        stop: AtomicBool::new(false),
-    });
-    let every = Duration::from_secs_f64(CLIENTS as f64 / rate.clamp(10, 5000) as f64);
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(load_client(router, Arc::clone(&load), every)))
-        .collect();
-    say(&format!(
-        "{CLIENTS} clients send {rate} requests/s through the router (keep-alive connections)"
-    ));
+    let (load, clients) = start_load(router, rate);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     say(
@@ -333,6 +315,50 @@ async fn story(
     }
 
     let end = load.started.elapsed().as_secs() + 1;
+    print_requests_over_time(&load, end, (good_from, good_to), (bad_from, bad_to));
+    let during_good = load.totals(good_from, good_to);
+    let during_bad = load.totals(bad_from, bad_to);
+    print_outcomes(load.totals(0, end), &good, during_good, &bad, during_bad);
+    print_traffic_changes(client).await?;
+    judge(&good, during_good, &bad)
+}
+
+/// Waits up to 15s for the daemon's admin API to answer.
+async fn wait_for_daemon(client: &AdminClient) -> Result<(), CliError> {
+    let up = Instant::now();
+    while client.call(Method::GET, "/v1/status", None).await.is_err() {
+        if up.elapsed() > Duration::from_secs(15) {
+            return Err(CliError::new(
+                exit::FAILURE,
+                "the daemon did not start within 15s; see daemon.log",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Starts the load clients, `rate` requests per second in all, until `load.stop` or
+/// [`MAX_LOAD`].
+fn start_load(router: SocketAddr, rate: u32) -> (Arc<Load>, Vec<tokio::task::JoinHandle<()>>) {
+    let load = Arc::new(Load {
+        started: Instant::now(),
+        seconds: Mutex::new(BTreeMap::new()),
+        stop: AtomicBool::new(false),
+    });
+    let every = Duration::from_secs_f64(CLIENTS as f64 / rate.clamp(10, 5000) as f64);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(load_client(router, Arc::clone(&load), every)))
+        .collect();
+    say(&format!(
+        "{CLIENTS} clients send {rate} requests/s through the router (keep-alive connections)"
+    ));
+    (load, clients)
+}
+
+/// Two-second rows of answers per color, with a bar of their shares and the release then
+/// running; `good` and `bad` are the releases' spans in seconds since the load started.
+fn print_requests_over_time(load: &Load, end: u64, good: (u64, u64), bad: (u64, u64)) {
     println!();
     println!("requests per color over time (2-second rows)");
     println!(
@@ -342,10 +368,10 @@ async fn story(
     let mut t = 0;
     while t < end {
         let s = load.totals(t, t + 2);
-        let overlaps = |from: u64, to: u64| t < to && t + 2 > from;
-        let mark = if overlaps(good_from, good_to) {
+        let overlaps = |(from, to): (u64, u64)| t < to && t + 2 > from;
+        let mark = if overlaps(good) {
             "release 2.0"
-        } else if overlaps(bad_from, bad_to) {
+        } else if overlaps(bad) {
             "release 3.0 (bad)"
         } else {
             ""
@@ -362,9 +388,10 @@ async fn story(
         );
         t += 2;
     }
-    let during_good = load.totals(good_from, good_to);
-    let during_bad = load.totals(bad_from, bad_to);
-    let all = load.totals(0, end);
+}
+
+/// How each release ended and what the clients saw during it.
+fn print_outcomes(all: Second, good: &Value, during_good: Second, bad: &Value, during_bad: Second) {
     println!();
     println!("{:<34} {}", "requests", all.blue + all.green + all.failed);
     println!(
@@ -393,6 +420,10 @@ async fn story(
         (bad["ended_ms"].as_i64().unwrap_or(0) - bad["started_ms"].as_i64().unwrap_or(0)) as f64
             / 1000.0
     );
+}
+
+/// The switches, weight changes and rollbacks among the newest 200 events, oldest first.
+async fn print_traffic_changes(client: &AdminClient) -> Result<(), CliError> {
     let history = call(client, Method::GET, "/v1/history?limit=200", None).await?;
     let switches: Vec<String> = history["events"]
         .as_array()
@@ -402,7 +433,7 @@ async fn story(
         .map(|e| {
             format!(
                 "{} {}",
-                crate::cli::utc_time(e["at_ms"].as_i64().unwrap_or(0)),
+                utc_time(e["at_ms"].as_i64().unwrap_or(0)),
                 e["message"].as_str().unwrap_or("")
             )
         })
@@ -411,15 +442,23 @@ async fn story(
     for line in switches {
         println!("  {line}");
     }
+    Ok(())
+}
+
+/// The demo succeeds when 2.0 went out without a failed request and 3.0 was rolled back.
+fn judge(good: &Value, during_good: Second, bad: &Value) -> Result<(), CliError> {
     let good_ok = good["state"] == "succeeded" && during_good.failed == 0;
     let bad_ok = bad["state"] == "rolled_back";
     if good_ok && bad_ok {
         say("done: 2.0 released with 0 failed requests; 3.0 rolled back automatically");
         Ok(())
     } else {
-        Err(fail(format!(
-            "the demo did not go as expected: release 2.0 {} with {} failed requests, release 3.0 {}",
-            good["state"], during_good.failed, bad["state"]
-        )))
+        Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "the demo did not go as expected: release 2.0 {} with {} failed requests, release 3.0 {}",
+                good["state"], during_good.failed, bad["state"]
+            ),
+        ))
     }
 }

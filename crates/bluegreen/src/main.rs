@@ -9,7 +9,11 @@ mod daemon;
 mod dataplane;
 mod demo;
 mod duration;
+mod exit;
+mod follower;
 mod store;
+mod timestamp;
+mod transport;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -31,11 +35,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() {
-                cli::exit::USAGE
-            } else {
-                0
-            });
+            return ExitCode::from(if error.use_stderr() { exit::USAGE } else { 0 });
         }
     };
     tracing_subscriber::fmt()
@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("bluegreen: cannot start the async runtime: {error}");
-            return ExitCode::from(cli::exit::FAILURE);
+            return ExitCode::from(exit::FAILURE);
         }
     };
     match runtime.block_on(cli::run(cli)) {

@@ -15,6 +15,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::TaskTracker;
@@ -160,90 +161,18 @@ impl Proxy {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let (mut parts, body) = request.into_parts();
         let bodyless = body.is_end_stream();
-        let mut body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
-        let idempotent = is_idempotent(&parts.method);
-        let pool = table.pool(color);
-        // Without a second try the headers can be moved into the upstream request, not copied.
-        let may_retry = bodyless && self.settings.retries > 0 && pool.upstreams.len() > 1;
-        let mut tried: Vec<usize> = Vec::new();
-        let mut last_error = None;
-
-        let outcome = loop {
-            let Some(index) = pool.pick(&tried) else {
-                // Nothing (more) to try: the failure that led here says more than "none left".
-                break Err(last_error.unwrap_or(ProxyError::NoHealthyUpstream { color }));
-            };
-            let upstream = Arc::clone(&pool.upstreams[index]);
-            upstream.begin_request();
-            guard.upstream = Some(Arc::clone(&upstream));
-            let headers = if may_retry {
-                parts.headers.clone()
-            } else {
-                std::mem::take(&mut parts.headers)
-            };
-            let outgoing = self.upstream_request(
+        let body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
+        let outcome = self
+            .forward(
                 &table,
-                &parts,
-                headers,
-                &upstream,
-                body.take().unwrap_or(RequestBody::Empty),
-                &guard.conn,
+                &mut parts,
+                body,
+                &mut guard,
                 client_upgrade.is_some(),
-            );
-            let waiting = tokio::time::timeout(
-                self.settings.upstream_timeout,
-                upstream
-                    .pool
-                    .send(upstream.addr, self.settings.connect_timeout, outgoing),
-            );
-            let sent = tokio::select! {
-                biased;
-                sent = waiting => sent,
-                // The color stopped taking traffic and its drain deadline passed while the
-                // upstream still had not answered.
-                _ = guard.member.token().cancelled() => break Err(ProxyError::DrainTimeout { color }),
-            };
-            let error = match sent {
-                Ok(Ok(answer)) => break Ok(answer),
-                Err(_) => ProxyError::UpstreamTimeout {
-                    color,
-                    addr: upstream.addr,
-                    timeout: self.settings.upstream_timeout,
-                },
-                Ok(Err(SendError::Connect(reason))) => {
-                    upstream.eject(format!("connect failed while proxying: {reason}"));
-                    ProxyError::UpstreamConnect {
-                        color,
-                        addr: upstream.addr,
-                        reason,
-                    }
-                }
-                Ok(Err(SendError::Failed(error))) => ProxyError::UpstreamFailed {
-                    color,
-                    addr: upstream.addr,
-                    reason: error_chain(&error),
-                },
-            };
-            color_metrics.upstream_error();
-            guard.release_upstream();
-            // Only a request with no body can be sent again (bodies stream, never buffer);
-            // after a connect failure nothing reached the upstream, otherwise the method
-            // must be idempotent.
-            let retryable = may_retry
-                && match error {
-                    ProxyError::UpstreamConnect { .. } => true,
-                    ProxyError::UpstreamFailed { .. } => idempotent,
-                    _ => false,
-                };
-            if !retryable || tried.len() >= self.settings.retries {
-                break Err(error);
-            }
-            tracing::debug!(%error, "retrying on another upstream");
-            tried.push(index);
-            last_error = Some(error);
-        };
+            )
+            .await;
 
-        let (mut response, sender) = match outcome {
+        let (response, sender) = match outcome {
             Ok(answer) => answer,
             Err(error) => {
                 tracing::warn!(%error, "request failed");
@@ -257,60 +186,128 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            let grace = self.settings.close_grace;
-            let metrics = Arc::clone(&self.metrics);
-            self.tunnels.spawn(async move {
-                // Held until both sides have switched protocols; the upgraded connection is
-                // never given back to the pool.
-                let _upstream_connection = sender;
-                let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade)
-                else {
-                    return;
-                };
-                let token = guard.member.token().clone();
-                match websocket::tunnel(
-                    TokioIo::new(client),
-                    TokioIo::new(upstream),
-                    websocket,
-                    &token,
-                    grace,
-                )
-                .await
-                {
-                    Ok((sent, received)) => {
-                        metrics.color(color).bytes_in(sent);
-                        metrics.color(color).bytes_out(received);
-                    }
-                    Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
-                }
-                drop(guard);
-            });
-            let (head, _) = response.into_parts();
-            return Ok(Response::from_parts(head, ResponseBody::empty()));
+            return Ok(self.open_tunnel(response, client_upgrade, sender, guard, websocket));
         }
+        Ok(stream_back(&table, route, response, sender, guard))
+    }
 
-        let (mut head, body) = response.into_parts();
-        strip_hop_by_hop(&mut head.headers, false);
-        let mut body = ProxiedBody {
-            inner: body,
-            cut: None,
-            guard,
-            sender: Some(sender),
-        };
-        // A response without a body (204, HEAD, Content-Length: 0) frees its connection now.
-        body.give_back_if_done();
-        if let Some(id) = route.new_sticky_id
-            && let Some(sticky) = &table.sticky
-            && let Ok(value) =
-                HeaderValue::from_str(&format!("{}={id}{}", sticky.cookie, STICKY_COOKIE_ATTRS))
-        {
-            head.headers.append(header::SET_COOKIE, value);
+    /// Sends the request to an upstream of the guard's color, and to others of that color
+    /// while a failure allows a retry; the guard holds the upstream being tried. A request
+    /// with a body goes out once: it streams, so there is nothing to send again.
+    async fn forward(
+        &self,
+        table: &RoutingTable,
+        parts: &mut Parts,
+        mut body: Option<RequestBody>,
+        guard: &mut RequestGuard,
+        upgrade: bool,
+    ) -> Result<(Response<Incoming>, pool::Sender), ProxyError> {
+        let color = guard.color;
+        let color_metrics = self.metrics.color(color);
+        let idempotent = is_idempotent(&parts.method);
+        let pool = table.pool(color);
+        // Without a second try the headers can be moved into the upstream request, not copied.
+        let may_retry = body.is_none() && self.settings.retries > 0 && pool.upstreams.len() > 1;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut last_error = None;
+        loop {
+            let Some(index) = pool.pick(&tried) else {
+                // Nothing (more) to try: the failure that led here says more than "none left".
+                return Err(last_error.unwrap_or(ProxyError::NoHealthyUpstream { color }));
+            };
+            let upstream = Arc::clone(&pool.upstreams[index]);
+            upstream.begin_request();
+            guard.upstream = Some(Arc::clone(&upstream));
+            let headers = if may_retry {
+                parts.headers.clone()
+            } else {
+                std::mem::take(&mut parts.headers)
+            };
+            let outgoing = self.upstream_request(
+                table,
+                parts,
+                headers,
+                &upstream,
+                body.take().unwrap_or(RequestBody::Empty),
+                &guard.conn,
+                upgrade,
+            );
+            let waiting = tokio::time::timeout(
+                self.settings.upstream_timeout,
+                upstream
+                    .pool
+                    .send(upstream.addr, self.settings.connect_timeout, outgoing),
+            );
+            let sent = tokio::select! {
+                biased;
+                sent = waiting => sent,
+                // The color stopped taking traffic and its drain deadline passed while the
+                // upstream still had not answered.
+                _ = guard.member.token().cancelled() => return Err(ProxyError::DrainTimeout { color }),
+            };
+            let error = match sent {
+                Ok(Ok(answer)) => return Ok(answer),
+                Err(_) => ProxyError::UpstreamTimeout {
+                    color,
+                    addr: upstream.addr,
+                    timeout: self.settings.upstream_timeout,
+                },
+                Ok(Err(failure)) => send_error(color, &upstream, failure),
+            };
+            color_metrics.upstream_error();
+            guard.release_upstream();
+            if !(may_retry && is_retryable(&error, idempotent))
+                || tried.len() >= self.settings.retries
+            {
+                return Err(error);
+            }
+            tracing::debug!(%error, "retrying on another upstream");
+            tried.push(index);
+            last_error = Some(error);
         }
-        if route.preview == PreviewOutcome::Refused {
-            head.headers.insert("x-bluegreen-preview", PREVIEW_REFUSED);
-        }
-        Ok(Response::from_parts(head, ResponseBody::Proxied(body)))
+    }
+
+    /// Hands both upgraded connections to a tunnel task (which keeps the guard, so the request
+    /// counts until the tunnel closes) and answers the client's 101 with an empty body.
+    fn open_tunnel(
+        &self,
+        mut response: Response<Incoming>,
+        client_upgrade: OnUpgrade,
+        sender: pool::Sender,
+        guard: RequestGuard,
+        websocket: bool,
+    ) -> Response<ResponseBody> {
+        let color = guard.color;
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let grace = self.settings.close_grace;
+        let metrics = Arc::clone(&self.metrics);
+        self.tunnels.spawn(async move {
+            // Held until both sides have switched protocols; the upgraded connection is
+            // never given back to the pool.
+            let _upstream_connection = sender;
+            let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) else {
+                return;
+            };
+            let token = guard.member.token().clone();
+            match websocket::tunnel(
+                TokioIo::new(client),
+                TokioIo::new(upstream),
+                websocket,
+                &token,
+                grace,
+            )
+            .await
+            {
+                Ok((sent, received)) => {
+                    metrics.color(color).bytes_in(sent);
+                    metrics.color(color).bytes_out(received);
+                }
+                Err(error) => tracing::debug!(%error, "tunnel ended with an error"),
+            }
+            drop(guard);
+        });
+        let (head, _) = response.into_parts();
+        Response::from_parts(head, ResponseBody::empty())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -442,6 +439,73 @@ pub(crate) fn route(table: &RoutingTable, headers: &HeaderMap) -> Route {
         color: table.split.color_for_bucket(bucket),
         preview,
         new_sticky_id,
+    }
+}
+
+/// The upstream's response on its way to the client: its body streamed through (the guard
+/// and the connection go with it), plus what the route adds (a sticky cookie, a refused
+/// preview).
+#[inline]
+fn stream_back(
+    table: &RoutingTable,
+    route: Route,
+    response: Response<Incoming>,
+    sender: pool::Sender,
+    guard: RequestGuard,
+) -> Response<ResponseBody> {
+    let (mut head, body) = response.into_parts();
+    strip_hop_by_hop(&mut head.headers, false);
+    let mut body = ProxiedBody {
+        inner: body,
+        cut: None,
+        guard,
+        sender: Some(sender),
+    };
+    // A response without a body (204, HEAD, Content-Length: 0) frees its connection now.
+    body.give_back_if_done();
+    if let Some(id) = route.new_sticky_id
+        && let Some(sticky) = &table.sticky
+        && let Ok(value) =
+            HeaderValue::from_str(&format!("{}={id}{}", sticky.cookie, STICKY_COOKIE_ATTRS))
+    {
+        head.headers.append(header::SET_COOKIE, value);
+    }
+    if route.preview == PreviewOutcome::Refused {
+        head.headers.insert("x-bluegreen-preview", PREVIEW_REFUSED);
+    }
+    Response::from_parts(head, ResponseBody::Proxied(body))
+}
+
+/// What the client is told when sending to `upstream` failed; a connection the upstream
+/// refused also takes it out of rotation until its health check passes.
+#[inline]
+fn send_error(color: Color, upstream: &Upstream, failure: SendError) -> ProxyError {
+    match failure {
+        SendError::Connect(reason) => {
+            upstream.eject(format!("connect failed while proxying: {reason}"));
+            ProxyError::UpstreamConnect {
+                color,
+                addr: upstream.addr,
+                reason,
+            }
+        }
+        SendError::Failed(error) => ProxyError::UpstreamFailed {
+            color,
+            addr: upstream.addr,
+            reason: error_chain(&error),
+        },
+    }
+}
+
+/// Only a request with no body can be sent again (bodies stream, never buffer), which the
+/// caller checks; after a connect failure nothing reached the upstream, otherwise the method
+/// must be idempotent.
+#[inline]
+fn is_retryable(error: &ProxyError, idempotent: bool) -> bool {
+    match error {
+        ProxyError::UpstreamConnect { .. } => true,
+        ProxyError::UpstreamFailed { .. } => idempotent,
+        _ => false,
     }
 }
 

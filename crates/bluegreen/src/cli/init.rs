@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{CliError, exit};
+use crate::exit::{self, CliError};
 
 /// The config `init` writes; `{bluegreen}` becomes the path of this binary.
 pub const TEMPLATE: &str = r#"# bluegreen config: two environments (blue and green) of one service behind one router.

@@ -1,7 +1,8 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
 mod init;
-pub(crate) mod release;
+mod progress;
+mod release;
 mod tui;
 
 use std::path::{Path, PathBuf};
@@ -9,27 +10,16 @@ use std::sync::Arc;
 
 use bluegreen_router::Color;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use http::{Method, StatusCode};
+use http::Method;
 use serde_json::{Value, json};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::admin;
-use crate::client::{AdminClient, ClientError};
-use crate::config::{AdminEndpoint, Config, ConfigError};
+use crate::client::AdminClient;
+use crate::config::{AdminEndpoint, Config};
 use crate::daemon::Daemon;
-
-/// Exit codes a script can branch on.
-pub mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const BAD_CONFIG: u8 = 3;
-    pub const REFUSED: u8 = 4;
-    pub const UNREACHABLE: u8 = 5;
-    /// The release (or shift) was rolled back: analysis found a breach, or an operator asked.
-    pub const ROLLED_BACK: u8 = 6;
-    /// The release was aborted before any traffic moved.
-    pub const ABORTED: u8 = 7;
-}
+use crate::exit::{self, CliError, expect_ok};
+use crate::timestamp::utc_time;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -262,71 +252,18 @@ fn parse_color(text: &str) -> Result<Color, String> {
     text.parse::<Color>().map_err(|e| e.to_string())
 }
 
-/// A failure to report: what went wrong, and the exit code that tells scripts which kind.
-#[derive(Debug)]
-pub struct CliError {
-    pub code: u8,
-    pub message: String,
-}
-
-impl CliError {
-    pub(crate) fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<ConfigError> for CliError {
-    fn from(error: ConfigError) -> Self {
-        CliError::new(exit::BAD_CONFIG, error.to_string())
-    }
-}
-
-impl From<ClientError> for CliError {
-    fn from(error: ClientError) -> Self {
-        let code = match error {
-            ClientError::Unreachable { .. } => exit::UNREACHABLE,
-            ClientError::Protocol { .. } => exit::FAILURE,
-        };
-        CliError::new(code, error.to_string())
-    }
-}
-
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         Commands::Up => up(&cli).await,
-        Commands::Check => {
-            let config = Config::load(&cli.config)?;
-            print_check(&config, cli.output);
-            Ok(())
-        }
+        Commands::Check => check(&cli),
         Commands::Switch(args)
         | Commands::Router {
             command: RouterCommands::Switch(args),
-        } => match &args.strategy {
-            Some(strategy) => {
-                let body = json!({ "to": args.to, "from": args.from, "strategy": strategy });
-                release::start_and_follow(&cli, "/v1/shift", body, args.detach).await
-            }
-            None => {
-                let body = json!({ "to": args.to, "from": args.from });
-                change(&cli, "/v1/switch", body).await
-            }
-        },
+        } => switch(&cli, args).await,
         Commands::Init { force } => init::write(&cli.config, *force),
         Commands::Deploy(args) => release::deploy(&cli, args).await,
         Commands::Test { environment } => release::test(&cli, *environment).await,
-        Commands::Release(args) => {
-            let env: serde_json::Map<String, Value> = args
-                .env
-                .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                .collect();
-            let body = json!({ "version": args.version, "strategy": args.strategy, "env": env });
-            release::start_and_follow(&cli, "/v1/releases", body, args.detach).await
-        }
+        Commands::Release(args) => start_release(&cli, args).await,
         Commands::Promote { full } => change(&cli, "/v1/promote", json!({ "full": full })).await,
         Commands::Pause => change(&cli, "/v1/pause", json!({})).await,
         Commands::Resume => change(&cli, "/v1/resume", json!({})).await,
@@ -341,118 +278,169 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             clap_complete::generate(*shell, &mut command, "bluegreen", &mut std::io::stdout());
             Ok(())
         }
-        Commands::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            let mut page = Vec::new();
-            clap_mangen::Man::new(command)
-                .render(&mut page)
-                .map_err(|e| {
-                    CliError::new(exit::FAILURE, format!("cannot render the man page: {e}"))
-                })?;
-            use std::io::Write;
-            std::io::stdout()
-                .write_all(&page)
-                .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
-            Ok(())
-        }
-        Commands::Dashboard => {
-            let config = Config::load(&cli.config)?;
-            let Some(settings) = &config.dashboard else {
-                return Err(CliError::new(
-                    exit::REFUSED,
-                    "the dashboard is disabled (dashboard.enabled: false)",
-                ));
-            };
-            let client = admin_client(&cli)?;
-            let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
-            let url = status["dashboard"].as_str().unwrap_or("").to_string();
-            let token = std::fs::read_to_string(&settings.token_file)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| {
-                    CliError::new(
-                        exit::FAILURE,
-                        format!(
-                            "cannot read the dashboard token {}: {e}",
-                            settings.token_file.display()
-                        ),
-                    )
-                })?;
-            match cli.output {
-                Output::Json => println!("{}", json!({ "url": url, "token": token })),
-                Output::Text => println!("{url}#token={token}"),
-            }
-            Ok(())
-        }
-        Commands::Weights(args) => {
-            let body = match (args.green, args.blue) {
-                (Some(green), _) => json!({ "green": green }),
-                (_, Some(blue)) => json!({ "blue": blue }),
-                _ => unreachable!("clap requires one of --green and --blue"),
-            };
-            change(&cli, "/v1/weights", body).await
-        }
-        Commands::Rollback { to_version } => {
-            if cli.output == Output::Text
-                && let Ok(client) = admin_client(&cli)
-                && let Ok(Ok(status)) = client
-                    .call(Method::GET, "/v1/status", None)
-                    .await
-                    .map(expect_ok)
-            {
-                let back = status["rollback_to"].as_str();
-                let stopped = status["environments"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|e| e["color"].as_str() == back && e["status"] == "stopped");
-                if let (None, Some(env)) = (to_version, stopped) {
-                    eprintln!(
-                        "{} was scaled down after the release: rolling back deploys {} to it again, which takes as long as a deploy",
-                        env["color"].as_str().unwrap_or("?"),
-                        env["version"].as_str().unwrap_or("its last version")
-                    );
-                }
-            }
-            let body = match to_version {
-                Some(version) => json!({ "to_version": version }),
-                None => json!({}),
-            };
-            let progress = release::spinner(&cli, "rolling back".into());
-            let outcome = change(&cli, "/v1/rollback", body).await;
-            progress.finish_and_clear();
-            outcome
-        }
+        Commands::Man => print_man_page(),
+        Commands::Dashboard => dashboard(&cli).await,
+        Commands::Weights(args) => weights(&cli, args).await,
+        Commands::Rollback { to_version } => rollback(&cli, to_version.as_deref()).await,
         Commands::Upstreams(args) => {
             let body = json!({ "environment": args.environment, "upstreams": args.upstreams });
             change(&cli, "/v1/upstreams", body).await
         }
-        Commands::History { limit } => {
-            let client = admin_client(&cli)?;
-            let answer = expect_ok(
-                client
-                    .call(Method::GET, &format!("/v1/history?limit={limit}"), None)
-                    .await?,
-            )?;
-            match cli.output {
-                Output::Json => {
-                    println!("{}", serde_json::to_string_pretty(&answer).expect("json"))
-                }
-                Output::Text => print!("{}", render_history(&answer)),
-            }
-            Ok(())
+        Commands::History { limit } => history(&cli, *limit).await,
+        Commands::Status => status(&cli).await,
+    }
+}
+
+fn check(cli: &Cli) -> Result<(), CliError> {
+    let config = Config::load(&cli.config)?;
+    print_check(&config, cli.output);
+    Ok(())
+}
+
+/// All traffic to one color at once, or gradually with a strategy (followed like a release).
+async fn switch(cli: &Cli, args: &SwitchArgs) -> Result<(), CliError> {
+    match &args.strategy {
+        Some(strategy) => {
+            let body = json!({ "to": args.to, "from": args.from, "strategy": strategy });
+            release::start_and_follow(cli, "/v1/shift", body, args.detach).await
         }
-        Commands::Status => {
-            let client = admin_client(&cli)?;
-            let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
-            match cli.output {
-                Output::Json => {
-                    println!("{}", serde_json::to_string_pretty(&status).expect("json"))
-                }
-                Output::Text => print!("{}", render_status(&status)),
-            }
-            Ok(())
+        None => {
+            let body = json!({ "to": args.to, "from": args.from });
+            change(cli, "/v1/switch", body).await
         }
     }
+}
+
+async fn start_release(cli: &Cli, args: &ReleaseArgs) -> Result<(), CliError> {
+    let env: serde_json::Map<String, Value> = args
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    let body = json!({ "version": args.version, "strategy": args.strategy, "env": env });
+    release::start_and_follow(cli, "/v1/releases", body, args.detach).await
+}
+
+fn print_man_page() -> Result<(), CliError> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command)
+        .render(&mut page)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot render the man page: {e}")))?;
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(&page)
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+    Ok(())
+}
+
+/// The dashboard's address with the token its buttons need.
+async fn dashboard(cli: &Cli) -> Result<(), CliError> {
+    let config = Config::load(&cli.config)?;
+    let Some(settings) = &config.dashboard else {
+        return Err(CliError::new(
+            exit::REFUSED,
+            "the dashboard is disabled (dashboard.enabled: false)",
+        ));
+    };
+    let client = admin_client(cli)?;
+    let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
+    let url = status["dashboard"].as_str().unwrap_or("").to_string();
+    let token = std::fs::read_to_string(&settings.token_file)
+        .map(|t| t.trim().to_string())
+        .map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!(
+                    "cannot read the dashboard token {}: {e}",
+                    settings.token_file.display()
+                ),
+            )
+        })?;
+    match cli.output {
+        Output::Json => println!("{}", json!({ "url": url, "token": token })),
+        Output::Text => println!("{url}#token={token}"),
+    }
+    Ok(())
+}
+
+async fn weights(cli: &Cli, args: &WeightsArgs) -> Result<(), CliError> {
+    let body = match (args.green, args.blue) {
+        (Some(green), _) => json!({ "green": green }),
+        (_, Some(blue)) => json!({ "blue": blue }),
+        _ => unreachable!("clap requires one of --green and --blue"),
+    };
+    change(cli, "/v1/weights", body).await
+}
+
+async fn rollback(cli: &Cli, to_version: Option<&str>) -> Result<(), CliError> {
+    if cli.output == Output::Text {
+        warn_if_rollback_redeploys(cli, to_version).await;
+    }
+    let body = match to_version {
+        Some(version) => json!({ "to_version": version }),
+        None => json!({}),
+    };
+    let progress = release::spinner(cli, "rolling back".into());
+    let outcome = change(cli, "/v1/rollback", body).await;
+    progress.finish_and_clear();
+    outcome
+}
+
+/// A rollback to a color scaled down after the release deploys to it again first: say so,
+/// since it takes as long as a deploy. Best effort: the rollback itself reports any error.
+async fn warn_if_rollback_redeploys(cli: &Cli, to_version: Option<&str>) {
+    let Ok(client) = admin_client(cli) else {
+        return;
+    };
+    let Ok(Ok(status)) = client
+        .call(Method::GET, "/v1/status", None)
+        .await
+        .map(expect_ok)
+    else {
+        return;
+    };
+    let back = status["rollback_to"].as_str();
+    let stopped = status["environments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["color"].as_str() == back && e["status"] == "stopped");
+    if let (None, Some(env)) = (to_version, stopped) {
+        eprintln!(
+            "{} was scaled down after the release: rolling back deploys {} to it again, which takes as long as a deploy",
+            env["color"].as_str().unwrap_or("?"),
+            env["version"].as_str().unwrap_or("its last version")
+        );
+    }
+}
+
+async fn history(cli: &Cli, limit: usize) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let answer = expect_ok(
+        client
+            .call(Method::GET, &format!("/v1/history?limit={limit}"), None)
+            .await?,
+    )?;
+    match cli.output {
+        Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&answer).expect("json"))
+        }
+        Output::Text => print!("{}", render_history(&answer)),
+    }
+    Ok(())
+}
+
+async fn status(cli: &Cli) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let status = expect_ok(client.call(Method::GET, "/v1/status", None).await?)?;
+    match cli.output {
+        Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&status).expect("json"))
+        }
+        Output::Text => print!("{}", render_status(&status)),
+    }
+    Ok(())
 }
 
 pub(crate) async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), CliError> {
@@ -463,30 +451,6 @@ pub(crate) async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), Cli
         Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("done")),
     }
     Ok(())
-}
-
-/// The daemon's answer as JSON, or its error message with the matching exit code.
-pub(crate) fn expect_ok((status, body): (StatusCode, bytes::Bytes)) -> Result<Value, CliError> {
-    let value: Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| json!({ "message": String::from_utf8_lossy(&body) }));
-    if status.is_success() {
-        return Ok(value);
-    }
-    let error = &value["error"];
-    let message = error["message"]
-        .as_str()
-        .unwrap_or("the daemon refused the request")
-        .to_string();
-    let message = match error["field"].as_str() {
-        Some(field) => format!("{field}: {message}"),
-        None => message,
-    };
-    let code = if status.is_client_error() {
-        exit::REFUSED
-    } else {
-        exit::FAILURE
-    };
-    Err(CliError::new(code, message))
 }
 
 /// Where the daemon is: `--admin` wins, else the config's router.admin.
@@ -715,12 +679,6 @@ pub(crate) fn render_history(answer: &Value) -> String {
         .collect()
 }
 
-/// RFC 3339 UTC time, to the second, from Unix milliseconds.
-pub(crate) fn utc_time(at_ms: i64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(at).to_string()
-}
-
 /// The status as a small table.
 pub fn render_status(status: &Value) -> String {
     let mut out = String::new();
@@ -736,6 +694,32 @@ pub fn render_status(status: &Value) -> String {
         status["weights"]["blue"],
         status["weights"]["green"],
     ));
+    render_color_table(&mut out, status);
+    out.push_str(&format!(
+        "connections open: {}\n",
+        status["connections_open"]
+    ));
+    if let Some(url) = status["dashboard"].as_str() {
+        out.push_str(&format!(
+            "dashboard: {url} (`bluegreen dashboard` adds the token)\n"
+        ));
+    }
+    render_environments(&mut out, status);
+    let release = &status["release"];
+    if !release.is_null() {
+        out.push_str(&format!(
+            "release #{} {} → {}: {}\n",
+            release["id"],
+            release["version"].as_str().unwrap_or("shift"),
+            release["color"].as_str().unwrap_or("?"),
+            progress::progress_line(release)
+        ));
+    }
+    out
+}
+
+/// One row of weight, health and counters per color, each followed by its upstreams.
+fn render_color_table(out: &mut String, status: &Value) {
     out.push_str(&format!(
         "{:<6} {:>6} {:>8} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>5} {:>8}\n",
         "COLOR",
@@ -789,15 +773,11 @@ pub fn render_status(status: &Value) -> String {
             ));
         }
     }
-    out.push_str(&format!(
-        "connections open: {}\n",
-        status["connections_open"]
-    ));
-    if let Some(url) = status["dashboard"].as_str() {
-        out.push_str(&format!(
-            "dashboard: {url} (`bluegreen dashboard` adds the token)\n"
-        ));
-    }
+}
+
+/// What each color runs and its state (warm until, why).
+fn render_environments(out: &mut String, status: &Value) {
+    let empty = Vec::new();
     for env in status["environments"].as_array().unwrap_or(&empty) {
         let warm = env["scale_down_at_ms"]
             .as_i64()
@@ -817,15 +797,4 @@ pub fn render_status(status: &Value) -> String {
             env["status"].as_str().unwrap_or("?"),
         ));
     }
-    let release = &status["release"];
-    if !release.is_null() {
-        out.push_str(&format!(
-            "release #{} {} → {}: {}\n",
-            release["id"],
-            release["version"].as_str().unwrap_or("shift"),
-            release["color"].as_str().unwrap_or("?"),
-            release::progress_line(release)
-        ));
-    }
-    out
 }

@@ -6,8 +6,11 @@ use bluegreen_router::Color;
 use http::Method;
 use serde_json::{Value, json};
 
-use super::{Cli, CliError, Output, admin_client, exit, expect_ok, utc_time};
-use crate::client::AdminClient;
+use super::progress::{progress_line, window_text};
+use super::{Cli, Output, admin_client};
+use crate::exit::{self, CliError, expect_ok};
+use crate::follower::{follow, start};
+use crate::timestamp::utc_time;
 
 /// A spinner on stderr with a step's name, its elapsed time and what it waits for; hidden when
 /// stderr is not a terminal or the output is JSON.
@@ -98,63 +101,6 @@ pub async fn test(cli: &Cli, environment: Color) -> Result<(), CliError> {
     }
 }
 
-/// Starts a release (or shift) with `POST path`; returns its id and the last event id before
-/// it, from where to follow it.
-pub(crate) async fn start(
-    client: &AdminClient,
-    path: &str,
-    body: Value,
-) -> Result<(i64, i64, Value), CliError> {
-    let last = expect_ok(
-        client
-            .call(Method::GET, "/v1/history?limit=1", None)
-            .await?,
-    )?;
-    let after = last["events"][0]["id"].as_i64().unwrap_or(0);
-    let started = expect_ok(client.call(Method::POST, path, Some(body)).await?)?;
-    let id = started["release"]["id"].as_i64().unwrap_or(0);
-    Ok((id, after, started["release"].clone()))
-}
-
-/// Follows release `id` to its end: `on_event` gets each event stored after `after`,
-/// `on_poll` the release as it stands after each poll. Returns `GET /v1/releases/{id}` at the end.
-pub(crate) async fn follow(
-    client: &AdminClient,
-    id: i64,
-    mut after: i64,
-    mut on_event: impl FnMut(&Value),
-    mut on_poll: impl FnMut(&Value),
-) -> Result<Value, CliError> {
-    loop {
-        let events = expect_ok(
-            client
-                .call(
-                    Method::GET,
-                    &format!("/v1/history?after={after}&limit=500"),
-                    None,
-                )
-                .await?,
-        )?;
-        for event in events["events"].as_array().into_iter().flatten() {
-            after = event["id"].as_i64().unwrap_or(after);
-            on_event(event);
-        }
-        let answer = expect_ok(
-            client
-                .call(Method::GET, &format!("/v1/releases/{id}"), None)
-                .await?,
-        )?;
-        if matches!(
-            answer["release"]["state"].as_str(),
-            Some("succeeded" | "rolled_back" | "failed" | "aborted")
-        ) {
-            return Ok(answer);
-        }
-        on_poll(&answer["release"]);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// Starts a release or shift and, unless detached, follows it to its end; the exit code says
 /// how it ended.
 pub async fn start_and_follow(
@@ -223,78 +169,6 @@ pub async fn start_and_follow(
             format!("release #{id} failed"),
         )),
     }
-}
-
-/// `, 41s left` while a step's time runs, `, paused`, `, waiting for promote`, or nothing.
-pub(super) fn time_left(release: &Value) -> String {
-    match release["step_ends_ms"].as_i64() {
-        Some(end) => format!(
-            ", {}s left",
-            ((end - crate::store::now_ms()).max(0) + 999) / 1000
-        ),
-        None if release["paused"] == true => ", paused".into(),
-        None if release["state"] == "shifting" => ", waiting for promote".into(),
-        None => String::new(),
-    }
-}
-
-/// `[shifting 1/2: green 10%, 41s left] green 152 req 0.00% err p99 2.5ms | verdict`.
-pub(super) fn progress_line(release: &Value) -> String {
-    let state = release["state"].as_str().unwrap_or("?");
-    let steps = release["strategy"]["steps"]
-        .as_array()
-        .map(|s| s.len())
-        .unwrap_or(0);
-    let left = time_left(release);
-    let head = match state {
-        "shifting" => format!(
-            "[shifting {}/{steps}: {} {}%{left}]",
-            release["step"].as_u64().unwrap_or(0) + 1,
-            release["color"].as_str().unwrap_or("?"),
-            release["percent"]
-        ),
-        "monitoring" => format!("[monitoring{left}]"),
-        "deploying" => format!(
-            "[deploying {} to {}: waiting until its upstreams pass health checks]",
-            release["version"].as_str().unwrap_or("?"),
-            release["color"].as_str().unwrap_or("?")
-        ),
-        "testing" => format!(
-            "[testing {} through the router's preview route]",
-            release["color"].as_str().unwrap_or("?")
-        ),
-        "running" => format!(
-            "[running stage {}]",
-            release["stage"].as_str().unwrap_or("?")
-        ),
-        other => format!("[{other}]"),
-    };
-    let verdict = &release["verdict"];
-    if verdict.is_null() {
-        return head;
-    }
-    format!(
-        "{head} {} | {}",
-        window_text(&verdict["new"]),
-        verdict["note"].as_str().unwrap_or("")
-    )
-}
-
-fn window_text(w: &Value) -> String {
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|x| format!("{x}ms"))
-            .unwrap_or_else(|| "-".into())
-    };
-    format!(
-        "{} {:.0} req/s {} req {:.2}% err p50 {} p99 {}",
-        w["color"].as_str().unwrap_or("?"),
-        w["requests_per_second"].as_f64().unwrap_or(0.0),
-        w["requests"],
-        w["error_rate_percent"].as_f64().unwrap_or(0.0),
-        ms(&w["p50_ms"]),
-        ms(&w["p99_ms"]),
-    )
 }
 
 pub async fn monitor(cli: &Cli, args: &super::MonitorArgs) -> Result<(), CliError> {

@@ -1,6 +1,7 @@
 //! `bluegreen monitor` on a terminal: both colors, the release and the event log, live from the daemon's stream.
 
 use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use crossterm::event::{self, Event as TermEvent, KeyCode, KeyEventKind, KeyModifiers};
@@ -14,8 +15,10 @@ use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Sparkline, Wrap};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::{CliError, exit, expect_ok, utc_time};
+use super::progress::time_left;
 use crate::client::AdminClient;
+use crate::exit::{self, CliError, expect_ok};
+use crate::timestamp::utc_time;
 
 /// What the stream and the keyboard deliver to the screen loop.
 enum Input {
@@ -98,50 +101,65 @@ pub async fn run(
                 screen.message = format!("lost the daemon: {why} (q quits)");
             }
             Input::Key(code, modifiers) => {
-                let ctrl_c =
-                    code == KeyCode::Char('c') && modifiers.contains(KeyModifiers::CONTROL);
-                match (code, screen.pending) {
-                    (KeyCode::Char('q') | KeyCode::Esc, None) => break Ok(()),
-                    _ if ctrl_c => break Ok(()),
-                    (KeyCode::Char('y'), Some(Pending::Rollback)) => {
-                        screen.pending = None;
-                        screen.message = act(&client, "/v1/rollback").await;
-                    }
-                    (_, Some(_)) => {
-                        screen.pending = None;
-                        screen.message = "cancelled".into();
-                    }
-                    (KeyCode::Char('r'), None) => {
-                        let target = screen
-                            .snapshot
-                            .as_ref()
-                            .and_then(|s| s["rollback_to"].as_str())
-                            .unwrap_or("the previous color")
-                            .to_string();
-                        screen.pending = Some(Pending::Rollback);
-                        screen.message = format!("Roll back: all traffic to {target}? y/n");
-                    }
-                    (KeyCode::Char('p'), None) => {
-                        let release = screen
-                            .snapshot
-                            .as_ref()
-                            .map(|s| s["monitor"]["release"].clone())
-                            .unwrap_or(Value::Null);
-                        screen.message = if release.is_null() {
-                            "no release is running: nothing to pause".into()
-                        } else if release["paused"] == true {
-                            act(&client, "/v1/resume").await
-                        } else {
-                            act(&client, "/v1/pause").await
-                        };
-                    }
-                    _ => {}
+                if on_key(&mut screen, &client, code, modifiers)
+                    .await
+                    .is_break()
+                {
+                    break Ok(());
                 }
             }
         }
     };
     ratatui::restore();
     outcome
+}
+
+/// Acts on one key: `q` (or Ctrl-C) quits, `r` asks before rolling back, `p` pauses or resumes.
+async fn on_key(
+    screen: &mut Screen,
+    client: &AdminClient,
+    code: KeyCode,
+    modifiers: KeyModifiers,
+) -> ControlFlow<()> {
+    let ctrl_c = code == KeyCode::Char('c') && modifiers.contains(KeyModifiers::CONTROL);
+    match (code, screen.pending) {
+        (KeyCode::Char('q') | KeyCode::Esc, None) => return ControlFlow::Break(()),
+        _ if ctrl_c => return ControlFlow::Break(()),
+        (KeyCode::Char('y'), Some(Pending::Rollback)) => {
+            screen.pending = None;
+            screen.message = act(client, "/v1/rollback").await;
+        }
+        (_, Some(_)) => {
+            screen.pending = None;
+            screen.message = "cancelled".into();
+        }
+        (KeyCode::Char('r'), None) => {
+            let target = screen
+                .snapshot
+                .as_ref()
+                .and_then(|s| s["rollback_to"].as_str())
+                .unwrap_or("the previous color")
+                .to_string();
+            screen.pending = Some(Pending::Rollback);
+            screen.message = format!("Roll back: all traffic to {target}? y/n");
+        }
+        (KeyCode::Char('p'), None) => {
+            let release = screen
+                .snapshot
+                .as_ref()
+                .map(|s| s["monitor"]["release"].clone())
+                .unwrap_or(Value::Null);
+            screen.message = if release.is_null() {
+                "no release is running: nothing to pause".into()
+            } else if release["paused"] == true {
+                act(client, "/v1/resume").await
+            } else {
+                act(client, "/v1/pause").await
+            };
+        }
+        _ => {}
+    }
+    ControlFlow::Continue(())
 }
 
 async fn act(client: &AdminClient, path: &str) -> String {
@@ -338,12 +356,6 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
         .and_then(|e| e.iter().find(|e| e["color"] == color))
         .cloned()
         .unwrap_or(Value::Null);
-    let w = &monitor["window"];
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|x| format!("{x} ms"))
-            .unwrap_or_else(|| "–".into())
-    };
     let block = Block::default()
         .borders(Borders::ALL)
         .border_style(Style::default().fg(tint(color)))
@@ -361,8 +373,20 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
     frame.render_widget(block, area);
     let [numbers, spark] =
         Layout::vertical([Constraint::Length(6), Constraint::Min(1)]).areas(inner);
+    frame.render_widget(Paragraph::new(color_numbers(&monitor)), numbers);
+    draw_sparklines(frame, spark, &monitor, color);
+}
+
+/// Weight and health, rate, errors, latency and each upstream's health, a line each.
+fn color_numbers(monitor: &Value) -> Vec<Line<'static>> {
+    let w = &monitor["window"];
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|x| format!("{x} ms"))
+            .unwrap_or_else(|| "–".into())
+    };
     let error_rate = w["error_rate_percent"].as_f64().unwrap_or(0.0);
-    let lines = vec![
+    vec![
         Line::from(format!(
             "traffic {:>3}%   upstreams {}/{} healthy",
             monitor["weight"], monitor["healthy_upstreams"], monitor["upstreams"]
@@ -408,8 +432,11 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
                 })
                 .collect::<Vec<_>>(),
         ),
-    ];
-    frame.render_widget(Paragraph::new(lines), numbers);
+    ]
+}
+
+/// The last minute of requests per second and p99 latency, side by side.
+fn draw_sparklines(frame: &mut Frame, area: Rect, monitor: &Value, color: &str) {
     let series = |key: &str| -> Vec<u64> {
         monitor[key]
             .as_array()
@@ -422,7 +449,7 @@ fn draw_color(frame: &mut Frame, area: Rect, snapshot: &Value, color: &str) {
     };
     let (rps, p99) = (series("rps_history"), series("p99_history"));
     let [rps_area, p99_area] =
-        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(spark);
+        Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(area);
     frame.render_widget(
         Sparkline::default()
             .block(Block::default().title("req/s, last minute"))
@@ -451,7 +478,7 @@ fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
     let steps = release["strategy"]["steps"]
         .as_array()
         .map_or(0, |s| s.len());
-    let left = super::release::time_left(release);
+    let left = time_left(release);
     let head = format!(
         "#{} {} → {}: {}{}{left}",
         release["id"],

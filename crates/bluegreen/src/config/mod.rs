@@ -384,9 +384,47 @@ impl<'a> Validator<'a> {
                 "must not be empty; name the service, e.g. `service: web`",
             );
         }
-        let is_static = raw.app.as_ref().is_none_or(|a| a.is_static());
+        let upstreams = self.static_upstreams(raw.app.as_ref(), &raw.environments);
+        let router = self.router(raw.router);
+        let health = self.health(raw.health);
+        let controller = self.controller(
+            RawController {
+                app: raw.app,
+                environments: raw.environments,
+                test: raw.test,
+                release: raw.release,
+                strategies: raw.strategies,
+                analysis: raw.analysis,
+                hooks: raw.hooks,
+                webhook: raw.webhook,
+            },
+            &upstreams,
+        );
+        let state_dir = self.resolve(&raw.state_dir);
+        let dashboard = self.dashboard(raw.dashboard, &state_dir);
+        if !self.issues.is_empty() {
+            return Err(self.issues);
+        }
+        Ok(Config {
+            controller,
+            dashboard,
+            service: raw.service,
+            state_dir,
+            router,
+            upstreams,
+            health,
+        })
+    }
+
+    /// The fixed upstreams of each color under `environments:` (static provider only).
+    fn static_upstreams(
+        &mut self,
+        app: Option<&RawApp>,
+        environments: &BTreeMap<String, RawEnvironment>,
+    ) -> [Vec<SocketAddr>; 2] {
+        let is_static = app.is_none_or(|a| a.is_static());
         let mut upstreams: [Vec<SocketAddr>; 2] = [Vec::new(), Vec::new()];
-        for (name, env) in &raw.environments {
+        for (name, env) in environments {
             let Ok(color) = name.parse::<Color>() else {
                 self.issue(
                     format!("environments.{name}"),
@@ -415,15 +453,17 @@ impl<'a> Validator<'a> {
             }
         }
         for color in Color::ALL {
-            if raw.app.is_none() && !raw.environments.contains_key(color.as_str()) {
+            if app.is_none() && !environments.contains_key(color.as_str()) {
                 self.issue(
                     format!("environments.{color}"),
                     format!("is missing; both blue and green need upstreams, e.g. `{color}: {{ upstreams: [\"127.0.0.1:9001\"] }}`"),
                 );
             }
         }
+        upstreams
+    }
 
-        let r = raw.router;
+    fn router(&mut self, r: RawRouter) -> RouterConfig {
         let listen = parse_socket_addr(&r.listen).unwrap_or_else(|message| {
             self.issue("router.listen", message);
             SocketAddr::from(([127, 0, 0, 1], 0))
@@ -435,8 +475,55 @@ impl<'a> Validator<'a> {
             );
         }
         let admin = AdminEndpoint::parse(&r.admin, self.base);
-        let admin_token_file = r.admin_token_file.as_deref().map(|p| self.resolve(p));
-        let admin_token = match (&admin, &admin_token_file) {
+        let admin_token = self.admin_token(&admin, r.admin_token_file.as_deref());
+        let initial_live = r.initial_live.parse::<Color>().unwrap_or_else(|e| {
+            self.issue("router.initial_live", e.to_string());
+            Color::Blue
+        });
+        let drain_timeout = r.drain_timeout.0;
+        let connect_timeout = self.positive("router.connect_timeout", r.connect_timeout);
+        let upstream_timeout = self.positive("router.upstream_timeout", r.upstream_timeout);
+        let header_read_timeout =
+            self.positive("router.header_read_timeout", r.header_read_timeout);
+        let idle_timeout = self.positive("router.idle_timeout", r.idle_timeout);
+        self.check_router_limits(&r);
+        let tls = r.tls.map(|t| self.tls_files(t));
+        let sticky_cookie = r.sticky.then(|| self.sticky_cookie(&r.sticky_cookie));
+        let preview = if r.preview.enabled {
+            Some(self.preview(r.preview))
+        } else {
+            None
+        };
+        RouterConfig {
+            listen,
+            admin,
+            admin_token,
+            initial_live,
+            drain_timeout,
+            connect_timeout,
+            upstream_timeout,
+            retries: r.retries as usize,
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes: r.max_header_bytes as usize,
+            max_connections: r.max_connections as usize,
+            tls,
+            sticky_cookie,
+            preview,
+            forwarded: ForwardedHeaders {
+                x_forwarded_for: r.forwarded.x_forwarded_for,
+                x_forwarded_proto: r.forwarded.x_forwarded_proto,
+                x_forwarded_host: r.forwarded.x_forwarded_host,
+                forwarded: r.forwarded.forwarded,
+                trust_incoming: r.forwarded.trust_incoming,
+            },
+        }
+    }
+
+    /// The token TCP admin callers must present, read from `router.admin_token_file`.
+    fn admin_token(&mut self, admin: &AdminEndpoint, token_file: Option<&str>) -> Option<String> {
+        let admin_token_file = token_file.map(|p| self.resolve(p));
+        match (admin, &admin_token_file) {
             (AdminEndpoint::Tcp(_), None) => {
                 self.issue(
                     "router.admin_token_file",
@@ -459,17 +546,11 @@ impl<'a> Validator<'a> {
                 }
             },
             (AdminEndpoint::Unix(_), None) => None,
-        };
-        let initial_live = r.initial_live.parse::<Color>().unwrap_or_else(|e| {
-            self.issue("router.initial_live", e.to_string());
-            Color::Blue
-        });
-        let drain_timeout = r.drain_timeout.0;
-        let connect_timeout = self.positive("router.connect_timeout", r.connect_timeout);
-        let upstream_timeout = self.positive("router.upstream_timeout", r.upstream_timeout);
-        let header_read_timeout =
-            self.positive("router.header_read_timeout", r.header_read_timeout);
-        let idle_timeout = self.positive("router.idle_timeout", r.idle_timeout);
+        }
+    }
+
+    /// Header size, connection count and retries within what the router can serve.
+    fn check_router_limits(&mut self, r: &RawRouter) {
         if !(1024..=1024 * 1024).contains(&r.max_header_bytes) {
             self.issue(
                 "router.max_header_bytes",
@@ -491,91 +572,98 @@ impl<'a> Validator<'a> {
                 format!("{} is too many; use 0 to 10", r.retries),
             );
         }
-        let tls = r.tls.map(|t| {
-            for (key, value) in [("router.tls.cert", &t.cert), ("router.tls.key", &t.key)] {
-                if !self.resolve(value).is_file() {
-                    self.issue(
-                        key,
-                        format!("{value:?} is not a readable file; give a PEM file path"),
-                    );
-                }
-            }
-            TlsFiles {
-                cert: self.resolve(&t.cert),
-                key: self.resolve(&t.key),
-            }
-        });
-        let sticky_cookie = r.sticky.then(|| {
-            if !is_cookie_name(&r.sticky_cookie) {
-                self.issue(
-                    "router.sticky_cookie",
-                    format!(
-                        "{:?} is not a valid cookie name; use letters, digits, - and _",
-                        r.sticky_cookie
-                    ),
-                );
-            }
-            r.sticky_cookie.clone()
-        });
-        let preview = if r.preview.enabled {
-            let p = r.preview;
-            let mut header = |key: &str, value: &str| {
-                HeaderName::from_bytes(value.as_bytes()).unwrap_or_else(|_| {
-                    self.issue(key, format!("{value:?} is not a valid header name"));
-                    HeaderName::from_static("x-invalid")
-                })
-            };
-            let header_name = header("router.preview.header", &p.header);
-            let secret_header = header("router.preview.secret_header", &p.secret_header);
-            if !is_cookie_name(&p.cookie) {
-                self.issue(
-                    "router.preview.cookie",
-                    format!("{:?} is not a valid cookie name", p.cookie),
-                );
-            }
-            let secret = match (p.secret, p.secret_file) {
-                (Some(_), Some(_)) => {
-                    self.issue(
-                        "router.preview.secret",
-                        "give either secret or secret_file, not both",
-                    );
-                    None
-                }
-                (Some(s), None) if s.trim().is_empty() => {
-                    self.issue(
-                        "router.preview.secret",
-                        "is empty; remove it or give a non-empty secret",
-                    );
-                    None
-                }
-                (Some(s), None) => Some(s),
-                (None, Some(file)) => match std::fs::read_to_string(self.resolve(&file)) {
-                    Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-                    Ok(_) => {
-                        self.issue("router.preview.secret_file", format!("{file} is empty"));
-                        None
-                    }
-                    Err(e) => {
-                        self.issue(
-                            "router.preview.secret_file",
-                            format!("cannot read {file}: {e}"),
-                        );
-                        None
-                    }
-                },
-                (None, None) => None,
-            };
-            Some(PreviewConfig {
-                header: header_name,
-                cookie: p.cookie,
-                secret,
-                secret_header,
-            })
-        } else {
-            None
-        };
+    }
 
-        let h = raw.health;
+    fn tls_files(&mut self, t: RawTls) -> TlsFiles {
+        for (key, value) in [("router.tls.cert", &t.cert), ("router.tls.key", &t.key)] {
+            if !self.resolve(value).is_file() {
+                self.issue(
+                    key,
+                    format!("{value:?} is not a readable file; give a PEM file path"),
+                );
+            }
+        }
+        TlsFiles {
+            cert: self.resolve(&t.cert),
+            key: self.resolve(&t.key),
+        }
+    }
+
+    fn sticky_cookie(&mut self, name: &str) -> String {
+        if !is_cookie_name(name) {
+            self.issue(
+                "router.sticky_cookie",
+                format!("{name:?} is not a valid cookie name; use letters, digits, - and _"),
+            );
+        }
+        name.to_string()
+    }
+
+    fn preview(&mut self, p: RawPreview) -> PreviewConfig {
+        let mut header = |key: &str, value: &str| {
+            HeaderName::from_bytes(value.as_bytes()).unwrap_or_else(|_| {
+                self.issue(key, format!("{value:?} is not a valid header name"));
+                HeaderName::from_static("x-invalid")
+            })
+        };
+        let header_name = header("router.preview.header", &p.header);
+        let secret_header = header("router.preview.secret_header", &p.secret_header);
+        if !is_cookie_name(&p.cookie) {
+            self.issue(
+                "router.preview.cookie",
+                format!("{:?} is not a valid cookie name", p.cookie),
+            );
+        }
+        let secret = self.preview_secret(p.secret, p.secret_file);
+        PreviewConfig {
+            header: header_name,
+            cookie: p.cookie,
+            secret,
+            secret_header,
+        }
+    }
+
+    /// The preview secret, given inline or in a file (not both).
+    fn preview_secret(
+        &mut self,
+        secret: Option<String>,
+        secret_file: Option<String>,
+    ) -> Option<String> {
+        match (secret, secret_file) {
+            (Some(_), Some(_)) => {
+                self.issue(
+                    "router.preview.secret",
+                    "give either secret or secret_file, not both",
+                );
+                None
+            }
+            (Some(s), None) if s.trim().is_empty() => {
+                self.issue(
+                    "router.preview.secret",
+                    "is empty; remove it or give a non-empty secret",
+                );
+                None
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(file)) => match std::fs::read_to_string(self.resolve(&file)) {
+                Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+                Ok(_) => {
+                    self.issue("router.preview.secret_file", format!("{file} is empty"));
+                    None
+                }
+                Err(e) => {
+                    self.issue(
+                        "router.preview.secret_file",
+                        format!("cannot read {file}: {e}"),
+                    );
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn health(&mut self, h: RawHealth) -> HealthSettings {
         if !h.path.starts_with('/') {
             self.issue(
                 "health.path",
@@ -592,76 +680,31 @@ impl<'a> Validator<'a> {
                 self.issue(key, "must be at least 1");
             }
         }
+        HealthSettings {
+            path: h.path,
+            interval,
+            timeout,
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+        }
+    }
 
-        let controller = self.controller(
-            RawController {
-                app: raw.app,
-                environments: raw.environments,
-                test: raw.test,
-                release: raw.release,
-                strategies: raw.strategies,
-                analysis: raw.analysis,
-                hooks: raw.hooks,
-                webhook: raw.webhook,
-            },
-            &upstreams,
-        );
-        let state_dir = self.resolve(&raw.state_dir);
-        let dashboard = raw.dashboard.enabled.then(|| {
-            let listen = parse_socket_addr(&raw.dashboard.listen).unwrap_or_else(|message| {
+    /// The web dashboard, unless `dashboard.enabled: false`; its token file defaults to the
+    /// state folder.
+    fn dashboard(&mut self, d: RawDashboard, state_dir: &Path) -> Option<DashboardConfig> {
+        d.enabled.then(|| {
+            let listen = parse_socket_addr(&d.listen).unwrap_or_else(|message| {
                 self.issue("dashboard.listen", message);
                 SocketAddr::from(([127, 0, 0, 1], 0))
             });
             DashboardConfig {
                 listen,
-                token_file: raw
-                    .dashboard
+                token_file: d
                     .token_file
                     .as_deref()
                     .map(|f| self.resolve(f))
                     .unwrap_or_else(|| state_dir.join("dashboard.token")),
             }
-        });
-        if !self.issues.is_empty() {
-            return Err(self.issues);
-        }
-        Ok(Config {
-            controller,
-            dashboard,
-            service: raw.service,
-            state_dir,
-            router: RouterConfig {
-                listen,
-                admin,
-                admin_token,
-                initial_live,
-                drain_timeout,
-                connect_timeout,
-                upstream_timeout,
-                retries: r.retries as usize,
-                header_read_timeout,
-                idle_timeout,
-                max_header_bytes: r.max_header_bytes as usize,
-                max_connections: r.max_connections as usize,
-                tls,
-                sticky_cookie,
-                preview,
-                forwarded: ForwardedHeaders {
-                    x_forwarded_for: r.forwarded.x_forwarded_for,
-                    x_forwarded_proto: r.forwarded.x_forwarded_proto,
-                    x_forwarded_host: r.forwarded.x_forwarded_host,
-                    forwarded: r.forwarded.forwarded,
-                    trust_incoming: r.forwarded.trust_incoming,
-                },
-            },
-            upstreams,
-            health: HealthSettings {
-                path: h.path,
-                interval,
-                timeout,
-                healthy_threshold: h.healthy_threshold,
-                unhealthy_threshold: h.unhealthy_threshold,
-            },
         })
     }
 }
