@@ -8,9 +8,6 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::AdminEndpoint;
 use crate::transport::{exchange, open};
-// config/controller.rs and controller/ still name these here; once they import them from
-// `crate::transport`, this re-export goes and config no longer depends on the admin client.
-pub use crate::transport::{TlsClient, http_request};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -9,7 +9,7 @@ use bluegreen_router::Color;
 use serde::{Deserialize, Serialize};
 
 use super::{Validator, parse_socket_addr};
-use crate::controller::strategy::{Hold, Strategy};
+use crate::config::strategy::{Hold, Strategy};
 use crate::duration::HumanDuration;
 
 // ---- raw ----
@@ -359,7 +359,7 @@ pub struct Webhook {
     pub addr: SocketAddr,
     pub timeout: Duration,
     /// For `https://`: the TLS client (Mozilla's roots, plus `ca_file`) and the name to verify.
-    pub tls: Option<crate::client::TlsClient>,
+    pub tls: Option<crate::transport::TlsClient>,
 }
 
 /// A stage of `bluegreen release`.
@@ -994,7 +994,7 @@ impl Validator<'_> {
         &mut self,
         host: &str,
         ca_file: Option<&str>,
-    ) -> Option<crate::client::TlsClient> {
+    ) -> Option<crate::transport::TlsClient> {
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };

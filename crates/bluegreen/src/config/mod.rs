@@ -1,6 +1,7 @@
 //! The config file: raw YAML structs, then validation into a typed [`Config`] with key-path errors.
 
 pub mod controller;
+pub mod strategy;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -12,9 +12,9 @@ use serde::Serialize;
 use super::hooks;
 use super::release::Release;
 use super::{CommandError, Controller};
-use crate::client::{TlsClient, http_request};
 use crate::config::controller::Check;
 use crate::store::EnvironmentStatus;
+use crate::transport::{TlsClient, http_request};
 
 /// The outcome of one check.
 #[derive(Clone, Debug, Serialize)]

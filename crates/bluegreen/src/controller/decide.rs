@@ -5,8 +5,8 @@
 
 use bluegreen_router::{Color, Split};
 
-use super::release::{Release, ReleaseKind, ReleaseState};
-use super::traffic::Command;
+use super::command::Command;
+use super::release_record::{Release, ReleaseKind, ReleaseState};
 use crate::store::RouterState;
 
 /// What a traffic command comes to.
@@ -213,7 +213,7 @@ pub fn after_restart(release: Option<&Release>) -> Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::strategy::Strategy;
+    use crate::config::strategy::Strategy;
 
     fn state(split: Split, rollback_to: Option<Color>) -> RouterState {
         RouterState {

@@ -11,8 +11,8 @@ use http::{Method, Request, header};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::client::http_request;
 use crate::config::controller::Webhook;
+use crate::transport::http_request;
 
 /// The facts of a release a command gets as `BLUEGREEN_*` environment variables.
 #[derive(Clone, Debug, Default, Serialize)]

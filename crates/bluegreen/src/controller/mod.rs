@@ -2,12 +2,13 @@
 
 pub mod analysis;
 pub mod checks;
+pub mod command;
 pub mod decide;
 mod deploy;
 pub mod hooks;
 pub mod provider;
 pub mod release;
-pub mod strategy;
+pub mod release_record;
 pub mod traffic;
 mod views;
 
@@ -30,13 +31,14 @@ use crate::store::{
     Write, now_ms,
 };
 use analysis::History;
+pub use command::{Command, CommandError};
 use hooks::Facts;
 use provider::command::CommandProvider;
 use provider::process::ProcessProvider;
 use provider::static_upstreams::StaticProvider;
 use provider::{InstanceEvent, Provider};
 use release::{Control, Release};
-pub use traffic::{Command, CommandError, Weights};
+pub use traffic::Weights;
 
 /// How many one-second samples of the router's counters are kept (ten minutes).
 const HISTORY_SECONDS: usize = 600;

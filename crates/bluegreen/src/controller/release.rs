@@ -5,145 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bluegreen_router::{Color, Split};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::analysis::{Verdict, WindowStats, judge};
+use super::analysis::{WindowStats, judge};
 use super::decide::{self, Ending, Recovery, ReleaseAsk, Stop};
-use super::strategy::{Hold, Strategy};
 use super::{Command, CommandError, Controller};
 use crate::config::controller::{HookPoint, Stage};
-use crate::store::{EnvironmentStatus, StepWrite, StoredRelease, Write, now_ms};
+use crate::config::strategy::{Hold, Strategy};
+use crate::store::{EnvironmentStatus, StepWrite, Write, now_ms};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReleaseKind {
-    /// `bluegreen release`: the whole pipeline.
-    Release,
-    /// `bluegreen switch --strategy`: only the shift, to a color already deployed.
-    Shift,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReleaseState {
-    Deploying,
-    Testing,
-    /// A user stage of the pipeline.
-    Running,
-    Shifting,
-    Monitoring,
-    Succeeded,
-    RolledBack,
-    Failed,
-    Aborted,
-}
-
-impl ReleaseState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReleaseState::Deploying => "deploying",
-            ReleaseState::Testing => "testing",
-            ReleaseState::Running => "running",
-            ReleaseState::Shifting => "shifting",
-            ReleaseState::Monitoring => "monitoring",
-            ReleaseState::Succeeded => "succeeded",
-            ReleaseState::RolledBack => "rolled_back",
-            ReleaseState::Failed => "failed",
-            ReleaseState::Aborted => "aborted",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            ReleaseState::Succeeded
-                | ReleaseState::RolledBack
-                | ReleaseState::Failed
-                | ReleaseState::Aborted
-        )
-    }
-}
-
-/// A release as recorded: what it moves where, how far it got, and how it ended.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Release {
-    pub id: i64,
-    /// The store's revision of this record when it was last read or written.
-    #[serde(skip)]
-    pub revision: i64,
-    pub kind: ReleaseKind,
-    pub version: Option<String>,
-    /// The color the release moves traffic to.
-    pub color: Color,
-    pub from_color: Color,
-    pub from_version: Option<String>,
-    pub strategy: Strategy,
-    pub state: ReleaseState,
-    /// The pipeline stage in progress.
-    pub stage: String,
-    /// The shift step in progress (index into the strategy's steps) and its percent.
-    pub step: usize,
-    pub percent: u8,
-    /// Whether any traffic has reached the new color: decides rollback versus abandon.
-    pub traffic_moved: bool,
-    pub paused: bool,
-    pub started_ms: i64,
-    pub ended_ms: Option<i64>,
-    pub reason: Option<String>,
-    #[serde(default)]
-    pub extra_env: BTreeMap<String, String>,
-    /// The last analysis of the new color.
-    pub verdict: Option<Verdict>,
-    /// When the step in progress is due to end (Unix ms; `None` while waiting for promote).
-    pub step_ends_ms: Option<i64>,
-    /// The first release of a service: nothing ran before it, so it switched at once.
-    #[serde(default)]
-    pub first: bool,
-}
-
-impl Release {
-    /// The record as the store keeps it.
-    pub fn to_stored(&self) -> StoredRelease {
-        StoredRelease {
-            id: self.id,
-            version: self.version.clone(),
-            color: self.color,
-            state: self.state.as_str().to_string(),
-            started_ms: self.started_ms,
-            ended_ms: self.ended_ms,
-            document: serde_json::to_value(self).expect("a release serializes"),
-        }
-    }
-
-    pub fn from_stored(stored: crate::store::Versioned<StoredRelease>) -> Result<Release, String> {
-        let mut release: Release = serde_json::from_value(stored.value.document)
-            .map_err(|e| format!("release #{} does not parse: {e}", stored.value.id))?;
-        release.revision = stored.revision;
-        Ok(release)
-    }
-}
-
-/// What operators ask of a running release.
-#[derive(Clone, Debug, Default)]
-pub struct Control {
-    pub paused: bool,
-    /// Bumped by each promote; `full` skips to 100 %.
-    pub promotions: u64,
-    pub full: bool,
-    pub abort: Option<String>,
-}
-
-/// What `release` and `switch --strategy` ask for.
-pub struct ReleaseRequest {
-    pub kind: ReleaseKind,
-    pub version: Option<String>,
-    pub strategy: Option<String>,
-    pub extra_env: BTreeMap<String, String>,
-    /// For a shift: the color to move to (default: the idle one).
-    pub to: Option<Color>,
-}
+pub use super::release_record::{Control, Release, ReleaseKind, ReleaseRequest, ReleaseState};
 
 impl Controller {
     pub fn active_release(&self) -> Option<Release> {
