@@ -484,7 +484,7 @@ async fn diff(
 }
 
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
-/// event as it is stored, so a watcher misses none. Ends when the controller stops.
+/// event as it is stored, so a watcher misses none. Ends when the daemon stops.
 async fn stream(State(controller): State<Arc<Controller>>) -> Response {
     let events = controller.watch_events();
     let tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -791,14 +791,14 @@ pub enum AdminListener {
 }
 
 /// Binds the admin endpoint. A unix socket is created mode 0600; a leftover socket from a
-/// controller that died is replaced, a live one is an error.
+/// daemon that died is replaced, a live one is an error.
 pub async fn bind(endpoint: &AdminEndpoint, token: Option<&str>) -> Result<AdminListener, String> {
     match endpoint {
         AdminEndpoint::Unix(path) => {
             if path.exists() {
                 if tokio::net::UnixStream::connect(path).await.is_ok() {
                     return Err(format!(
-                        "router.admin: another bluegreen controller is already listening on {}; stop it first",
+                        "router.admin: another bluegreen daemon is already listening on {}; stop it first",
                         path.display()
                     ));
                 }

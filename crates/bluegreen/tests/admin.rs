@@ -207,7 +207,9 @@ async fn the_admin_socket_is_private_to_its_owner() {
     assert_eq!(second.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&second.stderr)
-            .contains("another bluegreen daemon is already listening")
+            .contains("another bluegreen daemon is already listening"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
     );
 }
 

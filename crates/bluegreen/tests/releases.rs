@@ -476,3 +476,50 @@ async fn aborting_during_the_deploy_stops_the_new_instances() {
         );
     }
 }
+
+/// As a new user would: `init`, `up`, `release --version 1.0` in a fresh folder. Nothing ran
+/// before, so there is no baseline to compare with: the release switches at once and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_release_of_a_service_switches_at_once_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = std::process::Command::new(support::BIN)
+        .current_dir(dir.path())
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", text(&init));
+    let written = std::fs::read_to_string(dir.path().join("bluegreen.yaml")).unwrap();
+    // Only what a test needs changed: free ports, quick health checks.
+    let config = written
+        .replace("listen: 127.0.0.1:8080", "listen: 127.0.0.1:0")
+        .replace(
+            "health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 3 }",
+            "health: { path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }",
+        )
+        + "dashboard: { listen: \"127.0.0.1:0\" }\n";
+    assert_ne!(config, written);
+    let daemon = Daemon::start_in(dir, &config).await;
+    let out = daemon.cli(&["release", "--version", "1.0"]);
+    let printed = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{printed}");
+    assert!(
+        printed.contains("first release: no baseline to compare with, switching at once"),
+        "{printed}"
+    );
+    assert!(printed.contains("(from nothing)"), "{printed}");
+    assert!(!printed.contains("rolled back"), "{printed}");
+    let status = daemon.status().await;
+    assert_eq!(live(&status), Some("green"), "{status}");
+    assert_eq!(status["environments"][1]["version"], "1.0");
+    let client = support::client();
+    let (code, _, body) = support::get(&client, &daemon.url("/"), &[]).await.unwrap();
+    assert_eq!((code, body.trim()), (200, "green 1.0"));
+    // The second release is an ordinary one: it has 1.0 to compare with.
+    let (code, answer) = daemon
+        .admin("POST", "/v1/releases", Some(r#"{"version": "2.0"}"#))
+        .await;
+    assert_eq!(code, 202, "{answer}");
+    assert_eq!(answer["release"]["first"], false, "{answer}");
+    assert_eq!(answer["release"]["from_version"], "1.0", "{answer}");
+    let _ = daemon.cli(&["abort"]);
+}

@@ -621,8 +621,10 @@ impl Controller {
                 break;
             }
         }
+        // A first release has nothing to go back to: watching it could only end in a
+        // rollback to nothing.
         let window = self.config.controller.monitor_window;
-        if !window.is_zero() {
+        if !window.is_zero() && !release.first {
             release.state = ReleaseState::Monitoring;
             let message = format!(
                 "release #{}: {color} has 100%; monitoring for {}",
