@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
 use crate::controller::release::{ReleaseKind, ReleaseRequest};
-use crate::controller::{Command, CommandError, Controller};
+use crate::controller::{Command, CommandError, Controller, Gate};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
 #[derive(Debug)]
@@ -426,17 +426,19 @@ struct ControlBody {
 
 async fn control(
     controller: Arc<Controller>,
-    action: &str,
+    gate: Gate,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: ControlBody = parse_body(&body)?;
-    if body.full && action != "promote" {
-        return Err(ApiError::invalid("full", "only promote takes full"));
-    }
-    if body.reason.is_some() && action != "abort" {
+    let gate = match gate {
+        Gate::Promote { .. } => Gate::Promote { full: body.full },
+        _ if body.full => return Err(ApiError::invalid("full", "only promote takes full")),
+        other => other,
+    };
+    if body.reason.is_some() && gate != Gate::Abort {
         return Err(ApiError::invalid("reason", "only abort takes a reason"));
     }
-    let message = controller.control(action, body.full, body.reason).await?;
+    let message = controller.control(gate, body.reason).await?;
     Ok(Json(json!({ "message": message })).into_response())
 }
 
@@ -444,28 +446,28 @@ async fn promote(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    control(controller, "promote", body).await
+    control(controller, Gate::Promote { full: false }, body).await
 }
 
 async fn abort(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    control(controller, "abort", body).await
+    control(controller, Gate::Abort, body).await
 }
 
 async fn pause(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    control(controller, "pause", body).await
+    control(controller, Gate::Pause, body).await
 }
 
 async fn resume(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    control(controller, "resume", body).await
+    control(controller, Gate::Resume, body).await
 }
 
 async fn diff(

@@ -9,7 +9,7 @@ use bluegreen_router::{
 
 use crate::config::Config;
 use crate::controller::decide::describe;
-use crate::controller::{Controller, Endpoints, loopback_of};
+use crate::controller::{Controller, Endpoints, EventKind, loopback_of};
 use crate::dataplane::{EmbeddedRouter, PreviewRoute};
 use crate::store::{RouterState, SqliteStore, StateStore, Versioned, Write};
 
@@ -66,7 +66,7 @@ async fn recorded_or_first_state(
     let committed = store
         .commit(Write {
             router_state: Some((0, state.clone())),
-            ..Write::event("start", &message, None)
+            ..Write::event(EventKind::Start, &message, None)
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::hooks;
 use super::release::Release;
-use super::{CommandError, Controller};
+use super::{CommandError, Controller, EventKind};
 use crate::config::controller::Check;
 use crate::store::EnvironmentStatus;
 use crate::transport::{TlsClient, http_request};
@@ -194,7 +194,8 @@ impl Controller {
                 .map(|r| format!("; {}: {}", r.name, r.detail))
                 .collect::<String>()
         );
-        self.event("test", &message, release.map(|r| r.id)).await;
+        self.event(EventKind::Test, &message, release.map(|r| r.id))
+            .await;
         Ok(results)
     }
 }

@@ -6,6 +6,7 @@
 use bluegreen_router::{Color, Split};
 
 use super::command::Command;
+use super::event::EventKind;
 use super::release_record::{Release, ReleaseKind, ReleaseState};
 use crate::store::RouterState;
 
@@ -18,7 +19,7 @@ pub enum TrafficDecision {
         target: Split,
         rollback_to: Option<Color>,
         /// The event kind to record, and its message.
-        kind: &'static str,
+        kind: EventKind,
         message: String,
     },
 }
@@ -51,9 +52,9 @@ pub fn traffic(command: Command, state: &RouterState) -> Result<TrafficDecision,
         return Ok(TrafficDecision::Unchanged);
     }
     let (kind, verb) = match command {
-        Command::Rollback | Command::ReturnTo(_) => ("rollback", "rolled back"),
-        Command::Switch { .. } => ("switch", "switched"),
-        Command::Weights(_) => ("weights", "weights set"),
+        Command::Rollback | Command::ReturnTo(_) => (EventKind::Rollback, "rolled back"),
+        Command::Switch { .. } => (EventKind::Switch, "switched"),
+        Command::Weights(_) => (EventKind::Weights, "weights set"),
     };
     let was = match current.sole_color() {
         Some(color) => color.to_string(),
@@ -223,7 +224,7 @@ mod tests {
         }
     }
 
-    fn change(decision: TrafficDecision) -> (Split, Option<Color>, &'static str, String) {
+    fn change(decision: TrafficDecision) -> (Split, Option<Color>, EventKind, String) {
         match decision {
             TrafficDecision::Change {
                 target,
@@ -250,7 +251,7 @@ mod tests {
         );
         assert_eq!(target, Split::all(Color::Green));
         assert_eq!(back, Some(Color::Blue));
-        assert_eq!(kind, "switch");
+        assert_eq!(kind, EventKind::Switch);
         assert_eq!(message, "switched: green is live (was blue)");
     }
 
@@ -297,10 +298,10 @@ mod tests {
         let (target, back, kind, _) = change(traffic(Command::Rollback, &canary).unwrap());
         assert_eq!(target, Split::all(Color::Blue));
         assert_eq!(back, Some(Color::Green), "the way back is now green");
-        assert_eq!(kind, "rollback");
+        assert_eq!(kind, EventKind::Rollback);
         // A release's own return is recorded as a rollback too.
         let (_, _, kind, _) = change(traffic(Command::ReturnTo(Color::Blue), &canary).unwrap());
-        assert_eq!(kind, "rollback");
+        assert_eq!(kind, EventKind::Rollback);
     }
 
     #[test]
@@ -310,7 +311,7 @@ mod tests {
             change(traffic(Command::Weights(Split::green_percent(10).unwrap()), &blue).unwrap());
         assert_eq!(target.weight(Color::Green), 10);
         assert_eq!(back, Some(Color::Blue));
-        assert_eq!(kind, "weights");
+        assert_eq!(kind, EventKind::Weights);
         assert!(message.starts_with("weights set:"), "{message}");
         let ten = state(target, back);
         let (_, back, _, _) =

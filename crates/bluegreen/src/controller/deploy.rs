@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bluegreen_router::Color;
 
 use super::provider::{DeployRequest, StopRequest};
-use super::{CommandError, Controller};
+use super::{CommandError, Controller, EventKind};
 use crate::config::controller::HookPoint;
 use crate::store::{EnvironmentRecord, EnvironmentStatus, ProviderState, now_ms};
 
@@ -48,7 +48,7 @@ impl Controller {
                 record.scale_down_at_ms = None;
                 record.deployed_at_ms = Some(now_ms());
                 Some((
-                    "deploy",
+                    EventKind::Deploy,
                     format!(
                         "deploying {version} to {color} ({} instance(s), {} provider)",
                         spec.instances,
@@ -69,7 +69,7 @@ impl Controller {
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
                     record.status = EnvironmentStatus::Running;
-                    Some(("deployed", message.clone()))
+                    Some((EventKind::Deployed, message.clone()))
                 })
                 .await?;
                 Ok(message)
@@ -82,7 +82,7 @@ impl Controller {
                     record.provider.mark_stopped();
                     record.status = EnvironmentStatus::Failed;
                     record.reason = Some(reason);
-                    Some(("deploy-failed", message.clone()))
+                    Some((EventKind::DeployFailed, message.clone()))
                 })
                 .await?;
                 Err(CommandError::Failed(message))
@@ -196,14 +196,14 @@ impl Controller {
             logs_dir: self.logs_dir.clone(),
         };
         if let Err(e) = self.provider(color).stop(&request).await {
-            self.event("stop-failed", &e, None).await;
+            self.event(EventKind::StopFailed, &e, None).await;
         }
         self.update_environment(color, None, |record| {
             record.provider.mark_stopped();
             record.status = EnvironmentStatus::Stopped;
             record.scale_down_at_ms = None;
             Some((
-                "stopped",
+                EventKind::Stopped,
                 format!(
                     "{color} {} stopped: {why}",
                     record.version.as_deref().unwrap_or("")
@@ -234,7 +234,7 @@ impl Controller {
                     .update_environment(color, None, |record| {
                         record.scale_down_at_ms = None;
                         Some((
-                            "cleanup",
+                            EventKind::Cleanup,
                             format!("{color} takes traffic again; not stopped"),
                         ))
                     })
@@ -255,8 +255,12 @@ impl Controller {
             .stop_environment(color, "scale_down_delay passed after the release")
             .await
         {
-            self.event("cleanup", &format!("cleanup of {color} failed: {e}"), None)
-                .await;
+            self.event(
+                EventKind::Cleanup,
+                &format!("cleanup of {color} failed: {e}"),
+                None,
+            )
+            .await;
             return;
         }
         if let Err(e) = self.hook(HookPoint::MigrateContract, &facts, None).await {

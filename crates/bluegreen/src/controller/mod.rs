@@ -5,6 +5,7 @@ pub mod checks;
 pub mod command;
 pub mod decide;
 mod deploy;
+pub mod event;
 pub mod hooks;
 pub mod provider;
 pub mod release;
@@ -32,6 +33,7 @@ use crate::store::{
 };
 use analysis::History;
 pub use command::{Command, CommandError};
+pub use event::{EventKind, Gate};
 use hooks::Facts;
 use provider::command::CommandProvider;
 use provider::process::ProcessProvider;
@@ -198,7 +200,7 @@ impl Controller {
         &self,
         color: Color,
         release: Option<i64>,
-        change: impl FnOnce(&mut EnvironmentRecord) -> Option<(&'static str, String)>,
+        change: impl FnOnce(&mut EnvironmentRecord) -> Option<(EventKind, String)>,
     ) -> Result<EnvironmentRecord, CommandError> {
         // Only writers wait here; readers of `environments` never wait for the disk.
         let _turn = self.environment_writes.lock().await;
@@ -210,7 +212,7 @@ impl Controller {
             ..Write::default()
         };
         if let Some((kind, message)) = &event {
-            write = write.with_event(kind, message, release);
+            write = write.with_event(*kind, message, release);
         }
         let committed = self
             .store
@@ -222,14 +224,14 @@ impl Controller {
             revision: committed.revision,
         };
         if let Some((kind, message)) = &event {
-            tracing::info!(kind, "{message}");
-            self.notify(kind, message, release).await;
+            tracing::info!(%kind, "{message}");
+            self.notify(*kind, message, release).await;
         }
         Ok(record)
     }
 
-    pub(crate) async fn event(&self, kind: &str, message: &str, release: Option<i64>) {
-        tracing::info!(kind, "{message}");
+    pub(crate) async fn event(&self, kind: EventKind, message: &str, release: Option<i64>) {
+        tracing::info!(%kind, "{message}");
         if let Err(e) = self
             .store
             .commit(Write::event(kind, message, release))
@@ -241,14 +243,14 @@ impl Controller {
     }
 
     /// After an event is stored: live watchers (`/v1/stream`) and the webhook hear of it.
-    pub(crate) async fn notify(&self, kind: &str, message: &str, release: Option<i64>) {
+    pub(crate) async fn notify(&self, kind: EventKind, message: &str, release: Option<i64>) {
         self.publish_events().await;
         if let Some(webhook) = &self.config.controller.webhook {
             hooks::notify(
                 webhook,
                 serde_json::json!({
                     "service": self.config.service,
-                    "kind": kind,
+                    "kind": kind.as_str(),
                     "message": message,
                     "release_id": release,
                     "at_ms": now_ms(),
@@ -341,12 +343,16 @@ impl Controller {
         .await;
         match &outcome {
             Ok(_) => {
-                self.event("hook", &format!("{} hook passed", point.as_str()), release)
-                    .await
+                self.event(
+                    EventKind::Hook,
+                    &format!("{} hook passed", point.as_str()),
+                    release,
+                )
+                .await
             }
             Err(e) => {
                 self.event(
-                    "hook",
+                    EventKind::Hook,
                     &format!("{} hook failed: {e}", point.as_str()),
                     release,
                 )
@@ -479,7 +485,7 @@ impl Controller {
                         instance.pid = None;
                     }
                     Some((
-                        "instance",
+                        EventKind::Instance,
                         format!(
                             "{color} instance {slot} (port {port}) {status}; restarting in {}ms",
                             restart_in.as_millis()
@@ -499,7 +505,7 @@ impl Controller {
                     .update_environment(color, None, |record| {
                         record.status = EnvironmentStatus::Failed;
                         record.reason = Some(reason.clone());
-                        Some(("failed", format!("{color} failed: {reason}")))
+                        Some((EventKind::Failed, format!("{color} failed: {reason}")))
                     })
                     .await;
                 if let Err(e) = saved {
@@ -523,7 +529,7 @@ impl Controller {
             if runs {
                 let request = self.deploy_request(color, &record, None);
                 match self.provider(color).adopt(&request, &record).await {
-                    Ok(Some(message)) => self.event("recover", &message, None).await,
+                    Ok(Some(message)) => self.event(EventKind::Recover, &message, None).await,
                     Ok(None) => {}
                     Err(e) => tracing::error!(%color, error = %e, "cannot restart instances"),
                 }
@@ -544,7 +550,7 @@ impl Controller {
                 record.status = EnvironmentStatus::Failed;
                 record.reason = Some("the deploy was interrupted by a daemon restart".into());
                 Some((
-                    "recover",
+                    EventKind::Recover,
                     format!(
                         "{color} {}: the deploy was interrupted by a daemon restart; its instances were stopped",
                         record.version.as_deref().unwrap_or("")

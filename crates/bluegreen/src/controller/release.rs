@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::analysis::{WindowStats, judge};
 use super::decide::{self, Ending, Recovery, ReleaseAsk, Stop};
-use super::{Command, CommandError, Controller};
+use super::{Command, CommandError, Controller, EventKind, Gate};
 use crate::config::controller::{HookPoint, Stage};
 use crate::config::strategy::{Hold, Strategy};
 use crate::store::{EnvironmentStatus, StepWrite, Write, now_ms};
@@ -52,7 +52,7 @@ impl Controller {
     async fn save_release(
         &self,
         release: &mut Release,
-        kind: &str,
+        kind: EventKind,
         message: &str,
     ) -> Result<(), CommandError> {
         self.save_release_with(release, None, kind, message)
@@ -65,10 +65,10 @@ impl Controller {
         &self,
         release: &mut Release,
         step: Option<StepWrite>,
-        kind: &str,
+        kind: EventKind,
         message: &str,
     ) -> Result<Option<i64>, CommandError> {
-        tracing::info!(release = release.id, kind, "{message}");
+        tracing::info!(release = release.id, %kind, "{message}");
         let committed = self
             .store
             .commit(Write {
@@ -244,7 +244,8 @@ impl Controller {
                 crate::duration::format(release.strategy.planned())
             )
         };
-        self.save_release(&mut release, "release", &message).await?;
+        self.save_release(&mut release, EventKind::Release, &message)
+            .await?;
         if !plan.first {
             self.warn_of_differences(live, color, release.id).await;
         }
@@ -267,7 +268,7 @@ impl Controller {
             .collect();
         if !differences.is_empty() {
             self.event(
-                "warning",
+                EventKind::Warning,
                 &format!(
                     "{color} is not configured like {live}: {}; see `bluegreen diff {live} {color}`",
                     differences.join(", ")
@@ -281,10 +282,10 @@ impl Controller {
     /// Sends an operator's request to the running release.
     pub async fn control(
         &self,
-        action: &str,
-        full: bool,
+        gate: Gate,
         reason: Option<String>,
     ) -> Result<String, CommandError> {
+        let action = gate.as_str();
         let message = {
             let active = self.active.lock().expect("lock");
             let Some((release, control)) = active.as_ref() else {
@@ -296,15 +297,15 @@ impl Controller {
                 release.state,
                 ReleaseState::Shifting | ReleaseState::Monitoring
             );
-            match action {
-                "promote" if !shifting => {
+            match gate {
+                Gate::Promote { .. } if !shifting => {
                     return Err(CommandError::Refused(format!(
                         "promote: release #{} is {}, not shifting traffic yet; promote applies to a running shift",
                         release.id,
                         release.state.as_str()
                     )));
                 }
-                "promote" => {
+                Gate::Promote { full } => {
                     control.send_modify(|c| {
                         c.promotions += 1;
                         c.full |= full;
@@ -315,26 +316,25 @@ impl Controller {
                         format!("release #{}: promoting to the next step", release.id)
                     }
                 }
-                "pause" => {
+                Gate::Pause => {
                     control.send_modify(|c| c.paused = true);
                     format!(
                         "release #{} paused: steps hold (analysis still runs and can roll back)",
                         release.id
                     )
                 }
-                "resume" => {
+                Gate::Resume => {
                     control.send_modify(|c| c.paused = false);
                     format!("release #{} resumed", release.id)
                 }
-                "abort" => {
+                Gate::Abort => {
                     let why = reason.unwrap_or_else(|| "aborted by operator".into());
                     control.send_modify(|c| c.abort = Some(why.clone()));
                     format!("release #{} aborting: {why}", release.id)
                 }
-                other => return Err(CommandError::Refused(format!("unknown action {other}"))),
             }
         };
-        self.event(action, &message, None).await;
+        self.event(EventKind::Gate(gate), &message, None).await;
         Ok(message)
     }
 
@@ -365,10 +365,10 @@ impl Controller {
         release.step_ends_ms = None;
         release.reason = Some(reason.clone());
         let kind = match state {
-            ReleaseState::Succeeded => "succeeded",
-            ReleaseState::RolledBack => "rolled-back",
-            ReleaseState::Aborted => "aborted",
-            _ => "failed",
+            ReleaseState::Succeeded => EventKind::Succeeded,
+            ReleaseState::RolledBack => EventKind::RolledBack,
+            ReleaseState::Aborted => EventKind::Aborted,
+            _ => EventKind::Failed,
         };
         let message = format!("release #{} {}: {reason}", release.id, state.as_str());
         if let Err(e) = self.save_release(&mut release, kind, &message).await {
@@ -413,7 +413,7 @@ impl Controller {
                     name: name.to_string(),
                     detail: String::new(),
                 }),
-                "stage",
+                EventKind::Stage,
                 &format!("release #{}: {name}", release.id),
             )
             .await
@@ -535,7 +535,7 @@ impl Controller {
                     self.update_environment(old, id, |record| {
                         record.scale_down_at_ms = Some(at);
                         Some((
-                            "cleanup",
+                            EventKind::Cleanup,
                             format!(
                                 "{old} {} stays warm for {} (scale_down_delay), then stops",
                                 record.version.as_deref().unwrap_or(""),
@@ -593,7 +593,7 @@ impl Controller {
                 step.percent
             );
             // Recorded before the router acts: a crash right after restarts into a known rule.
-            self.save_release(release, "step", &message)
+            self.save_release(release, EventKind::Step, &message)
                 .await
                 .map_err(|e| Stop::RollBack(e.to_string()))?;
             let split = split_with(color, step.percent);
@@ -631,7 +631,7 @@ impl Controller {
                 release.id,
                 crate::duration::format(window)
             );
-            self.save_release(release, "monitor", &message)
+            self.save_release(release, EventKind::Monitor, &message)
                 .await
                 .map_err(|e| Stop::RollBack(e.to_string()))?;
             let step = self
@@ -721,9 +721,13 @@ impl Controller {
             }
             if state.paused != release.paused {
                 release.paused = state.paused;
-                let word = if state.paused { "paused" } else { "resumed" };
+                let kind = if state.paused {
+                    EventKind::Paused
+                } else {
+                    EventKind::Resumed
+                };
                 let _ = self
-                    .save_release(release, word, &format!("release #{} {word}", release.id))
+                    .save_release(release, kind, &format!("release #{} {kind}", release.id))
                     .await;
             }
             if let Some(left) = remaining.as_mut()
@@ -807,7 +811,7 @@ impl Controller {
                 record.status = EnvironmentStatus::Failed;
                 record.reason = Some("the deploy was aborted".into());
                 Some((
-                    "stopped",
+                    EventKind::Stopped,
                     format!(
                         "{color} {}: the deploy was aborted; its instances were stopped",
                         record.version.as_deref().unwrap_or("")
@@ -857,7 +861,7 @@ impl Controller {
             .save_release_with(
                 &mut release,
                 Some(StepWrite::InterruptRunning),
-                "recovered",
+                EventKind::Recovered,
                 &message,
             )
             .await;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::command::{Command, CommandError};
 use super::decide::{self, TrafficDecision};
 use super::release::Release;
-use super::{Controller, EnvironmentView};
+use super::{Controller, EnvironmentView, EventKind, Gate};
 use crate::store::{Event, RouterState, Write};
 
 #[derive(Debug, Serialize)]
@@ -85,7 +85,7 @@ impl Controller {
         match command {
             Command::Rollback if self.active_release().is_some() => {
                 let message = self
-                    .control("abort", false, Some("rollback requested".into()))
+                    .control(Gate::Abort, Some("rollback requested".into()))
                     .await?;
                 for _ in 0..600 {
                     if self.active_release().is_none() {
@@ -193,7 +193,7 @@ impl Controller {
         &self,
         state: &mut crate::store::Versioned<RouterState>,
         next: RouterState,
-        kind: &str,
+        kind: EventKind,
         message: &str,
     ) -> Result<(), CommandError> {
         let committed = self
@@ -218,7 +218,7 @@ impl Controller {
         refused: String,
     ) -> CommandError {
         let message = format!("not applied: {refused}");
-        match self.record(state, old, "reverted", &message).await {
+        match self.record(state, old, EventKind::Reverted, &message).await {
             Ok(()) => CommandError::Refused(refused),
             Err(e) => {
                 CommandError::Failed(format!("{refused}; and recording the way back failed: {e}"))
@@ -242,7 +242,7 @@ impl Controller {
         self.record(
             &mut state,
             next,
-            "upstreams",
+            EventKind::Upstreams,
             &format!("{color} upstreams set to {}", listed.join(", ")),
         )
         .await?;

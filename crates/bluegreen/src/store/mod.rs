@@ -90,10 +90,10 @@ pub struct Write {
 }
 
 impl Write {
-    pub fn event(kind: &str, message: &str, release_id: Option<i64>) -> Write {
+    pub fn event(kind: impl AsRef<str>, message: &str, release_id: Option<i64>) -> Write {
         Write {
             event: Some(NewEvent {
-                kind: kind.to_string(),
+                kind: kind.as_ref().to_string(),
                 message: message.to_string(),
                 release_id,
             }),
@@ -101,7 +101,12 @@ impl Write {
         }
     }
 
-    pub fn with_event(mut self, kind: &str, message: &str, release_id: Option<i64>) -> Write {
+    pub fn with_event(
+        mut self,
+        kind: impl AsRef<str>,
+        message: &str,
+        release_id: Option<i64>,
+    ) -> Write {
         self.event = Write::event(kind, message, release_id).event;
         self
     }

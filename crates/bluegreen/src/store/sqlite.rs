@@ -474,224 +474,41 @@ impl Inner {
     }
 
     /// One transaction that takes the write lock before reading any revision, so no other
-    /// writer lands between the check and the write.
+    /// writer lands between the check and the write. A refused part rolls all of it back.
     fn commit(&self, write: Write) -> Result<Committed, StoreError> {
         let mut connection = self.connection.lock().expect("lock");
-        let sqlite = |e| self.sqlite(e);
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sqlite)?;
-        tx.execute(
-            "INSERT INTO changes (at_ms, keys) VALUES (?1, '[]')",
-            params![now_ms()],
-        )
-        .map_err(sqlite)?;
-        let revision = tx.last_insert_rowid();
-        let mut keys = Vec::new();
-        let mut committed = Committed {
-            revision,
-            release_id: None,
-            step_id: None,
-            event_id: None,
+            .map_err(|e| self.sqlite(e))?;
+        let mut commit = Commit {
+            tx: &tx,
+            revision: 0,
+            keys: Vec::new(),
+            committed: Committed {
+                revision: 0,
+                release_id: None,
+                step_id: None,
+                event_id: None,
+            },
         };
-        let check = |key: Key, expected: Revision, found: Option<Revision>| {
-            let found = found.unwrap_or(0);
-            if found == expected {
-                Ok(())
-            } else {
-                Err(StoreError::Conflict {
-                    key,
-                    expected,
-                    found,
-                })
-            }
-        };
+        commit.begin().map_err(|e| self.sqlite(e))?;
         if let Some((expected, state)) = &write.router_state {
-            let found = tx
-                .query_row("SELECT revision FROM router_state WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(sqlite)?;
-            check(Key::RouterState, *expected, found)?;
-            tx.execute(
-                "INSERT INTO router_state (id, state, revision) VALUES (1, ?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, revision = excluded.revision",
-                params![serde_json::to_string(state).expect("state serializes"), revision],
-            )
-            .map_err(sqlite)?;
-            keys.push(Key::RouterState);
+            commit.router_state(*expected, state)?;
         }
         if let Some((expected, record)) = &write.environment {
-            let key = Key::Environment(record.color);
-            let found = tx
-                .query_row(
-                    "SELECT revision FROM environments WHERE color = ?1",
-                    params![record.color.as_str()],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(sqlite)?;
-            check(key.clone(), *expected, found)?;
-            let status = serde_json::to_value(record.status).expect("status serializes");
-            tx.execute(
-                "INSERT INTO environments (color, version, status, record, updated_ms, revision)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (color) DO UPDATE SET version = excluded.version,
-                   status = excluded.status, record = excluded.record,
-                   updated_ms = excluded.updated_ms, revision = excluded.revision",
-                params![
-                    record.color.as_str(),
-                    record.version,
-                    status.as_str().unwrap_or("?"),
-                    serde_json::to_string(record).expect("record serializes"),
-                    now_ms(),
-                    revision
-                ],
-            )
-            .map_err(sqlite)?;
-            keys.push(key);
+            commit.environment(*expected, record)?;
         }
         if let Some((expected, release)) = &write.release {
-            let id = if release.id == 0 {
-                check(Key::Release(0), *expected, None)?;
-                tx.execute(
-                    "INSERT INTO releases (version, color, state, started_ms, record, revision)
-                     VALUES (?1, ?2, ?3, ?4, '{}', ?5)",
-                    params![
-                        release.version,
-                        release.color.as_str(),
-                        release.state,
-                        release.started_ms,
-                        revision
-                    ],
-                )
-                .map_err(sqlite)?;
-                tx.last_insert_rowid()
-            } else {
-                let found = tx
-                    .query_row(
-                        "SELECT revision FROM releases WHERE id = ?1",
-                        params![release.id],
-                        |r| r.get(0),
-                    )
-                    .optional()
-                    .map_err(sqlite)?;
-                check(Key::Release(release.id), *expected, found)?;
-                release.id
-            };
-            let mut document = release.document.clone();
-            if let Some(object) = document.as_object_mut() {
-                object.insert("id".into(), id.into());
-            }
-            tx.execute(
-                "UPDATE releases SET state = ?2, ended_ms = ?3, record = ?4, revision = ?5
-                 WHERE id = ?1",
-                params![
-                    id,
-                    release.state,
-                    release.ended_ms,
-                    document.to_string(),
-                    revision
-                ],
-            )
-            .map_err(sqlite)?;
-            committed.release_id = Some(id);
-            keys.push(Key::Release(id));
+            commit.release(*expected, release)?;
         }
         if let Some((release_id, step)) = &write.steps {
-            let release_id = match (*release_id, committed.release_id) {
-                (0, Some(id)) => id,
-                (id, _) => id,
-            };
-            match step {
-                StepWrite::Start { name, detail } => {
-                    tx.execute(
-                        "INSERT INTO steps (release_id, name, status, started_ms, detail, revision)
-                         VALUES (?1, ?2, 'running', ?3, ?4, ?5)",
-                        params![release_id, name, now_ms(), detail, revision],
-                    )
-                    .map_err(sqlite)?;
-                    let id = tx.last_insert_rowid();
-                    committed.step_id = Some(id);
-                    keys.push(Key::Step(id));
-                }
-                StepWrite::End {
-                    id,
-                    revision: expected,
-                    status,
-                    detail,
-                } => {
-                    let found = tx
-                        .query_row(
-                            "SELECT revision FROM steps WHERE id = ?1 AND release_id = ?2",
-                            params![id, release_id],
-                            |r| r.get(0),
-                        )
-                        .optional()
-                        .map_err(sqlite)?;
-                    check(Key::Step(*id), *expected, found)?;
-                    tx.execute(
-                        "UPDATE steps SET status = ?2, ended_ms = ?3, detail = ?4, revision = ?5
-                         WHERE id = ?1",
-                        params![id, status, now_ms(), detail, revision],
-                    )
-                    .map_err(sqlite)?;
-                    committed.step_id = Some(*id);
-                    keys.push(Key::Step(*id));
-                }
-                StepWrite::InterruptRunning => {
-                    let mut statement = tx
-                        .prepare(
-                            "SELECT id FROM steps WHERE release_id = ?1 AND status = 'running'",
-                        )
-                        .map_err(sqlite)?;
-                    let ids: Vec<i64> = statement
-                        .query_map(params![release_id], |r| r.get(0))
-                        .map_err(sqlite)?
-                        .collect::<Result<_, _>>()
-                        .map_err(sqlite)?;
-                    drop(statement);
-                    tx.execute(
-                        "UPDATE steps SET status = 'interrupted', ended_ms = ?2, revision = ?3
-                         WHERE release_id = ?1 AND status = 'running'",
-                        params![release_id, now_ms(), revision],
-                    )
-                    .map_err(sqlite)?;
-                    keys.extend(ids.into_iter().map(Key::Step));
-                }
-            }
+            commit.steps(*release_id, step)?;
         }
-        if let Some(NewEvent {
-            kind,
-            message,
-            release_id,
-        }) = &write.event
-        {
-            tx.execute(
-                "INSERT INTO events (at_ms, kind, message, release_id) VALUES (?1, ?2, ?3, ?4)",
-                params![now_ms(), kind, message, release_id.or(committed.release_id)],
-            )
-            .map_err(sqlite)?;
-            let id = tx.last_insert_rowid();
-            committed.event_id = Some(id);
-            keys.push(Key::Event(id));
+        if let Some(event) = &write.event {
+            commit.event(event).map_err(|e| self.sqlite(e))?;
         }
-        let keys: Vec<String> = keys.iter().map(key_text).collect();
-        tx.execute(
-            "UPDATE changes SET keys = ?2 WHERE revision = ?1",
-            params![
-                revision,
-                serde_json::to_string(&keys).expect("keys serialize")
-            ],
-        )
-        .map_err(sqlite)?;
-        tx.execute(
-            "DELETE FROM changes WHERE revision <= ?1",
-            params![revision - KEPT_CHANGES],
-        )
-        .map_err(sqlite)?;
-        tx.commit().map_err(sqlite)?;
+        let committed = commit.finish().map_err(|e| self.sqlite(e))?;
+        tx.commit().map_err(|e| self.sqlite(e))?;
         Ok(committed)
     }
 
@@ -716,6 +533,253 @@ impl Inner {
         self.newest.send_replace(committed.revision);
         std::fs::rename(&legacy, dir.join("router-state.json.imported"))
             .map_err(|e| fail(e.to_string()))
+    }
+}
+
+/// A commit in progress: its revision, the keys it changed, what it made.
+struct Commit<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+    revision: Revision,
+    keys: Vec<Key>,
+    committed: Committed,
+}
+
+/// A refused part of a write: what changed since it was read.
+fn check(key: Key, expected: Revision, found: Option<Revision>) -> Result<(), StoreError> {
+    let found = found.unwrap_or(0);
+    if found == expected {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            key,
+            expected,
+            found,
+        })
+    }
+}
+
+impl Commit<'_> {
+    fn sqlite(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: PathBuf::from(self.tx.path().unwrap_or("state.db")),
+            source,
+        }
+    }
+
+    /// Takes the next revision (a row of `changes`, its keys filled in by `finish`).
+    fn begin(&mut self) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO changes (at_ms, keys) VALUES (?1, '[]')",
+            params![now_ms()],
+        )?;
+        self.revision = self.tx.last_insert_rowid();
+        self.committed.revision = self.revision;
+        Ok(())
+    }
+
+    fn revision_of(
+        &self,
+        sql: &str,
+        key: impl rusqlite::Params,
+    ) -> Result<Option<Revision>, StoreError> {
+        self.tx
+            .query_row(sql, key, |r| r.get(0))
+            .optional()
+            .map_err(|e| self.sqlite(e))
+    }
+
+    fn router_state(&mut self, expected: Revision, state: &RouterState) -> Result<(), StoreError> {
+        let found = self.revision_of("SELECT revision FROM router_state WHERE id = 1", [])?;
+        check(Key::RouterState, expected, found)?;
+        self.tx
+            .execute(
+                "INSERT INTO router_state (id, state, revision) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET state = excluded.state, revision = excluded.revision",
+                params![serde_json::to_string(state).expect("state serializes"), self.revision],
+            )
+            .map_err(|e| self.sqlite(e))?;
+        self.keys.push(Key::RouterState);
+        Ok(())
+    }
+
+    fn environment(
+        &mut self,
+        expected: Revision,
+        record: &EnvironmentRecord,
+    ) -> Result<(), StoreError> {
+        let key = Key::Environment(record.color);
+        let found = self.revision_of(
+            "SELECT revision FROM environments WHERE color = ?1",
+            params![record.color.as_str()],
+        )?;
+        check(key.clone(), expected, found)?;
+        let status = serde_json::to_value(record.status).expect("status serializes");
+        self.tx
+            .execute(
+                "INSERT INTO environments (color, version, status, record, updated_ms, revision)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (color) DO UPDATE SET version = excluded.version,
+                   status = excluded.status, record = excluded.record,
+                   updated_ms = excluded.updated_ms, revision = excluded.revision",
+                params![
+                    record.color.as_str(),
+                    record.version,
+                    status.as_str().unwrap_or("?"),
+                    serde_json::to_string(record).expect("record serializes"),
+                    now_ms(),
+                    self.revision
+                ],
+            )
+            .map_err(|e| self.sqlite(e))?;
+        self.keys.push(key);
+        Ok(())
+    }
+
+    /// Inserts a release with id 0 (it gets the next id), or saves an existing one.
+    fn release(&mut self, expected: Revision, release: &StoredRelease) -> Result<(), StoreError> {
+        let id = if release.id == 0 {
+            check(Key::Release(0), expected, None)?;
+            self.tx
+                .execute(
+                    "INSERT INTO releases (version, color, state, started_ms, record, revision)
+                     VALUES (?1, ?2, ?3, ?4, '{}', ?5)",
+                    params![
+                        release.version,
+                        release.color.as_str(),
+                        release.state,
+                        release.started_ms,
+                        self.revision
+                    ],
+                )
+                .map_err(|e| self.sqlite(e))?;
+            self.tx.last_insert_rowid()
+        } else {
+            let found = self.revision_of(
+                "SELECT revision FROM releases WHERE id = ?1",
+                params![release.id],
+            )?;
+            check(Key::Release(release.id), expected, found)?;
+            release.id
+        };
+        let mut document = release.document.clone();
+        if let Some(object) = document.as_object_mut() {
+            object.insert("id".into(), id.into());
+        }
+        self.tx
+            .execute(
+                "UPDATE releases SET state = ?2, ended_ms = ?3, record = ?4, revision = ?5
+                 WHERE id = ?1",
+                params![
+                    id,
+                    release.state,
+                    release.ended_ms,
+                    document.to_string(),
+                    self.revision
+                ],
+            )
+            .map_err(|e| self.sqlite(e))?;
+        self.committed.release_id = Some(id);
+        self.keys.push(Key::Release(id));
+        Ok(())
+    }
+
+    /// A release id of 0 names the release of this very write.
+    fn steps(&mut self, release_id: i64, step: &StepWrite) -> Result<(), StoreError> {
+        let release_id = match (release_id, self.committed.release_id) {
+            (0, Some(id)) => id,
+            (id, _) => id,
+        };
+        let sqlite = |e| self.sqlite(e);
+        match step {
+            StepWrite::Start { name, detail } => {
+                self.tx
+                    .execute(
+                        "INSERT INTO steps (release_id, name, status, started_ms, detail, revision)
+                         VALUES (?1, ?2, 'running', ?3, ?4, ?5)",
+                        params![release_id, name, now_ms(), detail, self.revision],
+                    )
+                    .map_err(sqlite)?;
+                let id = self.tx.last_insert_rowid();
+                self.committed.step_id = Some(id);
+                self.keys.push(Key::Step(id));
+            }
+            StepWrite::End {
+                id,
+                revision: expected,
+                status,
+                detail,
+            } => {
+                let found = self.revision_of(
+                    "SELECT revision FROM steps WHERE id = ?1 AND release_id = ?2",
+                    params![id, release_id],
+                )?;
+                check(Key::Step(*id), *expected, found)?;
+                self.tx
+                    .execute(
+                        "UPDATE steps SET status = ?2, ended_ms = ?3, detail = ?4, revision = ?5
+                         WHERE id = ?1",
+                        params![id, status, now_ms(), detail, self.revision],
+                    )
+                    .map_err(sqlite)?;
+                self.committed.step_id = Some(*id);
+                self.keys.push(Key::Step(*id));
+            }
+            StepWrite::InterruptRunning => {
+                let mut running = self
+                    .tx
+                    .prepare("SELECT id FROM steps WHERE release_id = ?1 AND status = 'running'")
+                    .map_err(sqlite)?;
+                let ids: Vec<i64> = running
+                    .query_map(params![release_id], |r| r.get(0))
+                    .map_err(sqlite)?
+                    .collect::<Result<_, _>>()
+                    .map_err(sqlite)?;
+                drop(running);
+                self.tx
+                    .execute(
+                        "UPDATE steps SET status = 'interrupted', ended_ms = ?2, revision = ?3
+                         WHERE release_id = ?1 AND status = 'running'",
+                        params![release_id, now_ms(), self.revision],
+                    )
+                    .map_err(sqlite)?;
+                self.keys.extend(ids.into_iter().map(Key::Step));
+            }
+        }
+        Ok(())
+    }
+
+    /// An event with no release of its own belongs to the release of its write.
+    fn event(&mut self, event: &NewEvent) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO events (at_ms, kind, message, release_id) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                now_ms(),
+                event.kind,
+                event.message,
+                event.release_id.or(self.committed.release_id)
+            ],
+        )?;
+        let id = self.tx.last_insert_rowid();
+        self.committed.event_id = Some(id);
+        self.keys.push(Key::Event(id));
+        Ok(())
+    }
+
+    /// Names the keys the revision changed, and forgets revisions `watch` no longer replays.
+    fn finish(self) -> rusqlite::Result<Committed> {
+        let keys: Vec<String> = self.keys.iter().map(key_text).collect();
+        self.tx.execute(
+            "UPDATE changes SET keys = ?2 WHERE revision = ?1",
+            params![
+                self.revision,
+                serde_json::to_string(&keys).expect("keys serialize")
+            ],
+        )?;
+        self.tx.execute(
+            "DELETE FROM changes WHERE revision <= ?1",
+            params![self.revision - KEPT_CHANGES],
+        )?;
+        Ok(self.committed)
     }
 }
 
