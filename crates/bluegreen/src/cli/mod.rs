@@ -503,21 +503,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     let admin_listener = admin::bind(&admin_endpoint, config.router.admin_token.as_deref())
         .await
         .map_err(failure)?;
-    let dashboard = match &config.dashboard {
-        Some(settings) => {
-            let listener = tokio::net::TcpListener::bind(settings.listen)
-                .await
-                .map_err(|e| {
-                    failure(format!(
-                        "dashboard.listen: cannot bind {}: {e}; choose another address, or set dashboard.enabled: false",
-                        settings.listen
-                    ))
-                })?;
-            let token = admin::dashboard_token(&settings.token_file).map_err(failure)?;
-            Some((listener, token))
-        }
-        None => None,
-    };
+    let dashboard = bind_dashboard(&config).await.map_err(failure)?;
     let dashboard_addr = match &dashboard {
         Some((listener, _)) => Some(listener.local_addr().map_err(|e| failure(e.to_string()))?),
         None => None,
@@ -554,6 +540,56 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
             stop_admin.subscribe(),
         ))
     });
+    announce(&daemon, listen, &admin_endpoint).await;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    println!(
+        "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
+        daemon.controller.config.router.drain_timeout.as_secs_f32()
+    );
+    tokio::select! {
+        _ = drain(cli, &daemon) => {}
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    let _ = stop_admin.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
+    if let Some(task) = dashboard_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
+    serving.abort();
+    daemon.controller.shutdown().await;
+    if let AdminEndpoint::Unix(path) = &admin_endpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    println!("bluegreen: stopped");
+    Ok(())
+}
+
+/// The dashboard's listener and token, when the dashboard is enabled.
+async fn bind_dashboard(
+    config: &Config,
+) -> Result<Option<(tokio::net::TcpListener, String)>, String> {
+    let Some(settings) = &config.dashboard else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "dashboard.listen: cannot bind {}: {e}; choose another address, or set dashboard.enabled: false",
+                settings.listen
+            )
+        })?;
+    let token = admin::dashboard_token(&settings.token_file)?;
+    Ok(Some((listener, token)))
+}
+
+/// The line `up` prints once it serves: where, each color's health, the split, the admin
+/// endpoint and the dashboard.
+async fn announce(daemon: &Daemon, listen: std::net::SocketAddr, admin_endpoint: &AdminEndpoint) {
     let status = daemon.controller.status().await;
     let health: Vec<String> = status
         .router
@@ -584,15 +620,10 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
             None => String::new(),
         }
     );
+}
 
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    println!(
-        "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
-        daemon.controller.config.router.drain_timeout.as_secs_f32()
-    );
+/// Lets the router finish in-flight requests and connections, showing what is left.
+async fn drain(cli: &Cli, daemon: &Daemon) {
     let progress = release::spinner(cli, "draining".into());
     let watch_drain = async {
         loop {
@@ -608,22 +639,8 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     tokio::select! {
         _ = daemon.router.shutdown() => {}
         _ = watch_drain => {}
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
     }
     progress.finish_and_clear();
-    let _ = stop_admin.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
-    if let Some(task) = dashboard_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
-    }
-    serving.abort();
-    daemon.controller.shutdown().await;
-    if let AdminEndpoint::Unix(path) = &admin_endpoint {
-        let _ = std::fs::remove_file(path);
-    }
-    println!("bluegreen: stopped");
-    Ok(())
 }
 
 impl crate::controller::traffic::ControllerStatus {

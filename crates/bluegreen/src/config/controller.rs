@@ -220,6 +220,14 @@ fn default_webhook_timeout() -> HumanDuration {
     HumanDuration::secs(5)
 }
 
+/// What both colors take from the `app` section.
+struct SharedSpec {
+    app: RawApp,
+    provider: ProviderKind,
+    ready_timeout: Duration,
+    stop_timeout: Duration,
+}
+
 // ---- validated ----
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -525,32 +533,7 @@ impl Validator<'_> {
         static_upstreams: &[Vec<SocketAddr>; 2],
     ) -> [EnvironmentSpec; 2] {
         let Some(app) = app else {
-            // No app: the environments' fixed upstreams (checked by the router part).
-            for color in Color::ALL {
-                if raw
-                    .get(color.as_str())
-                    .is_some_and(|e| e.upstreams.is_none())
-                {
-                    self.issue(
-                        format!("environments.{color}.upstreams"),
-                        "is required without an app section (the static provider); list host:port addresses, or add app: with a command",
-                    );
-                }
-            }
-            return Color::ALL.map(|color| EnvironmentSpec {
-                color,
-                provider: ProviderSpec::Static {
-                    upstreams: static_upstreams[color.index()].clone(),
-                },
-                instances: static_upstreams[color.index()].len() as u32,
-                env: BTreeMap::new(),
-                ready_timeout: default_ready_timeout().0,
-                stop_timeout: default_stop_timeout().0,
-                overrides: raw
-                    .get(color.as_str())
-                    .map(|_| vec!["upstreams".to_string()])
-                    .unwrap_or_default(),
-            });
+            return self.fixed_environments(raw, static_upstreams);
         };
         let provider = match app.provider.as_str() {
             "process" => ProviderKind::Process,
@@ -564,111 +547,177 @@ impl Validator<'_> {
                 ProviderKind::Process
             }
         };
-        let ready_timeout = self.positive("app.ready_timeout", app.ready_timeout);
-        let stop_timeout = self.positive("app.stop_timeout", app.stop_timeout);
+        let shared = SharedSpec {
+            provider,
+            ready_timeout: self.positive("app.ready_timeout", app.ready_timeout),
+            stop_timeout: self.positive("app.stop_timeout", app.stop_timeout),
+            app,
+        };
         Color::ALL.map(|color| {
             let own = raw.get(color.as_str()).cloned().unwrap_or_default();
-            let at = |key: &str| format!("environments.{color}.{key}");
-            let mut overrides = Vec::new();
-            let instances = match own.instances {
-                Some(n) => {
-                    overrides.push("instances".to_string());
-                    n
-                }
-                None => app.instances,
-            };
-            if !(1..=64).contains(&instances) {
-                let key = if own.instances.is_some() {
-                    at("instances")
-                } else {
-                    "app.instances".into()
-                };
-                self.issue(key, format!("{instances} is out of range; use 1 to 64"));
-            }
-            let mut env = app.env.clone();
-            if let Some(extra) = &own.env {
-                overrides.push("env".to_string());
-                env.extend(extra.clone());
-            }
-            let (command_key, command_text) = match (&own.command, &app.command) {
-                (Some(c), _) => {
-                    overrides.push("command".to_string());
-                    (at("command"), Some(c.clone()))
-                }
-                (None, c) => ("app.command".to_string(), c.clone()),
-            };
-            let mut spec = EnvironmentSpec {
-                color,
-                provider: ProviderSpec::Static {
-                    upstreams: static_upstreams[color.index()].clone(),
-                },
-                instances,
-                env,
-                ready_timeout,
-                stop_timeout,
-                overrides,
-            };
-            spec.provider = match provider {
-                ProviderKind::Process => {
-                    if own.upstreams.is_some() {
-                        self.issue(at("upstreams"), "the process provider picks the upstreams itself; remove it, or set app.provider: static");
-                    }
-                    match command_text {
-                        None => {
-                            self.issue(command_key, "is required for the process provider; e.g. \"./my-app --listen 127.0.0.1:{port}\"");
-                            ProviderSpec::Process { command: Vec::new() }
-                        }
-                        Some(text) => {
-                            if !text.contains("{port}") {
-                                self.issue(&command_key, "has no {port}; the process provider starts each instance on a free port and passes it there, e.g. --listen 127.0.0.1:{port}");
-                            }
-                            self.placeholders(&command_key, &text);
-                            for (key, value) in &spec.env {
-                                let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
-                                    at(&format!("env.{key}"))
-                                } else {
-                                    format!("app.env.{key}")
-                                };
-                                self.placeholders(&at_key, value);
-                            }
-                            let command = self.command_line(&command_key, &text).unwrap_or_default();
-                            ProviderSpec::Process { command }
-                        }
-                    }
-                }
-                ProviderKind::Static => {
-                    if static_upstreams[color.index()].is_empty() && own.upstreams.is_none() {
-                        self.issue(at("upstreams"), "is required for the static provider; list host:port addresses, e.g. [\"127.0.0.1:9001\"]");
-                    }
-                    spec.provider
-                }
-                ProviderKind::Command => {
-                    let pick = |key: &str, own: &Option<String>, shared: &Option<String>| match own {
-                        Some(text) => Some((at(key), text.clone())),
-                        None => shared.clone().map(|text| (format!("app.{key}"), text)),
-                    };
-                    let deploy = match pick("deploy", &own.deploy, &app.deploy) {
-                        Some((key, text)) => self.executable(&key, &text),
-                        None => {
-                            self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines");
-                            None
-                        }
-                    };
-                    let stop = match pick("stop", &own.stop, &app.stop) {
-                        Some((key, text)) => self.executable(&key, &text),
-                        None => {
-                            self.issue("app.stop", "is required for the command provider: a script that stops a color");
-                            None
-                        }
-                    };
-                    ProviderSpec::Command {
-                        deploy: deploy.unwrap_or_default(),
-                        stop: stop.unwrap_or_default(),
-                    }
-                }
-            };
-            spec
+            self.environment(color, &shared, own, &static_upstreams[color.index()])
         })
+    }
+
+    /// No app: the environments' fixed upstreams (checked by the router part).
+    fn fixed_environments(
+        &mut self,
+        raw: &BTreeMap<String, RawEnvironment>,
+        static_upstreams: &[Vec<SocketAddr>; 2],
+    ) -> [EnvironmentSpec; 2] {
+        for color in Color::ALL {
+            if raw
+                .get(color.as_str())
+                .is_some_and(|e| e.upstreams.is_none())
+            {
+                self.issue(
+                    format!("environments.{color}.upstreams"),
+                    "is required without an app section (the static provider); list host:port addresses, or add app: with a command",
+                );
+            }
+        }
+        Color::ALL.map(|color| EnvironmentSpec {
+            color,
+            provider: ProviderSpec::Static {
+                upstreams: static_upstreams[color.index()].clone(),
+            },
+            instances: static_upstreams[color.index()].len() as u32,
+            env: BTreeMap::new(),
+            ready_timeout: default_ready_timeout().0,
+            stop_timeout: default_stop_timeout().0,
+            overrides: raw
+                .get(color.as_str())
+                .map(|_| vec!["upstreams".to_string()])
+                .unwrap_or_default(),
+        })
+    }
+
+    /// One color: the shared `app` with the color's own keys over it.
+    fn environment(
+        &mut self,
+        color: Color,
+        shared: &SharedSpec,
+        own: RawEnvironment,
+        static_upstreams: &[SocketAddr],
+    ) -> EnvironmentSpec {
+        let app = &shared.app;
+        let at = |key: &str| format!("environments.{color}.{key}");
+        let mut overrides = Vec::new();
+        let instances = match own.instances {
+            Some(n) => {
+                overrides.push("instances".to_string());
+                n
+            }
+            None => app.instances,
+        };
+        if !(1..=64).contains(&instances) {
+            let key = if own.instances.is_some() {
+                at("instances")
+            } else {
+                "app.instances".into()
+            };
+            self.issue(key, format!("{instances} is out of range; use 1 to 64"));
+        }
+        let mut env = app.env.clone();
+        if let Some(extra) = &own.env {
+            overrides.push("env".to_string());
+            env.extend(extra.clone());
+        }
+        if own.command.is_some() {
+            overrides.push("command".to_string());
+        }
+        let provider = match shared.provider {
+            ProviderKind::Process => self.process_spec(color, app, &own, &env),
+            ProviderKind::Static => {
+                if static_upstreams.is_empty() && own.upstreams.is_none() {
+                    self.issue(at("upstreams"), "is required for the static provider; list host:port addresses, e.g. [\"127.0.0.1:9001\"]");
+                }
+                ProviderSpec::Static {
+                    upstreams: static_upstreams.to_vec(),
+                }
+            }
+            ProviderKind::Command => self.command_spec(color, app, &own),
+        };
+        EnvironmentSpec {
+            color,
+            provider,
+            instances,
+            env,
+            ready_timeout: shared.ready_timeout,
+            stop_timeout: shared.stop_timeout,
+            overrides,
+        }
+    }
+
+    /// The instance command: required, with `{port}`, and only known placeholders (in the
+    /// command and in the environment).
+    fn process_spec(
+        &mut self,
+        color: Color,
+        app: &RawApp,
+        own: &RawEnvironment,
+        env: &BTreeMap<String, String>,
+    ) -> ProviderSpec {
+        let at = |key: &str| format!("environments.{color}.{key}");
+        if own.upstreams.is_some() {
+            self.issue(at("upstreams"), "the process provider picks the upstreams itself; remove it, or set app.provider: static");
+        }
+        let (command_key, command_text) = match (&own.command, &app.command) {
+            (Some(c), _) => (at("command"), Some(c.clone())),
+            (None, c) => ("app.command".to_string(), c.clone()),
+        };
+        let Some(text) = command_text else {
+            self.issue(
+                command_key,
+                "is required for the process provider; e.g. \"./my-app --listen 127.0.0.1:{port}\"",
+            );
+            return ProviderSpec::Process {
+                command: Vec::new(),
+            };
+        };
+        if !text.contains("{port}") {
+            self.issue(&command_key, "has no {port}; the process provider starts each instance on a free port and passes it there, e.g. --listen 127.0.0.1:{port}");
+        }
+        self.placeholders(&command_key, &text);
+        for (key, value) in env {
+            let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
+                at(&format!("env.{key}"))
+            } else {
+                format!("app.env.{key}")
+            };
+            self.placeholders(&at_key, value);
+        }
+        let command = self.command_line(&command_key, &text).unwrap_or_default();
+        ProviderSpec::Process { command }
+    }
+
+    /// The deploy and stop scripts: both required and executable.
+    fn command_spec(&mut self, color: Color, app: &RawApp, own: &RawEnvironment) -> ProviderSpec {
+        let pick = |key: &str, own: &Option<String>, shared: &Option<String>| match own {
+            Some(text) => Some((format!("environments.{color}.{key}"), text.clone())),
+            None => shared.clone().map(|text| (format!("app.{key}"), text)),
+        };
+        let deploy = match pick("deploy", &own.deploy, &app.deploy) {
+            Some((key, text)) => self.executable(&key, &text),
+            None => {
+                self.issue("app.deploy", "is required for the command provider: a script that starts the version and prints host:port lines");
+                None
+            }
+        };
+        let stop = match pick("stop", &own.stop, &app.stop) {
+            Some((key, text)) => self.executable(&key, &text),
+            None => {
+                self.issue(
+                    "app.stop",
+                    "is required for the command provider: a script that stops a color",
+                );
+                None
+            }
+        };
+        ProviderSpec::Command {
+            deploy: deploy.unwrap_or_default(),
+            stop: stop.unwrap_or_default(),
+        }
     }
 
     fn placeholders(&mut self, key: &str, text: &str) {

@@ -7,7 +7,7 @@ use bluegreen_router::{Color, Split};
 
 use super::command::Command;
 use super::event::EventKind;
-use super::release_record::{Release, ReleaseKind, ReleaseState};
+use super::release_record::{Release, ReleaseKind, ReleasePlan, ReleaseState};
 use crate::store::RouterState;
 
 /// What a traffic command comes to.
@@ -98,16 +98,6 @@ pub struct ReleaseAsk<'a> {
     pub split: Split,
     /// Whether each color has something deployed (or is run by someone else: static).
     pub deployed: [bool; 2],
-}
-
-/// How a release will run.
-#[derive(Debug, PartialEq)]
-pub struct ReleasePlan {
-    pub color: Color,
-    pub from: Color,
-    /// The live color runs nothing: there is no baseline to compare with, so the release
-    /// switches at once instead of shifting step by step.
-    pub first: bool,
 }
 
 pub fn start_release(ask: &ReleaseAsk) -> Result<ReleasePlan, String> {

@@ -197,53 +197,8 @@ impl Controller {
             )));
         }
         let from_version = self.environment(live).version;
-        let mut release = Release {
-            id: 0,
-            revision: 0,
-            kind: request.kind,
-            version: match request.kind {
-                ReleaseKind::Release => request.version,
-                ReleaseKind::Shift => target.version.clone(),
-            },
-            color,
-            from_color: live,
-            from_version: if plan.first { None } else { from_version },
-            strategy,
-            state: match request.kind {
-                ReleaseKind::Release => ReleaseState::Deploying,
-                ReleaseKind::Shift => ReleaseState::Shifting,
-            },
-            stage: String::new(),
-            step: 0,
-            percent: 0,
-            traffic_moved: false,
-            paused: false,
-            started_ms: now_ms(),
-            ended_ms: None,
-            reason: None,
-            extra_env: request.extra_env,
-            verdict: None,
-            step_ends_ms: None,
-            first: plan.first,
-        };
-        let from = match &release.from_version {
-            Some(version) => format!("{live} {version}"),
-            None if plan.first => "nothing".to_string(),
-            None => format!("{live} ?"),
-        };
-        let message = if plan.first {
-            format!(
-                "release started: {} to {color} (from {from}); first release: no baseline to compare with, switching at once",
-                release.version.as_deref().unwrap_or("shift"),
-            )
-        } else {
-            format!(
-                "release started: {} to {color} (from {from}), strategy {}, {} of planned holds",
-                release.version.as_deref().unwrap_or("shift"),
-                release.strategy.describe(),
-                crate::duration::format(release.strategy.planned())
-            )
-        };
+        let mut release = Release::new(request, &plan, strategy, target.version, from_version);
+        let message = release.start_message();
         self.save_release(&mut release, EventKind::Release, &message)
             .await?;
         if !plan.first {
@@ -439,116 +394,151 @@ impl Controller {
             ReleaseKind::Release => self.config.controller.pipeline.clone(),
             ReleaseKind::Shift => vec![Stage::Switch],
         };
-        let color = release.color;
         for stage in stages {
             if let Some(reason) = control.borrow().abort.clone() {
                 return Err(Stop::Aborted(reason));
             }
-            let facts = self.facts(color, Some(release));
-            let id = Some(release.id);
             match &stage {
-                Stage::Deploy => {
-                    let version = release.version.clone().unwrap_or_default();
-                    let env = release.extra_env.clone();
-                    let work = async {
-                        self.hook(HookPoint::PreDeploy, &facts, id)
-                            .await
-                            .map_err(Stop::Failed)?;
-                        self.deploy(color, &version, env, id)
-                            .await
-                            .map_err(|e| Stop::Failed(e.to_string()))?;
-                        self.hook(HookPoint::PostDeploy, &facts, id)
-                            .await
-                            .map_err(Stop::Failed)
-                    };
-                    let work = until_aborted(control.clone(), work);
-                    self.stage(release, "deploy", ReleaseState::Deploying, work)
-                        .await?;
-                }
-                Stage::Test => {
-                    let snapshot = release.clone();
-                    let work = async {
-                        let results = self
-                            .test_environment(color, Some(&snapshot))
-                            .await
-                            .map_err(|e| Stop::Failed(e.to_string()))?;
-                        let failed: Vec<String> = results
-                            .iter()
-                            .filter(|r| !r.passed)
-                            .map(|r| format!("{}: {}", r.name, r.detail))
-                            .collect();
-                        if failed.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(Stop::Failed(format!(
-                                "tests of {color} failed, the switch is blocked ({}); {color} keeps running for inspection through the preview route",
-                                failed.join("; ")
-                            )))
-                        }
-                    };
-                    let work = until_aborted(control.clone(), work);
-                    self.stage(release, "test", ReleaseState::Testing, work)
-                        .await?;
-                }
-                Stage::Run { name, argv } => {
-                    let moved = release.traffic_moved;
-                    let log = self.logs_dir.join("hooks.log");
-                    let timeout = self.config.controller.hooks.timeout;
-                    let work = async {
-                        super::hooks::run(name, argv, &facts, &[], timeout, &log)
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| {
-                                if moved {
-                                    Stop::RollBack(e)
-                                } else {
-                                    Stop::Failed(e)
-                                }
-                            })
-                    };
-                    let work = until_aborted(control.clone(), work);
-                    let name = name.clone();
-                    self.stage(release, &name, ReleaseState::Running, work)
-                        .await?;
-                }
-                Stage::Switch => {
-                    for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
-                        self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
-                    }
-                    self.shift(release, control).await?;
-                    let facts = self.facts(color, Some(release));
-                    self.hook(HookPoint::PostSwitch, &facts, id)
-                        .await
-                        .map_err(Stop::RollBack)?;
-                }
-                Stage::Cleanup => {
-                    let old = release.from_color;
-                    let delay = self.config.controller.scale_down_delay;
-                    if self.environment(old).status == EnvironmentStatus::Stopped {
-                        continue;
-                    }
-                    if delay.is_zero() {
-                        self.clean_up(old).await;
-                        continue;
-                    }
-                    let at = now_ms() + delay.as_millis() as i64;
-                    self.update_environment(old, id, |record| {
-                        record.scale_down_at_ms = Some(at);
-                        Some((
-                            EventKind::Cleanup,
-                            format!(
-                                "{old} {} stays warm for {} (scale_down_delay), then stops",
-                                record.version.as_deref().unwrap_or(""),
-                                crate::duration::format(delay)
-                            ),
-                        ))
-                    })
-                    .await
-                    .map_err(|e| Stop::Failed(e.to_string()))?;
-                    self.schedule_scale_down(old, at);
-                }
+                Stage::Deploy => self.deploy_stage(release, control).await?,
+                Stage::Test => self.test_stage(release, control).await?,
+                Stage::Run { name, argv } => self.user_stage(release, control, name, argv).await?,
+                Stage::Switch => self.switch_stage(release, control).await?,
+                Stage::Cleanup => self.cleanup_stage(release).await?,
             }
         }
+        Ok(())
+    }
+
+    /// `pre_deploy`, the deploy to the new color, `post_deploy`.
+    async fn deploy_stage(
+        &self,
+        release: &mut Release,
+        control: &watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let (color, id) = (release.color, Some(release.id));
+        let facts = self.facts(color, Some(release));
+        let version = release.version.clone().unwrap_or_default();
+        let env = release.extra_env.clone();
+        let work = async {
+            self.hook(HookPoint::PreDeploy, &facts, id)
+                .await
+                .map_err(Stop::Failed)?;
+            self.deploy(color, &version, env, id)
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            self.hook(HookPoint::PostDeploy, &facts, id)
+                .await
+                .map_err(Stop::Failed)
+        };
+        let work = until_aborted(control.clone(), work);
+        self.stage(release, "deploy", ReleaseState::Deploying, work)
+            .await
+    }
+
+    /// The smoke tests of the new color; a failure blocks the switch.
+    async fn test_stage(
+        &self,
+        release: &mut Release,
+        control: &watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let color = release.color;
+        let snapshot = release.clone();
+        let work = async {
+            let results = self
+                .test_environment(color, Some(&snapshot))
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.passed)
+                .map(|r| format!("{}: {}", r.name, r.detail))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Stop::Failed(format!(
+                    "tests of {color} failed, the switch is blocked ({}); {color} keeps running for inspection through the preview route",
+                    failed.join("; ")
+                )))
+            }
+        };
+        let work = until_aborted(control.clone(), work);
+        self.stage(release, "test", ReleaseState::Testing, work)
+            .await
+    }
+
+    /// A `run ./script` stage of the pipeline: a failure after traffic moved rolls back.
+    async fn user_stage(
+        &self,
+        release: &mut Release,
+        control: &watch::Receiver<Control>,
+        name: &str,
+        argv: &[String],
+    ) -> Result<(), Stop> {
+        let facts = self.facts(release.color, Some(release));
+        let moved = release.traffic_moved;
+        let log = self.logs_dir.join("hooks.log");
+        let timeout = self.config.controller.hooks.timeout;
+        let work = async {
+            super::hooks::run(name, argv, &facts, &[], timeout, &log)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    if moved {
+                        Stop::RollBack(e)
+                    } else {
+                        Stop::Failed(e)
+                    }
+                })
+        };
+        let work = until_aborted(control.clone(), work);
+        self.stage(release, name, ReleaseState::Running, work).await
+    }
+
+    /// `migrate_expand` and `pre_switch`, the shift, `post_switch`.
+    async fn switch_stage(
+        &self,
+        release: &mut Release,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let (color, id) = (release.color, Some(release.id));
+        let facts = self.facts(color, Some(release));
+        for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
+            self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
+        }
+        self.shift(release, control).await?;
+        let facts = self.facts(color, Some(release));
+        self.hook(HookPoint::PostSwitch, &facts, id)
+            .await
+            .map_err(Stop::RollBack)
+    }
+
+    /// The old color stays warm for `scale_down_delay`, then a timer cleans it up.
+    async fn cleanup_stage(self: &Arc<Self>, release: &Release) -> Result<(), Stop> {
+        let old = release.from_color;
+        let delay = self.config.controller.scale_down_delay;
+        if self.environment(old).status == EnvironmentStatus::Stopped {
+            return Ok(());
+        }
+        if delay.is_zero() {
+            self.clean_up(old).await;
+            return Ok(());
+        }
+        let at = now_ms() + delay.as_millis() as i64;
+        self.update_environment(old, Some(release.id), |record| {
+            record.scale_down_at_ms = Some(at);
+            Some((
+                EventKind::Cleanup,
+                format!(
+                    "{old} {} stays warm for {} (scale_down_delay), then stops",
+                    record.version.as_deref().unwrap_or(""),
+                    crate::duration::format(delay)
+                ),
+            ))
+        })
+        .await
+        .map_err(|e| Stop::Failed(e.to_string()))?;
+        self.schedule_scale_down(old, at);
         Ok(())
     }
 

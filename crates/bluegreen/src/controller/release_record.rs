@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::analysis::Verdict;
 use crate::config::strategy::Strategy;
-use crate::store::StoredRelease;
+use crate::store::{StoredRelease, now_ms};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +97,67 @@ pub struct Release {
 }
 
 impl Release {
+    /// A release as asked for and planned, before it is recorded (its id is then assigned).
+    pub fn new(
+        request: ReleaseRequest,
+        plan: &ReleasePlan,
+        strategy: Strategy,
+        deployed_version: Option<String>,
+        from_version: Option<String>,
+    ) -> Release {
+        Release {
+            id: 0,
+            revision: 0,
+            kind: request.kind,
+            version: match request.kind {
+                ReleaseKind::Release => request.version,
+                ReleaseKind::Shift => deployed_version,
+            },
+            color: plan.color,
+            from_color: plan.from,
+            from_version: if plan.first { None } else { from_version },
+            strategy,
+            state: match request.kind {
+                ReleaseKind::Release => ReleaseState::Deploying,
+                ReleaseKind::Shift => ReleaseState::Shifting,
+            },
+            stage: String::new(),
+            step: 0,
+            percent: 0,
+            traffic_moved: false,
+            paused: false,
+            started_ms: now_ms(),
+            ended_ms: None,
+            reason: None,
+            extra_env: request.extra_env,
+            verdict: None,
+            step_ends_ms: None,
+            first: plan.first,
+        }
+    }
+
+    /// What the release's first event says: what goes where, from what, and how.
+    pub fn start_message(&self) -> String {
+        let version = self.version.as_deref().unwrap_or("shift");
+        let (color, live) = (self.color, self.from_color);
+        let from = match &self.from_version {
+            Some(version) => format!("{live} {version}"),
+            None if self.first => "nothing".to_string(),
+            None => format!("{live} ?"),
+        };
+        if self.first {
+            format!(
+                "release started: {version} to {color} (from {from}); first release: no baseline to compare with, switching at once"
+            )
+        } else {
+            format!(
+                "release started: {version} to {color} (from {from}), strategy {}, {} of planned holds",
+                self.strategy.describe(),
+                crate::duration::format(self.strategy.planned())
+            )
+        }
+    }
+
     /// The record as the store keeps it.
     pub fn to_stored(&self) -> StoredRelease {
         StoredRelease {
@@ -116,6 +177,16 @@ impl Release {
         release.revision = stored.revision;
         Ok(release)
     }
+}
+
+/// How a release will run.
+#[derive(Debug, PartialEq)]
+pub struct ReleasePlan {
+    pub color: Color,
+    pub from: Color,
+    /// The live color runs nothing: there is no baseline to compare with, so the release
+    /// switches at once instead of shifting step by step.
+    pub first: bool,
 }
 
 /// What operators ask of a running release.
