@@ -955,3 +955,104 @@ async fn until_aborted<T>(
         reason = aborted => Err(Stop::Aborted(reason)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Holds on paused tokio time: a 30 s hold takes no wall time to test.
+
+    use std::time::Duration;
+
+    use bluegreen_router::Color;
+    use tokio::sync::watch;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::controller::release_record::ReleasePlan;
+    use crate::daemon::Daemon;
+
+    /// A real controller (SQLite in a temp folder, the embedded router, not serving) whose
+    /// analysis goes on without traffic.
+    async fn controller(dir: &std::path::Path) -> Arc<Controller> {
+        let text = "service: web\nrouter: { listen: 127.0.0.1:0, admin: .bluegreen/admin.sock }\n\
+                    environments:\n  blue: { upstreams: [\"127.0.0.1:9\"] }\n  green: { upstreams: [\"127.0.0.1:9\"] }\n\
+                    analysis: { interval: 1s, on_too_few_requests: proceed }\n";
+        let config = Config::parse(text, dir).expect("a valid config");
+        crate::daemon::create_private_dir(&config.state_dir).unwrap();
+        let daemon = Daemon::build(config, "127.0.0.1:0".parse().unwrap(), None)
+            .await
+            .expect("the daemon builds");
+        daemon.controller
+    }
+
+    fn shift() -> Release {
+        let request = ReleaseRequest {
+            kind: ReleaseKind::Shift,
+            version: None,
+            strategy: None,
+            extra_env: Default::default(),
+            to: Some(Color::Green),
+        };
+        let plan = ReleasePlan {
+            color: Color::Green,
+            from: Color::Blue,
+            first: false,
+        };
+        Release::new(request, &plan, Strategy::instant(), None, None)
+    }
+
+    fn hold_in_background(
+        controller: Arc<Controller>,
+        hold: Hold,
+    ) -> (watch::Sender<Control>, JoinHandle<Result<Held, Stop>>) {
+        let (control, mut receiver) = watch::channel(Control::default());
+        let held = tokio::spawn(async move {
+            let mut release = shift();
+            controller
+                .hold(&mut release, &mut receiver, hold, &mut None, &mut 0)
+                .await
+        });
+        (control, held)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_hold_counts_only_the_time_it_was_not_paused() {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller(dir.path()).await;
+        let (control, held) = hold_in_background(controller, Hold::For(Duration::from_secs(30)));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        control.send_modify(|c| c.paused = true);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!held.is_finished(), "paused: the hold does not run out");
+        control.send_modify(|c| c.paused = false);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(!held.is_finished(), "10 s were left when it paused");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(held.is_finished(), "30 s of unpaused hold are over");
+        assert!(held.await.unwrap() == Ok(Held::Done));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_manual_hold_waits_for_promote_and_an_abort_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller(dir.path()).await;
+        let (control, held) = hold_in_background(Arc::clone(&controller), Hold::UntilPromoted);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(
+            !held.is_finished(),
+            "an hour later it still waits for promote"
+        );
+        control.send_modify(|c| {
+            c.promotions += 1;
+            c.full = true;
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(held.await.unwrap() == Ok(Held::Full));
+
+        let (control, held) = hold_in_background(controller, Hold::For(Duration::from_secs(600)));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        control.send_modify(|c| c.abort = Some("by hand".into()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(held.await.unwrap() == Err(Stop::Aborted("by hand".into())));
+    }
+}
