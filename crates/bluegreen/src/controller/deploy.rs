@@ -217,20 +217,20 @@ impl Controller {
     /// Arms the timer that stops a warm old color at `at_ms`, unless it takes traffic again or
     /// is redeployed by then.
     pub(crate) fn schedule_scale_down(self: &Arc<Self>, color: Color, at_ms: i64) {
-        let daemon = Arc::downgrade(self);
+        let controller = Arc::downgrade(self);
         tokio::spawn(async move {
             let wait = (at_ms - now_ms()).max(0) as u64;
             tokio::time::sleep(Duration::from_millis(wait)).await;
-            let Some(daemon) = daemon.upgrade() else {
+            let Some(controller) = controller.upgrade() else {
                 return;
             };
-            let _exclusive = daemon.exclusive.lock().await;
-            let record = daemon.environment(color);
+            let _exclusive = controller.exclusive.lock().await;
+            let record = controller.environment(color);
             if record.scale_down_at_ms != Some(at_ms) {
                 return; // redeployed or rescheduled since
             }
-            if daemon.plane.split().weight(color) > 0 {
-                let _ = daemon
+            if controller.plane.split().weight(color) > 0 {
+                let _ = controller
                     .update_environment(color, None, |record| {
                         record.scale_down_at_ms = None;
                         Some((
@@ -241,7 +241,7 @@ impl Controller {
                     .await;
                 return;
             }
-            daemon.clean_up(color).await;
+            controller.clean_up(color).await;
         });
     }
 

@@ -376,16 +376,16 @@ impl Controller {
                 });
             }
         }
-        let daemon = Arc::downgrade(self);
+        let controller = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let Some(daemon) = daemon.upgrade() else {
+                let Some(controller) = controller.upgrade() else {
                     break;
                 };
-                let snapshots = daemon.snapshots();
-                daemon
+                let snapshots = controller.snapshots();
+                controller
                     .history
                     .lock()
                     .expect("lock")
