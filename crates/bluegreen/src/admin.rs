@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
 use crate::controller::release::{ReleaseKind, ReleaseRequest};
+use crate::controller::reload::ReloadError;
 use crate::controller::{Command, CommandError, Controller, Gate};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
@@ -572,6 +573,36 @@ async fn metrics(State(controller): State<Arc<Controller>>) -> Response {
         .into_response()
 }
 
+/// `POST /v1/reload`: the config file read again and put in force, or nothing changed (400
+/// with every issue of an invalid file, 409 with what cannot change in place).
+async fn reload(State(controller): State<Arc<Controller>>) -> Response {
+    match controller.reload().await {
+        Ok(message) => Json(json!({ "message": message })).into_response(),
+        Err(ReloadError::Invalid { path, issues }) => {
+            let message = format!(
+                "{path} is invalid; the running config stays in force:\n{}",
+                issues
+                    .iter()
+                    .map(|i| format!("  - {i}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            let issues: Vec<_> = issues
+                .iter()
+                .map(|i| json!({ "field": i.path, "message": i.message }))
+                .collect();
+            let body = json!({ "error": { "status": 400, "field": null, "message": message, "issues": issues } });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
+        Err(refused @ ReloadError::Refused(_)) => ApiError {
+            status: StatusCode::CONFLICT,
+            field: None,
+            message: refused.to_string(),
+        }
+        .into_response(),
+    }
+}
+
 async fn switch(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -673,6 +704,7 @@ fn routes(controller: Arc<Controller>) -> Routes {
     Routes::new()
         .route("/v1/status", get(status))
         .route("/v1/switch", post(switch))
+        .route("/v1/reload", post(reload))
         .route("/v1/weights", post(weights))
         .route("/v1/rollback", post(rollback))
         .route("/v1/upstreams", post(upstreams))

@@ -23,6 +23,7 @@ impl Daemon {
     /// Builds the router from the config and the saved state (which wins over `initial_live`).
     pub async fn build(
         config: Config,
+        config_path: Option<std::path::PathBuf>,
         listen: SocketAddr,
         dashboard: Option<SocketAddr>,
     ) -> Result<Daemon, String> {
@@ -35,7 +36,11 @@ impl Daemon {
             router.clone(),
             preview_route(&config, listen),
         ));
-        let endpoints = Endpoints { listen, dashboard };
+        let endpoints = Endpoints {
+            listen,
+            dashboard,
+            config: config_path,
+        };
         let controller = Controller::open(config, store, plane, endpoints, state).await?;
         Ok(Daemon {
             controller: Arc::new(controller),

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::upstream::{Thresholds, Upstream};
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct HealthSettings {
     /// Path requested on each upstream; a 2xx or 3xx answer is healthy.
     pub path: String,

@@ -29,7 +29,7 @@ use crate::upstream::Upstream;
 use crate::websocket;
 
 /// Which forwarding headers the router sets on upstream requests.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ForwardedHeaders {
     pub x_forwarded_for: bool,
     pub x_forwarded_proto: bool,

@@ -29,7 +29,7 @@ use crate::table::{Color, Pool, PreviewRule, RoutingTable, Split, StickyRule};
 use crate::upstream::{Health, Upstream};
 
 /// Certificate chain and private key, PEM files, for serving HTTPS (h2 and http/1.1 by ALPN).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,

@@ -58,8 +58,10 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 pub enum Commands {
-    /// Start the daemon in the foreground: router, controller, admin API, dashboard (Ctrl-C or SIGTERM stops it gracefully).
+    /// Start the daemon in the foreground: router, controller, admin API, dashboard (Ctrl-C or SIGTERM stops it gracefully; SIGHUP reloads the config).
     Up,
+    /// Read the config file again and put it in force without dropping a request; an invalid file changes nothing (every issue is listed).
+    Reload,
     /// Write a commented bluegreen.yaml that runs the example app (edit it for your service).
     Init {
         /// Overwrite an existing file.
@@ -255,6 +257,7 @@ fn parse_color(text: &str) -> Result<Color, String> {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
         Commands::Up => up(&cli).await,
+        Commands::Reload => reload(&cli).await,
         Commands::Check => check(&cli),
         Commands::Switch(args)
         | Commands::Router {
@@ -508,11 +511,14 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         Some((listener, _)) => Some(listener.local_addr().map_err(|e| failure(e.to_string()))?),
         None => None,
     };
-    let daemon = Daemon::build(config, listen, dashboard_addr)
+    let config_path = std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone());
+    let daemon = Daemon::build(config, Some(config_path), listen, dashboard_addr)
         .await
         .map_err(failure)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| failure(e.to_string()))?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
+    // SIGHUP reloads the config, as it does nginx and HAProxy; it never stops the daemon.
+    let mut hangup = signal(SignalKind::hangup()).map_err(|e| failure(e.to_string()))?;
 
     daemon.router.start_health_checks().await;
     let table = daemon.router.table();
@@ -541,13 +547,16 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         ))
     });
     announce(&daemon, listen, &admin_endpoint).await;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = hangup.recv() => reload_on_signal(&daemon.controller).await,
+        }
     }
     println!(
         "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
-        daemon.controller.config.router.drain_timeout.as_secs_f32()
+        daemon.controller.config().router.drain_timeout.as_secs_f32()
     );
     tokio::select! {
         _ = drain(cli, &daemon) => {}
@@ -566,6 +575,41 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     }
     println!("bluegreen: stopped");
     Ok(())
+}
+
+/// `bluegreen reload`: exit 3 when the file is invalid, 4 when it changes what cannot change
+/// in place; nothing changed in either case.
+async fn reload(cli: &Cli) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let (status, body) = client.call(Method::POST, "/v1/reload", Some(json!({}))).await?;
+    if status == http::StatusCode::BAD_REQUEST {
+        let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let message = answer["error"]["message"]
+            .as_str()
+            .unwrap_or("the config is invalid")
+            .to_string();
+        return Err(CliError::new(exit::BAD_CONFIG, message));
+    }
+    let outcome = expect_ok((status, body))?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&outcome).expect("json")),
+        Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("reloaded")),
+    }
+    Ok(())
+}
+
+/// SIGHUP: the config read again; what went wrong is logged, and the daemon keeps serving.
+async fn reload_on_signal(controller: &crate::controller::Controller) {
+    match controller.reload().await {
+        Ok(message) => tracing::info!("{message}"),
+        Err(crate::controller::reload::ReloadError::Invalid { path, issues }) => {
+            tracing::error!("reload refused: {path} is invalid; the running config stays in force");
+            for issue in issues {
+                tracing::error!("  {issue}");
+            }
+        }
+        Err(e) => tracing::error!("reload refused: {e}"),
+    }
 }
 
 /// The dashboard's listener and token, when the dashboard is enabled.
@@ -606,8 +650,8 @@ async fn announce(daemon: &Daemon, listen: std::net::SocketAddr, admin_endpoint:
         .collect();
     println!(
         "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}{}",
-        daemon.controller.config.service,
-        if daemon.controller.config.router.tls.is_some() {
+        daemon.controller.config().service,
+        if daemon.controller.config().router.tls.is_some() {
             "https"
         } else {
             "http"

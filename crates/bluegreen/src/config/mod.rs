@@ -257,7 +257,7 @@ impl fmt::Display for AdminEndpoint {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreviewConfig {
     pub header: HeaderName,
     pub cookie: String,
@@ -265,7 +265,7 @@ pub struct PreviewConfig {
     pub secret_header: HeaderName,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
     pub listen: SocketAddr,
     pub admin: AdminEndpoint,
@@ -300,7 +300,7 @@ pub struct Config {
 
 /// The web dashboard: where it listens, and the file holding the token its buttons need
 /// (created with a random token on first start when it does not exist).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DashboardConfig {
     pub listen: SocketAddr,
     pub token_file: PathBuf,

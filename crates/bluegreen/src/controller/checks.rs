@@ -112,13 +112,14 @@ impl Controller {
         color: Color,
         release: Option<&Release>,
     ) -> Result<Vec<CheckResult>, CommandError> {
-        let test = &self.config.controller.test;
-        let Some(preview) = &self.config.router.preview else {
+        let config = self.config();
+        let test = &config.controller.test;
+        let Some(preview) = &config.router.preview else {
             return Err(CommandError::Refused(
                 "router.preview is disabled; tests reach the idle color through it. Enable router.preview".into(),
             ));
         };
-        let tls = match &self.config.router.tls {
+        let tls = match &config.router.tls {
             Some(files) => Some(
                 own_certificate_client(&files.cert)
                     .map_err(|e| CommandError::Failed(format!("router.tls.cert: {e}")))?,

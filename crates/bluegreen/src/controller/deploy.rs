@@ -37,7 +37,7 @@ impl Controller {
                 color.other()
             )));
         }
-        let spec = self.spec(color).clone();
+        let spec = self.spec(color);
         let started = Instant::now();
         let mut record = self
             .update_environment(color, release, |record| {
@@ -103,7 +103,7 @@ impl Controller {
         DeployRequest {
             color,
             version: record.version.clone().unwrap_or_default(),
-            spec: self.spec(color).clone(),
+            spec: self.spec(color),
             extra_env: record.extra_env.clone(),
             facts,
             logs_dir: self.logs_dir.clone(),
@@ -191,7 +191,7 @@ impl Controller {
         }
         let request = StopRequest {
             color,
-            spec: self.spec(color).clone(),
+            spec: self.spec(color),
             facts: self.facts(color, None),
             logs_dir: self.logs_dir.clone(),
         };

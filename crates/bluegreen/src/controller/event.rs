@@ -37,6 +37,8 @@ pub enum EventKind {
     Hook,
     Test,
     Warning,
+    /// The config file was read again and put in force.
+    Reload,
     /// An operator's gate on a running release.
     Gate(Gate),
 }
@@ -95,6 +97,7 @@ impl EventKind {
             EventKind::Hook => "hook",
             EventKind::Test => "test",
             EventKind::Warning => "warning",
+            EventKind::Reload => "reload",
             EventKind::Gate(gate) => gate.as_str(),
         }
     }

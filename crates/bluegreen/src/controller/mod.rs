@@ -10,6 +10,7 @@ pub mod hooks;
 pub mod provider;
 pub mod release;
 pub mod release_record;
+pub mod reload;
 pub mod traffic;
 mod views;
 
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bluegreen_router::{Color, ColorSnapshot};
+use arc_swap::ArcSwap;
 use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -45,17 +47,22 @@ pub use traffic::Weights;
 /// How many one-second samples of the router's counters are kept (ten minutes).
 const HISTORY_SECONDS: usize = 600;
 
-/// Where the daemon can be reached, for `bluegreen status`.
+/// Where the daemon can be reached, for `bluegreen status`, and where its config lives.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
     pub listen: SocketAddr,
     pub dashboard: Option<SocketAddr>,
+    /// The config file `reload` reads again (none: built in a test from text).
+    pub config: Option<PathBuf>,
 }
 
 /// The control plane: owns the state store, the providers' supervisor and the data plane,
 /// and turns operators' commands into recorded changes and then into effects.
 pub struct Controller {
-    pub config: Config,
+    /// The config in force: swapped whole by a reload, read whole by each use.
+    config: ArcSwap<Config>,
+    /// Where the config was read from, for `reload`.
+    config_path: Option<PathBuf>,
     pub(crate) store: Arc<dyn StateStore>,
     pub(crate) plane: Arc<dyn DataPlane>,
     pub endpoints: Endpoints,
@@ -113,7 +120,8 @@ impl Controller {
         let logs_dir = config.state_dir.join("logs");
         let providers = providers_for(&config);
         Ok(Controller {
-            config,
+            config: ArcSwap::from_pointee(config),
+            config_path: endpoints.config.clone(),
             store,
             plane,
             endpoints,
@@ -171,8 +179,13 @@ fn providers_for(config: &Config) -> [Arc<dyn Provider>; 2] {
 }
 
 impl Controller {
-    fn spec(&self, color: Color) -> &EnvironmentSpec {
-        self.config.controller.environment(color)
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    fn spec(&self, color: Color) -> EnvironmentSpec {
+        self.config().controller.environment(color).clone()
     }
 
     /// The provider that runs `color`'s instances.
@@ -189,7 +202,7 @@ impl Controller {
     pub fn environments(&self) -> Vec<EnvironmentView> {
         Color::ALL
             .into_iter()
-            .map(|color| EnvironmentView::new(self.environment(color), self.spec(color).clone()))
+            .map(|color| EnvironmentView::new(self.environment(color), self.spec(color)))
             .collect()
     }
 
@@ -245,11 +258,12 @@ impl Controller {
     /// After an event is stored: live watchers (`/v1/stream`) and the webhook hear of it.
     pub(crate) async fn notify(&self, kind: EventKind, message: &str, release: Option<i64>) {
         self.publish_events().await;
-        if let Some(webhook) = &self.config.controller.webhook {
+        let config = self.config();
+        if let Some(webhook) = &config.controller.webhook {
             hooks::notify(
                 webhook,
                 serde_json::json!({
-                    "service": self.config.service,
+                    "service": config.service,
                     "kind": kind.as_str(),
                     "message": message,
                     "release_id": release,
@@ -283,7 +297,7 @@ impl Controller {
     pub async fn snapshot(&self) -> serde_json::Value {
         let split = self.plane.split();
         serde_json::json!({
-            "service": self.config.service,
+            "service": self.config().service,
             "at_ms": now_ms(),
             "live": split.sole_color(),
             "weights": Weights::from(split),
@@ -299,7 +313,7 @@ impl Controller {
         let from = color.other();
         let preview = self.plane.preview();
         Facts {
-            service: self.config.service.clone(),
+            service: self.config().service.clone(),
             release_id: release.map(|r| r.id),
             version: release.and_then(|r| r.version.clone()).or(env.version),
             color: Some(color.to_string()),
@@ -327,7 +341,8 @@ impl Controller {
         facts: &Facts,
         release: Option<i64>,
     ) -> Result<(), String> {
-        let Some(argv) = self.config.controller.hooks.commands.get(&point) else {
+        let config = self.config();
+        let Some(argv) = config.controller.hooks.commands.get(&point) else {
             return Ok(());
         };
         let log = self.logs_dir.join("hooks.log");
@@ -337,7 +352,7 @@ impl Controller {
             argv,
             facts,
             &[],
-            self.config.controller.hooks.timeout,
+            config.controller.hooks.timeout,
             &log,
         )
         .await;

@@ -167,7 +167,7 @@ impl Controller {
         let strategy = if plan.first {
             Strategy::instant()
         } else {
-            self.config
+            self.config()
                 .controller
                 .strategy(request.strategy.as_deref())
                 .map_err(CommandError::Refused)?
@@ -391,7 +391,7 @@ impl Controller {
         control: &mut watch::Receiver<Control>,
     ) -> Result<(), Stop> {
         let stages = match release.kind {
-            ReleaseKind::Release => self.config.controller.pipeline.clone(),
+            ReleaseKind::Release => self.config().controller.pipeline.clone(),
             ReleaseKind::Shift => vec![Stage::Switch],
         };
         for stage in stages {
@@ -478,7 +478,7 @@ impl Controller {
         let facts = self.facts(release.color, Some(release));
         let moved = release.traffic_moved;
         let log = self.logs_dir.join("hooks.log");
-        let timeout = self.config.controller.hooks.timeout;
+        let timeout = self.config().controller.hooks.timeout;
         let work = async {
             super::hooks::run(name, argv, &facts, &[], timeout, &log)
                 .await
@@ -516,7 +516,7 @@ impl Controller {
     /// The old color stays warm for `scale_down_delay`, then a timer cleans it up.
     async fn cleanup_stage(self: &Arc<Self>, release: &Release) -> Result<(), Stop> {
         let old = release.from_color;
-        let delay = self.config.controller.scale_down_delay;
+        let delay = self.config().controller.scale_down_delay;
         if self.environment(old).status == EnvironmentStatus::Stopped {
             return Ok(());
         }
@@ -613,7 +613,7 @@ impl Controller {
         }
         // A first release has nothing to go back to: watching it could only end in a
         // rollback to nothing.
-        let window = self.config.controller.monitor_window;
+        let window = self.config().controller.monitor_window;
         if !window.is_zero() && !release.first {
             release.state = ReleaseState::Monitoring;
             let message = format!(
@@ -664,7 +664,8 @@ impl Controller {
         baseline: &mut Option<WindowStats>,
         seen_promotions: &mut u64,
     ) -> Result<Held, Stop> {
-        let spec = &self.config.controller.analysis;
+        let config = self.config();
+        let spec = &config.controller.analysis;
         let color = release.color;
         let old = release.from_color;
         let started = Instant::now();
@@ -829,8 +830,8 @@ impl Controller {
             Recovery::Abandon { state, reason } => (state, reason),
             Recovery::RollBackTo { color, reason } => {
                 // Wait for the old color's instances to answer again before moving traffic back.
-                let spec = self.config.controller.environment(color);
-                let _ = self.wait_healthy(color, 1, spec.ready_timeout).await;
+                let ready_timeout = self.spec(color).ready_timeout;
+                let _ = self.wait_healthy(color, 1, ready_timeout).await;
                 match self.apply_internal(Command::ReturnTo(color)).await {
                     Ok(_) => (ReleaseState::RolledBack, reason),
                     Err(e) => (
@@ -979,7 +980,7 @@ mod tests {
                     analysis: { interval: 1s, on_too_few_requests: proceed }\n";
         let config = Config::parse(text, dir).expect("a valid config");
         crate::daemon::create_private_dir(&config.state_dir).unwrap();
-        let daemon = Daemon::build(config, "127.0.0.1:0".parse().unwrap(), None)
+        let daemon = Daemon::build(config, None, "127.0.0.1:0".parse().unwrap(), None)
             .await
             .expect("the daemon builds");
         daemon.controller

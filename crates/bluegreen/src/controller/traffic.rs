@@ -58,9 +58,9 @@ impl Controller {
         let rollback_to = self.state.lock().await.value.rollback_to;
         let router = self.plane.status();
         ControllerStatus {
-            service: self.config.service.clone(),
+            service: self.config().service.clone(),
             listen: self.endpoints.listen,
-            admin: self.config.router.admin.to_string(),
+            admin: self.config().router.admin.to_string(),
             dashboard: self
                 .endpoints
                 .dashboard

@@ -53,7 +53,7 @@ impl Controller {
         let view = |color: Color| {
             serde_json::to_value(EnvironmentView::new(
                 self.environment(color),
-                self.spec(color).clone(),
+                self.spec(color),
             ))
             .expect("views serialize")
         };

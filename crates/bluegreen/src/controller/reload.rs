@@ -1,0 +1,169 @@
+//! Config reload: the whole file read and validated again, compared with the config in force, and put in force whole — or nothing changes.
+
+use std::sync::Arc;
+
+use bluegreen_router::Color;
+
+use super::{Controller, EventKind};
+use crate::config::{Config, ConfigError, ConfigIssue};
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not parse or validate: every issue, each naming its key.
+    #[error("{path}: the config is invalid ({} issue(s)); the running config stays in force", issues.len())]
+    Invalid {
+        path: String,
+        issues: Vec<ConfigIssue>,
+    },
+    /// The file could not be read, or it changes what cannot change while the daemon runs.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl Controller {
+    /// Reads the config file again. A valid config that changes only what can change in
+    /// place (strategies, release, analysis, tests, hooks, webhook, the apps' specs) is put
+    /// in force at once — a running release keeps the settings it started with where it
+    /// copied them, and the next deploy or release uses the new ones. Anything else is
+    /// refused whole, with every reason.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        let Some(path) = &self.config_path else {
+            return Err(ReloadError::Refused(
+                "this daemon was not started from a config file; nothing to read again".into(),
+            ));
+        };
+        let new = Config::load(path).map_err(|e| match e {
+            ConfigError::Invalid { path, issues } => ReloadError::Invalid {
+                path: path.display().to_string(),
+                issues,
+            },
+            other => ReloadError::Refused(format!("{other}; the running config stays in force")),
+        })?;
+        let old = self.config();
+        let fixed = fixed_changes(&old, &new);
+        if !fixed.is_empty() {
+            return Err(ReloadError::Refused(format!(
+                "{} cannot change while the daemon runs (restart it with the new config to change them); nothing was changed",
+                fixed.join(", ")
+            )));
+        }
+        let changed = changes_in_place(&old, &new);
+        if changed.is_empty() {
+            return Ok(format!(
+                "unchanged: {} is the config in force",
+                path.display()
+            ));
+        }
+        self.config.store(Arc::new(new));
+        let message = format!(
+            "config reloaded from {}: {} changed",
+            path.display(),
+            changed.join(", ")
+        );
+        self.event(EventKind::Reload, &message, None).await;
+        Ok(message)
+    }
+}
+
+/// What differs in the parts built into the running router, listeners and providers.
+fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut differs = |key: &str, same: bool| {
+        if !same {
+            changed.push(key.to_string());
+        }
+    };
+    differs("service", old.service == new.service);
+    differs("state_dir", old.state_dir == new.state_dir);
+    let (a, b) = (&old.router, &new.router);
+    differs("router.listen", a.listen == b.listen);
+    differs("router.admin", a.admin == b.admin);
+    differs("router.admin_token", a.admin_token == b.admin_token);
+    differs(
+        "router.connect_timeout",
+        a.connect_timeout == b.connect_timeout,
+    );
+    differs(
+        "router.upstream_timeout",
+        a.upstream_timeout == b.upstream_timeout,
+    );
+    differs("router.retries", a.retries == b.retries);
+    differs("router.drain_timeout", a.drain_timeout == b.drain_timeout);
+    differs(
+        "router.header_read_timeout",
+        a.header_read_timeout == b.header_read_timeout,
+    );
+    differs("router.idle_timeout", a.idle_timeout == b.idle_timeout);
+    differs(
+        "router.max_header_bytes",
+        a.max_header_bytes == b.max_header_bytes,
+    );
+    differs(
+        "router.max_connections",
+        a.max_connections == b.max_connections,
+    );
+    differs("router.tls", a.tls == b.tls);
+    differs("router.sticky_cookie", a.sticky_cookie == b.sticky_cookie);
+    differs("router.preview", a.preview == b.preview);
+    differs("router.forwarded", a.forwarded == b.forwarded);
+    // A router key this list does not name yet still counts.
+    let mut same_router = a.clone();
+    same_router.initial_live = b.initial_live;
+    if changed.is_empty() && same_router != *b {
+        changed.push("router".to_string());
+    }
+    differs("health", old.health == new.health);
+    differs("dashboard", old.dashboard == new.dashboard);
+    for color in Color::ALL {
+        differs(
+            &format!("environments.{color}.upstreams"),
+            old.upstreams[color.index()] == new.upstreams[color.index()],
+        );
+        differs(
+            &format!("app.provider ({color})"),
+            old.controller.environment(color).provider.kind()
+                == new.controller.environment(color).provider.kind(),
+        );
+    }
+    changed
+}
+
+/// What differs in the parts read afresh at each use.
+fn changes_in_place(old: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (&old.controller, &new.controller);
+    let mut changed = Vec::new();
+    let mut differs = |key: &str, same: bool| {
+        if !same {
+            changed.push(key.to_string());
+        }
+    };
+    for color in Color::ALL {
+        differs(
+            &format!("environments.{color}"),
+            a.environment(color) == b.environment(color),
+        );
+    }
+    differs("test", a.test == b.test);
+    differs("release.strategy", a.strategy == b.strategy);
+    differs("strategies", a.strategies == b.strategies);
+    differs("analysis", a.analysis == b.analysis);
+    differs("release.monitor_window", a.monitor_window == b.monitor_window);
+    differs(
+        "release.scale_down_delay",
+        a.scale_down_delay == b.scale_down_delay,
+    );
+    differs("release.pipeline", a.pipeline == b.pipeline);
+    differs("hooks", a.hooks == b.hooks);
+    let webhook = |c: &crate::config::controller::ControllerConfig| {
+        c.webhook
+            .as_ref()
+            .map(|w| (w.url.clone(), w.timeout, w.tls.is_some()))
+    };
+    differs("webhook", webhook(a) == webhook(b));
+    differs(
+        "router.initial_live",
+        old.router.initial_live == new.router.initial_live,
+    );
+    changed
+}
