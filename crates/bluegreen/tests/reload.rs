@@ -120,6 +120,20 @@ async fn an_invalid_or_unchangeable_config_changes_nothing() {
     assert!(said.contains("analysis.interval"), "{said}");
     assert!(said.contains("release.strategy"), "{said}");
     assert!(said.contains("the running config stays in force"), "{said}");
+    // The daemon itself refuses it the same way, listing every issue by its key.
+    let (code, answer) = daemon.admin("POST", "/v1/reload", Some("{}")).await;
+    assert_eq!(code, 400, "{answer}");
+    let fields: Vec<&str> = answer["error"]["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        ["release.strategy", "analysis.interval"],
+        "{answer}"
+    );
 
     // SIGHUP with the same bad file: logged, and the daemon keeps serving.
     let hup = std::process::Command::new("kill")

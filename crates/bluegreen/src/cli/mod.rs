@@ -556,7 +556,12 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
     }
     println!(
         "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
-        daemon.controller.config().router.drain_timeout.as_secs_f32()
+        daemon
+            .controller
+            .config()
+            .router
+            .drain_timeout
+            .as_secs_f32()
     );
     tokio::select! {
         _ = drain(cli, &daemon) => {}
@@ -580,8 +585,20 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
 /// `bluegreen reload`: exit 3 when the file is invalid, 4 when it changes what cannot change
 /// in place; nothing changed in either case.
 async fn reload(cli: &Cli) -> Result<(), CliError> {
-    let client = admin_client(cli)?;
-    let (status, body) = client.call(Method::POST, "/v1/reload", Some(json!({}))).await?;
+    // The admin endpoint comes from the same file: an invalid one stops here, before the
+    // daemon is asked, and the daemon's config is untouched.
+    let client = admin_client(cli).map_err(|mut e| {
+        if e.code == exit::BAD_CONFIG {
+            e.message = format!(
+                "{}\nthe running config stays in force (the daemon was not asked to reload)",
+                e.message
+            );
+        }
+        e
+    })?;
+    let (status, body) = client
+        .call(Method::POST, "/v1/reload", Some(json!({})))
+        .await?;
     if status == http::StatusCode::BAD_REQUEST {
         let answer: Value = serde_json::from_slice(&body).unwrap_or_default();
         let message = answer["error"]["message"]

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bluegreen_router::{Color, ColorSnapshot};
 use arc_swap::ArcSwap;
+use bluegreen_router::{Color, ColorSnapshot};
 use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::watch;

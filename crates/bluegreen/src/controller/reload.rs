@@ -107,12 +107,6 @@ fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
     differs("router.sticky_cookie", a.sticky_cookie == b.sticky_cookie);
     differs("router.preview", a.preview == b.preview);
     differs("router.forwarded", a.forwarded == b.forwarded);
-    // A router key this list does not name yet still counts.
-    let mut same_router = a.clone();
-    same_router.initial_live = b.initial_live;
-    if changed.is_empty() && same_router != *b {
-        changed.push("router".to_string());
-    }
     differs("health", old.health == new.health);
     differs("dashboard", old.dashboard == new.dashboard);
     for color in Color::ALL {
@@ -125,6 +119,12 @@ fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
             old.controller.environment(color).provider.kind()
                 == new.controller.environment(color).provider.kind(),
         );
+    }
+    // A router key the list above does not name yet still counts.
+    let mut same_router = a.clone();
+    same_router.initial_live = b.initial_live;
+    if same_router != *b && !changed.iter().any(|k| k.starts_with("router.")) {
+        changed.push("router".to_string());
     }
     changed
 }
@@ -148,7 +148,10 @@ fn changes_in_place(old: &Config, new: &Config) -> Vec<String> {
     differs("release.strategy", a.strategy == b.strategy);
     differs("strategies", a.strategies == b.strategies);
     differs("analysis", a.analysis == b.analysis);
-    differs("release.monitor_window", a.monitor_window == b.monitor_window);
+    differs(
+        "release.monitor_window",
+        a.monitor_window == b.monitor_window,
+    );
     differs(
         "release.scale_down_delay",
         a.scale_down_delay == b.scale_down_delay,
