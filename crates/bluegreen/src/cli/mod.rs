@@ -492,14 +492,7 @@ pub(crate) fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
 async fn up(cli: &Cli) -> Result<(), CliError> {
     let config = Config::load(&cli.config)?;
     let failure = |message: String| CliError::new(exit::FAILURE, message);
-    let listener = tokio::net::TcpListener::bind(config.router.listen)
-        .await
-        .map_err(|e| {
-            failure(format!(
-                "router.listen: cannot bind {}: {e}",
-                config.router.listen
-            ))
-        })?;
+    let listener = router_listener(&config).await.map_err(failure)?;
     let listen = listener.local_addr().map_err(|e| failure(e.to_string()))?;
     crate::daemon::create_private_dir(&config.state_dir).map_err(failure)?;
     let admin_endpoint = config.router.admin.clone();
@@ -547,6 +540,8 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
         ))
     });
     announce(&daemon, listen, &admin_endpoint).await;
+    // Under systemd (`Type=notify`): ready once the router serves. Outside it, a no-op.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -554,6 +549,7 @@ async fn up(cli: &Cli) -> Result<(), CliError> {
             _ = hangup.recv() => reload_on_signal(&daemon.controller).await,
         }
     }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     println!(
         "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
         daemon
@@ -617,7 +613,12 @@ async fn reload(cli: &Cli) -> Result<(), CliError> {
 
 /// SIGHUP: the config read again; what went wrong is logged, and the daemon keeps serving.
 async fn reload_on_signal(controller: &crate::controller::Controller) {
-    match controller.reload().await {
+    let reloading = [sd_notify::NotifyState::Reloading];
+    let stamp = sd_notify::NotifyState::monotonic_usec_now().ok();
+    let _ = sd_notify::notify(false, &[reloading.as_slice(), stamp.as_slice()].concat());
+    let outcome = controller.reload().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    match outcome {
         Ok(message) => tracing::info!("{message}"),
         Err(crate::controller::reload::ReloadError::Invalid { path, issues }) => {
             tracing::error!("reload refused: {path} is invalid; the running config stays in force");
@@ -627,6 +628,27 @@ async fn reload_on_signal(controller: &crate::controller::Controller) {
         }
         Err(e) => tracing::error!("reload refused: {e}"),
     }
+}
+
+/// The router's listening socket: the one systemd passed (socket activation, `LISTEN_FDS`),
+/// so that connections wait in its backlog across a restart; else `router.listen`, bound now.
+async fn router_listener(config: &Config) -> Result<tokio::net::TcpListener, String> {
+    let mut activation = listenfd::ListenFd::from_env();
+    let passed = activation.take_tcp_listener(0).map_err(|e| {
+        format!("the socket systemd passed (LISTEN_FDS) is not a TCP listener: {e}")
+    })?;
+    if let Some(listener) = passed {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("the socket systemd passed: {e}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| format!("the socket systemd passed: {e}"))?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving on the socket systemd passed (router.listen is not bound)");
+        return Ok(listener);
+    }
+    tokio::net::TcpListener::bind(config.router.listen)
+        .await
+        .map_err(|e| format!("router.listen: cannot bind {}: {e}", config.router.listen))
 }
 
 /// The dashboard's listener and token, when the dashboard is enabled.

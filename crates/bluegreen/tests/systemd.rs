@@ -1,0 +1,221 @@
+//! Under systemd: socket activation (the listening socket outlives the daemon, so a restart refuses no connection) and `Type=notify` readiness, reload and stop notices.
+
+mod support;
+
+use std::net::TcpListener;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{BIN, Backend, config, fresh_connection_client, get};
+
+/// Starts `bluegreen up` the way systemd does with socket activation: the socket it holds is
+/// fd 3, `LISTEN_FDS=1`, `LISTEN_PID` the daemon's own pid (sh execs into bluegreen, so `$$`
+/// is that pid).
+fn start_activated(listener: &TcpListener, dir: &std::path::Path) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemon.log"))
+        .unwrap();
+    Command::new("sh")
+        .arg("-c")
+        .arg("exec 3<&0 0</dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec \"$0\" --config \"$1\" up")
+        .arg(BIN)
+        .arg(dir.join("bluegreen.yaml"))
+        .current_dir(dir)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            listener.try_clone().unwrap(),
+        )))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Clients that open a new connection for every request, as a load balancer's health checks
+/// and most HTTP/1.0-era clients do: each gets its answer, or counts as failed.
+fn new_connection_clients(
+    url: String,
+    clients: usize,
+) -> (
+    Arc<AtomicBool>,
+    Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+) {
+    let running = Arc::new(AtomicBool::new(true));
+    let workers = (0..clients)
+        .map(|_| {
+            let running = Arc::clone(&running);
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = fresh_connection_client();
+                let (mut ok, mut failed) = (0, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while running.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match get(&client, &url, &[]).await {
+                        Ok((200, _, _)) => ok += 1,
+                        Ok((status, _, body)) => failed.push(format!("{status} {body}")),
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    (running, workers)
+}
+
+async fn wait_serving(url: &str) {
+    let client = fresh_connection_client();
+    for _ in 0..200 {
+        if let Ok((200, _, _)) = get(&client, url, &[]).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("bluegreen did not serve on the activated socket");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_under_socket_activation_refuses_no_connection() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The harness holds the socket, as systemd's bluegreen.socket does.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // router.listen names another port: the passed socket wins and that one is not bound.
+    let text = config(&[&blue], &[&green], "");
+    std::fs::write(dir.path().join("bluegreen.yaml"), &text).unwrap();
+    let url = format!("http://{addr}/");
+    let mut daemon = start_activated(&listener, dir.path());
+    wait_serving(&url).await;
+
+    let (running, workers) = new_connection_clients(url.clone(), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A plain restart: SIGTERM, then a new process on the same socket. Connections made
+    // meanwhile wait in the socket's backlog.
+    signal(&daemon, "TERM");
+    assert!(daemon.wait().unwrap().success(), "stops cleanly");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    daemon = start_activated(&listener, dir.path());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (o, f) = worker.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 50, "served across the restart: {ok}");
+    assert!(failed.is_empty(), "refused or failed: {failed:?}");
+
+    // kill -9: only what was in flight inside the killed process may fail, at most one
+    // request per client; everything after waits for the next start.
+    let (running, workers) = new_connection_clients(url.clone(), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&daemon, "KILL");
+    let _ = daemon.wait();
+    daemon = start_activated(&listener, dir.path());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (o, f) = worker.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(ok > 50, "served across the kill: {ok}");
+    assert!(
+        failed.len() <= 4,
+        "only requests in flight in the killed process fail: {failed:?}"
+    );
+    signal(&daemon, "TERM");
+    assert!(daemon.wait().unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_hears_ready_reloading_and_stopping() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bluegreen.yaml"),
+        config(&[&blue], &[&green], ""),
+    )
+    .unwrap();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut daemon = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("bluegreen.yaml"))
+        .arg("up")
+        .current_dir(dir.path())
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let next = || {
+        let mut buffer = [0u8; 512];
+        let n = notify.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..n]).trim_end().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    signal(&daemon, "HUP");
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(next(), "READY=1", "ready again after the reload");
+    signal(&daemon, "TERM");
+    assert_eq!(next(), "STOPPING=1");
+    assert!(daemon.wait().unwrap().success());
+}
+
+/// Debian's `systemd-socket-activate` (one start, as systemd's socket unit would).
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_socket_activate_starts_it_on_its_socket() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bluegreen.yaml"),
+        config(&[&blue], &[&green], ""),
+    )
+    .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = Command::new("systemd-socket-activate")
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(BIN)
+        .arg("--config")
+        .arg(dir.path().join("bluegreen.yaml"))
+        .arg("up")
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (Debian's systemd package) runs");
+    wait_serving(&format!("http://127.0.0.1:{port}/")).await;
+    signal(&daemon, "TERM");
+    assert!(daemon.wait().unwrap().success());
+}
