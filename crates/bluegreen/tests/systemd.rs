@@ -43,15 +43,12 @@ fn signal(child: &Child, name: &str) {
     assert!(sent.success());
 }
 
+/// A client's count of answers and what failed.
+type Worker = tokio::task::JoinHandle<(usize, Vec<String>)>;
+
 /// Clients that open a new connection for every request, as a load balancer's health checks
 /// and most HTTP/1.0-era clients do: each gets its answer, or counts as failed.
-fn new_connection_clients(
-    url: String,
-    clients: usize,
-) -> (
-    Arc<AtomicBool>,
-    Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
-) {
+fn new_connection_clients(url: String, clients: usize) -> (Arc<AtomicBool>, Vec<Worker>) {
     let running = Arc::new(AtomicBool::new(true));
     let workers = (0..clients)
         .map(|_| {
