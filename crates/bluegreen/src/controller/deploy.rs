@@ -143,6 +143,38 @@ impl Controller {
             .await
     }
 
+    /// A deploy that never proved healthy (aborted, or cut off by a restart): its instances
+    /// are stopped and the color is marked failed, so it does not stay "deploying".
+    pub(crate) async fn abandon_deploy(
+        &self,
+        color: Color,
+        release: Option<i64>,
+        kind: EventKind,
+        why: &str,
+    ) {
+        if self.environment(color).status != EnvironmentStatus::Deploying {
+            return;
+        }
+        self.provider(color).abandon(color).await;
+        let saved = self
+            .update_environment(color, release, |record| {
+                record.provider.mark_stopped();
+                record.status = EnvironmentStatus::Failed;
+                record.reason = Some(why.to_string());
+                Some((
+                    kind,
+                    format!(
+                        "{color} {}: {why}; its instances were stopped",
+                        record.version.as_deref().unwrap_or("")
+                    ),
+                ))
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "cannot record the abandoned deploy");
+        }
+    }
+
     /// Waits until `wanted` upstreams of `color` pass their health checks, or the color's
     /// instances crash-loop, or the time is up.
     pub(crate) async fn wait_healthy(

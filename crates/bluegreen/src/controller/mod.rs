@@ -554,27 +554,11 @@ impl Controller {
             }
         }
         self.settle_interrupted_release().await;
+        // A deploy the previous daemon did not finish: never proven healthy, so stopped.
         for color in Color::ALL {
-            if self.environment(color).status != EnvironmentStatus::Deploying {
-                continue;
-            }
-            // A deploy the previous daemon did not finish: never proven healthy, so stopped.
-            self.provider(color).abandon(color).await;
-            let saved = self.update_environment(color, None, |record| {
-                record.provider.mark_stopped();
-                record.status = EnvironmentStatus::Failed;
-                record.reason = Some("the deploy was interrupted by a daemon restart".into());
-                Some((
-                    EventKind::Recover,
-                    format!(
-                        "{color} {}: the deploy was interrupted by a daemon restart; its instances were stopped",
-                        record.version.as_deref().unwrap_or("")
-                    ),
-                ))
-            }).await;
-            if let Err(e) = saved {
-                tracing::error!(error = %e, "cannot record the interrupted deploy");
-            }
+            let why = "the deploy was interrupted by a daemon restart";
+            self.abandon_deploy(color, None, EventKind::Recover, why)
+                .await;
         }
     }
 

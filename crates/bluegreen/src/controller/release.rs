@@ -301,7 +301,9 @@ impl Controller {
         let _exclusive = self.exclusive.lock().await;
         let outcome = self.drive(&mut release, &mut control).await;
         if outcome.is_err() {
-            self.stop_unfinished_deploy(release.color, release.id).await;
+            let why = "the deploy was aborted";
+            self.abandon_deploy(release.color, Some(release.id), EventKind::Stopped, why)
+                .await;
         }
         let (state, reason) = match decide::ending(outcome, release.traffic_moved) {
             Ending::Succeeded => (ReleaseState::Succeeded, self.success_message(&release)),
@@ -787,32 +789,6 @@ impl Controller {
             tracing::warn!(error = %e, "on_rollback hook failed");
         }
         Ok(message)
-    }
-
-    /// A deploy cut off by an abort never proved healthy: its instances are stopped and the
-    /// color is marked failed, so it does not stay "deploying".
-    async fn stop_unfinished_deploy(&self, color: Color, release: i64) {
-        if self.environment(color).status != EnvironmentStatus::Deploying {
-            return;
-        }
-        self.provider(color).abandon(color).await;
-        let saved = self
-            .update_environment(color, Some(release), |record| {
-                record.provider.mark_stopped();
-                record.status = EnvironmentStatus::Failed;
-                record.reason = Some("the deploy was aborted".into());
-                Some((
-                    EventKind::Stopped,
-                    format!(
-                        "{color} {}: the deploy was aborted; its instances were stopped",
-                        record.version.as_deref().unwrap_or("")
-                    ),
-                ))
-            })
-            .await;
-        if let Err(e) = saved {
-            tracing::error!(error = %e, "cannot record the aborted deploy");
-        }
     }
 
     /// The rule for a release a previous daemon left unfinished (docs/lifecycle.md): before

@@ -66,107 +66,119 @@ impl Controller {
     }
 }
 
+/// The keys whose values differ, in the order they were compared.
+#[derive(Default)]
+struct Changed(Vec<String>);
+
+impl Changed {
+    fn compare<T: PartialEq + ?Sized>(&mut self, key: impl Into<String>, old: &T, new: &T) {
+        if old != new {
+            self.0.push(key.into());
+        }
+    }
+}
+
 /// What differs in the parts built into the running router, listeners and providers.
 fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
-    let mut changed = Vec::new();
-    let mut differs = |key: &str, same: bool| {
-        if !same {
-            changed.push(key.to_string());
-        }
-    };
-    differs("service", old.service == new.service);
-    differs("state_dir", old.state_dir == new.state_dir);
+    let mut changed = Changed::default();
+    changed.compare("service", &old.service, &new.service);
+    changed.compare("state_dir", &old.state_dir, &new.state_dir);
     let (a, b) = (&old.router, &new.router);
-    differs("router.listen", a.listen == b.listen);
-    differs("router.admin", a.admin == b.admin);
-    differs("router.admin_token", a.admin_token == b.admin_token);
-    differs(
+    changed.compare("router.listen", &a.listen, &b.listen);
+    changed.compare("router.admin", &a.admin, &b.admin);
+    changed.compare("router.admin_token", &a.admin_token, &b.admin_token);
+    changed.compare(
         "router.connect_timeout",
-        a.connect_timeout == b.connect_timeout,
+        &a.connect_timeout,
+        &b.connect_timeout,
     );
-    differs(
+    changed.compare(
         "router.upstream_timeout",
-        a.upstream_timeout == b.upstream_timeout,
+        &a.upstream_timeout,
+        &b.upstream_timeout,
     );
-    differs("router.retries", a.retries == b.retries);
-    differs("router.drain_timeout", a.drain_timeout == b.drain_timeout);
-    differs(
+    changed.compare("router.retries", &a.retries, &b.retries);
+    changed.compare("router.drain_timeout", &a.drain_timeout, &b.drain_timeout);
+    changed.compare(
         "router.header_read_timeout",
-        a.header_read_timeout == b.header_read_timeout,
+        &a.header_read_timeout,
+        &b.header_read_timeout,
     );
-    differs("router.idle_timeout", a.idle_timeout == b.idle_timeout);
-    differs(
+    changed.compare("router.idle_timeout", &a.idle_timeout, &b.idle_timeout);
+    changed.compare(
         "router.max_header_bytes",
-        a.max_header_bytes == b.max_header_bytes,
+        &a.max_header_bytes,
+        &b.max_header_bytes,
     );
-    differs(
+    changed.compare(
         "router.max_connections",
-        a.max_connections == b.max_connections,
+        &a.max_connections,
+        &b.max_connections,
     );
-    differs("router.tls", a.tls == b.tls);
-    differs("router.sticky_cookie", a.sticky_cookie == b.sticky_cookie);
-    differs("router.preview", a.preview == b.preview);
-    differs("router.forwarded", a.forwarded == b.forwarded);
-    differs("health", old.health == new.health);
-    differs("dashboard", old.dashboard == new.dashboard);
+    changed.compare("router.tls", &a.tls, &b.tls);
+    changed.compare("router.sticky_cookie", &a.sticky_cookie, &b.sticky_cookie);
+    changed.compare("router.preview", &a.preview, &b.preview);
+    changed.compare("router.forwarded", &a.forwarded, &b.forwarded);
+    changed.compare("health", &old.health, &new.health);
+    changed.compare("dashboard", &old.dashboard, &new.dashboard);
     for color in Color::ALL {
-        differs(
-            &format!("environments.{color}.upstreams"),
-            old.upstreams[color.index()] == new.upstreams[color.index()],
+        changed.compare(
+            format!("environments.{color}.upstreams"),
+            &old.upstreams[color.index()],
+            &new.upstreams[color.index()],
         );
-        differs(
-            &format!("app.provider ({color})"),
-            old.controller.environment(color).provider.kind()
-                == new.controller.environment(color).provider.kind(),
+        changed.compare(
+            format!("app.provider ({color})"),
+            &old.controller.environment(color).provider.kind(),
+            &new.controller.environment(color).provider.kind(),
         );
     }
     // A router key the list above does not name yet still counts.
     let mut same_router = a.clone();
     same_router.initial_live = b.initial_live;
-    if same_router != *b && !changed.iter().any(|k| k.starts_with("router.")) {
-        changed.push("router".to_string());
+    if same_router != *b && !changed.0.iter().any(|k| k.starts_with("router.")) {
+        changed.0.push("router".to_string());
     }
-    changed
+    changed.0
 }
 
 /// What differs in the parts read afresh at each use.
 fn changes_in_place(old: &Config, new: &Config) -> Vec<String> {
     let (a, b) = (&old.controller, &new.controller);
-    let mut changed = Vec::new();
-    let mut differs = |key: &str, same: bool| {
-        if !same {
-            changed.push(key.to_string());
-        }
-    };
+    let mut changed = Changed::default();
     for color in Color::ALL {
-        differs(
-            &format!("environments.{color}"),
-            a.environment(color) == b.environment(color),
+        changed.compare(
+            format!("environments.{color}"),
+            a.environment(color),
+            b.environment(color),
         );
     }
-    differs("test", a.test == b.test);
-    differs("release.strategy", a.strategy == b.strategy);
-    differs("strategies", a.strategies == b.strategies);
-    differs("analysis", a.analysis == b.analysis);
-    differs(
+    changed.compare("test", &a.test, &b.test);
+    changed.compare("release.strategy", &a.strategy, &b.strategy);
+    changed.compare("strategies", &a.strategies, &b.strategies);
+    changed.compare("analysis", &a.analysis, &b.analysis);
+    changed.compare(
         "release.monitor_window",
-        a.monitor_window == b.monitor_window,
+        &a.monitor_window,
+        &b.monitor_window,
     );
-    differs(
+    changed.compare(
         "release.scale_down_delay",
-        a.scale_down_delay == b.scale_down_delay,
+        &a.scale_down_delay,
+        &b.scale_down_delay,
     );
-    differs("release.pipeline", a.pipeline == b.pipeline);
-    differs("hooks", a.hooks == b.hooks);
+    changed.compare("release.pipeline", &a.pipeline, &b.pipeline);
+    changed.compare("hooks", &a.hooks, &b.hooks);
     let webhook = |c: &crate::config::controller::ControllerConfig| {
         c.webhook
             .as_ref()
             .map(|w| (w.url.clone(), w.timeout, w.tls.is_some()))
     };
-    differs("webhook", webhook(a) == webhook(b));
-    differs(
+    changed.compare("webhook", &webhook(a), &webhook(b));
+    changed.compare(
         "router.initial_live",
-        old.router.initial_live == new.router.initial_live,
+        &old.router.initial_live,
+        &new.router.initial_live,
     );
-    changed
+    changed.0
 }
