@@ -154,3 +154,52 @@ async fn upstream_connections_are_reused_and_closed_ones_are_replaced() {
     let metrics = daemon.status().await["colors"][0]["metrics"].clone();
     assert_eq!(metrics["upstream_errors"], 0, "{metrics}");
 }
+
+/// One raw HTTP/1.1 exchange; returns the response head.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).to_string();
+    text.split("\r\n\r\n").next().unwrap_or_default().to_string()
+}
+
+/// A client's bad input is the client's error: a broken chunked body gets 400 and is never
+/// a 5xx or an upstream error of the color (a client must not be able to push a canary over
+/// its error limit); CONNECT is answered by the router and never reaches an upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clients_broken_body_or_connect_is_its_own_error() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let served_before = blue.served();
+    for _ in 0..3 {
+        let head = raw_exchange(
+            daemon.addr,
+            b"POST /echo HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        assert!(head.contains("x-bluegreen-error: client-body"), "{head}");
+    }
+    let head = raw_exchange(
+        daemon.addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(head.contains("x-bluegreen-error: method-not-proxied"), "{head}");
+    let metrics = daemon.status().await["colors"][0]["metrics"].clone();
+    assert_eq!(metrics["responses_5xx"], 0, "{metrics}");
+    assert_eq!(metrics["upstream_errors"], 0, "{metrics}");
+    assert_eq!(metrics["responses_4xx"], 3, "the broken bodies count as 4xx: {metrics}");
+    assert!(
+        blue.served() <= served_before + 3,
+        "CONNECT never reached the upstream"
+    );
+    // The upstream was not ejected: it still serves.
+    let (code, served_by, _) = get(&client(), &daemon.url("/"), &[]).await.unwrap();
+    assert_eq!((code, served_by.as_str()), (200, "blue-1"));
+}

@@ -38,6 +38,13 @@ pub enum ProxyError {
     DrainTimeout { color: Color },
     #[error("router is shutting down")]
     ShuttingDown,
+    /// The client's own request body broke (a bad chunk, a connection cut mid-body): the
+    /// client's error, never counted against the color.
+    #[error("the request body could not be read: {reason}")]
+    ClientBody { reason: String },
+    /// CONNECT asks the router to be a tunnel to anywhere: answered here, never forwarded.
+    #[error("{method} is not proxied; bluegreen routes HTTP requests to its environments")]
+    MethodNotProxied { method: http::Method },
 }
 
 impl ProxyError {
@@ -50,6 +57,8 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotProxied { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -62,6 +71,8 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => "upstream-failed",
             ProxyError::DrainTimeout { .. } => "drain-timeout",
             ProxyError::ShuttingDown => "shutting-down",
+            ProxyError::ClientBody { .. } => "client-body",
+            ProxyError::MethodNotProxied { .. } => "method-not-proxied",
         }
     }
 

@@ -51,12 +51,22 @@ impl ConnPool {
         connect_timeout: Duration,
         mut request: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Sender), SendError> {
-        // Bounded: an upstream that closes every connection before reading must not keep
-        // this loop going.
-        for _ in 0..4 {
+        // Pooled connections that turn out closed cost nothing but the next try (there are at
+        // most MAX_IDLE of them); only new connections that the upstream closes before taking
+        // the request count against it, so stale keep-alive connections never eject it.
+        let mut new_connections = 0;
+        loop {
             let mut sender = match self.take() {
                 Some(sender) => sender,
-                None => connect(addr, connect_timeout).await?,
+                None if new_connections < 2 => {
+                    new_connections += 1;
+                    connect(addr, connect_timeout).await?
+                }
+                None => {
+                    return Err(SendError::Connect(format!(
+                        "{addr} closed every new connection before taking the request"
+                    )));
+                }
             };
             if sender.ready().await.is_err() {
                 continue;
@@ -69,9 +79,6 @@ impl ConnPool {
                 },
             }
         }
-        Err(SendError::Connect(format!(
-            "{addr} closed every connection before taking the request"
-        )))
     }
 
     /// Gives a connection back after its response was read to the end.

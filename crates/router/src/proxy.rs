@@ -138,6 +138,12 @@ impl Proxy {
         mut request: Request<Incoming>,
         conn: Arc<ClientConn>,
     ) -> Result<Response<ResponseBody>, Infallible> {
+        if request.method() == Method::CONNECT {
+            let refused = ProxyError::MethodNotProxied {
+                method: Method::CONNECT,
+            };
+            return Ok(refused.to_response());
+        }
         let started = Instant::now();
         let table = self.table.load_full();
         let route = route(&table, request.headers());
@@ -254,6 +260,10 @@ impl Proxy {
                 },
                 Ok(Err(failure)) => send_error(color, &upstream, failure),
             };
+            if let ProxyError::ClientBody { .. } = error {
+                guard.release_upstream();
+                return Err(error);
+            }
             color_metrics.upstream_error();
             guard.release_upstream();
             if !(may_retry && is_retryable(&error, idempotent))
@@ -489,6 +499,11 @@ fn send_error(color: Color, upstream: &Upstream, failure: SendError) -> ProxyErr
                 reason,
             }
         }
+        // hyper reports a failure of the body it was sending as the user's: the body is the
+        // client's, streamed through, so the client broke it, not the upstream.
+        SendError::Failed(error) if error.is_user() => ProxyError::ClientBody {
+            reason: error_chain(&error),
+        },
         SendError::Failed(error) => ProxyError::UpstreamFailed {
             color,
             addr: upstream.addr,
