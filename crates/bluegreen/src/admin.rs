@@ -57,9 +57,26 @@ impl From<CommandError> for ApiError {
     }
 }
 
+/// The longest field path or message an error carries: a refused value is quoted only in
+/// part, so a caller's megabyte is never sent back (or logged) whole.
+const ERROR_TEXT_LIMIT: usize = 300;
+
+fn excerpt(text: String) -> String {
+    if text.len() <= ERROR_TEXT_LIMIT {
+        return text;
+    }
+    let mut end = ERROR_TEXT_LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "status": self.status.as_u16(), "field": self.field, "message": self.message } });
+        let field = self.field.map(excerpt);
+        let message = excerpt(self.message);
+        let body = json!({ "error": { "status": self.status.as_u16(), "field": field, "message": message } });
         (self.status, Json(body)).into_response()
     }
 }

@@ -335,3 +335,32 @@ fn check_validates_without_starting() {
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("config ok: service web"));
 }
+
+/// A refused value is quoted only in part: a megabyte sent is not a megabyte echoed.
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_errors_quote_only_an_excerpt_of_what_they_refuse() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let huge = "x".repeat(1 << 20);
+    for body in [
+        format!(r#"{{"green": "{huge}"}}"#),
+        format!(r#"{{"{huge}": 1}}"#),
+        format!(r#"{{"to": "{huge}"}}"#),
+    ] {
+        let path = if body.contains("\"to\"") {
+            "/v1/switch"
+        } else {
+            "/v1/weights"
+        };
+        let (code, answer) = daemon.admin("POST", path, Some(&body)).await;
+        assert_eq!(code, 400, "{path}");
+        let text = answer.to_string();
+        assert!(text.len() < 1200, "{} bytes echoed for {path}", text.len());
+        assert!(
+            text.contains("more bytes"),
+            "{}",
+            &text[..200.min(text.len())]
+        );
+    }
+}

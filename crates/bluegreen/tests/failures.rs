@@ -163,7 +163,10 @@ async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
     let text = String::from_utf8_lossy(&answer).to_string();
-    text.split("\r\n\r\n").next().unwrap_or_default().to_string()
+    text.split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A client's bad input is the client's error: a broken chunked body gets 400 and is never
@@ -190,11 +193,17 @@ async fn a_clients_broken_body_or_connect_is_its_own_error() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
-    assert!(head.contains("x-bluegreen-error: method-not-proxied"), "{head}");
+    assert!(
+        head.contains("x-bluegreen-error: method-not-proxied"),
+        "{head}"
+    );
     let metrics = daemon.status().await["colors"][0]["metrics"].clone();
     assert_eq!(metrics["responses_5xx"], 0, "{metrics}");
     assert_eq!(metrics["upstream_errors"], 0, "{metrics}");
-    assert_eq!(metrics["responses_4xx"], 3, "the broken bodies count as 4xx: {metrics}");
+    assert_eq!(
+        metrics["responses_4xx"], 3,
+        "the broken bodies count as 4xx: {metrics}"
+    );
     assert!(
         blue.served() <= served_before + 3,
         "CONNECT never reached the upstream"
