@@ -1032,4 +1032,35 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(held.await.unwrap() == Err(Stop::Aborted("by hand".into())));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_old_color_stops_when_its_scale_down_delay_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller(dir.path()).await;
+        let at = now_ms() + 600_000;
+        controller
+            .update_environment(Color::Green, None, |record| {
+                record.scale_down_at_ms = Some(at);
+                None
+            })
+            .await
+            .unwrap();
+        controller.schedule_scale_down(Color::Green, at);
+        tokio::time::sleep(Duration::from_secs(599)).await;
+        assert_eq!(
+            controller.environment(Color::Green).status,
+            EnvironmentStatus::Running,
+            "still warm a second before the delay is over"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..100 {
+            if controller.environment(Color::Green).status == EnvironmentStatus::Stopped {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let green = controller.environment(Color::Green);
+        assert_eq!(green.status, EnvironmentStatus::Stopped, "{green:?}");
+        assert_eq!(green.scale_down_at_ms, None);
+    }
 }
