@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -71,6 +71,12 @@ pub enum StartError {
     #[error("router.tls: certificate and key do not make a valid server config: {0}")]
     TlsConfig(#[from] rustls::Error),
 }
+
+/// After a stop began, how long an idle keep-alive connection stays open for a request its
+/// client may be writing (answered with `Connection: close`) before it is closed.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+/// How often a connection is looked at while a stop is under way.
+const STOP_POLL: Duration = Duration::from_millis(20);
 
 /// A running router. Cloning shares it.
 #[derive(Clone)]
@@ -380,6 +386,9 @@ impl Router {
         let mut closing = false;
         let mut idle_check =
             tokio::time::interval(idle_timeout.div_f32(4.0).max(Duration::from_millis(10)));
+        // Set once a stop began: when it began, and a fast tick to watch the connection by
+        // (made only then, so an idle connection carries no second timer).
+        let mut stop: Option<(Instant, tokio::time::Interval)> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
@@ -388,9 +397,18 @@ impl Router {
                     }
                     return;
                 }
-                _ = inner.stopping.cancelled(), if !closing => {
-                    closing = true;
-                    connection.as_mut().shutdown_gracefully();
+                _ = inner.stopping.cancelled(), if stop.is_none() && !closing => {
+                    stop = Some((Instant::now(), tokio::time::interval(STOP_POLL)));
+                }
+                _ = async { stop.as_mut().expect("set").1.tick().await }, if stop.is_some() && !closing => {
+                    let began = stop.as_ref().expect("set").0;
+                    // Busy: the response in progress is its last (`Connection: close`), and
+                    // the client reconnects. Idle: a client may be writing its next request
+                    // right now, so it is closed only once the grace has passed.
+                    if conn.idle_for().is_none() || began.elapsed() >= STOP_GRACE {
+                        closing = true;
+                        connection.as_mut().shutdown_gracefully();
+                    }
                 }
                 _ = idle_check.tick(), if !closing => {
                     if conn.idle_for().is_some_and(|idle| idle >= idle_timeout) {
