@@ -585,7 +585,11 @@ async fn watch_containers(
                 generation,
                 id: id.clone(),
                 state: state.clone(),
-                reason: format!("container {name} ({}) is {state}{code}; {logs}", short(id)),
+                reason: match state.as_str() {
+                    "removed" => format!("container {name} ({}) was removed; {logs}", short(id)),
+                    "exited" => format!("container {name} ({}) exited{code}; {logs}", short(id)),
+                    other => format!("container {name} ({}) is {other}{code}; {logs}", short(id)),
+                },
             });
             return;
         }
