@@ -559,7 +559,8 @@ async fn logs(
     })?;
     let lines = query.number("lines", 1..=100_000, 100)? as usize;
     let files: Vec<_> = controller
-        .logs(name, lines)?
+        .logs(name, lines)
+        .await?
         .into_iter()
         .map(|(file, lines)| json!({ "file": file, "lines": lines }))
         .collect();

@@ -896,5 +896,15 @@ fn render_environments(out: &mut String, status: &Value) {
             env["color"].as_str().unwrap_or("?"),
             env["status"].as_str().unwrap_or("?"),
         ));
+        for container in env["containers"].as_array().unwrap_or(&empty) {
+            let id = container["id"].as_str().unwrap_or("");
+            out.push_str(&format!(
+                "       container {} {} on 127.0.0.1:{}, {}\n",
+                container["name"].as_str().unwrap_or("?"),
+                &id[..id.len().min(12)],
+                container["host_port"],
+                container["state"].as_str().unwrap_or("?"),
+            ));
+        }
     }
 }

@@ -41,6 +41,17 @@ pub(super) struct RawApp {
     ready_timeout: HumanDuration,
     #[serde(default = "default_stop_timeout")]
     stop_timeout: HumanDuration,
+    // The docker provider's own keys (refused with other providers).
+    image: Option<String>,
+    port: Option<u16>,
+    labels: Option<BTreeMap<String, String>>,
+    volumes: Option<Vec<String>>,
+    network: Option<String>,
+    cpus: Option<f64>,
+    memory: Option<String>,
+    stop_grace: Option<HumanDuration>,
+    pull: Option<String>,
+    retain: Option<u32>,
 }
 
 impl RawApp {
@@ -239,7 +250,26 @@ pub enum ProviderKind {
     Process,
     /// User scripts deploy and stop, printing upstream addresses.
     Command,
+    /// Containers of `image:version` through the Docker Engine API, published on loopback.
+    Docker,
 }
+
+/// When the docker provider asks the engine to pull `image:version`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Only images the engine has (built or loaded locally); a missing one fails the deploy.
+    Never,
+    /// Pull only when the engine does not have the image (the default).
+    IfMissing,
+    /// Pull before every deploy (a moving tag gets its newest image).
+    Always,
+}
+
+/// The container port an app listens on when `app.port` is not given.
+pub const DEFAULT_CONTAINER_PORT: u16 = 8080;
+/// How many versions' stopped containers the docker provider keeps for fast rollbacks.
+pub const DEFAULT_RETAIN: u32 = 3;
 
 /// Each provider's own part of a color's spec.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -257,6 +287,25 @@ pub enum ProviderSpec {
         deploy: Vec<String>,
         stop: Vec<String>,
     },
+    /// Containers of `image:<version>`; `command` is the container's arguments (the image's
+    /// CMD when empty), with `{port}`, `{version}`, `{color}` still in it.
+    Docker {
+        image: String,
+        /// The port the app listens on inside the container.
+        port: u16,
+        command: Vec<String>,
+        labels: BTreeMap<String, String>,
+        /// `source:target[:ro]` binds and named volumes, host paths made absolute.
+        volumes: Vec<String>,
+        network: Option<String>,
+        cpus: Option<f64>,
+        /// In bytes.
+        memory: Option<u64>,
+        #[serde(with = "crate::config::controller::ms")]
+        stop_grace: Duration,
+        pull: PullPolicy,
+        retain: u32,
+    },
 }
 
 impl ProviderSpec {
@@ -265,6 +314,7 @@ impl ProviderSpec {
             ProviderSpec::Process { .. } => ProviderKind::Process,
             ProviderSpec::Static { .. } => ProviderKind::Static,
             ProviderSpec::Command { .. } => ProviderKind::Command,
+            ProviderSpec::Docker { .. } => ProviderKind::Docker,
         }
     }
 }
@@ -539,14 +589,18 @@ impl Validator<'_> {
             "process" => ProviderKind::Process,
             "static" => ProviderKind::Static,
             "command" => ProviderKind::Command,
+            "docker" => ProviderKind::Docker,
             other => {
                 self.issue(
                     "app.provider",
-                    format!("unknown provider {other:?}; use process, static or command"),
+                    format!("unknown provider {other:?}; use process, static, command or docker"),
                 );
                 ProviderKind::Process
             }
         };
+        if provider != ProviderKind::Docker {
+            self.docker_keys_unused(&app);
+        }
         let shared = SharedSpec {
             provider,
             ready_timeout: self.positive("app.ready_timeout", app.ready_timeout),
@@ -637,6 +691,7 @@ impl Validator<'_> {
                 }
             }
             ProviderKind::Command => self.command_spec(color, app, &own),
+            ProviderKind::Docker => self.docker_spec(color, app, &own, &env, shared.stop_timeout),
         };
         EnvironmentSpec {
             color,
@@ -718,6 +773,224 @@ impl Validator<'_> {
             deploy: deploy.unwrap_or_default(),
             stop: stop.unwrap_or_default(),
         }
+    }
+
+    /// The docker provider's keys under another provider would be silently ignored: refused.
+    fn docker_keys_unused(&mut self, app: &RawApp) {
+        let given = [
+            ("image", app.image.is_some()),
+            ("port", app.port.is_some()),
+            ("labels", app.labels.is_some()),
+            ("volumes", app.volumes.is_some()),
+            ("network", app.network.is_some()),
+            ("cpus", app.cpus.is_some()),
+            ("memory", app.memory.is_some()),
+            ("stop_grace", app.stop_grace.is_some()),
+            ("pull", app.pull.is_some()),
+            ("retain", app.retain.is_some()),
+        ];
+        for (key, _) in given.iter().filter(|(_, given)| *given) {
+            self.issue(
+                format!("app.{key}"),
+                format!(
+                    "only the docker provider uses it; set app.provider: docker, or remove app.{key}"
+                ),
+            );
+        }
+    }
+
+    /// The image (a repository; the version is its tag) and how its containers run.
+    fn docker_spec(
+        &mut self,
+        color: Color,
+        app: &RawApp,
+        own: &RawEnvironment,
+        env: &BTreeMap<String, String>,
+        stop_timeout: Duration,
+    ) -> ProviderSpec {
+        let at = |key: &str| format!("environments.{color}.{key}");
+        if own.upstreams.is_some() {
+            self.issue(at("upstreams"), "the docker provider publishes each container on a free local port and routes there; remove it, or set app.provider: static");
+        }
+        let image = match app.image.as_deref().map(str::trim) {
+            None | Some("") => {
+                self.issue(
+                    "app.image",
+                    "is required for the docker provider: the image repository without a tag, e.g. registry.example/web (each deploy runs image:VERSION)",
+                );
+                String::new()
+            }
+            Some(image) => {
+                if let Some(problem) = image_repository_problem(image) {
+                    self.issue("app.image", problem);
+                }
+                image.to_string()
+            }
+        };
+        let port = app.port.unwrap_or(DEFAULT_CONTAINER_PORT);
+        if port == 0 {
+            self.issue(
+                "app.port",
+                "0 is not a port; give the port the app listens on inside the container, e.g. 8080",
+            );
+        }
+        let (command_key, command_text) = match (&own.command, &app.command) {
+            (Some(c), _) => (at("command"), Some(c.clone())),
+            (None, c) => ("app.command".to_string(), c.clone()),
+        };
+        let command = match command_text {
+            Some(text) => {
+                self.placeholders(&command_key, &text);
+                match shlex::split(&text) {
+                    Some(argv) => argv,
+                    None => {
+                        self.issue(
+                            &command_key,
+                            format!("{text:?} is not a command line; check its quotes"),
+                        );
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
+        for (key, value) in env {
+            let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
+                at(&format!("env.{key}"))
+            } else {
+                format!("app.env.{key}")
+            };
+            self.placeholders(&at_key, value);
+        }
+        let labels = app.labels.clone().unwrap_or_default();
+        for key in labels.keys().filter(|k| k.starts_with("bluegreen.")) {
+            self.issue(
+                format!("app.labels.{key}"),
+                "bluegreen.* labels are bluegreen's own (service, color, version, release); use another prefix",
+            );
+        }
+        let volumes = app
+            .volumes
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, text)| self.volume(&format!("app.volumes[{i}]"), text))
+            .collect();
+        let network = app.network.clone();
+        if let Some(mode @ ("host" | "none")) = network.as_deref() {
+            self.issue(
+                "app.network",
+                format!("{mode:?} cannot be used: the router reaches each container through a port published on 127.0.0.1; name a bridge network, or remove app.network"),
+            );
+        }
+        if let Some(cpus) = app.cpus
+            && !(cpus > 0.0 && cpus <= 1024.0)
+        {
+            self.issue(
+                "app.cpus",
+                format!(
+                    "{cpus} is out of range; give the CPUs each container may use, e.g. 0.5 or 2"
+                ),
+            );
+        }
+        let memory = app
+            .memory
+            .as_deref()
+            .and_then(|text| match parse_memory(text) {
+                Ok(bytes) if bytes >= 6 * 1024 * 1024 => Some(bytes),
+                Ok(_) => {
+                    self.issue(
+                        "app.memory",
+                        format!(
+                            "{text:?} is below the engine's minimum of 6m; give e.g. 256m or 1g"
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.issue("app.memory", e);
+                    None
+                }
+            });
+        let stop_grace = match app.stop_grace {
+            Some(grace) => grace.0,
+            None => stop_timeout,
+        };
+        let pull = match app.pull.as_deref() {
+            None | Some("if-missing") => PullPolicy::IfMissing,
+            Some("never") => PullPolicy::Never,
+            Some("always") => PullPolicy::Always,
+            Some(other) => {
+                self.issue(
+                    "app.pull",
+                    format!("unknown policy {other:?}; use never (local images only), if-missing or always"),
+                );
+                PullPolicy::IfMissing
+            }
+        };
+        let retain = app.retain.unwrap_or(DEFAULT_RETAIN);
+        if retain > 100 {
+            self.issue(
+                "app.retain",
+                format!("{retain} is out of range; keep 0 to 100 versions' stopped containers"),
+            );
+        }
+        ProviderSpec::Docker {
+            image,
+            port,
+            command,
+            labels,
+            volumes,
+            network,
+            cpus: app.cpus,
+            memory,
+            stop_grace,
+            pull,
+            retain,
+        }
+    }
+
+    /// `source:target[:ro|rw]`: a host path (made absolute against the config's folder) or a
+    /// named volume, mounted at an absolute path.
+    fn volume(&mut self, key: &str, text: &str) -> Option<String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let (source, target, mode) = match parts.as_slice() {
+            [source, target] => (*source, *target, None),
+            [source, target, mode] => (*source, *target, Some(*mode)),
+            _ => {
+                self.issue(
+                    key,
+                    format!("{text:?} is not source:target[:ro]; e.g. ./data:/var/lib/app or cache:/cache:ro"),
+                );
+                return None;
+            }
+        };
+        if source.is_empty() || !target.starts_with('/') {
+            self.issue(
+                key,
+                format!("{text:?}: give a host path or volume name, then an absolute path in the container, e.g. ./data:/data"),
+            );
+            return None;
+        }
+        if let Some(mode) = mode
+            && !matches!(mode, "ro" | "rw")
+        {
+            self.issue(
+                key,
+                format!("{text:?}: unknown mode {mode:?}; use ro or rw"),
+            );
+            return None;
+        }
+        // A source with a slash or a dot is a host path; a bare word names a volume.
+        let source = if source.contains('/') || source.starts_with('.') {
+            self.resolve(source).to_string_lossy().into_owned()
+        } else {
+            source.to_string()
+        };
+        Some(match mode {
+            Some(mode) => format!("{source}:{target}:{mode}"),
+            None => format!("{source}:{target}"),
+        })
     }
 
     fn placeholders(&mut self, key: &str, text: &str) {
@@ -1101,6 +1374,90 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+}
+
+/// Why `version` cannot be an image tag (`[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`), if it cannot.
+pub fn image_tag_problem(version: &str) -> Option<String> {
+    let mut chars = version.chars();
+    let valid = version.len() <= 128
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    (!valid).then(|| {
+        format!(
+            "version {version:?} is not a valid image tag (letters, digits, _ . - up to 128 characters, not starting with . or -); the docker provider runs image:VERSION"
+        )
+    })
+}
+
+/// Why `image` is not an image repository to add a tag to, if it is not.
+fn image_repository_problem(image: &str) -> Option<String> {
+    if image.contains('@') {
+        return Some(format!(
+            "{image:?} has a digest; give the repository only, e.g. registry.example/web (the version is the tag)"
+        ));
+    }
+    let (registry, path) = match image.split_once('/') {
+        // A first part with a dot, a colon or "localhost" is a registry host[:port].
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            (Some(first), rest)
+        }
+        _ => (None, image),
+    };
+    if path.contains(':') {
+        return Some(format!(
+            "{image:?} has a tag; give the repository only, e.g. {}: each deploy runs image:VERSION",
+            image
+                .rsplit_once(':')
+                .map_or(image, |(repository, _)| repository)
+        ));
+    }
+    let component_ok = |part: &str| {
+        !part.is_empty()
+            && part.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+            })
+            && part.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && part.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    let registry_ok = registry.is_none_or(|r| {
+        !r.is_empty()
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+    });
+    if !registry_ok || !path.split('/').all(component_ok) {
+        return Some(format!(
+            "{image:?} is not an image repository; use lowercase letters, digits and . _ - between slashes, e.g. registry.example/team/web"
+        ));
+    }
+    None
+}
+
+/// A byte size as the engine takes it: a number with an optional b, k, m or g (1024-based).
+fn parse_memory(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim().to_ascii_lowercase();
+    let (digits, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed.as_str(), ""),
+    };
+    let factor: u64 = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => 0,
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if factor > 0 => n
+            .checked_mul(factor)
+            .ok_or_else(|| format!("{text:?} is too large")),
+        _ => Err(format!(
+            "{text:?} is not a size; give a number with k, m or g, e.g. 256m or 1g"
+        )),
     }
 }
 

@@ -355,11 +355,19 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Records a problem once: a shared `app` key checked for each color is reported once.
     fn issue(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(ConfigIssue {
+        let issue = ConfigIssue {
             path: path.into(),
             message: message.into(),
-        });
+        };
+        if !self
+            .issues
+            .iter()
+            .any(|i| i.path == issue.path && i.message == issue.message)
+        {
+            self.issues.push(issue);
+        }
     }
 
     fn resolve(&self, path: &str) -> PathBuf {
@@ -401,6 +409,24 @@ impl<'a> Validator<'a> {
             },
             &upstreams,
         );
+        let containers = controller
+            .environments
+            .iter()
+            .any(|e| e.provider.kind() == controller::ProviderKind::Docker);
+        let container_name_ok = raw
+            .service
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            && raw.service.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if containers && !container_name_ok {
+            self.issue(
+                "service",
+                format!(
+                    "{:?} cannot start a container name (<service>-<color>-<version>-<n>); use letters, digits and _ . -, starting with a letter or digit",
+                    raw.service
+                ),
+            );
+        }
         let state_dir = self.resolve(&raw.state_dir);
         let dashboard = self.dashboard(raw.dashboard, &state_dir);
         if !self.issues.is_empty() {
@@ -862,5 +888,116 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
             found[0].contains("YAML") || found[0].contains("line"),
             "{found:?}"
         );
+    }
+
+    const DOCKER: &str = r#"
+service: web
+router: { listen: 127.0.0.1:8080, admin: .bluegreen/admin.sock }
+app:
+  provider: docker
+  image: registry.example:5000/team/web
+  command: "--listen 0.0.0.0:{port} --color {color}"
+  instances: 2
+  labels: { team: payments }
+  volumes: ["./data:/data:ro", "cache:/cache"]
+  cpus: 0.5
+  memory: 256m
+  pull: never
+health: { path: /healthz }
+"#;
+
+    #[test]
+    fn a_docker_app_loads_with_its_keys_and_defaults() {
+        let config = Config::parse(DOCKER, Path::new("/srv/app")).unwrap();
+        let spec = config.controller.environment(Color::Green);
+        assert_eq!(spec.instances, 2);
+        let controller::ProviderSpec::Docker {
+            image,
+            port,
+            command,
+            volumes,
+            cpus,
+            memory,
+            stop_grace,
+            pull,
+            retain,
+            ..
+        } = &spec.provider
+        else {
+            panic!("not the docker provider: {:?}", spec.provider);
+        };
+        assert_eq!(image, "registry.example:5000/team/web");
+        assert_eq!(*port, controller::DEFAULT_CONTAINER_PORT);
+        assert_eq!(command[0], "--listen");
+        assert_eq!(volumes, &["/srv/app/./data:/data:ro", "cache:/cache"]);
+        assert_eq!(*cpus, Some(0.5));
+        assert_eq!(*memory, Some(256 << 20));
+        assert_eq!(*stop_grace, Duration::from_secs(10));
+        assert_eq!(*pull, controller::PullPolicy::Never);
+        assert_eq!(*retain, controller::DEFAULT_RETAIN);
+    }
+
+    #[test]
+    fn every_bad_docker_key_is_named_with_its_fix() {
+        let without_image = DOCKER.replace("  image: registry.example:5000/team/web\n", "");
+        let found = issues(&without_image);
+        assert!(found[0].starts_with("app.image: is required"), "{found:?}");
+
+        let bad = DOCKER
+            .replace("team/web", "team/web:1.0")
+            .replace("cpus: 0.5", "cpus: 0")
+            .replace("memory: 256m", "memory: lots")
+            .replace("pull: never", "pull: sometimes")
+            .replace("cache:/cache", "cache")
+            .replace("team: payments", "bluegreen.color: red");
+        let found = issues(&bad);
+        for key in [
+            "app.image: \"registry.example:5000/team/web:1.0\" has a tag",
+            "app.cpus:",
+            "app.memory:",
+            "app.pull: unknown policy",
+            "app.volumes[1]:",
+            "app.labels.bluegreen.color:",
+        ] {
+            assert!(found.iter().any(|i| i.starts_with(key)), "{key}: {found:?}");
+        }
+        let found = issues(&DOCKER.replace("pull: never", "pull: never\n  network: host"));
+        assert!(
+            found[0].starts_with("app.network: \"host\" cannot be used"),
+            "{found:?}"
+        );
+        let found = issues(
+            &DOCKER
+                .replace(
+                    "provider: docker",
+                    "provider: process\n  command: ./app {port}",
+                )
+                .replacen(
+                    "  command: \"--listen 0.0.0.0:{port} --color {color}\"\n",
+                    "",
+                    1,
+                ),
+        );
+        assert!(
+            found
+                .iter()
+                .any(|i| i.starts_with("app.image: only the docker provider uses it")),
+            "{found:?}"
+        );
+        let found = issues(&DOCKER.replace("service: web", "service: \"my web\""));
+        assert!(
+            found[0].starts_with("service: \"my web\" cannot start a container name"),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn versions_must_be_image_tags() {
+        for good in ["1.0", "v2", "2026-11-28_1", "_x", &"a".repeat(128)] {
+            assert_eq!(controller::image_tag_problem(good), None, "{good}");
+        }
+        for bad in ["", ".1", "-rc", "1.0+build", "a/b", "1 0", &"a".repeat(129)] {
+            assert!(controller::image_tag_problem(bad).is_some(), "{bad:?}");
+        }
     }
 }

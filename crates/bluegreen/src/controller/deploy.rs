@@ -27,6 +27,9 @@ impl Controller {
                 "version is empty; give the version to deploy, e.g. --version 2.0".into(),
             ));
         }
+        self.provider(color)
+            .check_version(version)
+            .map_err(CommandError::Refused)?;
         let weight = self.plane.split().weight(color);
         // A live color with nothing running serves no one: its first deploy is allowed.
         let bootstrap = self.environment(color).status != EnvironmentStatus::Running
@@ -60,11 +63,12 @@ impl Controller {
         let outcome = self.run_provider(color, &mut record, release).await;
         let upstreams = record.upstreams;
         match outcome {
-            Ok(()) => {
+            Ok(note) => {
                 let message = format!(
-                    "{color} runs {version}: {} healthy upstream(s) in {:.1}s",
+                    "{color} runs {version}: {} healthy upstream(s) in {:.1}s{}",
                     self.plane.healthy_count(color),
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    note.map(|n| format!(" ({n})")).unwrap_or_default()
                 );
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
@@ -111,14 +115,14 @@ impl Controller {
         }
     }
 
-    /// The provider's part of a deploy: record what it will start, start it, point the router
-    /// at it, wait for health.
+    /// The provider's part of a deploy: record what it will start, start it, record what it
+    /// started, point the router at it, wait for health. Returns the provider's note, if any.
     async fn run_provider(
         &self,
         color: Color,
         record: &mut EnvironmentRecord,
         release: Option<i64>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<String>, String> {
         let provider = self.provider(color);
         let request = self.deploy_request(color, record, release);
         let prepared = provider.prepare(&request)?;
@@ -132,7 +136,17 @@ impl Controller {
             .await
             .map_err(|e| e.to_string())?;
         }
-        let addrs = provider.start(&request, &prepared).await?;
+        let started = provider.start(&request, &prepared).await?;
+        if let Some(state) = started.state {
+            record.provider = state.clone();
+            self.update_environment(color, None, |saved| {
+                saved.provider = state;
+                None
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        let addrs = started.upstreams;
         record.upstreams = addrs.clone();
         if !provider.runs_elsewhere() {
             self.set_upstreams(color, addrs.clone())
@@ -141,6 +155,7 @@ impl Controller {
         }
         self.wait_healthy(color, addrs.len(), request.spec.ready_timeout)
             .await
+            .map(|()| started.note)
     }
 
     /// A deploy that never proved healthy (aborted, or cut off by a restart): its instances

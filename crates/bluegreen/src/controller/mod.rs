@@ -38,6 +38,7 @@ pub use command::{Command, CommandError};
 pub use event::{EventKind, Gate};
 use hooks::Facts;
 use provider::command::CommandProvider;
+use provider::docker::DockerProvider;
 use provider::process::ProcessProvider;
 use provider::static_upstreams::StaticProvider;
 use provider::{InstanceEvent, Provider};
@@ -147,6 +148,9 @@ pub struct EnvironmentView {
     pub record: EnvironmentRecord,
     /// The supervised instances (the process provider's), for status and scripts.
     pub instances: Vec<crate::store::InstanceRecord>,
+    /// The color's containers (the docker provider's): ids, names, ports, states.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<crate::store::ContainerRecord>,
     pub spec: EnvironmentSpec,
 }
 
@@ -154,6 +158,7 @@ impl EnvironmentView {
     pub fn new(record: EnvironmentRecord, spec: EnvironmentSpec) -> EnvironmentView {
         EnvironmentView {
             instances: record.provider.instances().to_vec(),
+            containers: record.provider.containers().to_vec(),
             record,
             spec,
         }
@@ -172,6 +177,7 @@ fn providers_for(config: &Config) -> [Arc<dyn Provider>; 2] {
             ProviderKind::Process => Arc::new(ProcessProvider::new()),
             ProviderKind::Static => Arc::new(StaticProvider),
             ProviderKind::Command => Arc::new(CommandProvider),
+            ProviderKind::Docker => Arc::new(DockerProvider::new(&config.service)),
         };
         made.push((kind, Arc::clone(&provider)));
         provider
@@ -509,6 +515,29 @@ impl Controller {
                 }).await;
                 if let Err(e) = saved {
                     tracing::error!(error = %e, "cannot record instance exit");
+                }
+            }
+            InstanceEvent::ContainerExited {
+                color,
+                generation,
+                id,
+                state,
+                reason,
+            } if current(color, generation) => {
+                let saved = self
+                    .update_environment(color, None, |record| {
+                        if let ProviderState::Docker { containers } = &mut record.provider
+                            && let Some(container) = containers.iter_mut().find(|c| c.id == id)
+                        {
+                            container.state = state.clone();
+                        }
+                        record.status = EnvironmentStatus::Failed;
+                        record.reason = Some(reason.clone());
+                        Some((EventKind::Failed, format!("{color} failed: {reason}")))
+                    })
+                    .await;
+                if let Err(e) = saved {
+                    tracing::error!(error = %e, "cannot record a container exit");
                 }
             }
             InstanceEvent::CrashLoop {

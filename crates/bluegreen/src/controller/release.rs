@@ -148,6 +148,13 @@ impl Controller {
         self: &Arc<Self>,
         request: ReleaseRequest,
     ) -> Result<Release, CommandError> {
+        if let Some(version) = &request.version {
+            for color in Color::ALL {
+                self.provider(color)
+                    .check_version(version)
+                    .map_err(CommandError::Refused)?;
+            }
+        }
         let split = self.plane.split();
         let deployed = Color::ALL.map(|color| {
             self.provider(color).runs_elsewhere()

@@ -139,12 +139,18 @@ impl Controller {
         }
     }
 
-    /// The newest log lines of a color's instances (or of the hooks, for `hooks`).
-    pub fn logs(
+    /// The newest log lines of a color's instances (or of the hooks, for `hooks`): from the
+    /// provider when it keeps them (the engine's container logs), else from the logs folder.
+    pub async fn logs(
         &self,
         name: &str,
         lines: usize,
     ) -> Result<Vec<(String, Vec<String>)>, CommandError> {
+        if let Ok(color) = name.parse::<Color>()
+            && let Some(logs) = self.provider(color).logs(color, lines).await
+        {
+            return Ok(logs);
+        }
         let dir = &self.logs_dir;
         let files: Vec<PathBuf> = match name.parse::<Color>() {
             Ok(color) => {

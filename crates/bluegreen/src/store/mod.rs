@@ -21,8 +21,8 @@ use futures_util::stream::BoxStream;
 #[cfg(test)]
 pub use records::UpstreamOverrides;
 pub use records::{
-    EnvironmentRecord, EnvironmentStatus, Event, InstanceRecord, ProviderState, RouterState,
-    StepRecord, StoredRelease, now_ms,
+    ContainerRecord, EnvironmentRecord, EnvironmentStatus, Event, InstanceRecord, ProviderState,
+    RouterState, StepRecord, StoredRelease, now_ms,
 };
 pub use sqlite::SqliteStore;
 

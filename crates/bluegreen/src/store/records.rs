@@ -75,6 +75,20 @@ pub struct InstanceRecord {
     pub restarts: u32,
 }
 
+/// One container the docker provider runs: found again after a restart by its labels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// The engine's id (empty until the container is created).
+    #[serde(default)]
+    pub id: String,
+    /// `<service>-<color>-<version>-<n>`.
+    pub name: String,
+    /// The port on 127.0.0.1 the container's port is published on.
+    pub host_port: u16,
+    /// As the engine last reported it: created, running, exited…
+    pub state: String,
+}
+
 /// What a provider keeps to find its instances again after a restart: its own data.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +98,8 @@ pub enum ProviderState {
     None,
     /// The process provider: each instance's port and pid.
     Process { instances: Vec<InstanceRecord> },
+    /// The docker provider: the color's containers.
+    Docker { containers: Vec<ContainerRecord> },
 }
 
 impl ProviderState {
@@ -91,14 +107,26 @@ impl ProviderState {
     pub fn instances(&self) -> &[InstanceRecord] {
         match self {
             ProviderState::Process { instances } => instances,
-            ProviderState::None => &[],
+            ProviderState::None | ProviderState::Docker { .. } => &[],
+        }
+    }
+
+    /// The docker provider's containers (none for other providers).
+    pub fn containers(&self) -> &[ContainerRecord] {
+        match self {
+            ProviderState::Docker { containers } => containers,
+            _ => &[],
         }
     }
 
     /// Forgets the pids: the instances are no longer running.
     pub fn mark_stopped(&mut self) {
-        if let ProviderState::Process { instances } = self {
-            instances.iter_mut().for_each(|i| i.pid = None);
+        match self {
+            ProviderState::Process { instances } => instances.iter_mut().for_each(|i| i.pid = None),
+            ProviderState::Docker { containers } => containers
+                .iter_mut()
+                .for_each(|c| c.state = "exited".into()),
+            ProviderState::None => {}
         }
     }
 }

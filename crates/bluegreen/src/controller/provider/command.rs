@@ -1,11 +1,10 @@
 //! The command provider: the user's deploy script starts a version and prints `host:port` lines; their stop script stops a color.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{DeployRequest, Provider, StopRequest};
+use super::{DeployRequest, Provider, Started, StopRequest};
 use crate::config::controller::ProviderSpec;
 use crate::controller::hooks;
 use crate::store::ProviderState;
@@ -22,7 +21,7 @@ impl Provider for CommandProvider {
         &self,
         request: &DeployRequest,
         _prepared: &ProviderState,
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Started, String> {
         let ProviderSpec::Command { deploy, .. } = &request.spec.provider else {
             return Err("the command provider needs app.deploy".into());
         };
@@ -59,7 +58,7 @@ impl Provider for CommandProvider {
                     .into(),
             );
         }
-        Ok(addrs)
+        Ok(Started::at(addrs))
     }
 
     async fn stop(&self, request: &StopRequest) -> Result<(), String> {

@@ -2,11 +2,12 @@
 //!
 //! Implementations, one file each: [`process`] (supervised local processes, the default),
 //! [`static`](static_upstreams) (fixed addresses someone else runs) and [`command`] (the
-//! user's deploy and stop scripts). The next one (containers through the Docker Engine API)
-//! goes beside them. A provider keeps what it needs to find its instances again in the
-//! environment record, as its own [`ProviderState`].
+//! user's deploy and stop scripts) and [`docker`] (containers through the Docker Engine API).
+//! A provider keeps what it needs to find its instances again in the environment record, as
+//! its own [`ProviderState`].
 
 pub mod command;
+pub mod docker;
 pub mod process;
 #[path = "static.rs"]
 pub mod static_upstreams;
@@ -45,6 +46,25 @@ pub struct StopRequest {
     pub logs_dir: PathBuf,
 }
 
+/// What a provider started: where to route, and what to record of it.
+pub struct Started {
+    pub upstreams: Vec<SocketAddr>,
+    /// The provider's state now that its instances exist (`None`: what `prepare` recorded).
+    pub state: Option<ProviderState>,
+    /// Something the operator should hear about this deploy (e.g. retained containers reused).
+    pub note: Option<String>,
+}
+
+impl Started {
+    pub fn at(upstreams: Vec<SocketAddr>) -> Started {
+        Started {
+            upstreams,
+            state: None,
+            note: None,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
     /// As the config names it.
@@ -54,6 +74,11 @@ pub trait Provider: Send + Sync + 'static {
     /// or not bluegreen deployed it, and health tells.
     fn runs_elsewhere(&self) -> bool {
         false
+    }
+
+    /// Refuses a version this provider cannot deploy (checked before anything is recorded).
+    fn check_version(&self, _version: &str) -> Result<(), String> {
+        Ok(())
     }
 
     /// What to record before anything starts, so a daemon killed mid-deploy can find what
@@ -68,7 +93,7 @@ pub trait Provider: Send + Sync + 'static {
         &self,
         request: &DeployRequest,
         prepared: &ProviderState,
-    ) -> Result<Vec<SocketAddr>, String>;
+    ) -> Result<Started, String>;
 
     /// Stops a color's instances (cleanup, `bluegreen` stopping a color).
     async fn stop(&self, request: &StopRequest) -> Result<(), String>;
@@ -98,4 +123,10 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Stops everything this provider supervises (the daemon is stopping).
     async fn shutdown(&self) {}
+
+    /// The newest log lines of a color's instances, when the provider keeps them itself (not
+    /// in files under the logs folder): one (source, lines) per instance.
+    async fn logs(&self, _color: Color, _lines: usize) -> Option<Vec<(String, Vec<String>)>> {
+        None
+    }
 }

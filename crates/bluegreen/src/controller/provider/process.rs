@@ -8,7 +8,7 @@ use bluegreen_router::Color;
 use tokio::sync::mpsc;
 
 use super::supervisor::{Launch, Supervisor, free_port};
-use super::{DeployRequest, InstanceEvent, Provider, StopRequest};
+use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
 use crate::config::controller::ProviderSpec;
 use crate::store::{EnvironmentRecord, InstanceRecord, ProviderState};
 
@@ -69,7 +69,7 @@ impl Provider for ProcessProvider {
         &self,
         request: &DeployRequest,
         prepared: &ProviderState,
-    ) -> Result<Vec<SocketAddr>, String> {
+    ) -> Result<Started, String> {
         self.supervisor.stop(request.color).await;
         let instances = prepared.instances().to_vec();
         let addrs = instances
@@ -79,7 +79,7 @@ impl Provider for ProcessProvider {
         self.supervisor
             .start(ProcessProvider::launch(request), instances)
             .map_err(|e| format!("cannot start instances: {e}"))?;
-        Ok(addrs)
+        Ok(Started::at(addrs))
     }
 
     async fn stop(&self, request: &StopRequest) -> Result<(), String> {

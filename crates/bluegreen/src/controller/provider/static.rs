@@ -1,10 +1,8 @@
 //! The static provider: fixed addresses per color that someone else runs; bluegreen only routes to them.
 
-use std::net::SocketAddr;
-
 use async_trait::async_trait;
 
-use super::{DeployRequest, Provider, StopRequest};
+use super::{DeployRequest, Provider, Started, StopRequest};
 use crate::store::ProviderState;
 
 pub struct StaticProvider;
@@ -24,8 +22,8 @@ impl Provider for StaticProvider {
         &self,
         request: &DeployRequest,
         _prepared: &ProviderState,
-    ) -> Result<Vec<SocketAddr>, String> {
-        Ok(request.current_upstreams.clone())
+    ) -> Result<Started, String> {
+        Ok(Started::at(request.current_upstreams.clone()))
     }
 
     async fn stop(&self, _request: &StopRequest) -> Result<(), String> {

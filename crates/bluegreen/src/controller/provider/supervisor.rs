@@ -44,6 +44,14 @@ pub enum InstanceEvent {
         generation: u64,
         reason: String,
     },
+    /// A container the docker provider runs stopped by itself: the color has failed.
+    ContainerExited {
+        color: Color,
+        generation: u64,
+        id: String,
+        state: String,
+        reason: String,
+    },
 }
 
 /// What to run: the template with its placeholders, and the environment.
