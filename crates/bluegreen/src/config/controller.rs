@@ -812,7 +812,67 @@ impl Validator<'_> {
         if own.upstreams.is_some() {
             self.issue(at("upstreams"), "the docker provider publishes each container on a free local port and routes there; remove it, or set app.provider: static");
         }
-        let image = match app.image.as_deref().map(str::trim) {
+        let image = self.docker_image(app);
+        let port = app.port.unwrap_or(DEFAULT_CONTAINER_PORT);
+        if port == 0 {
+            self.issue(
+                "app.port",
+                "0 is not a port; give the port the app listens on inside the container, e.g. 8080",
+            );
+        }
+        let command = self.docker_command(color, app, own, env);
+        let labels = app.labels.clone().unwrap_or_default();
+        for key in labels.keys().filter(|k| k.starts_with("bluegreen.")) {
+            self.issue(
+                format!("app.labels.{key}"),
+                "bluegreen.* labels are bluegreen's own (service, color, version, release); use another prefix",
+            );
+        }
+        let volumes = app
+            .volumes
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, text)| self.volume(&format!("app.volumes[{i}]"), text))
+            .collect();
+        let network = app.network.clone();
+        if let Some(mode @ ("host" | "none")) = network.as_deref() {
+            self.issue(
+                "app.network",
+                format!("{mode:?} cannot be used: the router reaches each container through a port published on 127.0.0.1; name a bridge network, or remove app.network"),
+            );
+        }
+        let memory = self.docker_resources(app);
+        let stop_grace = match app.stop_grace {
+            Some(grace) => grace.0,
+            None => stop_timeout,
+        };
+        let pull = self.pull_policy(app);
+        let retain = app.retain.unwrap_or(DEFAULT_RETAIN);
+        if retain > 100 {
+            self.issue(
+                "app.retain",
+                format!("{retain} is out of range; keep 0 to 100 versions' stopped containers"),
+            );
+        }
+        ProviderSpec::Docker {
+            image,
+            port,
+            command,
+            labels,
+            volumes,
+            network,
+            cpus: app.cpus,
+            memory,
+            stop_grace,
+            pull,
+            retain,
+        }
+    }
+
+    /// The image repository, without a tag (each deploy runs `image:VERSION`).
+    fn docker_image(&mut self, app: &RawApp) -> String {
+        match app.image.as_deref().map(str::trim) {
             None | Some("") => {
                 self.issue(
                     "app.image",
@@ -826,14 +886,19 @@ impl Validator<'_> {
                 }
                 image.to_string()
             }
-        };
-        let port = app.port.unwrap_or(DEFAULT_CONTAINER_PORT);
-        if port == 0 {
-            self.issue(
-                "app.port",
-                "0 is not a port; give the port the app listens on inside the container, e.g. 8080",
-            );
         }
+    }
+
+    /// The container's command, if any (the image's own otherwise), with known placeholders
+    /// in it and in the environment.
+    fn docker_command(
+        &mut self,
+        color: Color,
+        app: &RawApp,
+        own: &RawEnvironment,
+        env: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let at = |key: &str| format!("environments.{color}.{key}");
         let (command_key, command_text) = match (&own.command, &app.command) {
             (Some(c), _) => (at("command"), Some(c.clone())),
             (None, c) => ("app.command".to_string(), c.clone()),
@@ -862,27 +927,11 @@ impl Validator<'_> {
             };
             self.placeholders(&at_key, value);
         }
-        let labels = app.labels.clone().unwrap_or_default();
-        for key in labels.keys().filter(|k| k.starts_with("bluegreen.")) {
-            self.issue(
-                format!("app.labels.{key}"),
-                "bluegreen.* labels are bluegreen's own (service, color, version, release); use another prefix",
-            );
-        }
-        let volumes = app
-            .volumes
-            .iter()
-            .flatten()
-            .enumerate()
-            .filter_map(|(i, text)| self.volume(&format!("app.volumes[{i}]"), text))
-            .collect();
-        let network = app.network.clone();
-        if let Some(mode @ ("host" | "none")) = network.as_deref() {
-            self.issue(
-                "app.network",
-                format!("{mode:?} cannot be used: the router reaches each container through a port published on 127.0.0.1; name a bridge network, or remove app.network"),
-            );
-        }
+        command
+    }
+
+    /// CPU and memory limits in range; returns the memory limit in bytes.
+    fn docker_resources(&mut self, app: &RawApp) -> Option<u64> {
         if let Some(cpus) = app.cpus
             && !(cpus > 0.0 && cpus <= 1024.0)
         {
@@ -893,8 +942,7 @@ impl Validator<'_> {
                 ),
             );
         }
-        let memory = app
-            .memory
+        app.memory
             .as_deref()
             .and_then(|text| match parse_memory(text) {
                 Ok(bytes) if bytes >= 6 * 1024 * 1024 => Some(bytes),
@@ -911,12 +959,11 @@ impl Validator<'_> {
                     self.issue("app.memory", e);
                     None
                 }
-            });
-        let stop_grace = match app.stop_grace {
-            Some(grace) => grace.0,
-            None => stop_timeout,
-        };
-        let pull = match app.pull.as_deref() {
+            })
+    }
+
+    fn pull_policy(&mut self, app: &RawApp) -> PullPolicy {
+        match app.pull.as_deref() {
             None | Some("if-missing") => PullPolicy::IfMissing,
             Some("never") => PullPolicy::Never,
             Some("always") => PullPolicy::Always,
@@ -927,26 +974,6 @@ impl Validator<'_> {
                 );
                 PullPolicy::IfMissing
             }
-        };
-        let retain = app.retain.unwrap_or(DEFAULT_RETAIN);
-        if retain > 100 {
-            self.issue(
-                "app.retain",
-                format!("{retain} is out of range; keep 0 to 100 versions' stopped containers"),
-            );
-        }
-        ProviderSpec::Docker {
-            image,
-            port,
-            command,
-            labels,
-            volumes,
-            network,
-            cpus: app.cpus,
-            memory,
-            stop_grace,
-            pull,
-            retain,
         }
     }
 

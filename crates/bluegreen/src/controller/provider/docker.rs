@@ -671,19 +671,11 @@ impl Provider for DockerProvider {
                     .map(|r| (r.id.clone(), r.name.clone()))
                     .collect(),
             );
-            return Ok(Started {
-                upstreams: records
-                    .iter()
-                    .map(|r| SocketAddr::from(([127, 0, 0, 1], r.host_port)))
-                    .collect(),
-                note: Some(format!(
-                    "started the retained stopped container(s) {} again instead of creating new ones",
-                    names.join(", ")
-                )),
-                state: Some(ProviderState::Docker {
-                    containers: records,
-                }),
-            });
+            let note = format!(
+                "started the retained stopped container(s) {} again instead of creating new ones",
+                names.join(", ")
+            );
+            return Ok(started(records, Some(note)));
         }
         // Same names from an earlier deploy of this version: replaced.
         for container in &existing {
@@ -691,53 +683,11 @@ impl Provider for DockerProvider {
                 .await
                 .map_err(|e| format!("cannot remove container {}: {e}", name_of(container)))?;
         }
-        let mut records = Vec::new();
-        let mut created = Vec::new();
-        let mut outcome = Ok(());
-        for (planned, body) in planned.iter().zip(bodies) {
-            let made = docker
-                .create_container(
-                    Some(
-                        CreateContainerOptionsBuilder::default()
-                            .name(&planned.name)
-                            .build(),
-                    ),
-                    body,
-                )
-                .await
-                .map_err(|e| format!("cannot create container {}: {e}", planned.name));
-            let id = match made {
-                Ok(made) => made.id,
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            };
-            created.push((id.clone(), planned.name.clone()));
-            if let Err(e) = docker.start_container(&id, None).await {
-                outcome = Err(format!("cannot start container {}: {e}", planned.name));
-                break;
-            }
-            records.push(ContainerRecord {
-                id,
-                name: planned.name.clone(),
-                host_port: planned.host_port,
-                state: "running".into(),
-            });
-        }
+        let (records, created, outcome) = create_and_start(&docker, planned, bodies).await;
         // Watched (and so removed by `abandon`) even when one failed to start.
         self.watch(color, docker, created);
         outcome?;
-        Ok(Started {
-            upstreams: records
-                .iter()
-                .map(|r| SocketAddr::from(([127, 0, 0, 1], r.host_port)))
-                .collect(),
-            state: Some(ProviderState::Docker {
-                containers: records,
-            }),
-            note: None,
-        })
+        Ok(started(records, None))
     }
 
     /// Stops the color's containers (kept for rollbacks) and prunes versions beyond `retain`.
@@ -884,6 +834,68 @@ impl Provider for DockerProvider {
         }
         Some(logs)
     }
+}
+
+/// What a deploy started: each container's local address, and the records to keep.
+fn started(records: Vec<ContainerRecord>, note: Option<String>) -> Started {
+    Started {
+        upstreams: records
+            .iter()
+            .map(|r| SocketAddr::from(([127, 0, 0, 1], r.host_port)))
+            .collect(),
+        state: Some(ProviderState::Docker {
+            containers: records,
+        }),
+        note,
+    }
+}
+
+/// Creates and starts the planned containers in order, stopping at the first failure.
+/// Returns the records of those running, every container created (id, name), and the outcome.
+async fn create_and_start(
+    docker: &Docker,
+    planned: &[ContainerRecord],
+    bodies: Vec<ContainerCreateBody>,
+) -> (
+    Vec<ContainerRecord>,
+    Vec<(String, String)>,
+    Result<(), String>,
+) {
+    let mut records = Vec::new();
+    let mut created = Vec::new();
+    let mut outcome = Ok(());
+    for (planned, body) in planned.iter().zip(bodies) {
+        let made = docker
+            .create_container(
+                Some(
+                    CreateContainerOptionsBuilder::default()
+                        .name(&planned.name)
+                        .build(),
+                ),
+                body,
+            )
+            .await
+            .map_err(|e| format!("cannot create container {}: {e}", planned.name));
+        let id = match made {
+            Ok(made) => made.id,
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        };
+        created.push((id.clone(), planned.name.clone()));
+        if let Err(e) = docker.start_container(&id, None).await {
+            outcome = Err(format!("cannot start container {}: {e}", planned.name));
+            break;
+        }
+        records.push(ContainerRecord {
+            id,
+            name: planned.name.clone(),
+            host_port: planned.host_port,
+            state: "running".into(),
+        });
+    }
+    (records, created, outcome)
 }
 
 #[cfg(test)]
