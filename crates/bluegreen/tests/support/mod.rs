@@ -457,14 +457,16 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
-    /// SIGTERM first, so the daemon stops the app instances it supervises; SIGKILL if it hangs.
+    /// SIGTERM first, so the daemon stops the app instances it supervises; SIGKILL only if it
+    /// hangs well past a graceful stop (drain, a 1 s grace for idle keep-alive connections,
+    /// the instances' stop timeouts), since a killed daemon leaves its instances running.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .arg("-TERM")
                 .arg(child.id().to_string())
                 .status();
-            for _ in 0..100 {
+            for _ in 0..400 {
                 if child.try_wait().ok().flatten().is_some() {
                     return;
                 }
