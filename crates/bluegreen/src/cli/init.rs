@@ -57,6 +57,23 @@ analysis:
 # webhook: { url: "http://127.0.0.1:9000/bluegreen" }
 "#;
 
+/// The `app` section `init --docker IMAGE` writes instead of the example app's.
+const DOCKER_APP: &str = r#"# The shared spec of both environments: `instances` containers of `image:VERSION` per color,
+# each published on a free port of 127.0.0.1 that the router routes to (docs/containers.md).
+app:
+  provider: docker
+  image: {image}            # no tag: `bluegreen deploy --version 2.0` runs {image}:2.0
+  port: 8080                         # the port the app listens on inside the container
+  instances: 2
+  pull: if-missing                   # never: only images the engine has; always: pull at each deploy
+  ready_timeout: 60s
+  # env: { LOG_LEVEL: info }
+  # cpus: 0.5
+  # memory: 256m
+  # retain: 3                        # stopped containers of the last 3 versions, for `rollback --to`
+
+"#;
+
 pub fn render(binary: &Path) -> String {
     let quoted = shlex::try_quote(&binary.to_string_lossy())
         .map(|q| q.into_owned())
@@ -64,7 +81,38 @@ pub fn render(binary: &Path) -> String {
     TEMPLATE.replace("{bluegreen}", &quoted)
 }
 
-pub fn write(path: &Path, force: bool) -> Result<(), CliError> {
+/// The config for containers of `image`: the example's, with the docker provider's `app`, and
+/// health and smoke tests any HTTP service answers.
+pub fn render_docker(image: &str) -> String {
+    let template = render(Path::new("bluegreen"));
+    let start = template
+        .find("# The shared spec of both environments.")
+        .expect("the template has an app section");
+    let end = template
+        .find("# Per-color overrides")
+        .expect("the template has environments");
+    let app = DOCKER_APP.replace("{image}", image);
+    // The service is named after the image (`registry.example/team/web` → `web`), which also
+    // names its containers (`web-green-2.0-1`).
+    let service = image.rsplit('/').next().unwrap_or(image);
+    format!("{}{app}{}", &template[..start], &template[end..])
+        .replace("service: example\n", &format!("service: {service}\n"))
+        .replace(
+            "health: { path: /healthz,",
+            "# health: the path your app answers 2xx on
+health: { path: /,",
+        )
+        .replace(
+            "    - { path: /, status: 200, body_contains: \"{version}\", max_latency: 500ms }\n",
+            "",
+        )
+        .replace(
+            "    - { path: /healthz, status: 200 }",
+            "    - { path: /, status: 200, max_latency: 500ms }",
+        )
+}
+
+pub fn write(path: &Path, force: bool, docker: Option<&str>) -> Result<(), CliError> {
     if path.exists() && !force {
         return Err(CliError::new(
             exit::REFUSED,
@@ -74,9 +122,28 @@ pub fn write(path: &Path, force: bool) -> Result<(), CliError> {
             ),
         ));
     }
-    let binary = std::env::current_exe()
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot find this binary: {e}")))?;
-    std::fs::write(path, render(&binary)).map_err(|e| {
+    let text = match docker {
+        Some(image) => {
+            let text = render_docker(image);
+            // Checked as `up` would, so a bad image name is refused here and nothing is written.
+            let base = path.parent().unwrap_or(Path::new("."));
+            if let Err(issues) = crate::config::Config::parse(&text, base) {
+                let issues: Vec<String> = issues
+                    .iter()
+                    .map(|i| i.to_string().replace("app.image", "--docker"))
+                    .collect();
+                return Err(CliError::new(exit::USAGE, issues.join("\n")));
+            }
+            text
+        }
+        None => {
+            let binary = std::env::current_exe().map_err(|e| {
+                CliError::new(exit::FAILURE, format!("cannot find this binary: {e}"))
+            })?;
+            render(&binary)
+        }
+    };
+    std::fs::write(path, text).map_err(|e| {
         CliError::new(
             exit::FAILURE,
             format!("cannot write {}: {e}", path.display()),
@@ -112,5 +179,27 @@ mod tests {
         };
         assert_eq!(command[0], "/usr/bin/bluegreen");
         assert_eq!(config.controller.strategy.steps.len(), 2);
+    }
+
+    #[test]
+    fn the_docker_init_config_loads_and_runs_the_image() {
+        let text = render_docker("registry.example/team/web");
+        let config = Config::parse(&text, Path::new("/srv")).unwrap_or_else(|issues| {
+            panic!("{issues:?}\n{text}");
+        });
+        let green = config
+            .controller
+            .environment(bluegreen_router::Color::Green);
+        let crate::config::controller::ProviderSpec::Docker { image, port, .. } = &green.provider
+        else {
+            panic!("the docker provider: {:?}", green.provider);
+        };
+        assert_eq!((image.as_str(), *port), ("registry.example/team/web", 8080));
+        assert_eq!(config.service, "web");
+        assert!(!text.contains("example-app"), "{text}");
+        assert!(
+            !text.contains("{version}\", max_latency"),
+            "no example-app check: {text}"
+        );
     }
 }

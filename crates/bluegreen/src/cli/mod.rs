@@ -67,6 +67,10 @@ pub enum Commands {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+        /// Write a config for containers of this image (the Docker Engine provider), given
+        /// without a tag: each deploy runs IMAGE:VERSION.
+        #[arg(long, value_name = "IMAGE")]
+        docker: Option<String>,
     },
     /// Deploy a version to the idle environment and wait until it is healthy.
     Deploy(DeployArgs),
@@ -263,7 +267,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         | Commands::Router {
             command: RouterCommands::Switch(args),
         } => switch(&cli, args).await,
-        Commands::Init { force } => init::write(&cli.config, *force),
+        Commands::Init { force, docker } => init::write(&cli.config, *force, docker.as_deref()),
         Commands::Deploy(args) => release::deploy(&cli, args).await,
         Commands::Test { environment } => release::test(&cli, *environment).await,
         Commands::Release(args) => start_release(&cli, args).await,
