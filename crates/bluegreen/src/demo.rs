@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// Keep the folder afterwards (the daemon and the app are stopped either way).
     #[arg(long)]
     pub keep: bool,
+    /// Run the example app in containers through the Docker Engine (an image of this binary,
+    /// built locally and removed afterwards) instead of as local processes.
+    #[arg(long)]
+    pub docker: bool,
 }
 
 /// The hard limit on the demo's load, whatever happens: it stops by itself.
@@ -132,22 +136,48 @@ async fn connect(
     Some(sender)
 }
 
-fn config(binary: &Path, listen: SocketAddr) -> String {
+/// The `app` section: the example app as local processes of this binary, or as containers of
+/// the demo's image.
+fn app_section(binary: &Path, docker: bool) -> String {
+    if docker {
+        return format!(
+            r#"app:
+  provider: docker
+  image: {}
+  port: 8080
+  command: "--listen 0.0.0.0:8080 --color {{color}} --app-version {{version}}"
+  pull: never
+  retain: 0
+  # The example app runs as the container's PID 1 without a SIGTERM handler: the engine
+  # would wait the whole grace before it kills it.
+  stop_grace: 1s
+  instances: 2
+  ready_timeout: 20s
+"#,
+            crate::demo_image::REPOSITORY
+        );
+    }
     let program = shlex::try_quote(&binary.to_string_lossy())
         .map(|q| q.into_owned())
         .unwrap_or_else(|_| binary.display().to_string());
+    format!(
+        r#"app:
+  provider: process
+  command: "{program} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}"
+  instances: 2
+  ready_timeout: 20s
+"#
+    )
+}
+
+fn config(app: &str, listen: SocketAddr) -> String {
     format!(
         r#"service: demo
 router:
   listen: {listen}
   admin: admin.sock
   drain_timeout: 5s
-app:
-  provider: process
-  command: "{program} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}"
-  instances: 2
-  ready_timeout: 20s
-health: {{ path: /healthz, interval: 250ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }}
+{app}health: {{ path: /healthz, interval: 250ms, timeout: 1s, healthy_threshold: 2, unhealthy_threshold: 2 }}
 dashboard: {{ listen: "127.0.0.1:0" }}
 test:
   checks:
@@ -180,9 +210,27 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
     let listen = crate::controller::provider::supervisor::free_port()
         .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
         .map_err(|e| fail(format!("no free port: {e}")))?;
+    let engine = match args.docker {
+        true => {
+            let docker = crate::demo_image::engine().await.map_err(fail)?;
+            say(&format!(
+                "building the image {} (this binary and its shared libraries, FROM scratch) and tagging it {}",
+                crate::demo_image::REPOSITORY,
+                crate::demo_image::TAGS.join(", ")
+            ));
+            crate::demo_image::build(&docker, &binary)
+                .await
+                .map_err(fail)?;
+            Some(docker)
+        }
+        false => None,
+    };
     let config_path = dir.join("bluegreen.yaml");
-    std::fs::write(&config_path, config(&binary, listen))
-        .map_err(|e| fail(format!("cannot write {}: {e}", config_path.display())))?;
+    std::fs::write(
+        &config_path,
+        config(&app_section(&binary, args.docker), listen),
+    )
+    .map_err(|e| fail(format!("cannot write {}: {e}", config_path.display())))?;
     let log = std::fs::File::create(dir.join("daemon.log")).map_err(|e| fail(e.to_string()))?;
     say(&format!(
         "starting the daemon (router on {listen}; config, state and logs in {})",
@@ -216,6 +264,10 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
         .is_err()
     {
         let _ = daemon.kill().await;
+    }
+    if let Some(docker) = &engine {
+        say("removing the demo's containers and images");
+        crate::demo_image::remove(docker, "demo").await;
     }
     if args.keep || outcome.is_err() {
         say(&format!(

@@ -8,6 +8,7 @@ mod controller;
 mod daemon;
 mod dataplane;
 mod demo;
+mod demo_image;
 mod duration;
 mod exit;
 mod follower;

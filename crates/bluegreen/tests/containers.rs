@@ -553,3 +553,49 @@ async fn a_container_that_exits_fails_the_deploy_with_its_logs_and_bad_input_is_
     assert!(printed.contains("app.image: is required"), "{printed}");
     assert!(printed.contains("app.pull: unknown policy"), "{printed}");
 }
+
+/// `bluegreen demo --docker`: the demo's story on containers of an image of this binary,
+/// built locally, and nothing of it left on the engine afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_runs_its_story_on_containers_and_cleans_up() {
+    let docker = engine().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["demo", "--docker", "--rate", "150", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("docker provider"), "{printed}");
+    assert!(
+        printed
+            .contains("done: 2.0 released with 0 failed requests; 3.0 rolled back automatically"),
+        "{printed}"
+    );
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec!["bluegreen.service=demo".to_string()],
+    )]);
+    let left = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "containers left: {left:?}");
+    assert!(
+        docker
+            .inspect_image("bluegreen-demo-app:1.0")
+            .await
+            .is_err(),
+        "the demo's image was removed"
+    );
+}
