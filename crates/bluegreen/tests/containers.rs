@@ -599,3 +599,44 @@ async fn the_demo_runs_its_story_on_containers_and_cleans_up() {
         "the demo's image was removed"
     );
 }
+
+/// An engine that cannot be reached, and an `app.port` the app does not listen on: each deploy
+/// fails with an error that says what to fix, and the live color is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_engine_or_a_wrong_port_fails_the_deploy_saying_why() {
+    let fixture = Fixture::new("wrong", &[("1.0", Behaviour::Good)]).await;
+    let config = fixture.config("");
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-engine.sock");
+    let host = format!("unix://{}", missing.display());
+    let daemon = Daemon::start_with_env(dir, &config, &[("DOCKER_HOST", &host)]).await;
+    let out = deploy(&daemon, "blue", "1.0");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot reach the Docker Engine") && text(&out).contains(&host),
+        "{}",
+        text(&out)
+    );
+    drop(daemon);
+
+    // The app listens on 8080 inside the container; the config says 9999.
+    let wrong_port = config
+        .replace("  port: 8080\n", "  port: 9999\n")
+        .replace("0.0.0.0:{port}", "0.0.0.0:8080")
+        .replace("ready_timeout: 20s", "ready_timeout: 3s");
+    assert_ne!(wrong_port, config);
+    let daemon = Daemon::start(&wrong_port).await;
+    let out = deploy(&daemon, "blue", "1.0");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("0 of 2 upstream(s) healthy after 3s"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        fixture.containers().await.is_empty(),
+        "the failed deploy's containers are removed"
+    );
+    drop(daemon);
+}

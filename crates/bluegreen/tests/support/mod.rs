@@ -267,10 +267,20 @@ impl Daemon {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        Daemon::start_with_env(dir, config, &[]).await
+    }
+
+    /// Started with these variables in its environment (e.g. another `DOCKER_HOST`).
+    pub async fn start_with_env(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let config_path = dir.path().join("bluegreen.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
         let child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&config_path)
             .arg("up")
