@@ -212,7 +212,9 @@ pub async fn run(args: &DemoArgs) -> Result<(), CliError> {
         .map_err(|e| fail(format!("no free port: {e}")))?;
     let engine = match args.docker {
         true => {
-            let docker = crate::demo_image::engine().await.map_err(fail)?;
+            let docker = crate::controller::provider::docker::connect_engine()
+                .await
+                .map_err(fail)?;
             say(&format!(
                 "building the image {} (this binary and its shared libraries, FROM scratch) and tagging it {}",
                 crate::demo_image::REPOSITORY,

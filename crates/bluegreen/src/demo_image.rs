@@ -15,20 +15,6 @@ use futures_util::StreamExt;
 pub const REPOSITORY: &str = "bluegreen-demo-app";
 pub const TAGS: [&str; 3] = ["1.0", "2.0", "3.0"];
 
-/// The engine, at its default socket (or `DOCKER_HOST`).
-pub async fn engine() -> Result<Docker, String> {
-    let no_engine = |e: bollard::errors::Error| {
-        format!(
-            "no Docker Engine answers ({e}); `demo --docker` needs one (or podman's API service with DOCKER_HOST=unix://PATH)"
-        )
-    };
-    Docker::connect_with_local_defaults()
-        .map_err(no_engine)?
-        .negotiate_version()
-        .await
-        .map_err(no_engine)
-}
-
 /// Builds `REPOSITORY:1.0` from `binary` and its shared libraries, and tags it 2.0 and 3.0.
 pub async fn build(docker: &Docker, binary: &Path) -> Result<(), String> {
     let mut files = vec![(PathBuf::from("bluegreen"), binary.to_path_buf(), 0o755)];

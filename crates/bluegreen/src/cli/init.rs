@@ -190,7 +190,9 @@ mod tests {
         let green = config
             .controller
             .environment(bluegreen_router::Color::Green);
-        let crate::config::controller::ProviderSpec::Docker { image, port, .. } = &green.provider
+        let crate::config::controller::ProviderSpec::Docker(
+            crate::config::controller::DockerSpec { image, port, .. },
+        ) = &green.provider
         else {
             panic!("the docker provider: {:?}", green.provider);
         };

@@ -231,6 +231,14 @@ fn default_webhook_timeout() -> HumanDuration {
     HumanDuration::secs(5)
 }
 
+/// The command a color runs, and the key it came from: its own, or the shared `app.command`.
+fn command_source(color: Color, app: &RawApp, own: &RawEnvironment) -> (String, Option<String>) {
+    match (&own.command, &app.command) {
+        (Some(c), _) => (format!("environments.{color}.command"), Some(c.clone())),
+        (None, c) => ("app.command".to_string(), c.clone()),
+    }
+}
+
 /// What both colors take from the `app` section.
 struct SharedSpec {
     app: RawApp,
@@ -287,25 +295,30 @@ pub enum ProviderSpec {
         deploy: Vec<String>,
         stop: Vec<String>,
     },
-    /// Containers of `image:<version>`; `command` is the container's arguments (the image's
-    /// CMD when empty), with `{port}`, `{version}`, `{color}` still in it.
-    Docker {
-        image: String,
-        /// The port the app listens on inside the container.
-        port: u16,
-        command: Vec<String>,
-        labels: BTreeMap<String, String>,
-        /// `source:target[:ro]` binds and named volumes, host paths made absolute.
-        volumes: Vec<String>,
-        network: Option<String>,
-        cpus: Option<f64>,
-        /// In bytes.
-        memory: Option<u64>,
-        #[serde(with = "crate::config::controller::ms")]
-        stop_grace: Duration,
-        pull: PullPolicy,
-        retain: u32,
-    },
+    /// Containers of `image:<version>`.
+    Docker(DockerSpec),
+}
+
+/// The docker provider's part of a color's spec.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DockerSpec {
+    pub image: String,
+    /// The port the app listens on inside the container.
+    pub port: u16,
+    /// The container's arguments (the image's CMD when empty), with `{port}`, `{version}`,
+    /// `{color}` still in them.
+    pub command: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    /// `source:target[:ro]` binds and named volumes, host paths made absolute.
+    pub volumes: Vec<String>,
+    pub network: Option<String>,
+    pub cpus: Option<f64>,
+    /// In bytes.
+    pub memory: Option<u64>,
+    #[serde(with = "crate::config::controller::ms")]
+    pub stop_grace: Duration,
+    pub pull: PullPolicy,
+    pub retain: u32,
 }
 
 impl ProviderSpec {
@@ -314,7 +327,7 @@ impl ProviderSpec {
             ProviderSpec::Process { .. } => ProviderKind::Process,
             ProviderSpec::Static { .. } => ProviderKind::Static,
             ProviderSpec::Command { .. } => ProviderKind::Command,
-            ProviderSpec::Docker { .. } => ProviderKind::Docker,
+            ProviderSpec::Docker(_) => ProviderKind::Docker,
         }
     }
 }
@@ -717,10 +730,7 @@ impl Validator<'_> {
         if own.upstreams.is_some() {
             self.issue(at("upstreams"), "the process provider picks the upstreams itself; remove it, or set app.provider: static");
         }
-        let (command_key, command_text) = match (&own.command, &app.command) {
-            (Some(c), _) => (at("command"), Some(c.clone())),
-            (None, c) => ("app.command".to_string(), c.clone()),
-        };
+        let (command_key, command_text) = command_source(color, app, own);
         let Some(text) = command_text else {
             self.issue(
                 command_key,
@@ -734,16 +744,26 @@ impl Validator<'_> {
             self.issue(&command_key, "has no {port}; the process provider starts each instance on a free port and passes it there, e.g. --listen 127.0.0.1:{port}");
         }
         self.placeholders(&command_key, &text);
+        self.env_placeholders(color, own, env);
+        let command = self.command_line(&command_key, &text).unwrap_or_default();
+        ProviderSpec::Process { command }
+    }
+
+    /// Only known placeholders in the environment, each issue at the key that set the value.
+    fn env_placeholders(
+        &mut self,
+        color: Color,
+        own: &RawEnvironment,
+        env: &BTreeMap<String, String>,
+    ) {
         for (key, value) in env {
             let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
-                at(&format!("env.{key}"))
+                format!("environments.{color}.env.{key}")
             } else {
                 format!("app.env.{key}")
             };
             self.placeholders(&at_key, value);
         }
-        let command = self.command_line(&command_key, &text).unwrap_or_default();
-        ProviderSpec::Process { command }
     }
 
     /// The deploy and stop scripts: both required and executable.
@@ -855,7 +875,7 @@ impl Validator<'_> {
                 format!("{retain} is out of range; keep 0 to 100 versions' stopped containers"),
             );
         }
-        ProviderSpec::Docker {
+        ProviderSpec::Docker(DockerSpec {
             image,
             port,
             command,
@@ -867,7 +887,7 @@ impl Validator<'_> {
             stop_grace,
             pull,
             retain,
-        }
+        })
     }
 
     /// The image repository, without a tag (each deploy runs `image:VERSION`).
@@ -898,11 +918,7 @@ impl Validator<'_> {
         own: &RawEnvironment,
         env: &BTreeMap<String, String>,
     ) -> Vec<String> {
-        let at = |key: &str| format!("environments.{color}.{key}");
-        let (command_key, command_text) = match (&own.command, &app.command) {
-            (Some(c), _) => (at("command"), Some(c.clone())),
-            (None, c) => ("app.command".to_string(), c.clone()),
-        };
+        let (command_key, command_text) = command_source(color, app, own);
         let command = match command_text {
             Some(text) => {
                 self.placeholders(&command_key, &text);
@@ -919,14 +935,7 @@ impl Validator<'_> {
             }
             None => Vec::new(),
         };
-        for (key, value) in env {
-            let at_key = if own.env.as_ref().is_some_and(|e| e.contains_key(key)) {
-                at(&format!("env.{key}"))
-            } else {
-                format!("app.env.{key}")
-            };
-            self.placeholders(&at_key, value);
-        }
+        self.env_placeholders(color, own, env);
         command
     }
 

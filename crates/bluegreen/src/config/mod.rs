@@ -911,7 +911,7 @@ health: { path: /healthz }
         let config = Config::parse(DOCKER, Path::new("/srv/app")).unwrap();
         let spec = config.controller.environment(Color::Green);
         assert_eq!(spec.instances, 2);
-        let controller::ProviderSpec::Docker {
+        let controller::ProviderSpec::Docker(controller::DockerSpec {
             image,
             port,
             command,
@@ -922,7 +922,7 @@ health: { path: /healthz }
             pull,
             retain,
             ..
-        } = &spec.provider
+        }) = &spec.provider
         else {
             panic!("not the docker provider: {:?}", spec.provider);
         };

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::supervisor::free_port;
 use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
-use crate::config::controller::{ProviderSpec, PullPolicy, image_tag_problem};
+use crate::config::controller::{DockerSpec, ProviderSpec, PullPolicy, image_tag_problem};
 use crate::store::{ContainerRecord, EnvironmentRecord, ProviderState};
 
 /// The labels every container bluegreen creates carries: how it finds them again.
@@ -56,57 +56,35 @@ pub struct DockerProvider {
     next_generation: AtomicU64,
 }
 
-/// The docker provider's part of a color's spec, borrowed.
-struct DockerSpec<'a> {
-    image: &'a str,
-    port: u16,
-    command: &'a [String],
-    labels: &'a BTreeMap<String, String>,
-    volumes: &'a [String],
-    network: Option<&'a str>,
-    cpus: Option<f64>,
-    memory: Option<u64>,
-    stop_grace: Duration,
-    pull: PullPolicy,
-    retain: u32,
+/// The docker provider's part of a color's spec.
+fn docker_spec(spec: &ProviderSpec) -> Result<&DockerSpec, String> {
+    match spec {
+        ProviderSpec::Docker(docker) => Ok(docker),
+        _ => Err("the docker provider needs app.image".into()),
+    }
 }
 
-impl<'a> DockerSpec<'a> {
-    fn of(spec: &'a ProviderSpec) -> Result<DockerSpec<'a>, String> {
-        match spec {
-            ProviderSpec::Docker {
-                image,
-                port,
-                command,
-                labels,
-                volumes,
-                network,
-                cpus,
-                memory,
-                stop_grace,
-                pull,
-                retain,
-            } => Ok(DockerSpec {
-                image,
-                port: *port,
-                command,
-                labels,
-                volumes,
-                network: network.as_deref(),
-                cpus: *cpus,
-                memory: *memory,
-                stop_grace: *stop_grace,
-                pull: *pull,
-                retain: *retain,
-            }),
-            _ => Err("the docker provider needs app.image".into()),
-        }
-    }
-
+impl DockerSpec {
     /// Seconds the engine waits after SIGTERM before SIGKILL.
     fn grace_seconds(&self) -> i32 {
         self.stop_grace.as_secs().clamp(1, i32::MAX as u64) as i32
     }
+}
+
+/// The engine at `DOCKER_HOST` or the local socket, its API version negotiated (an older
+/// engine refuses a newer client's version).
+pub async fn connect_engine() -> Result<Docker, String> {
+    let cannot_reach = |e: EngineError| {
+        format!(
+            "cannot reach the Docker Engine ({}): {e}; start it, or point DOCKER_HOST at its socket (podman's `podman system service` offers the same API)",
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+        )
+    };
+    Docker::connect_with_local_defaults()
+        .map_err(cannot_reach)?
+        .negotiate_version()
+        .await
+        .map_err(cannot_reach)
 }
 
 /// `<service>-<color>-<version>-<n>`, n from 1.
@@ -184,25 +162,13 @@ impl DockerProvider {
         }
     }
 
-    /// The engine at `DOCKER_HOST` or the local socket, its API version negotiated (an older
-    /// engine refuses a newer client's version).
+    /// The engine, connected once.
     async fn engine(&self) -> Result<Docker, String> {
         let mut engine = self.engine.lock().await;
         if let Some(docker) = engine.as_ref() {
             return Ok(docker.clone());
         }
-        let cannot_reach = |e: EngineError| {
-            format!(
-                "cannot reach the Docker Engine ({}): {e}; start it, or point DOCKER_HOST at its socket (podman's `podman system service` offers the same API)",
-                std::env::var("DOCKER_HOST")
-                    .unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
-            )
-        };
-        let docker = Docker::connect_with_local_defaults()
-            .map_err(cannot_reach)?
-            .negotiate_version()
-            .await
-            .map_err(cannot_reach)?;
+        let docker = connect_engine().await?;
         *engine = Some(docker.clone());
         Ok(docker)
     }
@@ -372,7 +338,7 @@ impl DockerProvider {
     fn container_body(
         &self,
         request: &DeployRequest,
-        spec: &DockerSpec<'_>,
+        spec: &DockerSpec,
         host_port: u16,
     ) -> ContainerCreateBody {
         let (color, version) = (request.color, request.version.as_str());
@@ -403,7 +369,7 @@ impl DockerProvider {
                 }]),
             )])),
             binds: (!spec.volumes.is_empty()).then(|| spec.volumes.to_vec()),
-            network_mode: spec.network.map(str::to_string),
+            network_mode: spec.network.clone(),
             nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9) as i64),
             memory: spec.memory.map(|bytes| bytes as i64),
             ..Default::default()
@@ -631,11 +597,11 @@ impl Provider for DockerProvider {
         request: &DeployRequest,
         prepared: &ProviderState,
     ) -> Result<Started, String> {
-        let spec = DockerSpec::of(&request.spec.provider)?;
+        let spec = docker_spec(&request.spec.provider)?;
         let docker = self.engine().await?;
         let color = request.color;
         // First, so a missing image fails the deploy before anything is stopped.
-        self.ensure_image(&docker, spec.image, &request.version, spec.pull)
+        self.ensure_image(&docker, &spec.image, &request.version, spec.pull)
             .await?;
         self.release(color);
         // Listed before anything stops: only containers stopped already count as retained.
@@ -692,7 +658,7 @@ impl Provider for DockerProvider {
 
     /// Stops the color's containers (kept for rollbacks) and prunes versions beyond `retain`.
     async fn stop(&self, request: &StopRequest) -> Result<(), String> {
-        let spec = DockerSpec::of(&request.spec.provider)?;
+        let spec = docker_spec(&request.spec.provider)?;
         self.release(request.color);
         let docker = self.engine().await?;
         self.stop_running(&docker, request.color, spec.grace_seconds())
