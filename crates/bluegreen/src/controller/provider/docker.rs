@@ -619,7 +619,7 @@ impl Provider for DockerProvider {
         let planned = prepared.containers();
         let bodies: Vec<ContainerCreateBody> = planned
             .iter()
-            .map(|c| self.container_body(request, &spec, c.host_port))
+            .map(|c| self.container_body(request, spec, c.host_port))
             .collect();
         if let Some(records) = self
             .restart_retained(&docker, request, &bodies, &existing)
