@@ -244,7 +244,7 @@ impl Controller {
         };
         if let Some((kind, message)) = &event {
             tracing::info!(%kind, "{message}");
-            self.notify(*kind, message, release).await;
+            self.notify(*kind, message, release);
         }
         Ok(record)
     }
@@ -258,12 +258,12 @@ impl Controller {
         {
             tracing::error!(error = %e, "cannot record event");
         }
-        self.notify(kind, message, release).await;
+        self.notify(kind, message, release);
     }
 
-    /// After an event is stored: live watchers (`/v1/stream`) and the webhook hear of it.
-    pub(crate) async fn notify(&self, kind: EventKind, message: &str, release: Option<i64>) {
-        self.publish_events().await;
+    /// After an event is stored: the webhook hears of it (live watchers hear of it from the
+    /// store's watch, in `follow_store`).
+    pub(crate) fn notify(&self, kind: EventKind, message: &str, release: Option<i64>) {
         let config = self.config();
         if let Some(webhook) = &config.controller.webhook {
             hooks::notify(
@@ -417,8 +417,8 @@ impl Controller {
         self.recover().await;
     }
 
-    /// Follows the store's commits, so events written by any writer (another daemon on a
-    /// shared store, a restart's recovery) reach live watchers.
+    /// Follows the store's commits: each one that adds events sends them to the live watchers
+    /// (`/v1/stream`), whoever wrote them (this daemon, or another on a shared store).
     async fn follow_store(self: &Arc<Self>) {
         let from = match self.store.revision().await {
             Ok(revision) => revision,

@@ -87,7 +87,7 @@ impl Controller {
         {
             *current = release.clone();
         }
-        self.notify(kind, message, Some(release.id)).await;
+        self.notify(kind, message, Some(release.id));
         Ok(committed.step_id)
     }
 
@@ -155,6 +155,8 @@ impl Controller {
                     .map_err(CommandError::Refused)?;
             }
         }
+        // Held from the decision to the recording, so two asks never both start a release.
+        let starting = self.starting.lock().await;
         let split = self.plane.split();
         let deployed = Color::ALL.map(|color| {
             self.provider(color).runs_elsewhere()
@@ -191,17 +193,6 @@ impl Controller {
             self.plane
                 .check_split(Split::all(color))
                 .map_err(CommandError::Refused)?;
-        }
-        // Taken before recording, so two asks never both start a release.
-        let starting = self.starting.lock().await;
-        if let Some(running) = self.active_release() {
-            return Err(CommandError::Refused(format!(
-                "release #{} ({} to {}) is still {}; wait for it, or `bluegreen abort` it",
-                running.id,
-                running.version.as_deref().unwrap_or("shift"),
-                running.color,
-                running.state.as_str()
-            )));
         }
         let from_version = self.environment(live).version;
         let mut release = Release::new(request, &plan, strategy, target.version, from_version);

@@ -206,7 +206,7 @@ impl Controller {
             .map_err(|e| CommandError::Failed(e.to_string()))?;
         state.value = next;
         state.revision = committed.revision;
-        self.notify(kind, message, None).await;
+        self.notify(kind, message, None);
         Ok(())
     }
 
