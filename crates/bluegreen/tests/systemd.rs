@@ -28,7 +28,7 @@ fn strict_client(keep_alive: bool) -> Client<HttpConnector, http_body_util::Full
 /// Starts `bluegreen up` the way systemd does with socket activation: the socket it holds is
 /// fd 3, `LISTEN_FDS=1`, `LISTEN_PID` the daemon's own pid (sh execs into bluegreen, so `$$`
 /// is that pid).
-fn start_activated(listener: &TcpListener, dir: &std::path::Path) -> Child {
+fn start_activated(listener: &TcpListener, dir: &std::path::Path) -> Running {
     let log = std::fs::File::options()
         .create(true)
         .append(true)
@@ -46,15 +46,72 @@ fn start_activated(listener: &TcpListener, dir: &std::path::Path) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(Running)
         .unwrap()
 }
 
-fn signal(child: &Child, name: &str) {
+/// A daemon this test started: stopped (SIGTERM, then SIGKILL) if the test ends, passing or
+/// failing, while it still runs.
+struct Running(Child);
+
+impl Running {
+    fn wait(&mut self) -> std::process::ExitStatus {
+        self.0.wait().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        signal(self, "TERM");
+        for _ in 0..400 {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(daemon: &Running, name: &str) {
     let sent = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
+        .args([&format!("-{name}"), &daemon.0.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
+}
+
+/// Sends `signal` to the daemon while 8 strict clients send through the socket, starts the
+/// next one on the same socket, and returns it with the answers counted and what failed.
+async fn restart_under_load(
+    mut daemon: Running,
+    signal_name: &str,
+    listener: &TcpListener,
+    dir: &std::path::Path,
+    url: &str,
+) -> (Running, usize, Vec<String>) {
+    let (running, workers) = strict_clients(url.to_string(), 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&daemon, signal_name);
+    let stopped = daemon.wait();
+    if signal_name == "TERM" {
+        assert!(stopped.success(), "stops cleanly");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let daemon = start_activated(listener, dir);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for worker in workers {
+        let (o, f) = worker.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    (daemon, ok, failed)
 }
 
 /// A client's count of answers and what failed.
@@ -110,50 +167,27 @@ async fn a_restart_under_socket_activation_refuses_no_connection() {
     let text = config(&[&blue], &[&green], "");
     std::fs::write(dir.path().join("bluegreen.yaml"), &text).unwrap();
     let url = format!("http://{addr}/");
-    let mut daemon = start_activated(&listener, dir.path());
+    let daemon = start_activated(&listener, dir.path());
     wait_serving(&url).await;
 
-    let (running, workers) = strict_clients(url.clone(), 8);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // A plain restart: SIGTERM, then a new process on the same socket. Connections made
     // meanwhile wait in the socket's backlog.
-    signal(&daemon, "TERM");
-    assert!(daemon.wait().unwrap().success(), "stops cleanly");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    daemon = start_activated(&listener, dir.path());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    running.store(false, Ordering::Relaxed);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for worker in workers {
-        let (o, f) = worker.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (daemon, ok, failed) =
+        restart_under_load(daemon, "TERM", &listener, dir.path(), &url).await;
     assert!(ok > 50, "served across the restart: {ok}");
     assert!(failed.is_empty(), "refused or failed: {failed:?}");
 
     // kill -9: only what was in flight inside the killed process may fail, at most one
     // request per client; everything after waits for the next start.
-    let (running, workers) = strict_clients(url.clone(), 8);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(&daemon, "KILL");
-    let _ = daemon.wait();
-    daemon = start_activated(&listener, dir.path());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    running.store(false, Ordering::Relaxed);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for worker in workers {
-        let (o, f) = worker.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (mut daemon, ok, failed) =
+        restart_under_load(daemon, "KILL", &listener, dir.path(), &url).await;
     assert!(ok > 50, "served across the kill: {ok}");
     assert!(
         failed.len() <= 8,
         "only requests in flight in the killed process fail, at most one per client: {failed:?}"
     );
     signal(&daemon, "TERM");
-    assert!(daemon.wait().unwrap().success());
+    assert!(daemon.wait().success());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -180,6 +214,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     let next = || {
         let mut buffer = [0u8; 512];
@@ -196,7 +231,7 @@ async fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(next(), "READY=1", "ready again after the reload");
     signal(&daemon, "TERM");
     assert_eq!(next(), "STOPPING=1");
-    assert!(daemon.wait().unwrap().success());
+    assert!(daemon.wait().success());
 }
 
 /// Debian's `systemd-socket-activate` (one start, as systemd's socket unit would).
@@ -225,8 +260,9 @@ async fn systemd_socket_activate_starts_it_on_its_socket() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .expect("systemd-socket-activate (Debian's systemd package) runs");
     wait_serving(&format!("http://127.0.0.1:{port}/")).await;
     signal(&daemon, "TERM");
-    assert!(daemon.wait().unwrap().success());
+    assert!(daemon.wait().success());
 }
