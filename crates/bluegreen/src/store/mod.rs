@@ -18,8 +18,6 @@ use async_trait::async_trait;
 use bluegreen_router::Color;
 use futures_util::stream::BoxStream;
 
-#[cfg(test)]
-pub use records::UpstreamOverrides;
 pub use records::{
     ContainerRecord, EnvironmentRecord, EnvironmentStatus, Event, InstanceRecord, ProviderState,
     RouterState, StepRecord, StoredRelease, now_ms,

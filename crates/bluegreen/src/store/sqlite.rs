@@ -482,6 +482,7 @@ impl Inner {
             .map_err(|e| self.sqlite(e))?;
         let mut commit = Commit {
             tx: &tx,
+            path: &self.path,
             revision: 0,
             keys: Vec::new(),
             committed: Committed {
@@ -539,6 +540,7 @@ impl Inner {
 /// A commit in progress: its revision, the keys it changed, what it made.
 struct Commit<'a> {
     tx: &'a rusqlite::Transaction<'a>,
+    path: &'a Path,
     revision: Revision,
     keys: Vec<Key>,
     committed: Committed,
@@ -561,7 +563,7 @@ fn check(key: Key, expected: Revision, found: Option<Revision>) -> Result<(), St
 impl Commit<'_> {
     fn sqlite(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
-            path: PathBuf::from(self.tx.path().unwrap_or("state.db")),
+            path: self.path.to_path_buf(),
             source,
         }
     }
@@ -805,7 +807,7 @@ mod tests {
         let state = RouterState {
             split: Split::all(Color::Green),
             rollback_to: Some(Color::Blue),
-            upstreams: crate::store::UpstreamOverrides {
+            upstreams: crate::store::records::UpstreamOverrides {
                 blue: None,
                 green: Some(vec!["127.0.0.1:9005".parse().unwrap()]),
             },
