@@ -260,12 +260,12 @@ impl Proxy {
                 },
                 Ok(Err(failure)) => send_error(color, &upstream, failure),
             };
+            guard.release_upstream();
+            // The client broke its own body: no fault of the upstream, nothing to retry.
             if let ProxyError::ClientBody { .. } = error {
-                guard.release_upstream();
                 return Err(error);
             }
             color_metrics.upstream_error();
-            guard.release_upstream();
             if !(may_retry && is_retryable(&error, idempotent))
                 || tried.len() >= self.settings.retries
             {
