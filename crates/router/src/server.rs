@@ -397,11 +397,18 @@ impl Router {
                     }
                     return;
                 }
-                _ = inner.stopping.cancelled(), if stop.is_none() && !closing => {
-                    stop = Some((Instant::now(), tokio::time::interval(STOP_POLL)));
-                }
-                _ = async { stop.as_mut().expect("set").1.tick().await }, if stop.is_some() && !closing => {
-                    let began = stop.as_ref().expect("set").0;
+                // One branch for both phases of a stop, so a request's wake-ups poll no more
+                // branches than before: first the stop itself, then a fast tick.
+                _ = async {
+                    match stop.as_mut() {
+                        None => inner.stopping.cancelled().await,
+                        Some((_, tick)) => { tick.tick().await; }
+                    }
+                }, if !closing => {
+                    let Some((began, _)) = stop else {
+                        stop = Some((Instant::now(), tokio::time::interval(STOP_POLL)));
+                        continue;
+                    };
                     // Busy: the response in progress is its last (`Connection: close`), and
                     // the client reconnects. Idle: a client may be writing its next request
                     // right now, so it is closed only once the grace has passed.
