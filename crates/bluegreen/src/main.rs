@@ -1,24 +1,10 @@
 //! The `bluegreen` binary: parse arguments, run one command, print one error, exit with a code.
 
-mod admin;
-mod cli;
-mod client;
-mod config;
-mod controller;
-mod daemon;
-mod dataplane;
-mod demo;
-mod demo_image;
-mod duration;
-mod exit;
-mod follower;
-mod store;
-mod timestamp;
-mod transport;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use bluegreen::{cli, exit};
 use clap::Parser;
 
 #[global_allocator]
