@@ -1,6 +1,5 @@
 //! The `bluegreen` binary: parse arguments, run one command, print one error, exit with a code.
 
-
 use std::io::IsTerminal;
 use std::process::ExitCode;
 

@@ -17,6 +17,12 @@ pub struct ProcessProvider {
     events: Mutex<Option<mpsc::UnboundedReceiver<InstanceEvent>>>,
 }
 
+impl Default for ProcessProvider {
+    fn default() -> ProcessProvider {
+        ProcessProvider::new()
+    }
+}
+
 impl ProcessProvider {
     pub fn new() -> ProcessProvider {
         let (events, receiver) = mpsc::unbounded_channel();
