@@ -4,6 +4,7 @@ mod support;
 
 use std::time::Duration;
 
+use bluegreen::store::{ProviderState, SqliteStore, StateStore, Write};
 use serde_json::Value;
 use support::{Daemon, client, get, process_config, write_file};
 
@@ -165,4 +166,71 @@ async fn killed_while_monitoring_the_release_is_rolled_back() {
         kill_during("monitoring", &config, &["--version", "2.0"]).await;
     assert_eq!(settled["release"]["state"], "rolled_back", "{settled}");
     blue_serves_as_before(&daemon, &blue_pids).await;
+}
+
+/// The daemon can die between starting an instance and recording its pid. After the restart
+/// that instance is found by the mark in its environment and stopped with the abandoned deploy,
+/// instead of running on, unowned, on the port the store recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_started_but_not_recorded_is_found_after_a_restart_and_stopped() {
+    let config = process_config();
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = daemon.cli(&[
+        "release",
+        "--detach",
+        "--version",
+        "2.0",
+        "--env",
+        "EXAMPLE_SLOW_START_MS=4000",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let deploying = daemon
+        .wait_status("green's instances started", |s| {
+            s["release"]["state"] == "deploying"
+                && s["environments"][1]["instances"]
+                    .as_array()
+                    .is_some_and(|i| i.len() == 2 && i.iter().all(|i| i["pid"].is_u64()))
+        })
+        .await;
+    let green_pids = pids(&deploying, 1);
+    let dir = daemon.into_dir();
+    assert!(green_pids.iter().all(|p| alive(*p)), "{deploying}");
+
+    // What the store holds had the daemon died a moment earlier: ports, no pids.
+    let store = SqliteStore::open(&dir.path().join(".bluegreen")).unwrap();
+    let [_, green] = store.environments().await.unwrap();
+    let mut record = green.value.clone();
+    let ProviderState::Process { instances } = &mut record.provider else {
+        panic!("green runs process instances: {:?}", record.provider);
+    };
+    instances.iter_mut().for_each(|i| i.pid = None);
+    store
+        .commit(Write {
+            environment: Some((green.revision, record)),
+            ..Write::default()
+        })
+        .await
+        .unwrap();
+    drop(store);
+
+    let daemon = Daemon::start_in(dir, &config).await;
+    let status = daemon
+        .wait_status("the interrupted deploy settled", |s| {
+            s["environments"][1]["status"] == "failed"
+        })
+        .await;
+    for _ in 0..100 {
+        if green_pids.iter().all(|p| !alive(*p)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running: Vec<_> = green_pids.iter().filter(|p| alive(**p)).collect();
+    assert!(
+        running.is_empty(),
+        "green instances {running:?} still run after the restart: {status}\n{}",
+        daemon.log()
+    );
 }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bluegreen_router::Color;
 use tokio::sync::mpsc;
 
-use super::supervisor::{Launch, Supervisor, free_port};
+use super::supervisor::{Launch, Supervisor, Unrecorded, free_port};
 use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
 use crate::config::controller::ProviderSpec;
 use crate::store::{EnvironmentRecord, InstanceRecord, ProviderState};
@@ -76,14 +76,18 @@ impl Provider for ProcessProvider {
         request: &DeployRequest,
         prepared: &ProviderState,
     ) -> Result<Started, String> {
-        self.supervisor.stop(request.color).await;
         let instances = prepared.instances().to_vec();
         let addrs = instances
             .iter()
             .map(|i| SocketAddr::from(([127, 0, 0, 1], i.port)))
             .collect();
         self.supervisor
-            .start(ProcessProvider::launch(request), instances)
+            .start(
+                ProcessProvider::launch(request),
+                instances,
+                Unrecorded::Ignore,
+            )
+            .await
             .map_err(|e| format!("cannot start instances: {e}"))?;
         Ok(Started::at(addrs))
     }
@@ -108,7 +112,12 @@ impl Provider for ProcessProvider {
         }
         let adopted = instances.iter().filter(|i| i.pid.is_some()).count();
         self.supervisor
-            .start(ProcessProvider::launch(request), instances.to_vec())
+            .start(
+                ProcessProvider::launch(request),
+                instances.to_vec(),
+                Unrecorded::Adopt,
+            )
+            .await
             .map_err(|e| e.to_string())?;
         Ok(Some(format!(
             "{} {}: {} instance(s) brought back ({adopted} recorded as running are adopted if still alive)",

@@ -72,6 +72,11 @@ impl Launch {
             .replace("{color}", self.color.as_str())
     }
 
+    /// The value of [`INSTANCE_MARK`] in the environment of the instance on `port`.
+    fn mark(&self, port: u16) -> String {
+        format!("{}:{}:{port}", self.logs_dir.display(), self.color)
+    }
+
     pub fn log_path(logs_dir: &Path, color: Color, slot: usize) -> PathBuf {
         logs_dir.join(format!("{color}-{slot}.log"))
     }
@@ -88,6 +93,7 @@ impl Launch {
             .env("PORT", port.to_string())
             .env("BLUEGREEN_COLOR", self.color.as_str())
             .env("BLUEGREEN_VERSION", &self.version)
+            .env(INSTANCE_MARK, self.mark(port))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -106,25 +112,55 @@ struct Group {
 }
 
 pub struct Supervisor {
-    groups: Mutex<[Option<Group>; 2]>,
+    groups: Mutex<Groups>,
     events: mpsc::UnboundedSender<InstanceEvent>,
     next_generation: std::sync::atomic::AtomicU64,
 }
 
+#[derive(Default)]
+struct Groups {
+    by_color: [Option<Group>; 2],
+    /// Groups replaced by a start that did not wait for their stop; still ending.
+    replaced: Vec<Group>,
+    /// Set by `stop_all`: a start racing the daemon's shutdown would leave its processes behind.
+    closed: bool,
+}
+
+/// Where a process started for a slot, but not recorded, may be found after a restart.
+pub enum Unrecorded {
+    /// After a daemon restart: a process of ours on the slot's port is adopted (the previous
+    /// daemon may have died between starting it and recording its pid).
+    Adopt,
+    /// A new deploy: only recorded processes are adopted.
+    Ignore,
+}
+
+/// The environment variable that marks an instance as this state folder's, color's and port's.
+const INSTANCE_MARK: &str = "BLUEGREEN_INSTANCE";
+
 impl Supervisor {
     pub fn new(events: mpsc::UnboundedSender<InstanceEvent>) -> Supervisor {
         Supervisor {
-            groups: Mutex::new([None, None]),
+            groups: Mutex::new(Groups::default()),
             events,
             next_generation: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
-    /// Starts (or adopts, when `adopt` names a live process for a slot) one instance per port.
-    /// The color's previous instances must have been stopped first. Returns the generation
-    /// events of these instances carry.
-    pub fn start(&self, launch: Launch, instances: Vec<InstanceRecord>) -> std::io::Result<u64> {
+    /// Starts (or adopts, when a record names a live process of ours) one instance per port,
+    /// after stopping whatever the color ran before. Returns the generation events of these
+    /// instances carry. Refused once `stop_all` has begun.
+    pub async fn start(
+        &self,
+        mut launch: Launch,
+        instances: Vec<InstanceRecord>,
+        unrecorded: Unrecorded,
+    ) -> std::io::Result<u64> {
+        self.stop(launch.color).await;
         std::fs::create_dir_all(&launch.logs_dir)?;
+        // The mark names the folder absolutely: two daemons in different folders never adopt
+        // each other's instances.
+        launch.logs_dir = std::fs::canonicalize(&launch.logs_dir)?;
         let generation = self
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -132,13 +168,21 @@ impl Supervisor {
         let launch = Arc::new(launch);
         // Held while the tasks start: their first events must find this generation registered.
         let mut groups = self.groups.lock().expect("lock");
+        if groups.closed {
+            return Err(std::io::Error::other("the daemon is stopping"));
+        }
         let tasks = instances
             .into_iter()
             .enumerate()
             .map(|(slot, record)| {
+                let program = launch.fill(&launch.argv[0], record.port);
                 let adopted = record
                     .pid
-                    .filter(|pid| is_running(*pid, &launch.fill(&launch.argv[0], record.port)));
+                    .filter(|pid| is_running(*pid, &program))
+                    .or_else(|| match unrecorded {
+                        Unrecorded::Adopt => find_marked(&launch.mark(record.port)),
+                        Unrecorded::Ignore => None,
+                    });
                 tokio::spawn(supervise(
                     Arc::clone(&launch),
                     generation,
@@ -150,17 +194,22 @@ impl Supervisor {
                 ))
             })
             .collect();
-        groups[launch.color.index()] = Some(Group {
+        let previous = groups.by_color[launch.color.index()].replace(Group {
             generation,
             cancel,
             tasks,
         });
+        // Two starts of one color at once: the first one's processes are stopped, not lost.
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+            groups.replaced.push(previous);
+        }
         Ok(generation)
     }
 
     /// Stops a color's instances: SIGTERM to each process group, SIGKILL after the stop timeout.
     pub async fn stop(&self, color: Color) {
-        let group = self.groups.lock().expect("lock")[color.index()].take();
+        let group = self.groups.lock().expect("lock").by_color[color.index()].take();
         if let Some(group) = group {
             group.cancel.cancel();
             for task in group.tasks {
@@ -170,15 +219,25 @@ impl Supervisor {
     }
 
     pub fn generation(&self, color: Color) -> Option<u64> {
-        self.groups.lock().expect("lock")[color.index()]
+        self.groups.lock().expect("lock").by_color[color.index()]
             .as_ref()
             .map(|g| g.generation)
     }
 
     /// Stops everything (daemon shutdown).
     pub async fn stop_all(&self) {
+        let replaced = {
+            let mut groups = self.groups.lock().expect("lock");
+            groups.closed = true;
+            std::mem::take(&mut groups.replaced)
+        };
         for color in Color::ALL {
             self.stop(color).await;
+        }
+        for group in replaced {
+            for task in group.tasks {
+                let _ = task.await;
+            }
         }
     }
 }
@@ -207,6 +266,39 @@ fn is_running(pid: u32, program: &str) -> bool {
     let expected = Path::new(program);
     let actual = Path::new(std::str::from_utf8(first).unwrap_or(""));
     actual == expected || actual.file_name() == expected.file_name()
+}
+
+/// The process group leader whose environment carries `mark`, if one is alive.
+fn find_marked(mark: &str) -> Option<u32> {
+    let wanted = format!("{INSTANCE_MARK}={mark}");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            // Only the leader: what the instance started inherits the mark too.
+            is_group_leader(*pid)
+                && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                    environ
+                        .split(|b| *b == 0)
+                        .any(|entry| entry == wanted.as_bytes())
+                })
+        })
+}
+
+/// Alive, and the leader of its own process group (as every instance is started).
+fn is_group_leader(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // After the command name: state, parent pid, process group.
+    let mut fields = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace())
+        .into_iter()
+        .flatten();
+    let state = fields.next();
+    let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+    !matches!(state, Some("Z" | "X") | None) && group == Some(pid)
 }
 
 enum Running {
@@ -345,5 +437,66 @@ async fn terminate(process: &mut Running, pid: u32, timeout: Duration) {
         );
         signal_group(pid, Signal::KILL);
         let _ = tokio::time::timeout(Duration::from_secs(2), process.exited()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper(logs_dir: &Path) -> Launch {
+        Launch {
+            color: Color::Green,
+            version: "2.0".into(),
+            argv: vec!["sleep".into(), "30".into()],
+            env: BTreeMap::new(),
+            stop_timeout: Duration::from_secs(2),
+            logs_dir: logs_dir.to_path_buf(),
+        }
+    }
+
+    fn slot() -> InstanceRecord {
+        InstanceRecord {
+            port: free_port().unwrap(),
+            pid: None,
+            restarts: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_racing_the_shutdown_is_refused_and_starts_nothing() {
+        let logs = tempfile::tempdir().unwrap();
+        let (events, mut heard) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::new(events);
+        supervisor.stop_all().await;
+        let refused = supervisor
+            .start(sleeper(logs.path()), vec![slot()], Unrecorded::Ignore)
+            .await;
+        assert!(refused.is_err());
+        assert!(heard.try_recv().is_err(), "nothing was started");
+    }
+
+    #[tokio::test]
+    async fn a_second_start_of_a_color_stops_the_first_ones_processes() {
+        let logs = tempfile::tempdir().unwrap();
+        let (events, mut heard) = mpsc::unbounded_channel();
+        let supervisor = Supervisor::new(events);
+        let started = |event: Option<InstanceEvent>| match event {
+            Some(InstanceEvent::Started { pid, .. }) => pid,
+            other => panic!("expected a start, got {other:?}"),
+        };
+        supervisor
+            .start(sleeper(logs.path()), vec![slot()], Unrecorded::Ignore)
+            .await
+            .unwrap();
+        let first = started(heard.recv().await);
+        supervisor
+            .start(sleeper(logs.path()), vec![slot()], Unrecorded::Ignore)
+            .await
+            .unwrap();
+        let second = started(heard.recv().await);
+        assert!(!is_alive(first), "the first start's process was stopped");
+        supervisor.stop_all().await;
+        assert!(!is_alive(second));
     }
 }
