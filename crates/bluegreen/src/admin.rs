@@ -591,6 +591,68 @@ async fn metrics(State(controller): State<Arc<Controller>>) -> Response {
         .into_response()
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpgradeBody {
+    /// An absolute path; none: the binary the daemon was started from.
+    binary: Option<std::path::PathBuf>,
+    /// How long the new process has to take over (default 60s).
+    timeout: Option<String>,
+}
+
+/// `POST /v1/upgrade`: the daemon hands its sockets, instances and release to a new process
+/// of `binary`, answering once that one serves (200), or once it was given up and this one
+/// goes on serving (502, with why).
+async fn upgrade(
+    State(controller): State<Arc<Controller>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: UpgradeBody = parse_body(&body)?;
+    let timeout = match body.timeout.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(text) => crate::duration::parse(text)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| ApiError::invalid("timeout", "a duration above zero, such as 60s"))?,
+    };
+    if let Some(binary) = &body.binary {
+        use std::os::unix::fs::PermissionsExt as _;
+        let runnable = binary.is_absolute()
+            && std::fs::metadata(binary)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !runnable {
+            return Err(ApiError::invalid(
+                "binary",
+                "an absolute path to an executable file (the new bluegreen binary)",
+            ));
+        }
+    }
+    let Some(asks) = controller.upgrades.get() else {
+        return Err(ApiError {
+            status: StatusCode::CONFLICT,
+            field: None,
+            message: "this daemon cannot upgrade itself (it was not started by `bluegreen up`)"
+                .into(),
+        });
+    };
+    let (ask, outcome) = crate::handoff::UpgradeAsk::new(body.binary, timeout);
+    let busy = || ApiError {
+        status: StatusCode::CONFLICT,
+        field: None,
+        message: "an upgrade is already under way".into(),
+    };
+    asks.try_send(ask).map_err(|_| busy())?;
+    match outcome.await {
+        Ok(Ok(message)) => Ok(Json(json!({ "message": message })).into_response()),
+        Ok(Err(why)) => Err(ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            field: None,
+            message: why,
+        }),
+        Err(_) => Err(busy()),
+    }
+}
+
 /// `POST /v1/reload`: the config file read again and put in force, or nothing changed (400
 /// with every issue of an invalid file, 409 with what cannot change in place).
 async fn reload(State(controller): State<Arc<Controller>>) -> Response {
@@ -723,6 +785,7 @@ fn routes(controller: Arc<Controller>) -> Routes {
         .route("/v1/status", get(status))
         .route("/v1/switch", post(switch))
         .route("/v1/reload", post(reload))
+        .route("/v1/upgrade", post(upgrade))
         .route("/v1/weights", post(weights))
         .route("/v1/rollback", post(rollback))
         .route("/v1/upstreams", post(upstreams))
@@ -743,7 +806,29 @@ fn routes(controller: Arc<Controller>) -> Routes {
         .route("/v1/stream", get(stream))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&controller),
+            refuse_once_handed_over,
+        ))
         .with_state(controller)
+}
+
+/// After a binary upgrade's hand-over, a change asked of this (old) process would be lost or
+/// race the new one's: refused with 503, to be retried (the new process answers it).
+async fn refuse_once_handed_over(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if controller.is_handed_over() && request.method() != http::Method::GET {
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            field: None,
+            message: "this daemon is handing over to a new binary (bluegreen upgrade); send the request again in a moment".into(),
+        }
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// The dashboard page: one HTML file with its script, served by the binary (no build step).
@@ -779,6 +864,10 @@ fn dashboard_routes(controller: Arc<Controller>, token: Arc<String>) -> Routes {
         .route("/api/status", get(status))
         .merge(actions)
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&controller),
+            refuse_once_handed_over,
+        ))
         .with_state(controller)
 }
 

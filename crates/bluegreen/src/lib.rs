@@ -12,6 +12,7 @@ pub mod demo_image;
 pub mod duration;
 pub mod exit;
 pub mod follower;
+pub mod handoff;
 pub mod store;
 pub mod timestamp;
 pub mod transport;

@@ -4,20 +4,17 @@ mod init;
 mod progress;
 mod release;
 mod tui;
+mod up;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use bluegreen_router::Color;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use http::Method;
 use serde_json::{Value, json};
-use tokio::signal::unix::{SignalKind, signal};
 
-use crate::admin;
 use crate::client::AdminClient;
 use crate::config::{AdminEndpoint, Config};
-use crate::daemon::Daemon;
 use crate::exit::{self, CliError, expect_ok};
 use crate::timestamp::utc_time;
 
@@ -62,6 +59,15 @@ pub enum Commands {
     Up,
     /// Read the config file again and put it in force without dropping a request; an invalid file changes nothing (every issue is listed).
     Reload,
+    /// Replace the running daemon with a new binary without dropping a request: the new process takes the listening sockets, the app instances and the release in progress; the old one drains and exits. If the new one fails, the old one keeps serving (exit 1, with the reason).
+    Upgrade {
+        /// The new binary (default: the one the daemon was started from, e.g. replaced in place by a package upgrade).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// How long the new process has to take over before it is given up.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
     /// Write a commented bluegreen.yaml that runs the example app (edit it for your service).
     Init {
         /// Overwrite an existing file.
@@ -260,8 +266,9 @@ fn parse_color(text: &str) -> Result<Color, String> {
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
-        Commands::Up => up(&cli).await,
+        Commands::Up => up::run(&cli).await,
         Commands::Reload => reload(&cli).await,
+        Commands::Upgrade { binary, timeout } => upgrade(&cli, binary.as_deref(), timeout).await,
         Commands::Check => check(&cli),
         Commands::Switch(args)
         | Commands::Router {
@@ -493,92 +500,21 @@ pub(crate) fn admin_client(cli: &Cli) -> Result<AdminClient, CliError> {
     })
 }
 
-async fn up(cli: &Cli) -> Result<(), CliError> {
-    let config = Config::load(&cli.config)?;
-    let failure = |message: String| CliError::new(exit::FAILURE, message);
-    let listener = router_listener(&config).await.map_err(failure)?;
-    let listen = listener.local_addr().map_err(|e| failure(e.to_string()))?;
-    crate::daemon::create_private_dir(&config.state_dir).map_err(failure)?;
-    let admin_endpoint = config.router.admin.clone();
-    let admin_listener = admin::bind(&admin_endpoint, config.router.admin_token.as_deref())
-        .await
-        .map_err(failure)?;
-    let dashboard = bind_dashboard(&config).await.map_err(failure)?;
-    let dashboard_addr = match &dashboard {
-        Some((listener, _)) => Some(listener.local_addr().map_err(|e| failure(e.to_string()))?),
-        None => None,
-    };
-    let config_path = std::path::absolute(&cli.config).unwrap_or_else(|_| cli.config.clone());
-    let daemon = Daemon::build(config, Some(config_path), listen, dashboard_addr)
-        .await
-        .map_err(failure)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| failure(e.to_string()))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| failure(e.to_string()))?;
-    // SIGHUP reloads the config, as it does nginx and HAProxy; it never stops the daemon.
-    let mut hangup = signal(SignalKind::hangup()).map_err(|e| failure(e.to_string()))?;
-
-    daemon.router.start_health_checks().await;
-    let table = daemon.router.table();
-    for color in Color::ALL {
-        if table.split.weight(color) > 0 && table.pool(color).healthy_count() == 0 {
-            // The recorded split is served as recorded (promise: restart into the last state),
-            // but the operator should know it cannot answer yet.
-            tracing::warn!(%color, "takes traffic but has no healthy upstream yet; requests get 503 until one passes its check");
-        }
+/// `bluegreen upgrade`: waits until the new process serves, or says why it was given up.
+async fn upgrade(cli: &Cli, binary: Option<&Path>, timeout: &str) -> Result<(), CliError> {
+    let binary = binary
+        .map(|b| {
+            std::path::absolute(b)
+                .map_err(|e| CliError::new(exit::USAGE, format!("--binary {}: {e}", b.display())))
+        })
+        .transpose()?;
+    let body = json!({ "binary": binary, "timeout": timeout });
+    let client = admin_client(cli)?;
+    let answer = expect_ok(client.call(Method::POST, "/v1/upgrade", Some(body)).await?)?;
+    match cli.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&answer).expect("json")),
+        Output::Text => println!("{}", answer["message"].as_str().unwrap_or("upgraded")),
     }
-    // Traffic first: settling an interrupted release may wait for instances to answer.
-    let serving = daemon.router.serve(listener);
-    daemon.controller.start().await;
-    let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
-    let admin_task = tokio::spawn(admin::run(
-        admin_listener,
-        Arc::clone(&daemon.controller),
-        admin_stopped,
-    ));
-    let dashboard_task = dashboard.map(|(listener, token)| {
-        tokio::spawn(admin::run_dashboard(
-            listener,
-            token,
-            Arc::clone(&daemon.controller),
-            stop_admin.subscribe(),
-        ))
-    });
-    announce(&daemon, listen, &admin_endpoint).await;
-    // Under systemd (`Type=notify`): ready once the router serves. Outside it, a no-op.
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    loop {
-        tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-            _ = hangup.recv() => reload_on_signal(&daemon.controller).await,
-        }
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    println!(
-        "bluegreen: stopping; in-flight requests get up to {}s to finish (signal again to quit now)",
-        daemon
-            .controller
-            .config()
-            .router
-            .drain_timeout
-            .as_secs_f32()
-    );
-    tokio::select! {
-        _ = drain(cli, &daemon) => {}
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    let _ = stop_admin.send(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), admin_task).await;
-    if let Some(task) = dashboard_task {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
-    }
-    serving.abort();
-    daemon.controller.shutdown().await;
-    if let AdminEndpoint::Unix(path) = &admin_endpoint {
-        let _ = std::fs::remove_file(path);
-    }
-    println!("bluegreen: stopped");
     Ok(())
 }
 
@@ -613,121 +549,6 @@ async fn reload(cli: &Cli) -> Result<(), CliError> {
         Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("reloaded")),
     }
     Ok(())
-}
-
-/// SIGHUP: the config read again; what went wrong is logged, and the daemon keeps serving.
-async fn reload_on_signal(controller: &crate::controller::Controller) {
-    let reloading = [sd_notify::NotifyState::Reloading];
-    let stamp = sd_notify::NotifyState::monotonic_usec_now().ok();
-    let _ = sd_notify::notify(false, &[reloading.as_slice(), stamp.as_slice()].concat());
-    let outcome = controller.reload().await;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    match outcome {
-        Ok(message) => tracing::info!("{message}"),
-        Err(crate::controller::reload::ReloadError::Invalid { path, issues }) => {
-            tracing::error!("reload refused: {path} is invalid; the running config stays in force");
-            for issue in issues {
-                tracing::error!("  {issue}");
-            }
-        }
-        Err(e) => tracing::error!("reload refused: {e}"),
-    }
-}
-
-/// The router's listening socket: the one systemd passed (socket activation, `LISTEN_FDS`),
-/// so that connections wait in its backlog across a restart; else `router.listen`, bound now.
-async fn router_listener(config: &Config) -> Result<tokio::net::TcpListener, String> {
-    let mut activation = listenfd::ListenFd::from_env();
-    let passed = activation.take_tcp_listener(0).map_err(|e| {
-        format!("the socket systemd passed (LISTEN_FDS) is not a TCP listener: {e}")
-    })?;
-    if let Some(listener) = passed {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("the socket systemd passed: {e}"))?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|e| format!("the socket systemd passed: {e}"))?;
-        tracing::info!(addr = ?listener.local_addr().ok(), "serving on the socket systemd passed (router.listen is not bound)");
-        return Ok(listener);
-    }
-    tokio::net::TcpListener::bind(config.router.listen)
-        .await
-        .map_err(|e| format!("router.listen: cannot bind {}: {e}", config.router.listen))
-}
-
-/// The dashboard's listener and token, when the dashboard is enabled.
-async fn bind_dashboard(
-    config: &Config,
-) -> Result<Option<(tokio::net::TcpListener, String)>, String> {
-    let Some(settings) = &config.dashboard else {
-        return Ok(None);
-    };
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|e| {
-            format!(
-                "dashboard.listen: cannot bind {}: {e}; choose another address, or set dashboard.enabled: false",
-                settings.listen
-            )
-        })?;
-    let token = admin::dashboard_token(&settings.token_file)?;
-    Ok(Some((listener, token)))
-}
-
-/// The line `up` prints once it serves: where, each color's health, the split, the admin
-/// endpoint and the dashboard.
-async fn announce(daemon: &Daemon, listen: std::net::SocketAddr, admin_endpoint: &AdminEndpoint) {
-    let status = daemon.controller.status().await;
-    let health: Vec<String> = status
-        .router
-        .colors
-        .iter()
-        .map(|c| {
-            format!(
-                "{} {}/{} healthy",
-                c.color,
-                c.healthy_upstreams,
-                c.upstreams.len()
-            )
-        })
-        .collect();
-    println!(
-        "bluegreen: {} routing on {}://{listen} ({}); live: {}; admin: {admin_endpoint}{}",
-        daemon.controller.config().service,
-        if daemon.controller.config().router.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        },
-        health.join(", "),
-        status.weights_text(),
-        match &status.dashboard {
-            Some(url) =>
-                format!("; dashboard: {url} (`bluegreen dashboard` prints it with its token)"),
-            None => String::new(),
-        }
-    );
-}
-
-/// Lets the router finish in-flight requests and connections, showing what is left.
-async fn drain(cli: &Cli, daemon: &Daemon) {
-    let progress = release::spinner(cli, "draining".into());
-    let watch_drain = async {
-        loop {
-            let status = daemon.router.status();
-            let in_flight: u64 = status.colors.iter().map(|c| c.metrics.open).sum();
-            progress.set_message(format!(
-                "draining: {in_flight} request(s) and {} connection(s) still open",
-                status.connections_open
-            ));
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    };
-    tokio::select! {
-        _ = daemon.router.shutdown() => {}
-        _ = watch_drain => {}
-    }
-    progress.finish_and_clear();
 }
 
 impl crate::controller::traffic::ControllerStatus {

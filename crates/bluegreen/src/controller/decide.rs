@@ -201,6 +201,54 @@ pub fn after_restart(release: Option<&Release>) -> Recovery {
     }
 }
 
+/// Where a release goes on in the process a binary upgrade handed it to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Continuation {
+    /// The pipeline stage to go on from. A stage before the switch runs again from its start
+    /// (deploy and tests are safe to repeat); the switch picks up at `step`.
+    pub stage: usize,
+    /// The shift step in progress, and what was left of its hold (`None`: all of it, as when
+    /// it was paused or waits for promote).
+    pub step: usize,
+    pub left: Option<std::time::Duration>,
+    /// The shift was over and the new color being watched at 100 %.
+    pub monitoring: bool,
+}
+
+/// How the release a previous process handed over goes on, given the pipeline's stage names
+/// now; `Err` says why it cannot (then the restart rule settles it).
+pub fn after_upgrade(
+    release: Option<&Release>,
+    stages: &[&str],
+    now_ms: i64,
+) -> Result<Option<Continuation>, String> {
+    let Some(release) = release.filter(|r| !r.state.is_final()) else {
+        return Ok(None);
+    };
+    let stage = stages
+        .iter()
+        .position(|name| *name == release.stage)
+        .ok_or_else(|| {
+            format!(
+                "its stage `{}` is not in the pipeline any more ({})",
+                release.stage,
+                stages.join(", ")
+            )
+        })?;
+    let left = match release.step_ends_ms {
+        Some(end) if !release.paused => Some(std::time::Duration::from_millis(
+            (end - now_ms).max(0) as u64,
+        )),
+        _ => None,
+    };
+    Ok(Some(Continuation {
+        stage,
+        step: release.step,
+        left,
+        monitoring: release.state == ReleaseState::Monitoring,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +521,59 @@ mod tests {
             );
         }
         assert_eq!(after_restart(None), Recovery::Nothing);
+    }
+
+    #[test]
+    fn after_an_upgrade_a_release_goes_on_from_its_stage_and_what_was_left_of_its_hold() {
+        let stages = ["deploy", "test", "switch", "cleanup"];
+        let mut shifting = release(ReleaseState::Shifting, true);
+        shifting.stage = "switch".into();
+        shifting.step = 1;
+        shifting.step_ends_ms = Some(10_500);
+        assert_eq!(
+            after_upgrade(Some(&shifting), &stages, 10_000),
+            Ok(Some(Continuation {
+                stage: 2,
+                step: 1,
+                left: Some(std::time::Duration::from_millis(500)),
+                monitoring: false,
+            }))
+        );
+        // Overdue (the hand-over took longer than the hold had left): no time left, not negative.
+        let late = after_upgrade(Some(&shifting), &stages, 11_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(late.left, Some(std::time::Duration::ZERO));
+        // Paused, or waiting for promote: the hold starts over.
+        shifting.paused = true;
+        let paused = after_upgrade(Some(&shifting), &stages, 10_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(paused.left, None);
+
+        let mut testing = release(ReleaseState::Testing, false);
+        testing.stage = "test".into();
+        let again = after_upgrade(Some(&testing), &stages, 0).unwrap().unwrap();
+        assert_eq!((again.stage, again.monitoring), (1, false));
+
+        let mut monitoring = release(ReleaseState::Monitoring, true);
+        monitoring.stage = "switch".into();
+        assert!(
+            after_upgrade(Some(&monitoring), &stages, 0)
+                .unwrap()
+                .unwrap()
+                .monitoring
+        );
+    }
+
+    #[test]
+    fn after_an_upgrade_a_stage_gone_from_the_pipeline_or_an_ended_release_does_not_go_on() {
+        let mut running = release(ReleaseState::Running, false);
+        running.stage = "migrate.sh".into();
+        let why = after_upgrade(Some(&running), &["deploy", "switch"], 0).unwrap_err();
+        assert!(why.contains("`migrate.sh` is not in the pipeline"), "{why}");
+        let ended = release(ReleaseState::Succeeded, true);
+        assert_eq!(after_upgrade(Some(&ended), &["switch"], 0), Ok(None));
+        assert_eq!(after_upgrade(None, &["switch"], 0), Ok(None));
     }
 }

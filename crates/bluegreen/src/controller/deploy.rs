@@ -272,6 +272,10 @@ impl Controller {
                 return;
             };
             let _exclusive = controller.exclusive.lock().await;
+            // Handed over: the successor armed its own timer.
+            if controller.is_handed_over() {
+                return;
+            }
             let record = controller.environment(color);
             if record.scale_down_at_ms != Some(at_ms) {
                 return; // redeployed or rescheduled since

@@ -86,6 +86,12 @@ pub struct Controller {
     pub(crate) exclusive: tokio::sync::Mutex<()>,
     /// Releases being started take turns, so two asks never both start one.
     starting: tokio::sync::Mutex<()>,
+    /// The task running the release in progress, stopped without a write at a hand-over.
+    runner: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Set while a binary upgrade's successor has control: this process changes nothing.
+    handed_over: std::sync::atomic::AtomicBool,
+    /// Where `POST /v1/upgrade` asks the daemon process (`bluegreen up`) for an upgrade.
+    pub upgrades: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::handoff::UpgradeAsk>>,
     pub logs_dir: PathBuf,
 }
 
@@ -136,6 +142,9 @@ impl Controller {
             published: tokio::sync::Mutex::new(last_event),
             exclusive: tokio::sync::Mutex::new(()),
             starting: tokio::sync::Mutex::new(()),
+            runner: Mutex::new(None),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            upgrades: std::sync::OnceLock::new(),
             logs_dir,
         })
     }
@@ -384,15 +393,18 @@ impl Controller {
     }
 
     /// Starts the controller's background work: recording instance events, sampling the
-    /// router's counters, bringing back instances and timers after a restart, and settling a
-    /// release a previous daemon left unfinished.
-    pub async fn start(self: &Arc<Self>) {
+    /// router's counters, and bringing back instances, timers and the release: as the
+    /// previous daemon left them after a restart, as it handed them over after an upgrade.
+    pub async fn start(self: &Arc<Self>, after: Start) {
         for provider in &self.providers {
             if let Some(mut events) = provider.take_events() {
                 let controller = Arc::clone(self);
                 tokio::spawn(async move {
                     while let Some(event) = events.recv().await {
-                        controller.instance_event(event).await;
+                        // Whatever a detached provider still reports is the successor's now.
+                        if !controller.is_handed_over() {
+                            controller.instance_event(event).await;
+                        }
                     }
                 });
             }
@@ -414,7 +426,53 @@ impl Controller {
             }
         });
         self.follow_store().await;
-        self.recover().await;
+        match after {
+            Start::Restart => self.recover().await,
+            Start::Upgrade => self.take_control().await,
+        }
+    }
+
+    /// A binary upgrade's hand-over, in the process that hands over: the release runner stops
+    /// where it is (it writes nothing more), the providers let go of the instances without
+    /// stopping them, and a commit already under way lands before this returns, so the
+    /// successor reads everything this process wrote.
+    pub async fn hand_over(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let runner = self.runner.lock().expect("lock").take();
+        if let Some(runner) = runner {
+            runner.abort();
+        }
+        // The runner holds `exclusive` until it is gone; so does any deploy or rollback.
+        let _exclusive = self.exclusive.lock().await;
+        for provider in self.distinct_providers() {
+            provider.detach().await;
+        }
+        if let Err(e) = self.store.revision().await {
+            tracing::warn!(error = %e, "state store after the hand-over");
+        }
+    }
+
+    /// Control taken back after an upgrade whose successor failed: as the successor would
+    /// have, from what the store holds.
+    pub async fn resume_after_failed_upgrade(self: &Arc<Self>) {
+        self.handed_over
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.take_control().await;
+    }
+
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Each provider once (both colors may share one).
+    fn distinct_providers(&self) -> Vec<&Arc<dyn Provider>> {
+        let [a, b] = &self.providers;
+        if Arc::ptr_eq(a, b) {
+            vec![a]
+        } else {
+            vec![a, b]
+        }
     }
 
     /// Follows the store's commits: each one that adds events sends them to the live watchers
@@ -564,6 +622,26 @@ impl Controller {
     /// ports), scale-down timers are re-armed, and an unfinished release is settled by the rule
     /// in docs/lifecycle.md.
     async fn recover(self: &Arc<Self>) {
+        self.adopt_instances().await;
+        self.settle_interrupted_release().await;
+        // A deploy the previous daemon did not finish: never proven healthy, so stopped.
+        for color in Color::ALL {
+            let why = "the deploy was interrupted by a daemon restart";
+            self.abandon_deploy(color, None, EventKind::Recover, why)
+                .await;
+        }
+    }
+
+    /// After an upgrade: the instances are adopted as they run, and the release goes on from
+    /// the stage and step it was in.
+    async fn take_control(self: &Arc<Self>) {
+        self.adopt_instances().await;
+        self.continue_release().await;
+    }
+
+    /// Instances recorded as running are adopted (or started again on their ports), and
+    /// scale-down timers re-armed.
+    async fn adopt_instances(self: &Arc<Self>) {
         for color in Color::ALL {
             let record = self.environment(color);
             let runs = matches!(
@@ -582,13 +660,6 @@ impl Controller {
                 self.schedule_scale_down(color, at_ms);
             }
         }
-        self.settle_interrupted_release().await;
-        // A deploy the previous daemon did not finish: never proven healthy, so stopped.
-        for color in Color::ALL {
-            let why = "the deploy was interrupted by a daemon restart";
-            self.abandon_deploy(color, None, EventKind::Recover, why)
-                .await;
-        }
     }
 
     pub async fn shutdown(&self) {
@@ -596,6 +667,15 @@ impl Controller {
             provider.shutdown().await;
         }
     }
+}
+
+/// What the controller starts after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A (re)start: what a previous daemon left unfinished is settled by the restart rule.
+    Restart,
+    /// A binary upgrade: the previous process handed over, and its release goes on.
+    Upgrade,
 }
 
 /// Where to send our own requests to the router: a wildcard listen address means loopback.

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::analysis::{WindowStats, judge};
-use super::decide::{self, Ending, Recovery, ReleaseAsk, Stop};
+use super::decide::{self, Continuation, Ending, Recovery, ReleaseAsk, Stop};
 use super::{Command, CommandError, Controller, EventKind, Gate};
 use crate::config::controller::{HookPoint, Stage};
 use crate::config::strategy::{Hold, Strategy};
@@ -202,13 +202,67 @@ impl Controller {
         if !plan.first {
             self.warn_of_differences(live, color, release.id).await;
         }
-        let (control, receiver) = watch::channel(Control::default());
-        *self.active.lock().expect("lock") = Some((release.clone(), control));
+        self.run_in_background(release.clone(), Control::default(), None);
         drop(starting);
-        let controller = Arc::clone(self);
-        let running = release.clone();
-        tokio::spawn(async move { controller.run_release(running, receiver).await });
         Ok(release)
+    }
+
+    /// Makes `release` the active one and runs it (from `from`, after an upgrade) on a task
+    /// that a hand-over can stop.
+    fn run_in_background(
+        self: &Arc<Self>,
+        release: Release,
+        control: Control,
+        from: Option<Continuation>,
+    ) {
+        let (control, receiver) = watch::channel(control);
+        *self.active.lock().expect("lock") = Some((release.clone(), control));
+        let controller = Arc::clone(self);
+        let runner =
+            tokio::spawn(async move { controller.run_release(release, receiver, from).await });
+        *self.runner.lock().expect("lock") = Some(runner.abort_handle());
+    }
+
+    /// After a binary upgrade: the release the previous process was running goes on where it
+    /// was (docs/lifecycle.md); one that cannot is settled by the restart rule.
+    pub(crate) async fn continue_release(self: &Arc<Self>) {
+        let release = match self.releases(1).await {
+            Ok(releases) => releases.into_iter().next(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the release to continue");
+                return;
+            }
+        };
+        let config = self.config();
+        let stages: Vec<&str> = match release.as_ref().map(|r| r.kind) {
+            Some(ReleaseKind::Shift) => vec![Stage::Switch.name()],
+            _ => config.controller.pipeline.iter().map(Stage::name).collect(),
+        };
+        match decide::after_upgrade(release.as_ref(), &stages, now_ms()) {
+            Ok(None) => {}
+            Ok(Some(from)) => {
+                let release = release.expect("a release to continue");
+                let message = format!(
+                    "release #{} goes on after the upgrade: {} stage ({}, {}% on {})",
+                    release.id,
+                    release.stage,
+                    release.state.as_str(),
+                    release.percent,
+                    release.color
+                );
+                self.event(EventKind::Recover, &message, Some(release.id))
+                    .await;
+                let control = Control {
+                    paused: release.paused,
+                    ..Control::default()
+                };
+                self.run_in_background(release, control, Some(from));
+            }
+            Err(why) => {
+                tracing::warn!("the release cannot go on after the upgrade: {why}");
+                self.settle_interrupted_release().await;
+            }
+        }
     }
 
     /// A release between colors configured differently says so in its events.
@@ -295,9 +349,10 @@ impl Controller {
         self: Arc<Self>,
         mut release: Release,
         mut control: watch::Receiver<Control>,
+        from: Option<Continuation>,
     ) {
         let _exclusive = self.exclusive.lock().await;
-        let outcome = self.drive(&mut release, &mut control).await;
+        let outcome = self.drive(&mut release, &mut control, from).await;
         if outcome.is_err() {
             let why = "the deploy was aborted";
             self.abandon_deploy(release.color, Some(release.id), EventKind::Stopped, why)
@@ -389,20 +444,24 @@ impl Controller {
         self: &Arc<Self>,
         release: &mut Release,
         control: &mut watch::Receiver<Control>,
+        mut from: Option<Continuation>,
     ) -> Result<(), Stop> {
         let stages = match release.kind {
             ReleaseKind::Release => self.config().controller.pipeline.clone(),
             ReleaseKind::Shift => vec![Stage::Switch],
         };
-        for stage in stages {
+        let first = from.map_or(0, |c| c.stage);
+        for stage in stages.into_iter().skip(first) {
             if let Some(reason) = control.borrow().abort.clone() {
                 return Err(Stop::Aborted(reason));
             }
+            // Only the stage in progress at the hand-over picks up where it was.
+            let from = from.take();
             match &stage {
                 Stage::Deploy => self.deploy_stage(release, control).await?,
                 Stage::Test => self.test_stage(release, control).await?,
                 Stage::Run { name, argv } => self.user_stage(release, control, name, argv).await?,
-                Stage::Switch => self.switch_stage(release, control).await?,
+                Stage::Switch => self.switch_stage(release, control, from).await?,
                 Stage::Cleanup => self.cleanup_stage(release).await?,
             }
         }
@@ -495,18 +554,22 @@ impl Controller {
         self.stage(release, name, ReleaseState::Running, work).await
     }
 
-    /// `migrate_expand` and `pre_switch`, the shift, `post_switch`.
+    /// `migrate_expand` and `pre_switch`, the shift, `post_switch`. A shift continued after
+    /// an upgrade does not run the hooks before it again once traffic has moved.
     async fn switch_stage(
         &self,
         release: &mut Release,
         control: &mut watch::Receiver<Control>,
+        from: Option<Continuation>,
     ) -> Result<(), Stop> {
         let (color, id) = (release.color, Some(release.id));
         let facts = self.facts(color, Some(release));
-        for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
-            self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
+        if !(from.is_some() && release.traffic_moved) {
+            for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
+                self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
+            }
         }
-        self.shift(release, control).await?;
+        self.shift(release, control, from).await?;
         let facts = self.facts(color, Some(release));
         self.hook(HookPoint::PostSwitch, &facts, id)
             .await
@@ -548,6 +611,7 @@ impl Controller {
         &self,
         release: &mut Release,
         control: &mut watch::Receiver<Control>,
+        from: Option<Continuation>,
     ) -> Result<(), Stop> {
         let color = release.color;
         self.plane
@@ -566,10 +630,20 @@ impl Controller {
             });
         let mut baseline = before;
         let steps = release.strategy.steps.clone();
-        let mut index = 0;
+        // After an upgrade: the step in progress, with what was left of its hold.
+        let mut index = match from {
+            Some(from) if from.monitoring => steps.len(),
+            Some(from) => from.step.min(steps.len().saturating_sub(1)),
+            None => 0,
+        };
+        let mut left = from.and_then(|from| from.left);
         let mut seen_promotions = control.borrow().promotions;
         while index < steps.len() {
             let step = steps[index];
+            let hold = match (left.take(), step.hold) {
+                (Some(left), Hold::For(_)) => Hold::For(left),
+                (_, hold) => hold,
+            };
             release.state = ReleaseState::Shifting;
             release.stage = "switch".into();
             release.step = index;
@@ -597,13 +671,7 @@ impl Controller {
                 .await
                 .map_err(Stop::RollBack)?;
             let outcome = self
-                .hold(
-                    release,
-                    control,
-                    step.hold,
-                    &mut baseline,
-                    &mut seen_promotions,
-                )
+                .hold(release, control, hold, &mut baseline, &mut seen_promotions)
                 .await;
             self.end_held_step(db_step, outcome.is_ok(), release).await;
             index = decide::next_step(index, steps.len(), outcome? == Held::Full);
@@ -613,7 +681,10 @@ impl Controller {
         }
         // A first release has nothing to go back to: watching it could only end in a
         // rollback to nothing.
-        let window = self.config().controller.monitor_window;
+        let mut window = self.config().controller.monitor_window;
+        if let Some(from) = from.filter(|from| from.monitoring) {
+            window = from.left.unwrap_or(window);
+        }
         if !window.is_zero() && !release.first {
             release.state = ReleaseState::Monitoring;
             let message = format!(

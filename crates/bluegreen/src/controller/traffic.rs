@@ -39,6 +39,10 @@ impl From<Split> for Weights {
 #[derive(Serialize)]
 pub struct ControllerStatus {
     pub service: String,
+    /// The daemon's process (it changes at each `bluegreen upgrade`).
+    pub pid: u32,
+    /// The daemon's version.
+    pub version: &'static str,
     pub listen: SocketAddr,
     pub admin: String,
     /// The web dashboard's address (`bluegreen dashboard` prints it with the token).
@@ -59,6 +63,8 @@ impl Controller {
         let router = self.plane.status();
         ControllerStatus {
             service: self.config().service.clone(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION"),
             listen: self.endpoints.listen,
             admin: self.config().router.admin.to_string(),
             dashboard: self

@@ -771,6 +771,10 @@ impl Provider for DockerProvider {
         }
     }
 
+    async fn detach(&self) {
+        self.shutdown().await;
+    }
+
     /// The engine's logs of the color's current containers (all of the color's, when none is
     /// current: the retained ones of a stopped color).
     async fn logs(&self, color: Color, lines: usize) -> Option<Vec<(String, Vec<String>)>> {

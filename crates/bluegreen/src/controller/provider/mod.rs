@@ -124,6 +124,10 @@ pub trait Provider: Send + Sync + 'static {
     /// Stops everything this provider supervises (the daemon is stopping).
     async fn shutdown(&self) {}
 
+    /// A binary upgrade: stop watching the instances and let go of them, running, for the
+    /// successor to adopt. Nothing is stopped.
+    async fn detach(&self) {}
+
     /// The newest log lines of a color's instances, when the provider keeps them itself (not
     /// in files under the logs folder): one (source, lines) per instance.
     async fn logs(&self, _color: Color, _lines: usize) -> Option<Vec<(String, Vec<String>)>> {

@@ -138,4 +138,8 @@ impl Provider for ProcessProvider {
     async fn shutdown(&self) {
         self.supervisor.stop_all().await;
     }
+
+    async fn detach(&self) {
+        self.supervisor.detach_all().await;
+    }
 }

@@ -108,6 +108,8 @@ impl Launch {
 struct Group {
     generation: u64,
     cancel: CancellationToken,
+    /// Ends supervision and leaves the processes running (a binary upgrade's hand-over).
+    detach: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -165,6 +167,7 @@ impl Supervisor {
             .next_generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        let detach = CancellationToken::new();
         let launch = Arc::new(launch);
         // Held while the tasks start: their first events must find this generation registered.
         let mut groups = self.groups.lock().expect("lock");
@@ -189,7 +192,7 @@ impl Supervisor {
                     slot,
                     record.port,
                     adopted,
-                    cancel.clone(),
+                    (cancel.clone(), detach.clone()),
                     self.events.clone(),
                 ))
             })
@@ -197,6 +200,7 @@ impl Supervisor {
         let previous = groups.by_color[launch.color.index()].replace(Group {
             generation,
             cancel,
+            detach,
             tasks,
         });
         // Two starts of one color at once: the first one's processes are stopped, not lost.
@@ -212,6 +216,24 @@ impl Supervisor {
         let group = self.groups.lock().expect("lock").by_color[color.index()].take();
         if let Some(group) = group {
             group.cancel.cancel();
+            for task in group.tasks {
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Lets go of every instance, running: their pids stay recorded for the successor to adopt.
+    pub async fn detach_all(&self) {
+        let groups: Vec<Group> = {
+            let mut groups = self.groups.lock().expect("lock");
+            groups
+                .by_color
+                .iter_mut()
+                .filter_map(Option::take)
+                .collect()
+        };
+        for group in groups {
+            group.detach.cancel();
             for task in group.tasks {
                 let _ = task.await;
             }
@@ -353,7 +375,7 @@ async fn supervise(
     slot: usize,
     port: u16,
     adopted: Option<u32>,
-    cancel: CancellationToken,
+    (cancel, detach): (CancellationToken, CancellationToken),
     events: mpsc::UnboundedSender<InstanceEvent>,
 ) {
     let color = launch.color;
@@ -392,6 +414,7 @@ async fn supervise(
                 terminate(&mut process, pid, launch.stop_timeout).await;
                 return;
             }
+            _ = detach.cancelled() => return,
         };
         let now = Instant::now();
         crashes.retain(|at| now.duration_since(*at) < CRASH_WINDOW);
@@ -420,6 +443,7 @@ async fn supervise(
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = cancel.cancelled() => return,
+            _ = detach.cancelled() => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
