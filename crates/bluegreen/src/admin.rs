@@ -607,7 +607,12 @@ async fn upgrade(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: UpgradeBody = parse_body(&body)?;
+    let message = upgrade_to(&controller, parse_body(&body)?).await?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
+/// Asks the daemon process for the upgrade and waits for its outcome.
+async fn upgrade_to(controller: &Controller, body: UpgradeBody) -> Result<String, ApiError> {
     let timeout = match body.timeout.as_deref() {
         None => std::time::Duration::from_secs(60),
         Some(text) => crate::duration::parse(text)
@@ -643,7 +648,7 @@ async fn upgrade(
     };
     asks.try_send(ask).map_err(|_| busy())?;
     match outcome.await {
-        Ok(Ok(message)) => Ok(Json(json!({ "message": message })).into_response()),
+        Ok(Ok(message)) => Ok(message),
         Ok(Err(why)) => Err(ApiError {
             status: StatusCode::BAD_GATEWAY,
             field: None,
@@ -680,6 +685,20 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
             message: refused.to_string(),
         }
         .into_response(),
+        // Built into the router: a new process of the same binary reads the file.
+        Err(ReloadError::NeedsNewProcess(keys)) => {
+            let body = UpgradeBody {
+                binary: None,
+                timeout: None,
+            };
+            match upgrade_to(&controller, body).await {
+                Ok(message) => Json(json!({
+                    "message": format!("config reloaded in a new process ({} changed): {message}", keys.join(", "))
+                }))
+                .into_response(),
+                Err(error) => error.into_response(),
+            }
+        }
     }
 }
 

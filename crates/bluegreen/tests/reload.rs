@@ -147,17 +147,22 @@ async fn an_invalid_or_unchangeable_config_changes_nothing() {
     let (code, served_by, _) = support::get(&client, &daemon.url("/"), &[]).await.unwrap();
     assert_eq!((code, served_by.as_str()), (200, "blue-1"));
 
-    // What the running router was built with cannot change in place: refused, named.
+    // What the sockets and the state are bound to cannot change, not even in a new process
+    // (the router's timeouts and health checks reload through one: tests/upgrade.rs).
     std::fs::write(
         &daemon.config_path,
-        good.replace("drain_timeout: 2s", "drain_timeout: 5s")
-            .replace("interval: 100ms", "interval: 200ms"),
+        good.replace(
+            "listen: 127.0.0.1:0\n  admin",
+            "listen: 127.0.0.1:1\n  admin",
+        )
+        .replace("service: web", "service: shop")
+        .replace("interval: 100ms", "interval: 200ms"),
     )
     .unwrap();
     let out = daemon.cli(&["reload"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     assert!(
-        text(&out).contains("router.drain_timeout, health cannot change while the daemon runs"),
+        text(&out).contains("service, router.listen cannot change while the daemon runs"),
         "{}",
         text(&out)
     );

@@ -5,25 +5,10 @@ mod support;
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use support::{BIN, Backend, config, get};
-
-/// A client that never sends a request twice: hyper's pool would otherwise resend one that a
-/// closing keep-alive connection did not take, which hides exactly the failures measured here.
-fn strict_client(keep_alive: bool) -> Client<HttpConnector, http_body_util::Full<bytes::Bytes>> {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder.retry_canceled_requests(false);
-    if !keep_alive {
-        builder.pool_max_idle_per_host(0);
-    }
-    builder.build_http()
-}
+use support::{BIN, Backend, config, get, strict_client, strict_clients};
 
 /// Starts `bluegreen up` the way systemd does with socket activation: the socket it holds is
 /// fd 3, `LISTEN_FDS=1`, `LISTEN_PID` the daemon's own pid (sh execs into bluegreen, so `$$`
@@ -112,36 +97,6 @@ async fn restart_under_load(
         failed.extend(f);
     }
     (daemon, ok, failed)
-}
-
-/// A client's count of answers and what failed.
-type Worker = tokio::task::JoinHandle<(usize, Vec<String>)>;
-
-/// Clients that never resend a request: half keep their connection alive, half open a new
-/// one for every request; each request gets its answer, or counts as failed.
-fn strict_clients(url: String, clients: usize) -> (Arc<AtomicBool>, Vec<Worker>) {
-    let running = Arc::new(AtomicBool::new(true));
-    let workers = (0..clients)
-        .map(|i| {
-            let running = Arc::clone(&running);
-            let url = url.clone();
-            tokio::spawn(async move {
-                let client = strict_client(i % 2 == 0);
-                let (mut ok, mut failed) = (0, Vec::new());
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while running.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    match get(&client, &url, &[]).await {
-                        Ok((200, _, _)) => ok += 1,
-                        Ok((status, _, body)) => failed.push(format!("{status} {body}")),
-                        Err(e) => failed.push(e),
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
-    (running, workers)
 }
 
 async fn wait_serving(url: &str) {

@@ -122,10 +122,14 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         let ask = tokio::select! {
             _ = signals.terminate.recv() => break Ending::Stop,
             _ = signals.interrupt.recv() => break Ending::Stop,
-            _ = signals.hangup.recv() => {
-                reload_on_signal(&daemon.controller).await;
-                continue;
-            }
+            _ = signals.hangup.recv() => match reload_on_signal(&daemon.controller).await {
+                // What only a new process can change: an upgrade to the same binary.
+                Some(keys) => {
+                    tracing::info!("reload: {keys} change in a new process; upgrading to the same binary");
+                    UpgradeAsk::from_signal(exe.clone(), SIGNAL_UPGRADE_TIMEOUT)
+                }
+                None => continue,
+            },
             _ = signals.upgrade.recv() => UpgradeAsk::from_signal(exe.clone(), SIGNAL_UPGRADE_TIMEOUT),
             Some(ask) = upgrade_asks.recv() => ask,
         };
@@ -374,7 +378,8 @@ impl Signals {
 }
 
 /// SIGHUP: the config read again; what went wrong is logged, and the daemon keeps serving.
-async fn reload_on_signal(controller: &Controller) {
+/// Returns the keys that need a new process, when that is all that stands in the way.
+async fn reload_on_signal(controller: &Controller) -> Option<String> {
     let reloading = [sd_notify::NotifyState::Reloading];
     let stamp = sd_notify::NotifyState::monotonic_usec_now().ok();
     let _ = sd_notify::notify(false, &[reloading.as_slice(), stamp.as_slice()].concat());
@@ -388,8 +393,12 @@ async fn reload_on_signal(controller: &Controller) {
                 tracing::error!("  {issue}");
             }
         }
+        Err(crate::controller::reload::ReloadError::NeedsNewProcess(keys)) => {
+            return Some(keys.join(", "));
+        }
         Err(e) => tracing::error!("reload refused: {e}"),
     }
+    None
 }
 
 /// The router's listening socket: the one systemd passed (socket activation, `LISTEN_FDS`),

@@ -19,14 +19,29 @@ pub enum ReloadError {
     /// The file could not be read, or it changes what cannot change while the daemon runs.
     #[error("{0}")]
     Refused(String),
+    /// Valid, but it changes what is built into the running router: a new process of the
+    /// same binary (an upgrade) puts it in force. Nothing changed in this one.
+    #[error("{} change only in a new process", .0.join(", "))]
+    NeedsNewProcess(Vec<String>),
 }
+
+/// Keys a new process cannot change either: it serves on the sockets it is handed and the
+/// state it finds.
+const BOUND_TO_SOCKETS_AND_STATE: [&str; 5] = [
+    "service",
+    "state_dir",
+    "router.listen",
+    "router.admin",
+    "dashboard",
+];
 
 impl Controller {
     /// Reads the config file again. A valid config that changes only what can change in
     /// place (strategies, release, analysis, tests, hooks, webhook, the apps' specs) is put
     /// in force at once — a running release keeps the settings it started with where it
-    /// copied them, and the next deploy or release uses the new ones. Anything else is
-    /// refused whole, with every reason.
+    /// copied them, and the next deploy or release uses the new ones. What is built into the
+    /// router (its timeouts, TLS, health checks …) needs a new process: the caller upgrades
+    /// to the same binary. What the sockets and the state are bound to is refused.
     pub async fn reload(&self) -> Result<String, ReloadError> {
         let Some(path) = &self.config_path else {
             return Err(ReloadError::Refused(
@@ -42,11 +57,17 @@ impl Controller {
         })?;
         let old = self.config();
         let fixed = fixed_changes(&old, &new);
-        if !fixed.is_empty() {
+        let (bound, rebuilt): (Vec<String>, Vec<String>) = fixed
+            .into_iter()
+            .partition(|key| BOUND_TO_SOCKETS_AND_STATE.contains(&key.as_str()));
+        if !bound.is_empty() {
             return Err(ReloadError::Refused(format!(
                 "{} cannot change while the daemon runs (restart it with the new config to change them); nothing was changed",
-                fixed.join(", ")
+                bound.join(", ")
             )));
+        }
+        if !rebuilt.is_empty() {
+            return Err(ReloadError::NeedsNewProcess(rebuilt));
         }
         let changed = changes_in_place(&old, &new);
         if changed.is_empty() {

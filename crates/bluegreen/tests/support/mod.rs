@@ -666,3 +666,46 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// A client that never sends a request twice: hyper's pool would otherwise resend one that a
+/// closing keep-alive connection did not take, which hides exactly the failures measured here.
+pub fn strict_client(
+    keep_alive: bool,
+) -> Client<HttpConnector, http_body_util::Full<bytes::Bytes>> {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.retry_canceled_requests(false);
+    if !keep_alive {
+        builder.pool_max_idle_per_host(0);
+    }
+    builder.build_http()
+}
+
+/// A client's count of answers and what failed.
+pub type Worker = tokio::task::JoinHandle<(usize, Vec<String>)>;
+
+/// Clients that never resend a request: half keep their connection alive, half open a new
+/// one for every request; each request gets its answer, or counts as failed.
+pub fn strict_clients(url: String, clients: usize) -> (Arc<AtomicBool>, Vec<Worker>) {
+    let running = Arc::new(AtomicBool::new(true));
+    let workers = (0..clients)
+        .map(|i| {
+            let running = Arc::clone(&running);
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = strict_client(i % 2 == 0);
+                let (mut ok, mut failed) = (0, Vec::new());
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while running.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                    match get(&client, &url, &[]).await {
+                        Ok((200, _, _)) => ok += 1,
+                        Ok((status, _, body)) => failed.push(format!("{status} {body}")),
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    (running, workers)
+}
