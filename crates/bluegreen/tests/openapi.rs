@@ -453,12 +453,11 @@ async fn schemathesis_finds_nothing_the_document_does_not_allow() {
     );
     assert!(report.contains("22 selected / 23 total"), "{report}");
     // The custom check ran, and on more than a handful of refused calls.
-    let judged: u64 = std::fs::read_to_string(&judged)
-        .unwrap_or_else(|_| panic!("no refused call was judged:\n{report}"))
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(judged >= 100, "only {judged} refused calls judged");
+    let judged = std::fs::read_to_string(&judged)
+        .unwrap_or_else(|_| panic!("no refused call was judged:\n{report}"));
+    println!("refused calls: {judged}");
+    let count: u64 = judged.split(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 100, "only {judged}");
     // The calls did real work, and the daemon is still serving.
     let (code, history) = daemon.admin("GET", "/v1/history?limit=10000", None).await;
     assert_eq!(code, 200);
