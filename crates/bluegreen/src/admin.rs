@@ -211,6 +211,7 @@ pub struct UpstreamsBody {
     upstreams: Vec<String>,
 }
 
+/// Points a color at other upstreams (static and command providers), health-checked first.
 #[utoipa::path(post, path = "/v1/upstreams", tag = "traffic", request_body = UpstreamsBody,
     responses(
         (status = 200, description = "The color's upstreams replaced (static and command providers)", body = MessageBody),
@@ -252,6 +253,7 @@ pub struct HistoryBody {
     events: Vec<Event>,
 }
 
+/// The audit log: every change, who asked and what happened.
 #[utoipa::path(get, path = "/v1/history", tag = "history",
     params(
         ("limit" = Option<u64>, Query, description = "At most this many events (default 50)", minimum = 1, maximum = 10000),
@@ -342,6 +344,7 @@ pub struct DeployResult {
     environment: EnvironmentRecord,
 }
 
+/// Deploys a version to a color, which takes no traffic until a switch.
 #[utoipa::path(post, path = "/v1/deploy", tag = "environments", request_body = DeployBody,
     responses(
         (status = 200, description = "The version runs in the color and is healthy", body = DeployResult),
@@ -416,6 +419,7 @@ pub struct TestResult {
     results: Vec<CheckResult>,
 }
 
+/// Runs the configured smoke tests against a color through the preview route.
 #[utoipa::path(post, path = "/v1/test", tag = "environments", request_body = TestBody,
     responses(
         (status = 200, description = "Every check passed", body = TestResult),
@@ -461,6 +465,7 @@ pub struct ReleaseAccepted {
     release: Release,
 }
 
+/// Starts a release: deploy to the idle color, test, shift traffic by the strategy, monitor.
 #[utoipa::path(post, path = "/v1/releases", tag = "releases", request_body = ReleaseBody,
     responses(
         (status = 202, description = "The release started", body = ReleaseAccepted),
@@ -499,6 +504,7 @@ pub struct ShiftBody {
     strategy: String,
 }
 
+/// Shifts traffic to a color already deployed, step by step by the strategy.
 #[utoipa::path(post, path = "/v1/shift", tag = "releases", request_body = ShiftBody,
     responses(
         (status = 202, description = "The shift started", body = ReleaseAccepted),
@@ -539,6 +545,7 @@ pub struct ReleaseList {
     active: Option<Release>,
 }
 
+/// Recent releases and the one in progress.
 #[utoipa::path(get, path = "/v1/releases", tag = "releases",
     params(("limit" = Option<u64>, Query, description = "At most this many releases (default 20)", minimum = 1, maximum = 1000)),
     responses(
@@ -567,6 +574,7 @@ pub struct ReleaseDetail {
     steps: Vec<StepRecord>,
 }
 
+/// One release with its steps.
 #[utoipa::path(get, path = "/v1/releases/{id}", tag = "releases",
     params(("id" = i64, Path, description = "The release number")),
     responses(
@@ -633,6 +641,7 @@ async fn control(
     Ok(Json(MessageBody { message }).into_response())
 }
 
+/// Lets the release in progress go on past its hold.
 #[utoipa::path(post, path = "/v1/promote", tag = "releases", request_body = Option<ControlBody>,
     responses(
         (status = 200, description = "The release goes on to its next step (or to 100 % with `full`)", body = MessageBody),
@@ -648,6 +657,7 @@ async fn promote(
     control(controller, Gate::Promote { full: false }, body).await
 }
 
+/// Stops the release in progress; traffic goes back.
 #[utoipa::path(post, path = "/v1/abort", tag = "releases", request_body = Option<ControlBody>,
     responses(
         (status = 200, description = "The release stops and traffic returns to the color it came from", body = MessageBody),
@@ -663,6 +673,7 @@ async fn abort(
     control(controller, Gate::Abort, body).await
 }
 
+/// Holds the release in progress at its step.
 #[utoipa::path(post, path = "/v1/pause", tag = "releases", request_body = Option<ControlBody>,
     responses(
         (status = 200, description = "The release holds its step until resumed", body = MessageBody),
@@ -678,6 +689,7 @@ async fn pause(
     control(controller, Gate::Pause, body).await
 }
 
+/// Lets a paused release go on.
 #[utoipa::path(post, path = "/v1/resume", tag = "releases", request_body = Option<ControlBody>,
     responses(
         (status = 200, description = "The paused release goes on", body = MessageBody),
@@ -701,6 +713,7 @@ pub struct DiffBody {
     differences: Vec<Difference>,
 }
 
+/// How two colors differ: what they run and their effective specs.
 #[utoipa::path(get, path = "/v1/diff", tag = "environments",
     params(
         ("a" = Option<Color>, Query, description = "The first color (default blue)"),
@@ -777,6 +790,7 @@ pub struct EnvironmentsBody {
     environments: Vec<EnvironmentView>,
 }
 
+/// Both colors: record, instances and effective spec.
 #[utoipa::path(get, path = "/v1/environments", tag = "environments",
     responses(
         (status = 200, description = "Both colors", body = EnvironmentsBody)
@@ -801,6 +815,7 @@ pub struct LogFile {
     lines: Vec<String>,
 }
 
+/// The newest log lines of a color's instances, or of the hooks or tests.
 #[utoipa::path(get, path = "/v1/logs", tag = "environments",
     params(
         ("environment" = String, Query, description = "`blue`, `green`, `hooks` or `tests`", pattern = "^(blue|green|hooks|tests)$"),
@@ -839,6 +854,7 @@ async fn logs(
     Ok(Json(LogsBody { logs: files }).into_response())
 }
 
+/// Each color's numbers over a recent window, for `bluegreen monitor`.
 #[utoipa::path(get, path = "/v1/monitor", tag = "status",
     params(("seconds" = Option<u64>, Query, description = "The window (default 10)", minimum = 1, maximum = 600)),
     responses(
@@ -855,6 +871,7 @@ async fn monitor(
     Ok(Json(controller.monitor(seconds)).into_response())
 }
 
+/// The router and controller now: live color, weights, both colors, the release.
 #[utoipa::path(get, path = "/v1/status", tag = "status",
     responses(
         (status = 200, description = "The router, both colors and the release in progress", body = ControllerStatus)
@@ -864,6 +881,7 @@ async fn status(State(controller): State<Arc<Controller>>) -> Response {
     Json(controller.status().await).into_response()
 }
 
+/// The router's metrics for Prometheus.
 #[utoipa::path(get, path = "/metrics", tag = "status",
     responses(
         (status = 200, description = "The router's counters in the Prometheus text format", content_type = "text/plain", body = String)
@@ -927,6 +945,7 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
     }
 }
 
+/// Sends all traffic to one color.
 #[utoipa::path(post, path = "/v1/switch", tag = "traffic", request_body = SwitchBody,
     responses(
         (status = 200, description = "All traffic goes to `to` (`changed` is false when it already did)", body = Outcome),
@@ -949,6 +968,7 @@ async fn switch(
     Ok(Json(outcome).into_response())
 }
 
+/// Splits traffic between the colors by percent.
 #[utoipa::path(post, path = "/v1/weights", tag = "traffic", request_body = WeightsBody,
     responses(
         (status = 200, description = "Traffic is split as asked", body = Outcome),
@@ -992,6 +1012,7 @@ pub enum RollbackResult {
     Version(VersionRollback),
 }
 
+/// Sends traffic back to the color that had it before (or redeploys an earlier version).
 #[utoipa::path(post, path = "/v1/rollback", tag = "traffic", request_body = Option<RollbackBody>,
     responses(
         (status = 200, description = "Traffic is back on the previous color (or on `to_version`)", body = RollbackResult),
