@@ -217,7 +217,7 @@ pub struct UpstreamsBody {
         (status = 200, description = "The color's upstreams replaced (static and command providers)", body = MessageBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn upstreams(
@@ -350,7 +350,7 @@ pub struct DeployResult {
         (status = 200, description = "The version runs in the color and is healthy", body = DeployResult),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn deploy(
@@ -426,7 +426,7 @@ pub struct TestResult {
         (status = 422, description = "A check failed (each result says why)", body = TestResult),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn test(
@@ -471,7 +471,7 @@ pub struct ReleaseAccepted {
         (status = 202, description = "The release started", body = ReleaseAccepted),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn start_release(
@@ -510,7 +510,7 @@ pub struct ShiftBody {
         (status = 202, description = "The shift started", body = ReleaseAccepted),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn shift(
@@ -647,7 +647,7 @@ async fn control(
         (status = 200, description = "The release goes on to its next step (or to 100 % with `full`)", body = MessageBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn promote(
@@ -663,7 +663,7 @@ async fn promote(
         (status = 200, description = "The release stops and traffic returns to the color it came from", body = MessageBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn abort(
@@ -679,7 +679,7 @@ async fn abort(
         (status = 200, description = "The release holds its step until resumed", body = MessageBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn pause(
@@ -695,7 +695,7 @@ async fn pause(
         (status = 200, description = "The paused release goes on", body = MessageBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn resume(
@@ -824,7 +824,7 @@ pub struct LogFile {
     responses(
         (status = 200, description = "Each log file's newest lines", body = LogsBody),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn logs(
@@ -951,7 +951,7 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
         (status = 200, description = "All traffic goes to `to` (`changed` is false when it already did)", body = Outcome),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn switch(
@@ -974,7 +974,7 @@ async fn switch(
         (status = 200, description = "Traffic is split as asked", body = Outcome),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn weights(
@@ -1018,7 +1018,7 @@ pub enum RollbackResult {
         (status = 200, description = "Traffic is back on the previous color (or on `to_version`)", body = RollbackResult),
         (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
         (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
-        (status = 500, description = "The daemon could not carry it out (the store, a provider); nothing changed", body = ErrorBody)
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
     )
 )]
 async fn rollback(
