@@ -1,11 +1,14 @@
 //! The admin API: JSON over a 0600 unix socket, or over TCP behind a bearer token.
 
+mod openapi;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use axum::Router as Routes;
 use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -14,16 +17,22 @@ use axum::routing::{get, post};
 use axum::{Json, serve};
 use bluegreen_router::table::constant_time_eq;
 use bluegreen_router::{Color, Split};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{broadcast, watch};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::{AdminEndpoint, parse_socket_addr};
-use crate::controller::release::{ReleaseKind, ReleaseRequest};
+use crate::controller::checks::CheckResult;
+use crate::controller::release::{Release, ReleaseKind, ReleaseRequest};
 use crate::controller::reload::ReloadError;
-use crate::controller::{Command, CommandError, Controller, Gate};
+use crate::controller::traffic::{ControllerStatus, Outcome, Weights};
+use crate::controller::views::{Difference, MonitorView};
+use crate::controller::{Command, CommandError, Controller, EnvironmentView, Gate};
+use crate::store::{EnvironmentRecord, Event, StepRecord};
 
 /// An error the API returns: an HTTP status, the field at fault (if any) and what to do.
 #[derive(Debug)]
@@ -72,13 +81,49 @@ fn excerpt(text: String) -> String {
     format!("{}… ({} more bytes)", &text[..end], text.len() - end)
 }
 
+/// What every refused or failed call answers.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The HTTP status again, for scripts that only keep the body.
+    status: u16,
+    /// The request field at fault (`green`, `upstreams[1]`, `limit`…), if one is.
+    field: Option<String>,
+    message: String,
+    /// Only from `POST /v1/reload`: every issue of the invalid config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issues: Option<Vec<ConfigIssueBody>>,
+}
+
+/// One issue of an invalid config file: the key at fault (empty for the whole file) and why.
+#[derive(Serialize, ToSchema)]
+pub struct ConfigIssueBody {
+    field: String,
+    message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let field = self.field.map(excerpt);
-        let message = excerpt(self.message);
-        let body = json!({ "error": { "status": self.status.as_u16(), "field": field, "message": message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                status: self.status.as_u16(),
+                field: self.field.map(excerpt),
+                message: excerpt(self.message),
+                issues: None,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
+}
+
+/// A change carried out, in words.
+#[derive(Serialize, ToSchema)]
+pub struct MessageBody {
+    message: String,
 }
 
 /// Parses a JSON body strictly, naming the field at fault.
@@ -97,20 +142,25 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct SwitchBody {
+pub struct SwitchBody {
     to: Color,
+    /// Refused unless this color is live now (a guard against a stale view).
     #[serde(default)]
     from: Option<Color>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct WeightsBody {
+pub struct WeightsBody {
+    /// Percent of traffic to green (blue gets the rest).
     #[serde(default)]
+    #[schema(maximum = 100)]
     green: Option<u64>,
+    /// Percent of traffic to blue; with green too, the two must add up to 100.
     #[serde(default)]
+    #[schema(maximum = 100)]
     blue: Option<u64>,
 }
 
@@ -152,13 +202,24 @@ impl WeightsBody {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UpstreamsBody {
+pub struct UpstreamsBody {
     environment: Color,
+    /// `host:port` addresses, at least one, none twice.
+    #[schema(min_items = 1, example = json!(["127.0.0.1:9002"]))]
     upstreams: Vec<String>,
 }
 
+/// Points a color at other upstreams (static and command providers), health-checked first.
+#[utoipa::path(post, path = "/v1/upstreams", tag = "traffic", request_body = UpstreamsBody,
+    responses(
+        (status = 200, description = "The color's upstreams replaced (static and command providers)", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn upstreams(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -183,9 +244,27 @@ async fn upstreams(
         addrs.push(addr);
     }
     let message = controller.set_upstreams(body.environment, addrs).await?;
-    Ok(Json(json!({ "message": message })).into_response())
+    Ok(Json(MessageBody { message }).into_response())
 }
 
+/// The audit log, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct HistoryBody {
+    events: Vec<Event>,
+}
+
+/// The audit log: every change, who asked and what happened.
+#[utoipa::path(get, path = "/v1/history", tag = "history",
+    params(
+        ("limit" = Option<u64>, Query, description = "At most this many events (default 50)", minimum = 1, maximum = 10000),
+        ("after" = Option<u64>, Query, description = "Only events with a greater id (default 0)", maximum = 9223372036854775807_u64)
+    ),
+    responses(
+        (status = 200, description = "Events after `after`, oldest first", body = HistoryBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody)
+    )
+)]
 async fn history(
     State(controller): State<Arc<Controller>>,
     request: Request,
@@ -193,7 +272,8 @@ async fn history(
     let query = Query::parse(request.uri().query(), &["limit", "after"])?;
     let limit = query.number("limit", 1..=10_000, 50)? as usize;
     let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
-    Ok(Json(json!({ "events": controller.history_after(after, limit).await? })).into_response())
+    let events = controller.history_after(after, limit).await?;
+    Ok(Json(HistoryBody { events }).into_response())
 }
 
 /// Query parameters, each known by name, numbers checked for range.
@@ -245,15 +325,34 @@ impl<'a> Query<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct DeployBody {
+pub struct DeployBody {
     environment: Color,
+    /// At most 128 bytes, no spaces or control characters: e.g. `2.0` or a git sha.
+    #[schema(min_length = 1, max_length = 128, example = "2.0")]
     version: String,
+    /// Extra environment variables for the instances, named with letters, digits and `_`.
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
 
+/// A color deployed: what was done, and its record now.
+#[derive(Serialize, ToSchema)]
+pub struct DeployResult {
+    message: String,
+    environment: EnvironmentRecord,
+}
+
+/// Deploys a version to a color, which takes no traffic until a switch.
+#[utoipa::path(post, path = "/v1/deploy", tag = "environments", request_body = DeployBody,
+    responses(
+        (status = 200, description = "The version runs in the color and is healthy", body = DeployResult),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn deploy(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -266,12 +365,12 @@ async fn deploy(
     let message = controller
         .deploy(body.environment, &body.version, body.env, None)
         .await?;
-    Ok(
-        Json(
-            json!({ "message": message, "environment": controller.environment(body.environment) }),
-        )
-        .into_response(),
-    )
+    let environment = controller.environment(body.environment);
+    Ok(Json(DeployResult {
+        message,
+        environment,
+    })
+    .into_response())
 }
 
 fn check_version(version: &str) -> Result<(), ApiError> {
@@ -307,12 +406,29 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TestBody {
+pub struct TestBody {
     environment: Color,
 }
 
+/// The smoke tests' results.
+#[derive(Serialize, ToSchema)]
+pub struct TestResult {
+    passed: bool,
+    results: Vec<CheckResult>,
+}
+
+/// Runs the configured smoke tests against a color through the preview route.
+#[utoipa::path(post, path = "/v1/test", tag = "environments", request_body = TestBody,
+    responses(
+        (status = 200, description = "Every check passed", body = TestResult),
+        (status = 422, description = "A check failed (each result says why)", body = TestResult),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn test(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -325,23 +441,39 @@ async fn test(
     } else {
         StatusCode::UNPROCESSABLE_ENTITY
     };
-    Ok((
-        status,
-        Json(json!({ "passed": passed, "results": results })),
-    )
-        .into_response())
+    Ok((status, Json(TestResult { passed, results })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReleaseBody {
+pub struct ReleaseBody {
+    /// At most 128 bytes, no spaces or control characters: e.g. `2.0` or a git sha.
+    #[schema(min_length = 1, max_length = 128, example = "2.0")]
     version: String,
+    /// A strategy by name (`instant`, `canary-10-5m`, one under `strategies:`…); the
+    /// config's `release.strategy` when not given.
     #[serde(default)]
     strategy: Option<String>,
+    /// Extra environment variables for the instances, named with letters, digits and `_`.
     #[serde(default)]
     env: BTreeMap<String, String>,
 }
 
+/// A release accepted: it goes on in the background (follow it with `GET /v1/releases/{id}`).
+#[derive(Serialize, ToSchema)]
+pub struct ReleaseAccepted {
+    release: Release,
+}
+
+/// Starts a release: deploy to the idle color, test, shift traffic by the strategy, monitor.
+#[utoipa::path(post, path = "/v1/releases", tag = "releases", request_body = ReleaseBody,
+    responses(
+        (status = 202, description = "The release started", body = ReleaseAccepted),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn start_release(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -358,18 +490,29 @@ async fn start_release(
             to: None,
         })
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "release": release }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(ReleaseAccepted { release })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ShiftBody {
+pub struct ShiftBody {
     to: Color,
+    /// Refused unless this color takes traffic now (a guard against a stale view).
     #[serde(default)]
     from: Option<Color>,
+    /// A strategy by name (`instant`, `canary-10-5m`, one under `strategies:`…).
     strategy: String,
 }
 
+/// Shifts traffic to a color already deployed, step by step by the strategy.
+#[utoipa::path(post, path = "/v1/shift", tag = "releases", request_body = ShiftBody,
+    responses(
+        (status = 202, description = "The shift started", body = ReleaseAccepted),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn shift(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -392,25 +535,61 @@ async fn shift(
             to: Some(body.to),
         })
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "release": release }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(ReleaseAccepted { release })).into_response())
 }
 
+/// Recent releases, newest first, and the one in progress.
+#[derive(Serialize, ToSchema)]
+pub struct ReleaseList {
+    releases: Vec<Release>,
+    active: Option<Release>,
+}
+
+/// Recent releases and the one in progress.
+#[utoipa::path(get, path = "/v1/releases", tag = "releases",
+    params(("limit" = Option<u64>, Query, description = "At most this many releases (default 20)", minimum = 1, maximum = 1000)),
+    responses(
+        (status = 200, description = "Recent releases, newest first", body = ReleaseList),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody)
+    )
+)]
 async fn releases(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let query = Query::parse(request.uri().query(), &["limit"])?;
     let limit = query.number("limit", 1..=1000, 20)? as usize;
-    Ok(
-        Json(json!({ "releases": controller.releases(limit).await?, "active": controller.active_release() }))
-            .into_response(),
-    )
+    Ok(Json(ReleaseList {
+        releases: controller.releases(limit).await?,
+        active: controller.active_release(),
+    })
+    .into_response())
 }
 
+/// One release and its steps.
+#[derive(Serialize, ToSchema)]
+pub struct ReleaseDetail {
+    release: Release,
+    steps: Vec<StepRecord>,
+}
+
+/// One release with its steps.
+#[utoipa::path(get, path = "/v1/releases/{id}", tag = "releases",
+    params(("id" = i64, Path, description = "The release number")),
+    responses(
+        (status = 200, description = "The release and its steps", body = ReleaseDetail),
+        (status = 400, description = "`id` is not a release number", body = ErrorBody),
+        (status = 404, description = "No release has this number", body = ErrorBody),
+        (status = 500, description = "The store could not be read", body = ErrorBody)
+    )
+)]
 async fn release_by_id(
     State(controller): State<Arc<Controller>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    // A segment that is not UTF-8 once decoded gets our JSON error, not axum's plain text.
+    let Path(id) = id.map_err(|e| ApiError::invalid("id", e.body_text()))?;
     let id: i64 = id
         .parse()
         .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))?;
@@ -430,14 +609,16 @@ async fn release_by_id(
         });
     };
     let steps = controller.release_steps(id).await?;
-    Ok(Json(json!({ "release": release, "steps": steps })).into_response())
+    Ok(Json(ReleaseDetail { release, steps }).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ControlBody {
+pub struct ControlBody {
+    /// Promote only: go straight to 100 % rather than to the next step.
     #[serde(default)]
     full: bool,
+    /// Abort only: recorded with the release and in the history.
     #[serde(default)]
     reason: Option<String>,
 }
@@ -457,9 +638,18 @@ async fn control(
         return Err(ApiError::invalid("reason", "only abort takes a reason"));
     }
     let message = controller.control(gate, body.reason).await?;
-    Ok(Json(json!({ "message": message })).into_response())
+    Ok(Json(MessageBody { message }).into_response())
 }
 
+/// Lets the release in progress go on past its hold.
+#[utoipa::path(post, path = "/v1/promote", tag = "releases", request_body = Option<ControlBody>,
+    responses(
+        (status = 200, description = "The release goes on to its next step (or to 100 % with `full`)", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn promote(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -467,6 +657,15 @@ async fn promote(
     control(controller, Gate::Promote { full: false }, body).await
 }
 
+/// Stops the release in progress; traffic goes back.
+#[utoipa::path(post, path = "/v1/abort", tag = "releases", request_body = Option<ControlBody>,
+    responses(
+        (status = 200, description = "The release stops and traffic returns to the color it came from", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn abort(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -474,6 +673,15 @@ async fn abort(
     control(controller, Gate::Abort, body).await
 }
 
+/// Holds the release in progress at its step.
+#[utoipa::path(post, path = "/v1/pause", tag = "releases", request_body = Option<ControlBody>,
+    responses(
+        (status = 200, description = "The release holds its step until resumed", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn pause(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -481,6 +689,15 @@ async fn pause(
     control(controller, Gate::Pause, body).await
 }
 
+/// Lets a paused release go on.
+#[utoipa::path(post, path = "/v1/resume", tag = "releases", request_body = Option<ControlBody>,
+    responses(
+        (status = 200, description = "The paused release goes on", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn resume(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -488,6 +705,25 @@ async fn resume(
     control(controller, Gate::Resume, body).await
 }
 
+/// How two colors differ.
+#[derive(Serialize, ToSchema)]
+pub struct DiffBody {
+    a: Color,
+    b: Color,
+    differences: Vec<Difference>,
+}
+
+/// How two colors differ: what they run and their effective specs.
+#[utoipa::path(get, path = "/v1/diff", tag = "environments",
+    params(
+        ("a" = Option<Color>, Query, description = "The first color (default blue)"),
+        ("b" = Option<Color>, Query, description = "The second color (default green)")
+    ),
+    responses(
+        (status = 200, description = "What the two colors run and how their specs differ", body = DiffBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody)
+    )
+)]
 async fn diff(
     State(controller): State<Arc<Controller>>,
     request: Request,
@@ -500,11 +736,17 @@ async fn diff(
             .map_err(|e| ApiError::invalid(key, e.to_string())),
     };
     let (a, b) = (color("a", Color::Blue)?, color("b", Color::Green)?);
-    Ok(Json(json!({ "a": a, "b": b, "differences": controller.diff(a, b) })).into_response())
+    let differences = controller.diff(a, b);
+    Ok(Json(DiffBody { a, b, differences }).into_response())
 }
 
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
 /// event as it is stored, so a watcher misses none. Ends when the daemon stops.
+#[utoipa::path(get, path = "/v1/stream", tag = "status",
+    responses(
+        (status = 200, description = "Server-sent events: `snapshot` (the status, every second), `event` (each event as it is stored) and `lagged` (how many events a slow reader missed)", content_type = "text/event-stream", body = String)
+    )
+)]
 async fn stream(State(controller): State<Arc<Controller>>) -> Response {
     let events = controller.watch_events();
     let tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -519,7 +761,7 @@ async fn stream(State(controller): State<Arc<Controller>>) -> Response {
                     format!("event: snapshot\ndata: {}\n\n", controller.snapshot().await)
                 }
                 received = events.recv() => match received {
-                    Ok(event) => format!("event: event\ndata: {}\n\n", json!(event)),
+                    Ok(event) => format!("event: event\ndata: {}\n\n", serde_json::json!(event)),
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         format!("event: lagged\ndata: {missed}\n\n")
                     }
@@ -542,10 +784,49 @@ async fn stream(State(controller): State<Arc<Controller>>) -> Response {
         .into_response()
 }
 
-async fn environments(State(controller): State<Arc<Controller>>) -> Response {
-    Json(json!({ "environments": controller.environments() })).into_response()
+/// Both colors: what runs there and the effective spec.
+#[derive(Serialize, ToSchema)]
+pub struct EnvironmentsBody {
+    environments: Vec<EnvironmentView>,
 }
 
+/// Both colors: record, instances and effective spec.
+#[utoipa::path(get, path = "/v1/environments", tag = "environments",
+    responses(
+        (status = 200, description = "Both colors", body = EnvironmentsBody)
+    )
+)]
+async fn environments(State(controller): State<Arc<Controller>>) -> Response {
+    Json(EnvironmentsBody {
+        environments: controller.environments(),
+    })
+    .into_response()
+}
+
+/// The newest lines of each log file of a color (or of the hooks or tests).
+#[derive(Serialize, ToSchema)]
+pub struct LogsBody {
+    logs: Vec<LogFile>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogFile {
+    file: String,
+    lines: Vec<String>,
+}
+
+/// The newest log lines of a color's instances, or of the hooks or tests.
+#[utoipa::path(get, path = "/v1/logs", tag = "environments",
+    params(
+        ("environment" = String, Query, description = "`blue`, `green`, `hooks` or `tests`", pattern = "^(blue|green|hooks|tests)$"),
+        ("lines" = Option<u64>, Query, description = "At most this many lines per file (default 100)", minimum = 1, maximum = 100000)
+    ),
+    responses(
+        (status = 200, description = "Each log file's newest lines", body = LogsBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn logs(
     State(controller): State<Arc<Controller>>,
     request: Request,
@@ -557,16 +838,30 @@ async fn logs(
             "missing; give environment=blue, green, hooks or tests",
         )
     })?;
+    if name.parse::<Color>().is_err() && name != "hooks" && name != "tests" {
+        return Err(ApiError::invalid(
+            "environment",
+            format!("unknown log {name:?}; use blue, green, hooks or tests"),
+        ));
+    }
     let lines = query.number("lines", 1..=100_000, 100)? as usize;
     let files: Vec<_> = controller
         .logs(name, lines)
         .await?
         .into_iter()
-        .map(|(file, lines)| json!({ "file": file, "lines": lines }))
+        .map(|(file, lines)| LogFile { file, lines })
         .collect();
-    Ok(Json(json!({ "logs": files })).into_response())
+    Ok(Json(LogsBody { logs: files }).into_response())
 }
 
+/// Each color's numbers over a recent window, for `bluegreen monitor`.
+#[utoipa::path(get, path = "/v1/monitor", tag = "status",
+    params(("seconds" = Option<u64>, Query, description = "The window (default 10)", minimum = 1, maximum = 600)),
+    responses(
+        (status = 200, description = "Each color over the window, and the release in progress", body = MonitorView),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody)
+    )
+)]
 async fn monitor(
     State(controller): State<Arc<Controller>>,
     request: Request,
@@ -576,10 +871,22 @@ async fn monitor(
     Ok(Json(controller.monitor(seconds)).into_response())
 }
 
+/// The router and controller now: live color, weights, both colors, the release.
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    responses(
+        (status = 200, description = "The router, both colors and the release in progress", body = ControllerStatus)
+    )
+)]
 async fn status(State(controller): State<Arc<Controller>>) -> Response {
     Json(controller.status().await).into_response()
 }
 
+/// The router's metrics for Prometheus.
+#[utoipa::path(get, path = "/metrics", tag = "status",
+    responses(
+        (status = 200, description = "The router's counters in the Prometheus text format", content_type = "text/plain", body = String)
+    )
+)]
 async fn metrics(State(controller): State<Arc<Controller>>) -> Response {
     (
         [(
@@ -591,10 +898,11 @@ async fn metrics(State(controller): State<Arc<Controller>>) -> Response {
         .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UpgradeBody {
     /// An absolute path; none: the binary the daemon was started from.
+    #[schema(value_type = Option<String>, example = "/usr/local/bin/bluegreen")]
     binary: Option<std::path::PathBuf>,
     /// How long the new process has to take over (default 60s).
     timeout: Option<String>,
@@ -603,12 +911,21 @@ struct UpgradeBody {
 /// `POST /v1/upgrade`: the daemon hands its sockets, instances and release to a new process
 /// of `binary`, answering once that one serves (200), or once it was given up and this one
 /// goes on serving (502, with why).
+#[utoipa::path(post, path = "/v1/upgrade", tag = "config", request_body = UpgradeBody,
+    responses(
+        (status = 200, description = "A new process of the binary serves and controls; this one drains and exits", body = MessageBody),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "An upgrade is already under way, or this daemon cannot upgrade itself; nothing changed", body = ErrorBody),
+        (status = 502, description = "The new process failed or was not ready in time: it was stopped, and this one goes on serving and controlling", body = ErrorBody),
+        (status = 503, description = "This daemon is handing over to a new binary; send the request again", body = ErrorBody)
+    )
+)]
 async fn upgrade(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let message = upgrade_to(&controller, parse_body(&body)?).await?;
-    Ok(Json(json!({ "message": message })).into_response())
+    Ok(Json(MessageBody { message }).into_response())
 }
 
 /// Asks the daemon process for the upgrade and waits for its outcome.
@@ -660,9 +977,16 @@ async fn upgrade_to(controller: &Controller, body: UpgradeBody) -> Result<String
 
 /// `POST /v1/reload`: the config file read again and put in force, or nothing changed (400
 /// with every issue of an invalid file, 409 with what cannot change in place).
+#[utoipa::path(post, path = "/v1/reload", tag = "config",
+    responses(
+        (status = 200, description = "The config file is in force", body = MessageBody),
+        (status = 400, description = "The file is invalid (`issues` lists each problem); the running config stays in force", body = ErrorBody),
+        (status = 409, description = "The file cannot be read, or changes what cannot change while the daemon runs; nothing changed", body = ErrorBody)
+    )
+)]
 async fn reload(State(controller): State<Arc<Controller>>) -> Response {
     match controller.reload().await {
-        Ok(message) => Json(json!({ "message": message })).into_response(),
+        Ok(message) => Json(MessageBody { message }).into_response(),
         Err(ReloadError::Invalid { path, issues }) => {
             let message = format!(
                 "{path} is invalid; the running config stays in force:\n{}",
@@ -672,11 +996,21 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
                     .collect::<Vec<_>>()
                     .join("\n")
             );
-            let issues: Vec<_> = issues
-                .iter()
-                .map(|i| json!({ "field": i.path, "message": i.message }))
+            let issues = issues
+                .into_iter()
+                .map(|i| ConfigIssueBody {
+                    field: i.path,
+                    message: i.message,
+                })
                 .collect();
-            let body = json!({ "error": { "status": 400, "field": null, "message": message, "issues": issues } });
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    status: 400,
+                    field: None,
+                    message,
+                    issues: Some(issues),
+                },
+            };
             (StatusCode::BAD_REQUEST, Json(body)).into_response()
         }
         Err(refused @ ReloadError::Refused(_)) => ApiError {
@@ -692,9 +1026,12 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
                 timeout: None,
             };
             match upgrade_to(&controller, body).await {
-                Ok(message) => Json(json!({
-                    "message": format!("config reloaded in a new process ({} changed): {message}", keys.join(", "))
-                }))
+                Ok(message) => Json(MessageBody {
+                    message: format!(
+                        "config reloaded in a new process ({} changed): {message}",
+                        keys.join(", ")
+                    ),
+                })
                 .into_response(),
                 Err(error) => error.into_response(),
             }
@@ -702,6 +1039,15 @@ async fn reload(State(controller): State<Arc<Controller>>) -> Response {
     }
 }
 
+/// Sends all traffic to one color.
+#[utoipa::path(post, path = "/v1/switch", tag = "traffic", request_body = SwitchBody,
+    responses(
+        (status = 200, description = "All traffic goes to `to` (`changed` is false when it already did)", body = Outcome),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn switch(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -716,6 +1062,15 @@ async fn switch(
     Ok(Json(outcome).into_response())
 }
 
+/// Splits traffic between the colors by percent.
+#[utoipa::path(post, path = "/v1/weights", tag = "traffic", request_body = WeightsBody,
+    responses(
+        (status = 200, description = "Traffic is split as asked", body = Outcome),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn weights(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -725,13 +1080,41 @@ async fn weights(
     Ok(Json(outcome).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RollbackBody {
+pub struct RollbackBody {
+    /// Redeploy this earlier version to the idle color and switch to it, rather than
+    /// switching back to the color `rollback_to` names.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 128)]
     to_version: Option<String>,
 }
 
+/// A rollback to an earlier version: redeployed to the idle color, which now takes all traffic.
+#[derive(Serialize, ToSchema)]
+#[serde(deny_unknown_fields)] // `additionalProperties: false`, so an `Outcome` never matches it
+pub struct VersionRollback {
+    message: String,
+    weights: Weights,
+}
+
+/// What a rollback did: traffic back to the previous color, or an earlier version redeployed.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum RollbackResult {
+    Traffic(Outcome),
+    Version(VersionRollback),
+}
+
+/// Sends traffic back to the color that had it before (or redeploys an earlier version).
+#[utoipa::path(post, path = "/v1/rollback", tag = "traffic", request_body = Option<RollbackBody>,
+    responses(
+        (status = 200, description = "Traffic is back on the previous color (or on `to_version`)", body = RollbackResult),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody),
+        (status = 409, description = "Refused in the current state (a release in progress, a guard that does not hold…); nothing changed", body = ErrorBody),
+        (status = 500, description = "Tried and failed (the store, a provider, an app that never became healthy): the message says what, `GET /v1/history` what changed", body = ErrorBody)
+    )
+)]
 async fn rollback(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
@@ -743,14 +1126,15 @@ async fn rollback(
             ..e
         })?;
         let message = controller.rollback_to_version(&version).await?;
-        let split = controller.plane.split();
-        return Ok(Json(
-            json!({ "message": message, "weights": crate::controller::Weights::from(split) }),
-        )
+        let weights = Weights::from(controller.plane.split());
+        return Ok(Json(RollbackResult::Version(VersionRollback {
+            message,
+            weights,
+        }))
         .into_response());
     }
     let outcome = controller.apply(Command::Rollback).await?;
-    Ok(Json(outcome).into_response())
+    Ok(Json(RollbackResult::Traffic(outcome)).into_response())
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -758,9 +1142,9 @@ async fn not_found(request: Request) -> ApiError {
         status: StatusCode::NOT_FOUND,
         field: None,
         message: format!(
-            "no such endpoint {} {}; see GET /v1/status, /v1/environments, /v1/diff, /v1/releases, /v1/history, /v1/monitor, /v1/logs, /metrics; POST /v1/deploy, /v1/test, /v1/releases, /v1/shift, /v1/switch, /v1/weights, /v1/rollback, /v1/promote, /v1/pause, /v1/resume, /v1/abort, /v1/upstreams",
+            "no such endpoint {} {}; GET /v1/openapi.json describes every endpoint",
             request.method(),
-            request.uri().path()
+            request.uri().path(),
         ),
     }
 }
@@ -799,31 +1183,41 @@ async fn require_token(
     next.run(request).await
 }
 
+/// Every admin route with its description: the router and `GET /v1/openapi.json` are both
+/// made from this one list, so a route cannot be served undocumented.
+fn api() -> OpenApiRouter<Arc<Controller>> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(status))
+        .routes(routes!(switch))
+        .routes(routes!(reload))
+        .routes(routes!(upgrade))
+        .routes(routes!(weights))
+        .routes(routes!(rollback))
+        .routes(routes!(upstreams))
+        .routes(routes!(history))
+        .routes(routes!(deploy))
+        .routes(routes!(test))
+        .routes(routes!(start_release, releases))
+        .routes(routes!(release_by_id))
+        .routes(routes!(shift))
+        .routes(routes!(promote))
+        .routes(routes!(abort))
+        .routes(routes!(pause))
+        .routes(routes!(resume))
+        .routes(routes!(environments))
+        .routes(routes!(diff))
+        .routes(routes!(logs))
+        .routes(routes!(monitor))
+        .routes(routes!(stream))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::document))
+}
+
+pub use openapi::description;
+
 fn routes(controller: Arc<Controller>) -> Routes {
-    Routes::new()
-        .route("/v1/status", get(status))
-        .route("/v1/switch", post(switch))
-        .route("/v1/reload", post(reload))
-        .route("/v1/upgrade", post(upgrade))
-        .route("/v1/weights", post(weights))
-        .route("/v1/rollback", post(rollback))
-        .route("/v1/upstreams", post(upstreams))
-        .route("/v1/history", get(history))
-        .route("/v1/deploy", post(deploy))
-        .route("/v1/test", post(test))
-        .route("/v1/releases", post(start_release).get(releases))
-        .route("/v1/releases/{id}", get(release_by_id))
-        .route("/v1/shift", post(shift))
-        .route("/v1/promote", post(promote))
-        .route("/v1/abort", post(abort))
-        .route("/v1/pause", post(pause))
-        .route("/v1/resume", post(resume))
-        .route("/v1/environments", get(environments))
-        .route("/v1/diff", get(diff))
-        .route("/v1/logs", get(logs))
-        .route("/v1/monitor", get(monitor))
-        .route("/v1/stream", get(stream))
-        .route("/metrics", get(metrics))
+    let (routes, _) = api().split_for_parts();
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&controller),

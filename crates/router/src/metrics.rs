@@ -114,7 +114,7 @@ pub fn quantile_ms(buckets: &[u64], q: f64) -> Option<f64> {
 }
 
 /// A point-in-time copy of one color's numbers.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ColorSnapshot {
     pub color: Color,
     pub requests: u64,

@@ -187,6 +187,50 @@ impl Router {
         if self.inner.stopping.is_cancelled() {
             return Err(SwitchError::ShuttingDown);
         }
+        let (pool, fresh) = self.candidate_pool(color, addrs).await;
+        {
+            let _serial = self.inner.publish.lock().expect("lock");
+            let old = self.table();
+            // A live color that has no healthy upstream serves no one already (first start,
+            // all instances down): new upstreams cannot make that worse.
+            if old.pool(color).healthy_count() > 0 {
+                refuse_blackhole(color, old.split.weight(color), &pool)?;
+            }
+            let mut pools = old.pools.clone();
+            pools[color.index()] = Arc::new(pool);
+            let next = old.next(old.split, pools, old.drains.clone());
+            self.inner.proxy.table.store(Arc::new(next));
+        }
+        tracing::info!(%color, upstreams = ?addrs, "upstreams replaced");
+        let mut tasks = self.inner.health_tasks.lock().expect("lock");
+        health::spawn_checks(&mut tasks, &fresh, &self.inner.health, &self.inner.stopping);
+        Ok(())
+    }
+
+    /// Whether [`Router::set_upstreams`] would be accepted now, with the table untouched: a
+    /// caller that records the change first can refuse it before recording anything.
+    pub async fn check_upstreams(
+        &self,
+        color: Color,
+        addrs: &[SocketAddr],
+    ) -> Result<(), SwitchError> {
+        if self.inner.stopping.is_cancelled() {
+            return Err(SwitchError::ShuttingDown);
+        }
+        let (pool, _) = self.candidate_pool(color, addrs).await;
+        let old = self.table();
+        if old.pool(color).healthy_count() > 0 {
+            refuse_blackhole(color, old.split.weight(color), &pool)?;
+        }
+        Ok(())
+    }
+
+    /// The pool `addrs` would make: known upstreams as they are, new ones checked once.
+    async fn candidate_pool(
+        &self,
+        color: Color,
+        addrs: &[SocketAddr],
+    ) -> (Pool, Vec<Arc<Upstream>>) {
         let current = self.table();
         let mut fresh = Vec::new();
         let upstreams: Vec<Arc<Upstream>> = addrs
@@ -205,24 +249,7 @@ impl Router {
             })
             .collect();
         health::check_all_once(&fresh, &self.inner.health).await;
-        let pool = Pool::new(color, upstreams);
-        {
-            let _serial = self.inner.publish.lock().expect("lock");
-            let old = self.table();
-            // A live color that has no healthy upstream serves no one already (first start,
-            // all instances down): new upstreams cannot make that worse.
-            if old.pool(color).healthy_count() > 0 {
-                refuse_blackhole(color, old.split.weight(color), &pool)?;
-            }
-            let mut pools = old.pools.clone();
-            pools[color.index()] = Arc::new(pool);
-            let next = old.next(old.split, pools, old.drains.clone());
-            self.inner.proxy.table.store(Arc::new(next));
-        }
-        tracing::info!(%color, upstreams = ?addrs, "upstreams replaced");
-        let mut tasks = self.inner.health_tasks.lock().expect("lock");
-        health::spawn_checks(&mut tasks, &fresh, &self.inner.health, &self.inner.stopping);
-        Ok(())
+        (Pool::new(color, upstreams), fresh)
     }
 
     /// True once [`Router::shutdown`] began.
@@ -567,7 +594,7 @@ where
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct RouterStatus {
     pub generation: u64,
     /// The color taking all traffic, or `None` during a split.
@@ -578,7 +605,7 @@ pub struct RouterStatus {
     pub stopping: bool,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct ColorStatus {
     pub color: Color,
     pub weight: u8,
@@ -587,8 +614,9 @@ pub struct ColorStatus {
     pub metrics: ColorSnapshot,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct UpstreamStatus {
+    #[schema(value_type = String, example = "127.0.0.1:9001")]
     pub address: SocketAddr,
     pub health: Health,
     pub in_flight: usize,

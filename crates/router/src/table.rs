@@ -13,7 +13,19 @@ use crate::drain::DrainGroup;
 use crate::upstream::Upstream;
 
 /// One of the two environments.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    PartialOrd,
+    Ord,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Color {
     Blue,
@@ -69,8 +81,9 @@ impl FromStr for Color {
 }
 
 /// The share of traffic each color receives, as whole percent of green (blue gets the rest).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Split {
+    #[schema(maximum = 100)]
     green_percent: u8,
 }
 

@@ -10,7 +10,7 @@ use crate::pool::ConnPool;
 use crate::table::Color;
 
 /// Where an upstream is in its life. Only `Healthy` upstreams receive traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// Not checked yet; the first check decides.

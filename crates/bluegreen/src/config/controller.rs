@@ -263,7 +263,7 @@ pub enum ProviderKind {
 }
 
 /// When the docker provider asks the engine to pull `image:version`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PullPolicy {
     /// Only images the engine has (built or loaded locally); a missing one fails the deploy.
@@ -280,14 +280,13 @@ pub const DEFAULT_CONTAINER_PORT: u16 = 8080;
 pub const DEFAULT_RETAIN: u32 = 3;
 
 /// Each provider's own part of a color's spec.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(tag = "provider", rename_all = "snake_case")]
 pub enum ProviderSpec {
     /// argv of the instance command, with `{port}`, `{version}`, `{color}` still in it.
-    Process {
-        command: Vec<String>,
-    },
+    Process { command: Vec<String> },
     Static {
+        #[schema(value_type = Vec<String>)]
         upstreams: Vec<SocketAddr>,
     },
     /// argv of the deploy and stop scripts.
@@ -300,7 +299,7 @@ pub enum ProviderSpec {
 }
 
 /// The docker provider's part of a color's spec.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct DockerSpec {
     pub image: String,
     /// The port the app listens on inside the container.
@@ -315,7 +314,9 @@ pub struct DockerSpec {
     pub cpus: Option<f64>,
     /// In bytes.
     pub memory: Option<u64>,
+    /// In milliseconds.
     #[serde(with = "crate::config::controller::ms")]
+    #[schema(value_type = u64)]
     pub stop_grace: Duration,
     pub pull: PullPolicy,
     pub retain: u32,
@@ -333,7 +334,7 @@ impl ProviderSpec {
 }
 
 /// One color's effective spec: the shared `app` with this color's overrides applied.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct EnvironmentSpec {
     pub color: Color,
     /// The provider and what it alone needs.
@@ -341,9 +342,13 @@ pub struct EnvironmentSpec {
     pub provider: ProviderSpec,
     pub instances: u32,
     pub env: BTreeMap<String, String>,
+    /// In milliseconds.
     #[serde(with = "crate::config::controller::ms")]
+    #[schema(value_type = u64)]
     pub ready_timeout: Duration,
+    /// In milliseconds.
     #[serde(with = "crate::config::controller::ms")]
+    #[schema(value_type = u64)]
     pub stop_timeout: Duration,
     /// Keys this color sets over the shared spec.
     pub overrides: Vec<String>,

@@ -16,15 +16,43 @@ pub enum Hold {
     UntilPromoted,
 }
 
+// By hand: the derive cannot say that `for` is a number of milliseconds, not a `Duration`.
+impl utoipa::PartialSchema for Hold {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, SchemaType, Type};
+        let hold_for = ObjectBuilder::new()
+            .property(
+                "for",
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Type(Type::Integer))
+                    .minimum(Some(0))
+                    .description(Some("Milliseconds")),
+            )
+            .required("for");
+        let until_promoted = ObjectBuilder::new()
+            .schema_type(SchemaType::Type(Type::String))
+            .enum_values(Some(["until_promoted"]));
+        OneOfBuilder::new()
+            .description(Some(
+                "How long the step holds: `{\"for\": ms}`, or `\"until_promoted\"`",
+            ))
+            .item(hold_for)
+            .item(until_promoted)
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Hold {}
+
 /// One step of a shift: this percent of traffic to the new color, held this long.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Step {
     pub percent: u8,
     pub hold: Hold,
 }
 
 /// The steps of a shift, ending at 100 %. `instant` is the one step `100 %`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Strategy {
     pub name: String,
     pub steps: Vec<Step>,

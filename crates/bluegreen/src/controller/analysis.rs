@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::controller::{AnalysisSpec, Limit};
 
 /// One color's numbers over a window: the difference of two cumulative snapshots.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WindowStats {
     pub color: Color,
     pub seconds: f64,
@@ -61,7 +61,7 @@ impl WindowStats {
 }
 
 /// A metric over its limit: what, how much, the limit, and against what.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Breach {
     pub metric: String,
     pub value: f64,
@@ -87,7 +87,7 @@ impl std::fmt::Display for Breach {
 }
 
 /// One judgement of the new color against the baseline color.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Verdict {
     pub new: WindowStats,
     pub baseline: Option<WindowStats>,

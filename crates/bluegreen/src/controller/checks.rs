@@ -17,7 +17,7 @@ use crate::store::EnvironmentStatus;
 use crate::transport::{TlsClient, http_request};
 
 /// The outcome of one check.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct CheckResult {
     pub name: String,
     pub passed: bool,

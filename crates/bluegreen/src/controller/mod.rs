@@ -12,7 +12,7 @@ pub mod release;
 pub mod release_record;
 pub mod reload;
 pub mod traffic;
-mod views;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -151,7 +151,7 @@ impl Controller {
 }
 
 /// One color as `bluegreen status` and `diff` show it: the record and the effective spec.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct EnvironmentView {
     #[serde(flatten)]
     pub record: EnvironmentRecord,

@@ -9,7 +9,7 @@ use super::analysis::Verdict;
 use crate::config::strategy::Strategy;
 use crate::store::{StoredRelease, now_ms};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseKind {
     /// `bluegreen release`: the whole pipeline.
@@ -18,7 +18,7 @@ pub enum ReleaseKind {
     Shift,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseState {
     Deploying,
@@ -60,7 +60,7 @@ impl ReleaseState {
 }
 
 /// A release as recorded: what it moves where, how far it got, and how it ended.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Release {
     pub id: i64,
     /// The store's revision of this record when it was last read or written.

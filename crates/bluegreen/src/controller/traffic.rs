@@ -11,7 +11,7 @@ use super::release::Release;
 use super::{Controller, EnvironmentView, EventKind, Gate};
 use crate::store::{Event, RouterState, Write};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Outcome {
     pub changed: bool,
     pub message: String,
@@ -21,9 +21,11 @@ pub struct Outcome {
 }
 
 /// A split as people read it.
-#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Weights {
+    #[schema(maximum = 100)]
     pub blue: u8,
+    #[schema(maximum = 100)]
     pub green: u8,
 }
 
@@ -36,13 +38,14 @@ impl From<Split> for Weights {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ControllerStatus {
     pub service: String,
     /// The daemon's process (it changes at each `bluegreen upgrade`).
     pub pid: u32,
     /// The daemon's version.
     pub version: &'static str,
+    #[schema(value_type = String, example = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     pub admin: String,
     /// The web dashboard's address (`bluegreen dashboard` prints it with the token).
@@ -232,15 +235,19 @@ impl Controller {
         }
     }
 
-    /// Points a color at other upstreams, recorded so that a restart keeps them. Recorded
-    /// first; if the router refuses (the color is live and none of them is healthy) the
-    /// record is put back and nothing changed.
+    /// Points a color at other upstreams, recorded so that a restart keeps them. Checked
+    /// first (the color is live and none of them is healthy: refused, nothing recorded), then
+    /// recorded and applied; if health changed in between, the record is put back.
     pub async fn set_upstreams(
         &self,
         color: Color,
         addrs: Vec<SocketAddr>,
     ) -> Result<String, CommandError> {
         let mut state = self.state.lock().await;
+        self.plane
+            .check_upstreams(color, &addrs)
+            .await
+            .map_err(CommandError::Refused)?;
         let old = state.value.clone();
         let mut next = old.clone();
         next.upstreams.set(color, addrs.clone());

@@ -17,21 +17,23 @@ use super::release::Release;
 use super::{CommandError, Controller};
 
 /// One way two colors differ: a key and each side's value.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Difference {
     pub key: String,
+    /// The first color's value, then the second's (any JSON, `null` when unset).
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 2, max_items = 2)]
     pub values: [serde_json::Value; 2],
 }
 
 /// The numbers `bluegreen monitor` prints: each color over the last window, and the release.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MonitorView {
     pub window_seconds: f64,
     pub colors: Vec<MonitorColor>,
     pub release: Option<Release>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct MonitorColor {
     pub color: Color,
     pub version: Option<String>,
@@ -39,6 +41,7 @@ pub struct MonitorColor {
     pub healthy_upstreams: usize,
     pub upstreams: usize,
     /// Each upstream and its health (`healthy`, `unhealthy`, `unknown`).
+    #[schema(value_type = Vec<Vec<String>>, example = json!([["127.0.0.1:9001", "healthy"]]))]
     pub upstream_health: Vec<(SocketAddr, bluegreen_router::Health)>,
     pub window: WindowStats,
     /// Requests per second, one per second, oldest first.

@@ -43,6 +43,13 @@ impl DataPlane for EmbeddedRouter {
             .map_err(|e| e.to_string())
     }
 
+    async fn check_upstreams(&self, color: Color, upstreams: &[SocketAddr]) -> Result<(), String> {
+        self.router
+            .check_upstreams(color, upstreams)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     fn upstreams(&self, color: Color) -> Vec<UpstreamHealth> {
         self.router
             .table()

@@ -56,6 +56,10 @@ pub trait DataPlane: Send + Sync + 'static {
     /// traffic when none of them is healthy.
     async fn set_upstreams(&self, color: Color, upstreams: &[SocketAddr]) -> Result<(), String>;
 
+    /// Whether `set_upstreams` would be accepted now (the new upstreams checked once), with
+    /// nothing changed.
+    async fn check_upstreams(&self, color: Color, upstreams: &[SocketAddr]) -> Result<(), String>;
+
     /// Each upstream of `color` with its health.
     fn upstreams(&self, color: Color) -> Vec<UpstreamHealth>;
 

@@ -45,7 +45,7 @@ impl UpstreamOverrides {
 }
 
 /// One line of the audit log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     pub id: i64,
     /// Milliseconds since the Unix epoch.
@@ -56,7 +56,7 @@ pub struct Event {
     pub release_id: Option<i64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EnvironmentStatus {
     Stopped,
@@ -67,7 +67,7 @@ pub enum EnvironmentStatus {
 }
 
 /// One app instance the process provider runs: its port stays with it across restarts.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InstanceRecord {
     pub port: u16,
     pub pid: Option<u32>,
@@ -76,7 +76,7 @@ pub struct InstanceRecord {
 }
 
 /// One container the docker provider runs: found again after a restart by its labels.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ContainerRecord {
     /// The engine's id (empty until the container is created).
     #[serde(default)]
@@ -90,7 +90,7 @@ pub struct ContainerRecord {
 }
 
 /// What a provider keeps to find its instances again after a restart: its own data.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderState {
     /// Static and command providers keep nothing beyond the upstreams.
@@ -132,7 +132,7 @@ impl ProviderState {
 }
 
 /// What runs in one color.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EnvironmentRecord {
     pub color: Color,
     pub version: Option<String>,
@@ -141,6 +141,7 @@ pub struct EnvironmentRecord {
     #[serde(default)]
     pub provider: ProviderState,
     #[serde(default)]
+    #[schema(value_type = Vec<String>)]
     pub upstreams: Vec<SocketAddr>,
     /// Environment variables given with `deploy --env`, kept for restarts and redeploys.
     #[serde(default)]
@@ -189,7 +190,7 @@ impl EnvironmentRecord {
 }
 
 /// One step row of a release: a pipeline stage or a shift step.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepRecord {
     pub id: i64,
     pub release_id: i64,

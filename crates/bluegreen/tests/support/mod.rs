@@ -258,6 +258,8 @@ pub struct Daemon {
     pub config_path: PathBuf,
     pub addr: SocketAddr,
     child: Option<Child>,
+    /// The admin address and bearer token when the admin API is on TCP, not the unix socket.
+    pub tcp_admin: Option<(SocketAddr, String)>,
 }
 
 impl Daemon {
@@ -270,11 +272,41 @@ impl Daemon {
         Daemon::start_with_env(dir, config, &[]).await
     }
 
+    /// Started with the admin API on a free 127.0.0.1 port behind a bearer token (the config
+    /// must name the unix socket `.bluegreen/admin.sock`, which this replaces).
+    pub async fn start_with_tcp_admin(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let token = "0123456789abcdef0123456789abcdef";
+        write_file(dir.path(), "admin-token", &format!("{token}\n"));
+        let admin: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let config = config.replace(
+            "  admin: .bluegreen/admin.sock\n",
+            &format!("  admin: {admin}\n  admin_token_file: admin-token\n"),
+        );
+        assert!(
+            config.contains("admin_token_file"),
+            "no admin socket to replace"
+        );
+        Daemon::launch(dir, &config, &[], Some((admin, token.to_string()))).await
+    }
+
     /// Started with these variables in its environment (e.g. another `DOCKER_HOST`).
     pub async fn start_with_env(
         dir: tempfile::TempDir,
         config: &str,
         env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::launch(dir, config, env, None).await
+    }
+
+    async fn launch(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+        tcp_admin: Option<(SocketAddr, String)>,
     ) -> Daemon {
         let config_path = dir.path().join("bluegreen.yaml");
         std::fs::write(&config_path, config).unwrap();
@@ -293,6 +325,7 @@ impl Daemon {
             config_path,
             addr: "127.0.0.1:0".parse().unwrap(),
             child: Some(child),
+            tcp_admin,
         };
         for _ in 0..200 {
             if let Some(status) = daemon.try_admin("GET", "/v1/status", None).await
@@ -330,15 +363,32 @@ impl Daemon {
         path: &str,
         body: Option<&str>,
     ) -> Option<(u16, Value)> {
-        let stream = UnixStream::connect(self.socket()).await.ok()?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(connection);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, "bluegreen")
+            .header(header::HOST, "bluegreen");
+        let mut sender = match &self.tcp_admin {
+            None => {
+                let stream = UnixStream::connect(self.socket()).await.ok()?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .ok()?;
+                tokio::spawn(connection);
+                sender
+            }
+            Some((addr, token)) => {
+                request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+                let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .ok()?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        let request = request
             .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
             .unwrap();
         let response = sender.send_request(request).await.ok()?;

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::supervisor::free_port;
+use super::supervisor::free_ports;
 use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
 use crate::config::controller::{DockerSpec, ProviderSpec, PullPolicy, image_tag_problem};
 use crate::store::{ContainerRecord, EnvironmentRecord, ProviderState};
@@ -577,18 +577,17 @@ impl Provider for DockerProvider {
 
     /// A name and a free host port per container, recorded before anything is created.
     fn prepare(&self, request: &DeployRequest) -> Result<ProviderState, String> {
-        let containers = (1..=request.spec.instances as usize)
-            .map(|n| {
-                free_port()
-                    .map(|host_port| ContainerRecord {
-                        id: String::new(),
-                        name: container_name(&self.service, request.color, &request.version, n),
-                        host_port,
-                        state: "creating".into(),
-                    })
-                    .map_err(|e| format!("no free port: {e}"))
+        let containers = free_ports(request.spec.instances as usize)
+            .map_err(|e| format!("no free port: {e}"))?
+            .into_iter()
+            .zip(1..)
+            .map(|(host_port, n)| ContainerRecord {
+                id: String::new(),
+                name: container_name(&self.service, request.color, &request.version, n),
+                host_port,
+                state: "creating".into(),
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         Ok(ProviderState::Docker { containers })
     }
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bluegreen_router::Color;
 use tokio::sync::mpsc;
 
-use super::supervisor::{Launch, Supervisor, Unrecorded, free_port};
+use super::supervisor::{Launch, Supervisor, Unrecorded, free_ports};
 use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
 use crate::config::controller::ProviderSpec;
 use crate::store::{EnvironmentRecord, InstanceRecord, ProviderState};
@@ -57,17 +57,15 @@ impl Provider for ProcessProvider {
 
     /// A free port per instance, recorded before anything starts.
     fn prepare(&self, request: &DeployRequest) -> Result<ProviderState, String> {
-        let instances = (0..request.spec.instances)
-            .map(|_| {
-                free_port()
-                    .map(|port| InstanceRecord {
-                        port,
-                        pid: None,
-                        restarts: 0,
-                    })
-                    .map_err(|e| format!("no free port: {e}"))
+        let instances = free_ports(request.spec.instances as usize)
+            .map_err(|e| format!("no free port: {e}"))?
+            .into_iter()
+            .map(|port| InstanceRecord {
+                port,
+                pid: None,
+                restarts: 0,
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect();
         Ok(ProviderState::Process { instances })
     }
 
