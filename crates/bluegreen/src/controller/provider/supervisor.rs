@@ -284,13 +284,7 @@ pub fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
 
 /// The process is alive (not a zombie) and still runs `program`: a recycled pid is not ours.
 fn is_running(pid: u32, program: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.trim_start().chars().next());
-    if matches!(state, Some('Z') | Some('X') | None) {
+    if !is_alive(pid) {
         return false;
     }
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -319,20 +313,23 @@ fn find_marked(mark: &str) -> Option<u32> {
         })
 }
 
+/// The process group of `pid`, while it is alive (not a zombie).
+fn live_process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces and parentheses): state, parent, group.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?;
+    let group = fields.nth(1)?.parse().ok()?;
+    (!matches!(state, "Z" | "X")).then_some(group)
+}
+
+fn is_alive(pid: u32) -> bool {
+    live_process_group(pid).is_some()
+}
+
 /// Alive, and the leader of its own process group (as every instance is started).
 fn is_group_leader(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // After the command name: state, parent pid, process group.
-    let mut fields = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace())
-        .into_iter()
-        .flatten();
-    let state = fields.next();
-    let group = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
-    !matches!(state, Some("Z" | "X") | None) && group == Some(pid)
+    live_process_group(pid) == Some(pid)
 }
 
 enum Running {
@@ -363,16 +360,6 @@ impl Running {
             },
         }
     }
-}
-
-fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !matches!(
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next()),
-            Some('Z') | Some('X')
-        )
-    })
 }
 
 fn signal_group(pid: u32, signal: Signal) {
