@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bluegreen::store::{ProviderState, SqliteStore, StateStore, Write};
 use serde_json::Value;
-use support::{Daemon, client, get, process_config, write_file};
+use support::{Daemon, alive, client, get, process_config, write_file};
 
 fn pids(status: &Value, color: usize) -> Vec<u64> {
     status["environments"][color]["instances"]
@@ -17,23 +17,11 @@ fn pids(status: &Value, color: usize) -> Vec<u64> {
         .collect()
 }
 
-fn alive(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
-}
-
 /// Starts a release, kills the daemon with SIGKILL once the release is in `state`, restarts
 /// it on the same folder and returns the restarted daemon and the settled release.
 async fn kill_during(state: &str, config: &str, release: &[&str]) -> (Daemon, Value, Vec<u64>) {
     let daemon = Daemon::start(config).await;
-    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
-    assert!(out.status.success(), "{out:?}");
-    let mut args = vec!["release", "--detach"];
-    args.extend_from_slice(release);
-    let out = daemon.cli(&args);
-    assert!(out.status.success(), "{out:?}");
+    daemon.release_over_blue(release);
     let mut reached = false;
     for _ in 0..400 {
         let status = daemon.status().await;
@@ -175,17 +163,7 @@ async fn killed_while_monitoring_the_release_is_rolled_back() {
 async fn an_instance_started_but_not_recorded_is_found_after_a_restart_and_stopped() {
     let config = process_config();
     let daemon = Daemon::start(&config).await;
-    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
-    assert!(out.status.success(), "{out:?}");
-    let out = daemon.cli(&[
-        "release",
-        "--detach",
-        "--version",
-        "2.0",
-        "--env",
-        "EXAMPLE_SLOW_START_MS=4000",
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    daemon.release_over_blue(&["--version", "2.0", "--env", "EXAMPLE_SLOW_START_MS=4000"]);
     let deploying = daemon
         .wait_status("green's instances started", |s| {
             s["release"]["state"] == "deploying"

@@ -5,7 +5,6 @@ mod support;
 use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use support::{BIN, Backend, config, get, strict_client, strict_clients};
@@ -79,7 +78,7 @@ async fn restart_under_load(
     dir: &std::path::Path,
     url: &str,
 ) -> (Running, usize, Vec<String>) {
-    let (running, workers) = strict_clients(url.to_string(), 8);
+    let load = strict_clients(url.to_string(), 8);
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&daemon, signal_name);
     let stopped = daemon.wait();
@@ -89,13 +88,7 @@ async fn restart_under_load(
     }
     let daemon = start_activated(listener, dir);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    running.store(false, Ordering::Relaxed);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for worker in workers {
-        let (o, f) = worker.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (ok, failed) = load.stop().await;
     (daemon, ok, failed)
 }
 

@@ -3,7 +3,6 @@
 mod support;
 
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,11 +14,7 @@ struct Current(u32);
 
 impl Current {
     fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.0)).is_ok_and(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+        support::alive(self.0.into())
     }
 
     fn signal(&self, name: &str) {
@@ -92,17 +87,7 @@ async fn upgrades_and_reloads_under_load_fail_no_request_and_the_release_goes_on
     assert!(config.contains("gated") && config.contains("monitor_window: 1s"));
     assert!(config.contains("interval: 100ms"));
     let daemon = Daemon::start(&config).await;
-    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
-    assert!(out.status.success(), "{out:?}");
-    let out = daemon.cli(&[
-        "release",
-        "--detach",
-        "--version",
-        "2.0",
-        "--strategy",
-        "gated",
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    daemon.release_over_blue(&["--version", "2.0", "--strategy", "gated"]);
     let before = daemon
         .wait_status("the canary holds at 10%", |s| {
             s["release"]["state"] == "shifting" && s["weights"]["green"] == 10
@@ -112,7 +97,7 @@ async fn upgrades_and_reloads_under_load_fail_no_request_and_the_release_goes_on
     let instances = [pids(&before, 0), pids(&before, 1)];
     let mut current = Current(before["pid"].as_u64().unwrap() as u32);
 
-    let (running, workers) = strict_clients(daemon.url("/"), 8);
+    let load = strict_clients(daemon.url("/"), 8);
     tokio::time::sleep(Duration::from_millis(300)).await;
     for round in 0..3 {
         let out = daemon.cli(&["upgrade"]);
@@ -173,13 +158,7 @@ async fn upgrades_and_reloads_under_load_fail_no_request_and_the_release_goes_on
         release["release"]["state"], "succeeded",
         "{release}\n{done}"
     );
-    running.store(false, Ordering::Relaxed);
-    let (mut answered, mut failed) = (0, Vec::new());
-    for worker in workers {
-        let (ok, failures) = worker.await.unwrap();
-        answered += ok;
-        failed.extend(failures);
-    }
+    let (answered, failed) = load.stop().await;
     let log = daemon.log();
     assert!(
         failed.is_empty(),

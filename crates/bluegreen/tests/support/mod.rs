@@ -430,6 +430,16 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Blue runs 1.0, and a release (`release --detach` with `args`) has started.
+    pub fn release_over_blue(&self, args: &[&str]) {
+        let out = self.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+        assert!(out.status.success(), "{out:?}");
+        let mut release = vec!["release", "--detach"];
+        release.extend_from_slice(args);
+        let out = self.cli(&release);
+        assert!(out.status.success(), "{out:?}");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
@@ -733,9 +743,29 @@ pub fn strict_client(
 /// A client's count of answers and what failed.
 pub type Worker = tokio::task::JoinHandle<(usize, Vec<String>)>;
 
+/// Strict clients at work (see [`strict_clients`]).
+pub struct StrictLoad {
+    running: Arc<AtomicBool>,
+    workers: Vec<Worker>,
+}
+
+impl StrictLoad {
+    /// Stops the clients; the answers counted, and what failed.
+    pub async fn stop(self) -> (usize, Vec<String>) {
+        self.running.store(false, Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for worker in self.workers {
+            let (answered, failures) = worker.await.unwrap();
+            ok += answered;
+            failed.extend(failures);
+        }
+        (ok, failed)
+    }
+}
+
 /// Clients that never resend a request: half keep their connection alive, half open a new
 /// one for every request; each request gets its answer, or counts as failed.
-pub fn strict_clients(url: String, clients: usize) -> (Arc<AtomicBool>, Vec<Worker>) {
+pub fn strict_clients(url: String, clients: usize) -> StrictLoad {
     let running = Arc::new(AtomicBool::new(true));
     let workers = (0..clients)
         .map(|i| {
@@ -757,5 +787,14 @@ pub fn strict_clients(url: String, clients: usize) -> (Arc<AtomicBool>, Vec<Work
             })
         })
         .collect();
-    (running, workers)
+    StrictLoad { running, workers }
+}
+
+/// The process runs (it is not gone, nor a zombie waiting to be reaped).
+pub fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
