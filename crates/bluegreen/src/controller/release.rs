@@ -241,7 +241,7 @@ impl Controller {
         match decide::after_upgrade(release.as_ref(), &stages, now_ms()) {
             Ok(None) => {}
             Ok(Some(from)) => {
-                let release = release.expect("a release to continue");
+                let mut release = release.expect("a release to continue");
                 let message = format!(
                     "release #{} goes on after the upgrade: {} stage ({}, {}% on {})",
                     release.id,
@@ -250,8 +250,14 @@ impl Controller {
                     release.percent,
                     release.color
                 );
-                self.event(EventKind::Recover, &message, Some(release.id))
-                    .await;
+                // The step the previous process was holding ends here; the runner opens its own.
+                let interrupt = Some(StepWrite::InterruptRunning);
+                if let Err(e) = self
+                    .save_release_with(&mut release, interrupt, EventKind::Recover, &message)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record that the release goes on");
+                }
                 let control = Control {
                     paused: release.paused,
                     ..Control::default()
