@@ -1,6 +1,7 @@
 //! The admin API: JSON over a 0600 unix socket, or over TCP behind a bearer token.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -163,7 +164,14 @@ async fn upstreams(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: UpstreamsBody = parse_body(&body)?;
+    let (environment, addrs) = upstreams_request(&body)?;
+    let message = controller.set_upstreams(environment, addrs).await?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
+/// The body of `POST /v1/upstreams` parsed and checked: the color and its distinct addresses.
+fn upstreams_request(body: &Bytes) -> Result<(Color, Vec<SocketAddr>), ApiError> {
+    let body: UpstreamsBody = parse_body(body)?;
     if body.upstreams.is_empty() {
         return Err(ApiError::invalid(
             "upstreams",
@@ -182,18 +190,23 @@ async fn upstreams(
         }
         addrs.push(addr);
     }
-    let message = controller.set_upstreams(body.environment, addrs).await?;
-    Ok(Json(json!({ "message": message })).into_response())
+    Ok((body.environment, addrs))
 }
 
 async fn history(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["limit", "after"])?;
+    let (limit, after) = history_query(request.uri().query())?;
+    Ok(Json(json!({ "events": controller.history_after(after, limit).await? })).into_response())
+}
+
+/// `GET /v1/history`'s query: how many events, and after which id.
+fn history_query(query: Option<&str>) -> Result<(usize, i64), ApiError> {
+    let query = Query::parse(query, &["limit", "after"])?;
     let limit = query.number("limit", 1..=10_000, 50)? as usize;
     let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
-    Ok(Json(json!({ "events": controller.history_after(after, limit).await? })).into_response())
+    Ok((limit, after))
 }
 
 /// Query parameters, each known by name, numbers checked for range.
@@ -258,9 +271,7 @@ async fn deploy(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: DeployBody = parse_body(&body)?;
-    check_version(&body.version)?;
-    check_env(&body.env)?;
+    let body = deploy_request(&body)?;
     controller.refuse_during_release("a deploy")?;
     let _exclusive = controller.exclusive.lock().await;
     let message = controller
@@ -272,6 +283,14 @@ async fn deploy(
         )
         .into_response(),
     )
+}
+
+/// The body of `POST /v1/deploy` parsed and checked.
+fn deploy_request(body: &Bytes) -> Result<DeployBody, ApiError> {
+    let body: DeployBody = parse_body(body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    Ok(body)
 }
 
 fn check_version(version: &str) -> Result<(), ApiError> {
@@ -346,9 +365,7 @@ async fn start_release(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ReleaseBody = parse_body(&body)?;
-    check_version(&body.version)?;
-    check_env(&body.env)?;
+    let body = release_request(&body)?;
     let release = controller
         .start_release(ReleaseRequest {
             kind: ReleaseKind::Release,
@@ -359,6 +376,14 @@ async fn start_release(
         })
         .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "release": release }))).into_response())
+}
+
+/// The body of `POST /v1/releases` parsed and checked.
+fn release_request(body: &Bytes) -> Result<ReleaseBody, ApiError> {
+    let body: ReleaseBody = parse_body(body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    Ok(body)
 }
 
 #[derive(Deserialize)]
@@ -399,21 +424,29 @@ async fn releases(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["limit"])?;
-    let limit = query.number("limit", 1..=1000, 20)? as usize;
+    let limit = releases_query(request.uri().query())?;
     Ok(
         Json(json!({ "releases": controller.releases(limit).await?, "active": controller.active_release() }))
             .into_response(),
     )
 }
 
+/// `GET /v1/releases`'s query: how many releases.
+fn releases_query(query: Option<&str>) -> Result<usize, ApiError> {
+    let query = Query::parse(query, &["limit"])?;
+    Ok(query.number("limit", 1..=1000, 20)? as usize)
+}
+
+fn release_id(id: &str) -> Result<i64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))
+}
+
 async fn release_by_id(
     State(controller): State<Arc<Controller>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))?;
+    let id = release_id(&id)?;
     let release = match controller.active_release().filter(|r| r.id == id) {
         Some(active) => Some(active),
         None => controller
@@ -447,7 +480,14 @@ async fn control(
     gate: Gate,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ControlBody = parse_body(&body)?;
+    let (gate, reason) = control_request(gate, &body)?;
+    let message = controller.control(gate, reason).await?;
+    Ok(Json(json!({ "message": message })).into_response())
+}
+
+/// The body of promote, pause, resume or abort parsed and checked against the gate it is for.
+fn control_request(gate: Gate, body: &Bytes) -> Result<(Gate, Option<String>), ApiError> {
+    let body: ControlBody = parse_body(body)?;
     let gate = match gate {
         Gate::Promote { .. } => Gate::Promote { full: body.full },
         _ if body.full => return Err(ApiError::invalid("full", "only promote takes full")),
@@ -456,8 +496,7 @@ async fn control(
     if body.reason.is_some() && gate != Gate::Abort {
         return Err(ApiError::invalid("reason", "only abort takes a reason"));
     }
-    let message = controller.control(gate, body.reason).await?;
-    Ok(Json(json!({ "message": message })).into_response())
+    Ok((gate, body.reason))
 }
 
 async fn promote(
@@ -492,15 +531,20 @@ async fn diff(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["a", "b"])?;
+    let (a, b) = diff_query(request.uri().query())?;
+    Ok(Json(json!({ "a": a, "b": b, "differences": controller.diff(a, b) })).into_response())
+}
+
+/// `GET /v1/diff`'s query: the two colors compared.
+fn diff_query(query: Option<&str>) -> Result<(Color, Color), ApiError> {
+    let query = Query::parse(query, &["a", "b"])?;
     let color = |key: &str, default: Color| match query.text(key) {
         None => Ok(default),
         Some(text) => text
             .parse::<Color>()
             .map_err(|e| ApiError::invalid(key, e.to_string())),
     };
-    let (a, b) = (color("a", Color::Blue)?, color("b", Color::Green)?);
-    Ok(Json(json!({ "a": a, "b": b, "differences": controller.diff(a, b) })).into_response())
+    Ok((color("a", Color::Blue)?, color("b", Color::Green)?))
 }
 
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
@@ -550,14 +594,7 @@ async fn logs(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["environment", "lines"])?;
-    let name = query.text("environment").ok_or_else(|| {
-        ApiError::invalid(
-            "environment",
-            "missing; give environment=blue, green, hooks or tests",
-        )
-    })?;
-    let lines = query.number("lines", 1..=100_000, 100)? as usize;
+    let (name, lines) = logs_query(request.uri().query())?;
     let files: Vec<_> = controller
         .logs(name, lines)
         .await?
@@ -567,12 +604,29 @@ async fn logs(
     Ok(Json(json!({ "logs": files })).into_response())
 }
 
+/// `GET /v1/logs`'s query: whose log, and how many lines.
+fn logs_query(query: Option<&str>) -> Result<(&str, usize), ApiError> {
+    let query = Query::parse(query, &["environment", "lines"])?;
+    let name = query.text("environment").ok_or_else(|| {
+        ApiError::invalid(
+            "environment",
+            "missing; give environment=blue, green, hooks or tests",
+        )
+    })?;
+    let lines = query.number("lines", 1..=100_000, 100)? as usize;
+    Ok((name, lines))
+}
+
+fn monitor_query(query: Option<&str>) -> Result<u64, ApiError> {
+    let query = Query::parse(query, &["seconds"])?;
+    query.number("seconds", 1..=600, 10)
+}
+
 async fn monitor(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["seconds"])?;
-    let seconds = query.number("seconds", 1..=600, 10)?;
+    let seconds = monitor_query(request.uri().query())?;
     Ok(Json(controller.monitor(seconds)).into_response())
 }
 
@@ -655,12 +709,7 @@ async fn rollback(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: RollbackBody = parse_body(&body)?;
-    if let Some(version) = body.to_version {
-        check_version(&version).map_err(|e| ApiError {
-            field: Some("to_version".into()),
-            ..e
-        })?;
+    if let Some(version) = rollback_request(&body)? {
         let message = controller.rollback_to_version(&version).await?;
         let split = controller.plane.split();
         return Ok(Json(
@@ -670,6 +719,79 @@ async fn rollback(
     }
     let outcome = controller.apply(Command::Rollback).await?;
     Ok(Json(outcome).into_response())
+}
+
+/// The body of `POST /v1/rollback` parsed and checked: the version asked for, if any.
+fn rollback_request(body: &Bytes) -> Result<Option<String>, ApiError> {
+    let body: RollbackBody = parse_body(body)?;
+    if let Some(version) = &body.to_version {
+        check_version(version).map_err(|e| ApiError {
+            field: Some("to_version".into()),
+            ..e
+        })?;
+    }
+    Ok(body.to_version)
+}
+
+/// Every admin request's input (JSON body, query or path) parsed and checked the way its
+/// handler does before it asks the controller anything; `endpoint` is the route's last part
+/// (`switch`, `weights`, …; `history?`, `releases?`, `diff?`, `logs?`, `monitor?` for the
+/// queries, `releases/` for the id in the path). The fuzz target drives this.
+#[doc(hidden)]
+pub fn check_request(endpoint: &str, input: &[u8]) -> Result<(), ApiError> {
+    let body = Bytes::copy_from_slice(input);
+    let text = String::from_utf8_lossy(input);
+    match endpoint {
+        "switch" => parse_body::<SwitchBody>(&body).map(drop),
+        "weights" => parse_body::<WeightsBody>(&body)?.split().map(drop),
+        "upstreams" => upstreams_request(&body).map(drop),
+        "deploy" => deploy_request(&body).map(drop),
+        "test" => parse_body::<TestBody>(&body).map(drop),
+        "releases" => release_request(&body).map(drop),
+        "shift" => parse_body::<ShiftBody>(&body).map(drop),
+        "promote" => control_request(Gate::Promote { full: false }, &body).map(drop),
+        "pause" => control_request(Gate::Pause, &body).map(drop),
+        "resume" => control_request(Gate::Resume, &body).map(drop),
+        "abort" => control_request(Gate::Abort, &body).map(drop),
+        "rollback" => rollback_request(&body).map(drop),
+        "history?" => history_query(Some(&text)).map(drop),
+        "releases?" => releases_query(Some(&text)).map(drop),
+        "diff?" => diff_query(Some(&text)).map(drop),
+        "logs?" => logs_query(Some(&text)).map(drop),
+        "monitor?" => monitor_query(Some(&text)).map(drop),
+        "releases/" => release_id(&text).map(drop),
+        other => panic!("check_request: no endpoint {other:?}"),
+    }
+}
+
+/// The admin endpoints [`check_request`] knows.
+#[doc(hidden)]
+pub const CHECKED_ENDPOINTS: [&str; 18] = [
+    "switch",
+    "weights",
+    "upstreams",
+    "deploy",
+    "test",
+    "releases",
+    "shift",
+    "promote",
+    "pause",
+    "resume",
+    "abort",
+    "rollback",
+    "history?",
+    "releases?",
+    "diff?",
+    "logs?",
+    "monitor?",
+    "releases/",
+];
+
+impl ApiError {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
