@@ -1031,3 +1031,49 @@ pub async fn run(
         tracing::error!(%error, "admin API stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz target's entry point: each endpoint takes its good input and refuses junk
+    /// with a 400, so a fuzzed refusal that is not a 400 is a finding, not the harness.
+    #[test]
+    fn check_request_knows_every_endpoint_it_lists() {
+        let good: [(&str, &str); 18] = [
+            ("switch", r#"{"to":"green"}"#),
+            ("weights", r#"{"green":40,"blue":60}"#),
+            (
+                "upstreams",
+                r#"{"environment":"blue","upstreams":["127.0.0.1:9001"]}"#,
+            ),
+            (
+                "deploy",
+                r#"{"environment":"green","version":"2.0","env":{"A_1":"x"}}"#,
+            ),
+            ("test", r#"{"environment":"green"}"#),
+            ("releases", r#"{"version":"2.0","strategy":"careful"}"#),
+            ("shift", r#"{"to":"green","strategy":"steady"}"#),
+            ("promote", r#"{"full":true}"#),
+            ("pause", ""),
+            ("resume", "{}"),
+            ("abort", r#"{"reason":"errors up"}"#),
+            ("rollback", r#"{"to_version":"1.9"}"#),
+            ("history?", "limit=10&after=3"),
+            ("releases?", "limit=5"),
+            ("diff?", "a=green&b=blue"),
+            ("logs?", "environment=blue&lines=20"),
+            ("monitor?", "seconds=30"),
+            ("releases/", "42"),
+        ];
+        assert_eq!(good.map(|(e, _)| e), CHECKED_ENDPOINTS);
+        for (endpoint, input) in good {
+            assert!(
+                check_request(endpoint, input.as_bytes()).is_ok(),
+                "{endpoint}"
+            );
+            let refused = check_request(endpoint, b"\xff{\"x\": [").unwrap_err();
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{endpoint}");
+        }
+    }
+}
