@@ -3,6 +3,7 @@
 mod openapi;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
@@ -224,7 +225,14 @@ async fn upstreams(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: UpstreamsBody = parse_body(&body)?;
+    let (environment, addrs) = upstreams_request(&body)?;
+    let message = controller.set_upstreams(environment, addrs).await?;
+    Ok(Json(MessageBody { message }).into_response())
+}
+
+/// The body of `POST /v1/upstreams` parsed and checked: the color and its distinct addresses.
+fn upstreams_request(body: &Bytes) -> Result<(Color, Vec<SocketAddr>), ApiError> {
+    let body: UpstreamsBody = parse_body(body)?;
     if body.upstreams.is_empty() {
         return Err(ApiError::invalid(
             "upstreams",
@@ -243,8 +251,7 @@ async fn upstreams(
         }
         addrs.push(addr);
     }
-    let message = controller.set_upstreams(body.environment, addrs).await?;
-    Ok(Json(MessageBody { message }).into_response())
+    Ok((body.environment, addrs))
 }
 
 /// The audit log, oldest first.
@@ -269,11 +276,17 @@ async fn history(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["limit", "after"])?;
-    let limit = query.number("limit", 1..=10_000, 50)? as usize;
-    let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
+    let (limit, after) = history_query(request.uri().query())?;
     let events = controller.history_after(after, limit).await?;
     Ok(Json(HistoryBody { events }).into_response())
+}
+
+/// `GET /v1/history`'s query: how many events, and after which id.
+fn history_query(query: Option<&str>) -> Result<(usize, i64), ApiError> {
+    let query = Query::parse(query, &["limit", "after"])?;
+    let limit = query.number("limit", 1..=10_000, 50)? as usize;
+    let after = query.number("after", 0..=i64::MAX as u64, 0)? as i64;
+    Ok((limit, after))
 }
 
 /// Query parameters, each known by name, numbers checked for range.
@@ -357,9 +370,7 @@ async fn deploy(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: DeployBody = parse_body(&body)?;
-    check_version(&body.version)?;
-    check_env(&body.env)?;
+    let body = deploy_request(&body)?;
     controller.refuse_during_release("a deploy")?;
     let _exclusive = controller.exclusive.lock().await;
     let message = controller
@@ -371,6 +382,14 @@ async fn deploy(
         environment,
     })
     .into_response())
+}
+
+/// The body of `POST /v1/deploy` parsed and checked.
+fn deploy_request(body: &Bytes) -> Result<DeployBody, ApiError> {
+    let body: DeployBody = parse_body(body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    Ok(body)
 }
 
 fn check_version(version: &str) -> Result<(), ApiError> {
@@ -478,9 +497,7 @@ async fn start_release(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ReleaseBody = parse_body(&body)?;
-    check_version(&body.version)?;
-    check_env(&body.env)?;
+    let body = release_request(&body)?;
     let release = controller
         .start_release(ReleaseRequest {
             kind: ReleaseKind::Release,
@@ -491,6 +508,14 @@ async fn start_release(
         })
         .await?;
     Ok((StatusCode::ACCEPTED, Json(ReleaseAccepted { release })).into_response())
+}
+
+/// The body of `POST /v1/releases` parsed and checked.
+fn release_request(body: &Bytes) -> Result<ReleaseBody, ApiError> {
+    let body: ReleaseBody = parse_body(body)?;
+    check_version(&body.version)?;
+    check_env(&body.env)?;
+    Ok(body)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -558,13 +583,23 @@ async fn releases(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["limit"])?;
-    let limit = query.number("limit", 1..=1000, 20)? as usize;
+    let limit = releases_query(request.uri().query())?;
     Ok(Json(ReleaseList {
         releases: controller.releases(limit).await?,
         active: controller.active_release(),
     })
     .into_response())
+}
+
+/// `GET /v1/releases`'s query: how many releases.
+fn releases_query(query: Option<&str>) -> Result<usize, ApiError> {
+    let query = Query::parse(query, &["limit"])?;
+    Ok(query.number("limit", 1..=1000, 20)? as usize)
+}
+
+fn release_id(id: &str) -> Result<i64, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))
 }
 
 /// One release and its steps.
@@ -590,9 +625,7 @@ async fn release_by_id(
 ) -> Result<Response, ApiError> {
     // A segment that is not UTF-8 once decoded gets our JSON error, not axum's plain text.
     let Path(id) = id.map_err(|e| ApiError::invalid("id", e.body_text()))?;
-    let id: i64 = id
-        .parse()
-        .map_err(|_| ApiError::invalid("id", format!("{id:?} is not a release number, e.g. 3")))?;
+    let id = release_id(&id)?;
     let release = match controller.active_release().filter(|r| r.id == id) {
         Some(active) => Some(active),
         None => controller
@@ -628,7 +661,14 @@ async fn control(
     gate: Gate,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: ControlBody = parse_body(&body)?;
+    let (gate, reason) = control_request(gate, &body)?;
+    let message = controller.control(gate, reason).await?;
+    Ok(Json(MessageBody { message }).into_response())
+}
+
+/// The body of promote, pause, resume or abort parsed and checked against the gate it is for.
+fn control_request(gate: Gate, body: &Bytes) -> Result<(Gate, Option<String>), ApiError> {
+    let body: ControlBody = parse_body(body)?;
     let gate = match gate {
         Gate::Promote { .. } => Gate::Promote { full: body.full },
         _ if body.full => return Err(ApiError::invalid("full", "only promote takes full")),
@@ -637,8 +677,7 @@ async fn control(
     if body.reason.is_some() && gate != Gate::Abort {
         return Err(ApiError::invalid("reason", "only abort takes a reason"));
     }
-    let message = controller.control(gate, body.reason).await?;
-    Ok(Json(MessageBody { message }).into_response())
+    Ok((gate, body.reason))
 }
 
 /// Lets the release in progress go on past its hold.
@@ -728,16 +767,21 @@ async fn diff(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["a", "b"])?;
+    let (a, b) = diff_query(request.uri().query())?;
+    let differences = controller.diff(a, b);
+    Ok(Json(DiffBody { a, b, differences }).into_response())
+}
+
+/// `GET /v1/diff`'s query: the two colors compared.
+fn diff_query(query: Option<&str>) -> Result<(Color, Color), ApiError> {
+    let query = Query::parse(query, &["a", "b"])?;
     let color = |key: &str, default: Color| match query.text(key) {
         None => Ok(default),
         Some(text) => text
             .parse::<Color>()
             .map_err(|e| ApiError::invalid(key, e.to_string())),
     };
-    let (a, b) = (color("a", Color::Blue)?, color("b", Color::Green)?);
-    let differences = controller.diff(a, b);
-    Ok(Json(DiffBody { a, b, differences }).into_response())
+    Ok((color("a", Color::Blue)?, color("b", Color::Green)?))
 }
 
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
@@ -831,7 +875,19 @@ async fn logs(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["environment", "lines"])?;
+    let (name, lines) = logs_query(request.uri().query())?;
+    let files: Vec<_> = controller
+        .logs(name, lines)
+        .await?
+        .into_iter()
+        .map(|(file, lines)| LogFile { file, lines })
+        .collect();
+    Ok(Json(LogsBody { logs: files }).into_response())
+}
+
+/// `GET /v1/logs`'s query: whose log, and how many lines.
+fn logs_query(query: Option<&str>) -> Result<(&str, usize), ApiError> {
+    let query = Query::parse(query, &["environment", "lines"])?;
     let name = query.text("environment").ok_or_else(|| {
         ApiError::invalid(
             "environment",
@@ -845,13 +901,12 @@ async fn logs(
         ));
     }
     let lines = query.number("lines", 1..=100_000, 100)? as usize;
-    let files: Vec<_> = controller
-        .logs(name, lines)
-        .await?
-        .into_iter()
-        .map(|(file, lines)| LogFile { file, lines })
-        .collect();
-    Ok(Json(LogsBody { logs: files }).into_response())
+    Ok((name, lines))
+}
+
+fn monitor_query(query: Option<&str>) -> Result<u64, ApiError> {
+    let query = Query::parse(query, &["seconds"])?;
+    query.number("seconds", 1..=600, 10)
 }
 
 /// Each color's numbers over a recent window, for `bluegreen monitor`.
@@ -866,8 +921,7 @@ async fn monitor(
     State(controller): State<Arc<Controller>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let query = Query::parse(request.uri().query(), &["seconds"])?;
-    let seconds = query.number("seconds", 1..=600, 10)?;
+    let seconds = monitor_query(request.uri().query())?;
     Ok(Json(controller.monitor(seconds)).into_response())
 }
 
@@ -930,25 +984,7 @@ async fn upgrade(
 
 /// Asks the daemon process for the upgrade and waits for its outcome.
 async fn upgrade_to(controller: &Controller, body: UpgradeBody) -> Result<String, ApiError> {
-    let timeout = match body.timeout.as_deref() {
-        None => std::time::Duration::from_secs(60),
-        Some(text) => crate::duration::parse(text)
-            .ok()
-            .filter(|t| !t.is_zero())
-            .ok_or_else(|| ApiError::invalid("timeout", "a duration above zero, such as 60s"))?,
-    };
-    if let Some(binary) = &body.binary {
-        use std::os::unix::fs::PermissionsExt as _;
-        let runnable = binary.is_absolute()
-            && std::fs::metadata(binary)
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-        if !runnable {
-            return Err(ApiError::invalid(
-                "binary",
-                "an absolute path to an executable file (the new bluegreen binary)",
-            ));
-        }
-    }
+    let (binary, timeout) = upgrade_request(body)?;
     let Some(asks) = controller.upgrades.get() else {
         return Err(ApiError {
             status: StatusCode::CONFLICT,
@@ -957,7 +993,7 @@ async fn upgrade_to(controller: &Controller, body: UpgradeBody) -> Result<String
                 .into(),
         });
     };
-    let (ask, outcome) = crate::handoff::UpgradeAsk::new(body.binary, timeout);
+    let (ask, outcome) = crate::handoff::UpgradeAsk::new(binary, timeout);
     let busy = || ApiError {
         status: StatusCode::CONFLICT,
         field: None,
@@ -1119,12 +1155,7 @@ async fn rollback(
     State(controller): State<Arc<Controller>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let body: RollbackBody = parse_body(&body)?;
-    if let Some(version) = body.to_version {
-        check_version(&version).map_err(|e| ApiError {
-            field: Some("to_version".into()),
-            ..e
-        })?;
+    if let Some(version) = rollback_request(&body)? {
         let message = controller.rollback_to_version(&version).await?;
         let weights = Weights::from(controller.plane.split());
         return Ok(Json(RollbackResult::Version(VersionRollback {
@@ -1135,6 +1166,107 @@ async fn rollback(
     }
     let outcome = controller.apply(Command::Rollback).await?;
     Ok(Json(RollbackResult::Traffic(outcome)).into_response())
+}
+
+/// The body of `POST /v1/rollback` parsed and checked: the version asked for, if any.
+fn rollback_request(body: &Bytes) -> Result<Option<String>, ApiError> {
+    let body: RollbackBody = parse_body(body)?;
+    if let Some(version) = &body.to_version {
+        check_version(version).map_err(|e| ApiError {
+            field: Some("to_version".into()),
+            ..e
+        })?;
+    }
+    Ok(body.to_version)
+}
+
+/// An upgrade's body checked: the new binary (if named) and how long it has to take over.
+fn upgrade_request(
+    body: UpgradeBody,
+) -> Result<(Option<std::path::PathBuf>, std::time::Duration), ApiError> {
+    let timeout = match body.timeout.as_deref() {
+        None => std::time::Duration::from_secs(60),
+        Some(text) => crate::duration::parse(text)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .ok_or_else(|| ApiError::invalid("timeout", "a duration above zero, such as 60s"))?,
+    };
+    if let Some(binary) = &body.binary {
+        use std::os::unix::fs::PermissionsExt as _;
+        let runnable = binary.is_absolute()
+            && std::fs::metadata(binary)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if !runnable {
+            return Err(ApiError::invalid(
+                "binary",
+                "an absolute path to an executable file (the new bluegreen binary)",
+            ));
+        }
+    }
+    Ok((body.binary, timeout))
+}
+
+/// Every admin request's input (JSON body, query or path) parsed and checked the way its
+/// handler does before it asks the controller anything; `endpoint` is the route's last part
+/// (`switch`, `weights`, …; `history?`, `releases?`, `diff?`, `logs?`, `monitor?` for the
+/// queries, `releases/` for the id in the path). The fuzz target drives this.
+#[doc(hidden)]
+pub fn check_request(endpoint: &str, input: &[u8]) -> Result<(), ApiError> {
+    let body = Bytes::copy_from_slice(input);
+    let text = String::from_utf8_lossy(input);
+    match endpoint {
+        "switch" => parse_body::<SwitchBody>(&body).map(drop),
+        "weights" => parse_body::<WeightsBody>(&body)?.split().map(drop),
+        "upstreams" => upstreams_request(&body).map(drop),
+        "deploy" => deploy_request(&body).map(drop),
+        "test" => parse_body::<TestBody>(&body).map(drop),
+        "releases" => release_request(&body).map(drop),
+        "shift" => parse_body::<ShiftBody>(&body).map(drop),
+        "promote" => control_request(Gate::Promote { full: false }, &body).map(drop),
+        "pause" => control_request(Gate::Pause, &body).map(drop),
+        "resume" => control_request(Gate::Resume, &body).map(drop),
+        "abort" => control_request(Gate::Abort, &body).map(drop),
+        "rollback" => rollback_request(&body).map(drop),
+        "upgrade" => upgrade_request(parse_body(&body)?).map(drop),
+        "history?" => history_query(Some(&text)).map(drop),
+        "releases?" => releases_query(Some(&text)).map(drop),
+        "diff?" => diff_query(Some(&text)).map(drop),
+        "logs?" => logs_query(Some(&text)).map(drop),
+        "monitor?" => monitor_query(Some(&text)).map(drop),
+        "releases/" => release_id(&text).map(drop),
+        other => panic!("check_request: no endpoint {other:?}"),
+    }
+}
+
+/// The admin endpoints [`check_request`] knows.
+#[doc(hidden)]
+pub const CHECKED_ENDPOINTS: [&str; 19] = [
+    "switch",
+    "weights",
+    "upstreams",
+    "deploy",
+    "test",
+    "releases",
+    "shift",
+    "promote",
+    "pause",
+    "resume",
+    "abort",
+    "rollback",
+    "upgrade",
+    "history?",
+    "releases?",
+    "diff?",
+    "logs?",
+    "monitor?",
+    "releases/",
+];
+
+impl ApiError {
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
 }
 
 async fn not_found(request: Request) -> ApiError {
@@ -1409,5 +1541,52 @@ pub async fn run(
     };
     if let Err(error) = result {
         tracing::error!(%error, "admin API stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz target's entry point: each endpoint takes its good input and refuses junk
+    /// with a 400, so a fuzzed refusal that is not a 400 is a finding, not the harness.
+    #[test]
+    fn check_request_knows_every_endpoint_it_lists() {
+        let good: [(&str, &str); 19] = [
+            ("switch", r#"{"to":"green"}"#),
+            ("weights", r#"{"green":40,"blue":60}"#),
+            (
+                "upstreams",
+                r#"{"environment":"blue","upstreams":["127.0.0.1:9001"]}"#,
+            ),
+            (
+                "deploy",
+                r#"{"environment":"green","version":"2.0","env":{"A_1":"x"}}"#,
+            ),
+            ("test", r#"{"environment":"green"}"#),
+            ("releases", r#"{"version":"2.0","strategy":"careful"}"#),
+            ("shift", r#"{"to":"green","strategy":"steady"}"#),
+            ("promote", r#"{"full":true}"#),
+            ("pause", ""),
+            ("resume", "{}"),
+            ("abort", r#"{"reason":"errors up"}"#),
+            ("rollback", r#"{"to_version":"1.9"}"#),
+            ("upgrade", r#"{"binary":"/bin/sh","timeout":"30s"}"#),
+            ("history?", "limit=10&after=3"),
+            ("releases?", "limit=5"),
+            ("diff?", "a=green&b=blue"),
+            ("logs?", "environment=blue&lines=20"),
+            ("monitor?", "seconds=30"),
+            ("releases/", "42"),
+        ];
+        assert_eq!(good.map(|(e, _)| e), CHECKED_ENDPOINTS);
+        for (endpoint, input) in good {
+            assert!(
+                check_request(endpoint, input.as_bytes()).is_ok(),
+                "{endpoint}"
+            );
+            let refused = check_request(endpoint, b"\xff{\"x\": [").unwrap_err();
+            assert_eq!(refused.status(), StatusCode::BAD_REQUEST, "{endpoint}");
+        }
     }
 }
