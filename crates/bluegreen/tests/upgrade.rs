@@ -227,3 +227,72 @@ async fn a_failed_upgrade_leaves_the_old_process_serving_and_in_control() {
     }
     assert_eq!(daemon.status().await["pid"], pid);
 }
+
+/// A new process that takes the sockets, loads, and then dies once the old one has let go of
+/// control: the hand-over protocol spoken by a script (the old process is the real one).
+const DIES_AFTER_THE_RELEASE_OF_CONTROL: &str = r#"#!/usr/bin/env python3
+import array, json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(os.environ["BLUEGREEN_UPGRADE_FROM"])
+data, ancillary, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(3 * 4))
+assert json.loads(data.split(b"\n")[0])["hello"], data
+s.sendall(json.dumps({"loaded": {"version": "test"}}).encode() + b"\n")
+assert s.makefile().readline().strip() == '"released"'
+sys.exit(3)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_process_that_dies_after_taking_control_hands_it_back_under_load() {
+    let daemon = Daemon::start(&held_release_config("1s", "100ms")).await;
+    daemon.release_over_blue(&["--version", "2.0", "--strategy", "gated"]);
+    let before = daemon
+        .wait_status("the canary holds at 10%", |s| {
+            s["release"]["state"] == "shifting" && s["weights"]["green"] == 10
+        })
+        .await;
+    let fake = daemon.dir.path().join("dies.py");
+    std::fs::write(&fake, DIES_AFTER_THE_RELEASE_OF_CONTROL).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let load = strict_clients(daemon.url("/"), 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = daemon.cli(&[
+        "upgrade",
+        "--binary",
+        fake.to_str().unwrap(),
+        "--timeout",
+        "5s",
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}\n{}", daemon.log());
+    assert!(said.contains("exited (exit status: 3)"), "{said}");
+    assert!(said.contains("goes on serving"), "{said}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Control is back: the same process, the same instances, the canary still held, and it
+    // goes on when promoted.
+    let status = daemon.status().await;
+    assert_eq!(status["pid"], before["pid"], "{status}");
+    assert_eq!(
+        [pids(&status, 0), pids(&status, 1)],
+        [pids(&before, 0), pids(&before, 1)]
+    );
+    assert_eq!(status["release"]["state"], "shifting", "{status}");
+    assert_eq!(status["weights"]["green"], 10, "{status}");
+    let out = daemon.cli(&["promote", "--full"]);
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log());
+    daemon
+        .wait_status("the release succeeded", |s| {
+            s["release"].is_null() && s["live"] == "green"
+        })
+        .await;
+    let (answered, failed) = load.stop().await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answered + failed.len(),
+        &failed[..failed.len().min(10)]
+    );
+    println!("{answered} answers, none failed, across a hand-over given back");
+}
