@@ -214,3 +214,94 @@ async fn systemd_socket_activate_starts_it_on_its_socket() {
     signal(&daemon, "TERM");
     assert!(daemon.wait().success());
 }
+
+/// The daemon's pid, as its status tells it (it changes at each upgrade).
+fn daemon_pid(config: &std::path::Path) -> u32 {
+    let (code, out, err) = support::run_cli(config, &["status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    status["pid"].as_u64().unwrap() as u32
+}
+
+/// One strict load through everything that replaces or reconfigures bluegreen under systemd:
+/// three upgrades, three SIGHUP reloads of a changed config, one of an invalid config, a
+/// SIGTERM + restart on the activated socket (none may fail), then a kill -9 + restart (only
+/// what was in flight inside the killed process may fail; counted apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upgrades_reloads_and_restarts_under_one_load_fail_only_inside_a_killed_process() {
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let config_path = dir.path().join("bluegreen.yaml");
+    let base = config(&[&blue], &[&green], "");
+    let with_window = |seconds: u32| format!("{base}release:\n  monitor_window: {seconds}s\n");
+    std::fs::write(&config_path, with_window(1)).unwrap();
+    let first = start_activated(&listener, dir.path());
+    wait_serving(&url).await;
+    let mut current = support::Current(first.0.id());
+
+    let load = strict_clients(url.clone(), 8);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..3u32 {
+        let (code, out, err) = support::run_cli(&config_path, &["upgrade"]);
+        assert_eq!(code, 0, "upgrade {round}: {out}{err}");
+        let pid = daemon_pid(&config_path);
+        assert_ne!(pid, current.0, "a new process serves");
+        std::mem::forget(std::mem::replace(&mut current, support::Current(pid)));
+        std::fs::write(&config_path, with_window(round + 2)).unwrap();
+        current.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    std::fs::write(&config_path, "router: [not, a, map]\n").unwrap();
+    current.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&config_path, with_window(1)).unwrap();
+    // A plain restart on the activated socket (the upgraded process is not our child: its
+    // exit is watched for).
+    current.signal("TERM");
+    for _ in 0..200 {
+        if !current.alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!current.alive(), "stopped on SIGTERM");
+    let restarted = start_activated(&listener, dir.path());
+    current = support::Current(restarted.0.id());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (ok, failed) = load.stop().await;
+    assert!(ok > 100, "served throughout: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed through 3 upgrades, 4 reloads and a restart: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert_eq!(
+        log.matches("release.monitor_window changed kind=reload")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert!(log.contains("reload refused"), "{log}");
+    println!(
+        "{ok} answers, none failed, through 3 upgrades, 3 reloads, 1 invalid reload and a SIGTERM + restart"
+    );
+
+    // kill -9, counted apart.
+    let (restarted, killed_ok, killed_failed) =
+        restart_under_load(restarted, "KILL", &listener, dir.path(), &url).await;
+    std::mem::forget(current);
+    println!(
+        "kill -9 + restart: {killed_ok} answers, {} failed (in flight inside the killed process)",
+        killed_failed.len()
+    );
+    assert!(
+        killed_failed.len() <= 8,
+        "only requests in flight in the killed process fail, at most one per client: {killed_failed:?}"
+    );
+    drop(restarted);
+}

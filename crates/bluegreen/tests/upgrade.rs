@@ -2,40 +2,10 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Daemon, process_config, strict_clients};
-
-/// The daemon's process now (it changes at each upgrade): stopped when the test ends, so no
-/// upgraded daemon outlives it.
-struct Current(u32);
-
-impl Current {
-    fn alive(&self) -> bool {
-        support::alive(self.0.into())
-    }
-
-    fn signal(&self, name: &str) {
-        let _ = Command::new("kill")
-            .args([&format!("-{name}"), &self.0.to_string()])
-            .status();
-    }
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        self.signal("TERM");
-        for _ in 0..400 {
-            if !self.alive() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.signal("KILL");
-    }
-}
+use support::{Current, Daemon, process_config, strict_clients};
 
 fn pids(status: &Value, color: usize) -> Vec<u64> {
     status["environments"][color]["instances"]

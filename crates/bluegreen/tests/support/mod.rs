@@ -798,3 +798,32 @@ pub fn alive(pid: u64) -> bool {
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
     })
 }
+
+/// The daemon's process now (it changes at each upgrade): stopped when the test ends, so no
+/// upgraded daemon outlives it.
+pub struct Current(pub u32);
+
+impl Current {
+    pub fn alive(&self) -> bool {
+        alive(self.0.into())
+    }
+
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{name}"), &self.0.to_string()])
+            .status();
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.signal("TERM");
+        for _ in 0..400 {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.signal("KILL");
+    }
+}
