@@ -101,6 +101,27 @@ pub async fn switch_under_load(
     switches: usize,
     gap: Duration,
 ) -> Result<Tally, String> {
+    let flip = async |i: usize| {
+        peer.switch_to(if i.is_multiple_of(2) { "green" } else { "blue" })
+            .await
+    };
+    let tally = under_load(peer, keepalive, fresh, switches, gap, flip).await?;
+    if !switches.is_multiple_of(2) {
+        peer.switch_to("blue").await?;
+    }
+    Ok(tally)
+}
+
+/// Saturates the peer with keep-alive and new-connection clients while `act` runs `times`
+/// times (its argument: which time), `gap` apart; every response is counted.
+pub async fn under_load(
+    peer: &Peer,
+    keepalive: usize,
+    fresh: usize,
+    times: usize,
+    gap: Duration,
+    mut act: impl AsyncFnMut(usize) -> Result<(), String>,
+) -> Result<Tally, String> {
     let uri: Uri = peer.url().parse().map_err(|e| format!("{e}"))?;
     let running = Arc::new(AtomicBool::new(true));
     let mut workers = JoinSet::new();
@@ -142,12 +163,9 @@ pub async fn switch_under_load(
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut outcome = Ok(());
-    for i in 0..switches {
+    for i in 0..times {
         tokio::time::sleep(gap).await;
-        if let Err(e) = peer
-            .switch_to(if i % 2 == 0 { "green" } else { "blue" })
-            .await
-        {
+        if let Err(e) = act(i).await {
             outcome = Err(e);
             break;
         }
@@ -157,9 +175,6 @@ pub async fn switch_under_load(
     let mut total = Tally::default();
     while let Some(tally) = workers.join_next().await {
         total.add(tally.map_err(|e| e.to_string())?);
-    }
-    if !switches.is_multiple_of(2) {
-        peer.switch_to("blue").await?;
     }
     outcome.map(|_| total)
 }

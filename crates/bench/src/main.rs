@@ -84,6 +84,10 @@ impl Plan {
 /// 100 ms here) to take effect inside the window.
 const PROPAGATION_GAP: Duration = Duration::from_millis(300);
 
+/// Time between restarts in the restart row: the previous one's old process is still
+/// draining when the next begins, as when an operator repeats a reload.
+const RESTART_GAP: Duration = Duration::from_millis(500);
+
 fn progress(message: &str) {
     eprintln!("bench: {message}");
     let _ = std::io::stderr().flush();
@@ -181,6 +185,8 @@ async fn measure_peers(
     measure_idle_memory(&routers, plan, &start_rss, &saturated_peak, &mut results).await?;
     measure_switching(&routers, plan, &mut results).await?;
     measure_propagation(&routers, plan, &mut results).await?;
+    // Last: bluegreen's process is a new one after it.
+    measure_restarts(&routers, &mut results).await?;
     Ok((results, commands))
 }
 
@@ -345,6 +351,26 @@ async fn measure_switching(
     Ok(())
 }
 
+/// 7. The router itself restarted in place under saturating load: bluegreen's upgrades
+///    and reloads, nginx's reloads; HAProxy runs without master-worker mode here, so it has
+///    none.
+async fn measure_restarts(routers: &[&Peer], results: &mut Results) -> Result<(), String> {
+    for peer in routers.iter().filter(|p| p.kind != Kind::Haproxy) {
+        let restart = async |i: usize| peer.restart_in_place(i).await;
+        let tally = load::under_load(peer, 32, 4, peers::RESTARTS, RESTART_GAP, restart).await?;
+        progress(&format!(
+            "restarts under load: {:<14} {} restarts, {} requests, {} failed, {} non-2xx",
+            peer.name(),
+            peers::RESTARTS,
+            tally.total(),
+            tally.errors,
+            tally.non_2xx
+        ));
+        results.restarts.push((peer.kind, peers::RESTARTS, tally));
+    }
+    Ok(())
+}
+
 /// 6. Propagation: how soon new requests see the new color.
 async fn measure_propagation(
     routers: &[&Peer],
@@ -475,5 +501,12 @@ fn render_results(out: &mut String, results: &Results, plan: Plan) {
         PROPAGATION_GAP.as_millis(),
         PROPAGATION_GAP.as_millis(),
         results.propagation_table()
+    ));
+    out.push_str(&format!(
+        "## Restarts under load ({} restarts, {} ms apart, 32 keep-alive + 4 new-connection clients, every response checked)\n\n\
+         bluegreen: `POST /v1/upgrade` (to the same binary: a new process takes the listening sockets) and SIGHUP reloads of a changed config, alternately, then a SIGHUP with an invalid config. nginx: `nginx -s reload` of a changed config each time, then of an invalid one. HAProxy runs here as one process without master-worker mode, so it is not restarted. The clients never resend a request on their own.\n\n{}\n",
+        peers::RESTARTS,
+        RESTART_GAP.as_millis(),
+        results.restarts_table()
     ));
 }

@@ -13,6 +13,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
+/// How many restarts the restart row makes of each router (the last reloads an invalid config).
+pub const RESTARTS: usize = 7;
+
 /// The core the router under test owns; the load generator and the backend share the other.
 pub const ROUTER_CORE: &str = "1";
 
@@ -43,6 +46,8 @@ pub struct Peer {
     pub dir: PathBuf,
     child: Option<Child>,
     backends: Backends,
+    /// bluegreen's process after `restart_in_place` upgraded it (no longer `child`'s).
+    upgraded_to: std::sync::atomic::AtomicU32,
 }
 
 /// The two colors' backends.
@@ -121,6 +126,7 @@ impl Peer {
             dir: dir.to_path_buf(),
             child: None,
             backends,
+            upgraded_to: Default::default(),
         }
     }
 
@@ -131,7 +137,7 @@ impl Peer {
         let config = format!(
             "service: bench\nrouter:\n  listen: 127.0.0.1:{port}\n  admin: admin.sock\n  drain_timeout: 5s\n  max_connections: 19000\n\
              environments:\n  blue: {{ upstreams: [\"{}\"] }}\n  green: {{ upstreams: [\"{}\"] }}\n\
-             health: {{ path: /healthz, interval: 1s, timeout: 1s }}\ndashboard: {{ enabled: false }}\n",
+             health: {{ path: /healthz, interval: 1s, timeout: 1s }}\ndashboard: {{ enabled: false }}\nrelease: {{ monitor_window: 1m }}\n",
             backends.blue, backends.green
         );
         std::fs::write(dir.join("bluegreen.yaml"), config).map_err(|e| e.to_string())?;
@@ -153,6 +159,7 @@ impl Peer {
             dir,
             child: Some(child),
             backends,
+            upgraded_to: Default::default(),
         })
     }
 
@@ -187,6 +194,7 @@ impl Peer {
             dir,
             child: Some(child),
             backends,
+            upgraded_to: Default::default(),
         })
     }
 
@@ -223,6 +231,7 @@ impl Peer {
             dir,
             child: Some(child),
             backends,
+            upgraded_to: Default::default(),
         })
     }
 
@@ -292,7 +301,7 @@ impl Peer {
             Kind::Bluegreen => {
                 let body = format!("{{\"to\":\"{color}\"}}");
                 let (status, answer) =
-                    unix_post(&self.dir.join("admin.sock"), "/v1/switch", body).await?;
+                    unix_request(&self.dir.join("admin.sock"), "POST", "/v1/switch", &body).await?;
                 if status == 200 {
                     Ok(())
                 } else {
@@ -301,20 +310,7 @@ impl Peer {
             }
             Kind::Nginx => {
                 write_nginx_upstream(&self.dir, to)?;
-                let status = Command::new("nginx")
-                    .arg("-p")
-                    .arg(&self.dir)
-                    .arg("-c")
-                    .arg(self.dir.join("nginx.conf"))
-                    .args(["-s", "reload"])
-                    .stderr(Stdio::null())
-                    .status()
-                    .map_err(|e| e.to_string())?;
-                if status.success() {
-                    Ok(())
-                } else {
-                    Err(format!("nginx -s reload exited {status}"))
-                }
+                self.nginx_signal("reload")
             }
             Kind::Haproxy => {
                 // The new server's weight goes up before the old one's goes down, in one command.
@@ -345,6 +341,108 @@ impl Peer {
         }
     }
 
+    /// The `i`-th of the restarts of [`RESTARTS`], the way an operator of this router does
+    /// them: bluegreen alternates `POST /v1/upgrade` (the same binary) with SIGHUP reloads of a
+    /// changed config, then reloads an invalid one; nginx reloads a changed config
+    /// (`nginx -s reload`) each time, then an invalid one.
+    pub async fn restart_in_place(&self, i: usize) -> Result<(), String> {
+        let invalid = i + 1 == RESTARTS;
+        match self.kind {
+            Kind::Bluegreen if !invalid && i.is_multiple_of(2) => {
+                let socket = self.dir.join("admin.sock");
+                let (status, answer) = unix_request(&socket, "POST", "/v1/upgrade", "{}").await?;
+                if status != 200 {
+                    return Err(format!("bluegreen upgrade: {answer}"));
+                }
+                let (_, status) = unix_request(&socket, "GET", "/v1/status", "").await?;
+                let pid = serde_json::from_str::<serde_json::Value>(&status)
+                    .ok()
+                    .and_then(|s| s["pid"].as_u64())
+                    .ok_or_else(|| format!("bluegreen status without a pid: {status}"))?;
+                self.upgraded_to
+                    .store(pid as u32, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            Kind::Bluegreen => {
+                let path = self.dir.join("bluegreen.yaml");
+                let config = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+                let changed = if invalid {
+                    "router: [not, a, map]\n".to_string()
+                } else {
+                    // An in-place key, so the reload puts a changed config in force.
+                    let release = format!("release: {{ monitor_window: {}m }}", i + 1);
+                    let lines: Vec<&str> = config
+                        .lines()
+                        .map(|l| {
+                            if l.starts_with("release:") {
+                                &release
+                            } else {
+                                l
+                            }
+                        })
+                        .collect();
+                    lines.join("\n") + "\n"
+                };
+                std::fs::write(&path, &changed).map_err(|e| e.to_string())?;
+                signal(self.current_pid(), "HUP")?;
+                if invalid {
+                    // Refused whole; the file is put back for whoever reads it next.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    std::fs::write(&path, config).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Kind::Nginx => {
+                let upstream = self.dir.join("upstream.conf");
+                if invalid {
+                    let valid = std::fs::read_to_string(&upstream).map_err(|e| e.to_string())?;
+                    std::fs::write(&upstream, "upstream app {\n").map_err(|e| e.to_string())?;
+                    // `nginx -s reload` checks the file first and refuses it (exit 1); the
+                    // running master keeps its config.
+                    if self.nginx_signal("reload").is_ok() {
+                        return Err("nginx took an invalid config".into());
+                    }
+                    std::fs::write(&upstream, valid).map_err(|e| e.to_string())
+                } else {
+                    // A changed file (the keep-alive pool size), so the reload does real work.
+                    let text = format!(
+                        "upstream app {{ server {}; keepalive {}; }}\n",
+                        self.backends.blue,
+                        64 + i % 2
+                    );
+                    std::fs::write(&upstream, text).map_err(|e| e.to_string())?;
+                    self.nginx_signal("reload")
+                }
+            }
+            Kind::Direct | Kind::Haproxy => Err(format!("{}: restarts not measured", self.name())),
+        }
+    }
+
+    fn nginx_signal(&self, signal: &str) -> Result<(), String> {
+        let status = Command::new("nginx")
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg(self.dir.join("nginx.conf"))
+            .args(["-s", signal])
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("nginx -s {signal} exited {status}"))
+        }
+    }
+
+    /// The router's main process now (bluegreen's changes at each upgrade).
+    fn current_pid(&self) -> u32 {
+        match self.upgraded_to.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.child.as_ref().map_or(0, Child::id),
+            pid => pid,
+        }
+    }
+
     fn pids(&self) -> Vec<u32> {
         match &self.child {
             Some(child) => process_tree(child.id()),
@@ -371,6 +469,15 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        // An upgraded bluegreen is no child of ours: asked to stop, then waited for.
+        let upgraded = *self.upgraded_to.get_mut();
+        if upgraded != 0 && signal(upgraded, "TERM").is_ok() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && Path::new(&format!("/proc/{upgraded}")).exists() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = signal(upgraded, "KILL");
+        }
         if let Some(mut child) = self.child.take() {
             // Ask first (nginx's master stops its workers and does not respawn them), then
             // kill whatever is left of the tree.
@@ -444,7 +551,12 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn unix_post(socket: &Path, path: &str, body: String) -> Result<(u16, String), String> {
+async fn unix_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|e| format!("{}: {e}", socket.display()))?;
@@ -452,9 +564,11 @@ async fn unix_post(socket: &Path, path: &str, body: String) -> Result<(u16, Stri
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = Request::post(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "bluegreen")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body.to_string())))
         .map_err(|e| e.to_string())?;
     let response = sender
         .send_request(request)
@@ -468,4 +582,18 @@ async fn unix_post(socket: &Path, path: &str, body: String) -> Result<(u16, Stri
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn signal(pid: u32, name: &str) -> Result<(), String> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -{name} {pid} failed"))
+    }
 }

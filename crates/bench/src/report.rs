@@ -83,6 +83,7 @@ pub struct Results {
     pub h2: Vec<(Kind, Vec<H2Result>)>,
     pub memory: Vec<Memory>,
     pub switching: Vec<(Kind, usize, Tally)>,
+    pub restarts: Vec<(Kind, usize, Tally)>,
     pub propagation: Vec<(Kind, Propagation)>,
 }
 
@@ -182,33 +183,11 @@ impl Results {
     }
 
     pub fn switching_table(&self) -> String {
-        let mut out = String::from(
-            "| router | switches | requests | failed (transport) | non-2xx | failed per 100 switches | served blue / green |\n|---|---|---|---|---|---|---|\n",
-        );
-        for (kind, switches, t) in &self.switching {
-            let per_100 = (t.errors + t.non_2xx) as f64 * 100.0 / *switches as f64;
-            let _ = writeln!(
-                out,
-                "| {} | {switches} | {} | {} | {} | {per_100:.1} | {} / {} |",
-                kind.name(),
-                t.total(),
-                t.errors,
-                t.non_2xx,
-                t.blue,
-                t.green
-            );
-        }
-        for (kind, _, t) in &self.switching {
-            if let Some(first) = t.first_errors.first() {
-                let _ = writeln!(
-                    out,
-                    "\nfirst {} error: `{}`",
-                    kind.name(),
-                    first.replace('`', "'")
-                );
-            }
-        }
-        out
+        changes_table(&self.switching, "switches")
+    }
+
+    pub fn restarts_table(&self) -> String {
+        changes_table(&self.restarts, "restarts")
     }
 
     pub fn propagation_table(&self) -> String {
@@ -327,6 +306,37 @@ fn bars(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Requests through a router while it changed `what` (switches, restarts) that many times.
+fn changes_table(rows: &[(Kind, usize, Tally)], what: &str) -> String {
+    let mut out = format!(
+        "| router | {what} | requests | failed (transport) | non-2xx | failed per 100 {what} | served blue / green |\n|---|---|---|---|---|---|---|\n"
+    );
+    for (kind, changes, t) in rows {
+        let per_100 = (t.errors + t.non_2xx) as f64 * 100.0 / *changes as f64;
+        let _ = writeln!(
+            out,
+            "| {} | {changes} | {} | {} | {} | {per_100:.1} | {} / {} |",
+            kind.name(),
+            t.total(),
+            t.errors,
+            t.non_2xx,
+            t.blue,
+            t.green
+        );
+    }
+    for (kind, _, t) in rows {
+        if let Some(first) = t.first_errors.first() {
+            let _ = writeln!(
+                out,
+                "\nfirst {} error: `{}`",
+                kind.name(),
+                first.replace('`', "'")
+            );
+        }
+    }
+    out
 }
 
 #[cfg(test)]
