@@ -885,6 +885,58 @@ async fn logs(
     Ok(Json(LogsBody { logs: files }).into_response())
 }
 
+/// The same logs followed as they are written: newline-delimited JSON, one
+/// `{"source", "line"}` object per line. Ends when the containers followed stop (docker) or
+/// the daemon stops.
+#[utoipa::path(get, path = "/v1/logs/follow", tag = "environments",
+    params(
+        ("environment" = String, Query, description = "`blue`, `green`, `hooks` or `tests`", pattern = "^(blue|green|hooks|tests)$"),
+        ("lines" = Option<u64>, Query, description = "Start with at most this many of each file's newest lines (default 100)", minimum = 1, maximum = 100000)
+    ),
+    responses(
+        (status = 200, description = "One JSON object per line: `source` (the file or container) and `line`", content_type = "application/x-ndjson", body = String),
+        (status = 400, description = "The request is invalid (`field` names what); nothing changed", body = ErrorBody)
+    )
+)]
+async fn follow_logs(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (name, lines) = logs_query(request.uri().query())?;
+    let followed = controller.follow_logs(name, lines).await?;
+    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let body = futures_util::stream::unfold(
+        (controller, followed, tick),
+        |(controller, mut followed, mut tick)| async move {
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if controller.plane.is_stopping() {
+                            return None;
+                        }
+                    }
+                    line = futures_util::StreamExt::next(&mut followed) => {
+                        let mut chunk = serde_json::to_vec(&line?).expect("a log line serializes");
+                        chunk.push(b'\n');
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
+                            (controller, followed, tick),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
+}
+
 /// `GET /v1/logs`'s query: whose log, and how many lines.
 fn logs_query(query: Option<&str>) -> Result<(&str, usize), ApiError> {
     let query = Query::parse(query, &["environment", "lines"])?;
@@ -1339,6 +1391,7 @@ fn api() -> OpenApiRouter<Arc<Controller>> {
         .routes(routes!(environments))
         .routes(routes!(diff))
         .routes(routes!(logs))
+        .routes(routes!(follow_logs))
         .routes(routes!(monitor))
         .routes(routes!(stream))
         .routes(routes!(metrics))

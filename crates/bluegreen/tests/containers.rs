@@ -94,6 +94,8 @@ struct Fixture {
     repository: String,
     /// The tags built, each removed at the end.
     tags: Vec<String>,
+    /// A user network the test made, removed at the end.
+    network: Option<String>,
 }
 
 impl Fixture {
@@ -105,6 +107,7 @@ impl Fixture {
             service: format!("bgt-{unique}"),
             repository: format!("bluegreen-test/{unique}"),
             tags: tags.iter().map(|(tag, _)| tag.to_string()).collect(),
+            network: None,
         };
         let binary = static_example_app();
         for (tag, behaviour) in tags {
@@ -156,6 +159,24 @@ impl Fixture {
                 panic!("building {reference}: {error}");
             }
         }
+    }
+
+    /// A user (bridge) network of this test's, removed with the fixture.
+    async fn create_network(&mut self) -> String {
+        let name = format!("{}-net", self.service);
+        self.docker
+            .create_network(bollard::models::NetworkCreateRequest {
+                name: name.clone(),
+                labels: Some(HashMap::from([(
+                    TEST_LABEL.to_string(),
+                    self.service.clone(),
+                )])),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("creating network {name}: {e}"));
+        self.network = Some(name.clone());
+        name
     }
 
     /// This test's containers as the engine lists them.
@@ -250,6 +271,7 @@ impl Drop for Fixture {
     /// Removes the test's containers and images on a runtime of its own (drop cannot await).
     fn drop(&mut self) {
         let service = self.service.clone();
+        let network = self.network.clone();
         let tags: Vec<String> = self
             .tags
             .iter()
@@ -288,6 +310,9 @@ impl Drop for Fixture {
                             ),
                         )
                         .await;
+                }
+                if let Some(network) = network {
+                    let _ = docker.remove_network(&network).await;
                 }
                 for reference in tags {
                     let _ = docker
@@ -335,7 +360,11 @@ fn recorded(status: &Value, color: usize) -> Vec<(String, String, String)> {
 }
 
 async fn body_of(daemon: &Daemon) -> String {
-    let (code, _, body) = get(&client(), &daemon.url("/"), &[]).await.unwrap();
+    body_of_path(daemon, "/").await
+}
+
+async fn body_of_path(daemon: &Daemon, path: &str) -> String {
+    let (code, _, body) = get(&client(), &daemon.url(path), &[]).await.unwrap();
     assert_eq!(code, 200, "{body}");
     body.trim().to_string()
 }
@@ -443,6 +472,127 @@ async fn releases_of_containers_under_load_fail_no_request_and_roll_back_to_reta
     assert_eq!(again, green_ids, "the same containers, not new ones");
     assert_eq!(body_of(&daemon).await, "green 2.0");
     drop(daemon);
+}
+
+/// `app.reach: network` (bluegreen in a container on a user network): the router reaches
+/// each container at its own address there, nothing is published on the host; `logs
+/// --follow` streams the containers' lines as they are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn containers_on_a_user_network_are_reached_at_their_address_and_their_logs_followed() {
+    let mut fixture = Fixture::new(
+        "network",
+        &[("1.0", Behaviour::Good), ("2.0", Behaviour::Good)],
+    )
+    .await;
+    let network = fixture.create_network().await;
+    let config = fixture
+        .config(&format!("  network: {network}\n  reach: network\n"))
+        .replace(
+            "--app-version {version}",
+            "--app-version {version} --access-log",
+        );
+    let daemon = Daemon::start(&config).await;
+    let out = deploy(&daemon, "blue", "1.0");
+    assert!(out.status.success(), "{}", text(&out));
+
+    let load = Load::start(daemon.url("/"), 4);
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    let report = load.stop().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(report.bodies.contains("green 2.0"), "{:?}", report.bodies);
+
+    let status = daemon.status().await;
+    let containers = status["environments"][1]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 2, "{status}");
+    for container in containers {
+        let id = container["id"].as_str().unwrap();
+        let inspected = fixture
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .unwrap();
+        let on_network = inspected
+            .network_settings
+            .as_ref()
+            .unwrap()
+            .networks
+            .as_ref()
+            .unwrap()[&network]
+            .ip_address
+            .clone()
+            .unwrap();
+        assert_eq!(
+            container["address"],
+            format!("{on_network}:8080"),
+            "routed to the container's own address: {status}"
+        );
+        assert_eq!(container["host_port"], 0, "{status}");
+        let published = inspected
+            .host_config
+            .and_then(|h| h.port_bindings)
+            .unwrap_or_default();
+        assert!(published.is_empty(), "nothing published: {published:?}");
+    }
+    let printed = text(&daemon.cli(&["status"]));
+    assert!(
+        printed.contains(&format!(
+            "on {}",
+            containers[0]["address"].as_str().unwrap()
+        )),
+        "{printed}"
+    );
+
+    // logs --follow: the newest lines, then each request's line as the app writes it.
+    let mut following = daemon.cli_following(&[
+        "logs",
+        "--environment",
+        "green",
+        "--follow",
+        "--lines",
+        "100000",
+    ]);
+    following.wait_for(
+        "listening on 0.0.0.0:8080 (green 2.0)",
+        Duration::from_secs(10),
+    );
+    for _ in 0..4 {
+        assert_eq!(body_of_path(&daemon, "/followed").await, "green 2.0");
+    }
+    following.wait_for("GET /followed 200", Duration::from_secs(10));
+    assert!(
+        following
+            .seen
+            .iter()
+            .any(|l| l.starts_with(&format!("==> container {}-green-2.0-", fixture.service))),
+        "{:?}",
+        following.seen
+    );
+    // The stream ends when the containers followed stop (here: stopped outside bluegreen).
+    let ids: Vec<String> = containers
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_string())
+        .collect();
+    for id in &ids {
+        fixture
+            .docker
+            .stop_container(id, None::<bollard::query_parameters::StopContainerOptions>)
+            .await
+            .unwrap();
+    }
+    assert_eq!(following.wait_exit(Duration::from_secs(30)), Some(0));
+    drop(daemon);
+
+    // reach: network without a network is refused, naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bluegreen.yaml");
+    std::fs::write(&path, fixture.config("  reach: network\n")).unwrap();
+    let (code, stdout, stderr) = run_cli(&path, &["check"]);
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("app.reach: network needs app.network"),
+        "{stdout}{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

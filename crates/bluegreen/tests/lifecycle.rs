@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use support::{BIN, Daemon, process_config, run_cli, write_file};
+use support::{BIN, Daemon, client, get, process_config, run_cli, write_file};
 
 fn executable(dir: &Path, name: &str, body: &str) -> String {
     let path = write_file(dir, name, &format!("#!/bin/sh\n{body}\n"));
@@ -297,6 +297,66 @@ async fn a_crash_looping_version_fails_its_deploy_with_the_reason() {
     assert_eq!(status["environments"][0]["status"], "failed", "{status}");
     let out = daemon.cli(&["logs", "--environment", "blue"]);
     assert!(text(&out).contains("--error-rate"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_prints_the_newest_lines_then_each_line_as_it_is_written() {
+    let config = process_config().replace(
+        "--app-version {version}",
+        "--app-version {version} --access-log",
+    );
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let mut following = daemon.cli_following(&["logs", "--environment", "blue", "--follow"]);
+    following.wait_for("(blue 1.0)", Duration::from_secs(10));
+    for path in ["/first", "/second"] {
+        let (code, _, body) = get(&client(), &daemon.url(path), &[]).await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        following.wait_for(&format!("GET {path} 200"), Duration::from_secs(10));
+    }
+    assert!(
+        following
+            .seen
+            .iter()
+            .any(|l| l.starts_with("==> ") && l.ends_with("blue-0.log <==")),
+        "lines under the file's heading: {:?}",
+        following.seen
+    );
+    drop(following);
+
+    // JSON: one object a line, as the API sends it.
+    let mut following = daemon.cli_following(&[
+        "logs",
+        "--environment",
+        "blue",
+        "--follow",
+        "--lines",
+        "1",
+        "--output",
+        "json",
+    ]);
+    let (code, _, _) = get(&client(), &daemon.url("/third"), &[]).await.unwrap();
+    assert_eq!(code, 200);
+    let line = following.wait_for("GET /third 200", Duration::from_secs(10));
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["line"], "GET /third 200", "{line}");
+    assert!(
+        entry["source"].as_str().unwrap().ends_with(".log"),
+        "{line}"
+    );
+    drop(following);
+
+    // A bad query is refused with the field named, before anything is followed.
+    let out = daemon.cli(&["logs", "--environment", "purple", "--follow"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("environment"), "{}", text(&out));
+    // The stream ends when the daemon stops.
+    let mut following = daemon.cli_following(&["logs", "--environment", "blue", "--follow"]);
+    following.wait_for("(blue 1.0)", Duration::from_secs(10));
+    drop(daemon);
+    assert_eq!(following.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub struct Args {
     /// /healthz fails for this long after start, in milliseconds.
     #[arg(long, env = "EXAMPLE_SLOW_START_MS", default_value_t = 0)]
     slow_start_ms: u64,
+    /// Print a line on stdout for each request but health checks: method, path and status.
+    #[arg(long, env = "EXAMPLE_ACCESS_LOG")]
+    access_log: bool,
 }
 
 struct App {
@@ -135,14 +138,26 @@ async fn answer(
     if args.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
     }
-    if args.error_rate > 0.0 && fastrand::f64() < args.error_rate {
-        return Ok(reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("{} {} failed on purpose\n", args.color, args.app_version),
-        ));
+    let failed = args.error_rate > 0.0 && fastrand::f64() < args.error_rate;
+    let status = if failed {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    if args.access_log {
+        println!(
+            "{} {} {}",
+            request.method(),
+            request.uri().path(),
+            status.as_u16()
+        );
     }
-    Ok(reply(
-        StatusCode::OK,
-        format!("{} {}\n", args.color, args.app_version),
-    ))
+    Ok(if failed {
+        reply(
+            status,
+            format!("{} {} failed on purpose\n", args.color, args.app_version),
+        )
+    } else {
+        reply(status, format!("{} {}\n", args.color, args.app_version))
+    })
 }

@@ -120,6 +120,10 @@ pub enum Commands {
         environment: String,
         #[arg(long, default_value_t = 50)]
         lines: usize,
+        /// Keep printing lines as they are written (until the containers followed stop, the
+        /// daemon stops, or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Releases, newest first.
     Releases {
@@ -284,7 +288,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Abort { reason } => change(&cli, "/v1/abort", json!({ "reason": reason })).await,
         Commands::Monitor(args) => release::monitor(&cli, args).await,
         Commands::Diff { a, b } => release::diff(&cli, *a, *b).await,
-        Commands::Logs { environment, lines } => release::logs(&cli, environment, *lines).await,
+        Commands::Logs {
+            environment,
+            lines,
+            follow,
+        } => release::logs(&cli, environment, *lines, *follow).await,
         Commands::Releases { limit } => release::list(&cli, *limit).await,
         Commands::Demo(args) => crate::demo::run(args).await,
         Commands::Completions { shell } => {
@@ -723,11 +731,14 @@ fn render_environments(out: &mut String, status: &Value) {
         ));
         for container in env["containers"].as_array().unwrap_or(&empty) {
             let id = container["id"].as_str().unwrap_or("");
+            let address = match container["address"].as_str() {
+                Some(address) => address.to_string(),
+                None => format!("127.0.0.1:{}", container["host_port"]),
+            };
             out.push_str(&format!(
-                "       container {} {} on 127.0.0.1:{}, {}\n",
+                "       container {} {} on {address}, {}\n",
                 container["name"].as_str().unwrap_or("?"),
                 &id[..id.len().min(12)],
-                container["host_port"],
                 container["state"].as_str().unwrap_or("?"),
             ));
         }

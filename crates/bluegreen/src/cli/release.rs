@@ -277,17 +277,24 @@ fn compact(value: &Value) -> String {
     }
 }
 
-pub async fn logs(cli: &Cli, environment: &str, lines: usize) -> Result<(), CliError> {
+pub async fn logs(
+    cli: &Cli,
+    environment: &str,
+    lines: usize,
+    follow: bool,
+) -> Result<(), CliError> {
     let client = admin_client(cli)?;
+    let query = format!("environment={environment}&lines={lines}");
     let answer = expect_ok(
         client
-            .call(
-                Method::GET,
-                &format!("/v1/logs?environment={environment}&lines={lines}"),
-                None,
-            )
+            .call(Method::GET, &format!("/v1/logs?{query}"), None)
             .await?,
     )?;
+    if follow {
+        // Asked first without following, so a bad query gets the daemon's full answer.
+        let followed = client.stream(&format!("/v1/logs/follow?{query}")).await?;
+        return follow_logs(cli, followed).await;
+    }
     match cli.output {
         Output::Json => println!("{}", pretty(&answer)),
         Output::Text => {
@@ -301,6 +308,40 @@ pub async fn logs(cli: &Cli, environment: &str, lines: usize) -> Result<(), CliE
                     println!("{}", line.as_str().unwrap_or(""));
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Prints followed log lines as they arrive: JSON lines as sent, or the lines under a
+/// `==> source <==` heading whenever the source changes (like `tail -f` of several files).
+async fn follow_logs(cli: &Cli, mut body: hyper::body::Incoming) -> Result<(), CliError> {
+    use http_body_util::BodyExt;
+    let mut buffer = Vec::new();
+    let mut last_source = String::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| CliError::new(exit::FAILURE, format!("the log stream broke off: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buffer.extend_from_slice(&data);
+        while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let text = String::from_utf8_lossy(&line);
+            if cli.output == Output::Json {
+                print!("{text}");
+                continue;
+            }
+            let Ok(entry) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            let source = entry["source"].as_str().unwrap_or("?");
+            if source != last_source {
+                println!("==> {source} <==");
+                last_source = source.to_string();
+            }
+            println!("{}", entry["line"].as_str().unwrap_or(""));
         }
     }
     Ok(())

@@ -47,6 +47,7 @@ pub(super) struct RawApp {
     labels: Option<BTreeMap<String, String>>,
     volumes: Option<Vec<String>>,
     network: Option<String>,
+    reach: Option<String>,
     cpus: Option<f64>,
     memory: Option<String>,
     stop_grace: Option<HumanDuration>,
@@ -274,6 +275,17 @@ pub enum PullPolicy {
     Always,
 }
 
+/// How the router reaches the docker provider's containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reach {
+    /// At a port published on 127.0.0.1 (the default: bluegreen runs on the engine's host).
+    Published,
+    /// At the container's own address on `app.network`, nothing published (bluegreen itself
+    /// runs in a container on that network).
+    Network,
+}
+
 /// The container port an app listens on when `app.port` is not given.
 pub const DEFAULT_CONTAINER_PORT: u16 = 8080;
 /// How many versions' stopped containers the docker provider keeps for fast rollbacks.
@@ -311,6 +323,8 @@ pub struct DockerSpec {
     /// `source:target[:ro]` binds and named volumes, host paths made absolute.
     pub volumes: Vec<String>,
     pub network: Option<String>,
+    /// How the router reaches each container.
+    pub reach: Reach,
     pub cpus: Option<f64>,
     /// In bytes.
     pub memory: Option<u64>,
@@ -808,6 +822,7 @@ impl Validator<'_> {
             ("labels", app.labels.is_some()),
             ("volumes", app.volumes.is_some()),
             ("network", app.network.is_some()),
+            ("reach", app.reach.is_some()),
             ("cpus", app.cpus.is_some()),
             ("memory", app.memory.is_some()),
             ("stop_grace", app.stop_grace.is_some()),
@@ -864,9 +879,10 @@ impl Validator<'_> {
         if let Some(mode @ ("host" | "none")) = network.as_deref() {
             self.issue(
                 "app.network",
-                format!("{mode:?} cannot be used: the router reaches each container through a port published on 127.0.0.1; name a bridge network, or remove app.network"),
+                format!("{mode:?} cannot be used: the router reaches each container at a published port or at its address on a bridge network; name a bridge network, or remove app.network"),
             );
         }
+        let reach = self.reach(app);
         let memory = self.docker_resources(app);
         let stop_grace = match app.stop_grace {
             Some(grace) => grace.0,
@@ -887,6 +903,7 @@ impl Validator<'_> {
             labels,
             volumes,
             network,
+            reach,
             cpus: app.cpus,
             memory,
             stop_grace,
@@ -974,6 +991,28 @@ impl Validator<'_> {
                     None
                 }
             })
+    }
+
+    /// `published` (the default) or `network`, which needs the network to reach them on.
+    fn reach(&mut self, app: &RawApp) -> Reach {
+        match app.reach.as_deref() {
+            None | Some("published") => Reach::Published,
+            Some("network") if app.network.is_none() => {
+                self.issue(
+                    "app.reach",
+                    "network needs app.network: the user network bluegreen and the containers share (docker network create NAME; run bluegreen's container on it too)",
+                );
+                Reach::Network
+            }
+            Some("network") => Reach::Network,
+            Some(other) => {
+                self.issue(
+                    "app.reach",
+                    format!("unknown way {other:?}; use published (a port on 127.0.0.1, the default) or network (the container's address on app.network)"),
+                );
+                Reach::Published
+            }
+        }
     }
 
     fn pull_policy(&mut self, app: &RawApp) -> PullPolicy {

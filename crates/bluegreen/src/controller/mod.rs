@@ -7,6 +7,7 @@ pub mod decide;
 mod deploy;
 pub mod event;
 pub mod hooks;
+pub mod logs;
 pub mod provider;
 pub mod release;
 pub mod release_record;

@@ -1,7 +1,6 @@
-//! What live views read: per-color numbers over a recent window, and instance logs.
+//! What live views read: per-color numbers over a recent window, and how the colors differ.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,11 +9,10 @@ use bluegreen_router::Color;
 
 use serde::Serialize;
 
+use super::Controller;
 use super::EnvironmentView;
 use super::analysis::WindowStats;
-use super::provider::supervisor::Launch;
 use super::release::Release;
-use super::{CommandError, Controller};
 
 /// One way two colors differ: a key and each side's value.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -140,49 +138,5 @@ impl Controller {
             colors,
             release: self.active_release(),
         }
-    }
-
-    /// The newest log lines of a color's instances (or of the hooks, for `hooks`): from the
-    /// provider when it keeps them (the engine's container logs), else from the logs folder.
-    pub async fn logs(
-        &self,
-        name: &str,
-        lines: usize,
-    ) -> Result<Vec<(String, Vec<String>)>, CommandError> {
-        if let Ok(color) = name.parse::<Color>()
-            && let Some(logs) = self.provider(color).logs(color, lines).await
-        {
-            return Ok(logs);
-        }
-        let dir = &self.logs_dir;
-        let files: Vec<PathBuf> = match name.parse::<Color>() {
-            Ok(color) => {
-                let count = self.environment(color).provider.instances().len().max(1);
-                let mut files: Vec<PathBuf> = (0..count)
-                    .map(|slot| Launch::log_path(dir, color, slot))
-                    .collect();
-                files.push(dir.join(format!("{color}-deploy.log")));
-                files
-            }
-            Err(_) if name == "hooks" || name == "tests" => vec![dir.join(format!("{name}.log"))],
-            Err(_) => {
-                return Err(CommandError::Refused(format!(
-                    "unknown log {name:?}; use blue, green, hooks or tests"
-                )));
-            }
-        };
-        Ok(files
-            .into_iter()
-            .filter(|f| f.exists())
-            .map(|file| {
-                let text = std::fs::read_to_string(&file).unwrap_or_default();
-                let all: Vec<&str> = text.lines().collect();
-                let tail = all[all.len().saturating_sub(lines)..]
-                    .iter()
-                    .map(|l| l.to_string())
-                    .collect();
-                (file.display().to_string(), tail)
-            })
-            .collect())
     }
 }

@@ -83,10 +83,22 @@ pub struct ContainerRecord {
     pub id: String,
     /// `<service>-<color>-<version>-<n>`.
     pub name: String,
-    /// The port on 127.0.0.1 the container's port is published on.
+    /// The port on 127.0.0.1 the container's port is published on (0 with `app.reach: network`).
     pub host_port: u16,
+    /// The container's own address on `app.network`, with `app.reach: network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub address: Option<SocketAddr>,
     /// As the engine last reported it: created, running, exited…
     pub state: String,
+}
+
+impl ContainerRecord {
+    /// Where the router reaches the container.
+    pub fn upstream(&self) -> SocketAddr {
+        self.address
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.host_port)))
+    }
 }
 
 /// What a provider keeps to find its instances again after a restart: its own data.

@@ -430,6 +430,35 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Starts a CLI command that keeps printing (`logs --follow`); its lines are read as
+    /// they come, and it is killed when dropped.
+    pub fn cli_following(&self, args: &[&str]) -> Following {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (lines_out, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_out.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Following {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
     /// Blue runs 1.0, and a release (`release --detach` with `args`) has started.
     pub fn release_over_blue(&self, args: &[&str]) {
         let out = self.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
@@ -801,6 +830,62 @@ pub fn alive(pid: u64) -> bool {
 
 /// The daemon's process now (it changes at each upgrade): stopped when the test ends, so no
 /// upgraded daemon outlives it.
+/// A CLI command that keeps printing, started by [`Daemon::cli_following`].
+pub struct Following {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line printed so far.
+    pub seen: Vec<String>,
+}
+
+impl Following {
+    /// Reads lines until one contains `needle` (returned); fails after `within`, or when the
+    /// command ends first, showing what it printed.
+    pub fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!(
+                    "no line with {needle:?} within {within:?} ({e}); printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the command to end by itself; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "still running after {within:?}; printed:\n{}",
+            self.seen.join("\n")
+        );
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Current(pub u32);
 
 impl Current {

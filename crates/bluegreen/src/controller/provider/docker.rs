@@ -1,4 +1,4 @@
-//! The docker provider: N containers of `image:version` through the Docker Engine API, published on 127.0.0.1, found again by their labels.
+//! The docker provider: N containers of `image:version` through the Docker Engine API, reached on 127.0.0.1 or on a user network, found again by their labels.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,18 +10,20 @@ use async_trait::async_trait;
 use bluegreen_router::Color;
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
-use bollard::models::{ContainerCreateBody, ContainerSummary, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, HostConfig, PortBinding,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
-use futures_util::StreamExt;
+use futures_util::{StreamExt, stream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::supervisor::free_ports;
-use super::{DeployRequest, InstanceEvent, Provider, Started, StopRequest};
-use crate::config::controller::{DockerSpec, ProviderSpec, PullPolicy, image_tag_problem};
+use super::{DeployRequest, InstanceEvent, LogLine, LogLines, Provider, Started, StopRequest};
+use crate::config::controller::{DockerSpec, ProviderSpec, PullPolicy, Reach, image_tag_problem};
 use crate::store::{ContainerRecord, EnvironmentRecord, ProviderState};
 
 /// The labels every container bluegreen creates carries: how it finds them again.
@@ -360,14 +362,15 @@ impl DockerProvider {
         env.insert("BLUEGREEN_VERSION".into(), version.to_string());
         let command: Vec<String> = spec.command.iter().map(|a| fill(a)).collect();
         let port_key = format!("{}/tcp", spec.port);
+        let published = HashMap::from([(
+            port_key.clone(),
+            Some(vec![PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(host_port.to_string()),
+            }]),
+        )]);
         let host_config = HostConfig {
-            port_bindings: Some(HashMap::from([(
-                port_key.clone(),
-                Some(vec![PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
-                    host_port: Some(host_port.to_string()),
-                }]),
-            )])),
+            port_bindings: (spec.reach == Reach::Published).then_some(published),
             binds: (!spec.volumes.is_empty()).then(|| spec.volumes.to_vec()),
             network_mode: spec.network.clone(),
             nano_cpus: spec.cpus.map(|cpus| (cpus * 1e9) as i64),
@@ -378,8 +381,18 @@ impl DockerProvider {
         let image = format!("{}:{version}", spec.image);
         // Everything that shapes the container, so a config change is never hidden by reuse.
         let digest = fnv1a(&format!(
-            "{image}\n{command:?}\n{env:?}\n{port_key}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-            spec.volumes, spec.network, spec.cpus, spec.memory, spec.labels
+            "{image}\n{command:?}\n{env:?}\n{port_key}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}{}",
+            spec.volumes,
+            spec.network,
+            spec.cpus,
+            spec.memory,
+            spec.labels,
+            // Appended only when not the default, so digests of earlier containers still match.
+            if spec.reach == Reach::Network {
+                "\nreach: network"
+            } else {
+                ""
+            }
         ));
         let mut labels: HashMap<String, String> = spec
             .labels
@@ -417,6 +430,7 @@ impl DockerProvider {
         &self,
         docker: &Docker,
         request: &DeployRequest,
+        spec: &DockerSpec,
         bodies: &[ContainerCreateBody],
         existing: &[ContainerSummary],
     ) -> Option<Vec<ContainerRecord>> {
@@ -442,16 +456,12 @@ impl DockerProvider {
                 return None;
             }
             let inspected = docker.inspect_container(id, None).await.ok()?;
-            let host_port = inspected
-                .host_config
-                .and_then(|h| h.port_bindings)
-                .and_then(|bindings| bindings.into_values().flatten().flatten().next())
-                .and_then(|binding| binding.host_port)
-                .and_then(|port| port.parse().ok())?;
+            let (host_port, address) = reached_at(&inspected, spec).ok()?;
             records.push(ContainerRecord {
                 id: id.clone(),
                 name: name.clone(),
                 host_port,
+                address,
                 state: "running".into(),
             });
         }
@@ -575,16 +585,22 @@ impl Provider for DockerProvider {
         }
     }
 
-    /// A name and a free host port per container, recorded before anything is created.
+    /// A name and a free host port per container (none with `app.reach: network`), recorded
+    /// before anything is created.
     fn prepare(&self, request: &DeployRequest) -> Result<ProviderState, String> {
-        let containers = free_ports(request.spec.instances as usize)
-            .map_err(|e| format!("no free port: {e}"))?
+        let count = request.spec.instances as usize;
+        let host_ports = match docker_spec(&request.spec.provider)?.reach {
+            Reach::Published => free_ports(count).map_err(|e| format!("no free port: {e}"))?,
+            Reach::Network => vec![0; count],
+        };
+        let containers = host_ports
             .into_iter()
             .zip(1..)
             .map(|(host_port, n)| ContainerRecord {
                 id: String::new(),
                 name: container_name(&self.service, request.color, &request.version, n),
                 host_port,
+                address: None,
                 state: "creating".into(),
             })
             .collect();
@@ -621,7 +637,7 @@ impl Provider for DockerProvider {
             .map(|c| self.container_body(request, spec, c.host_port))
             .collect();
         if let Some(records) = self
-            .restart_retained(&docker, request, &bodies, &existing)
+            .restart_retained(&docker, request, spec, &bodies, &existing)
             .await
         {
             let names: Vec<String> = records
@@ -648,7 +664,7 @@ impl Provider for DockerProvider {
                 .await
                 .map_err(|e| format!("cannot remove container {}: {e}", name_of(container)))?;
         }
-        let (records, created, outcome) = create_and_start(&docker, planned, bodies).await;
+        let (records, created, outcome) = create_and_start(&docker, spec, planned, bodies).await;
         // Watched (and so removed by `abandon`) even when one failed to start.
         self.watch(color, docker, created);
         outcome?;
@@ -777,41 +793,122 @@ impl Provider for DockerProvider {
     /// The engine's logs of the color's current containers (all of the color's, when none is
     /// current: the retained ones of a stopped color).
     async fn logs(&self, color: Color, lines: usize) -> Option<Vec<(String, Vec<String>)>> {
-        let docker = match self.engine().await {
-            Ok(docker) => docker,
+        let (docker, containers) = match self.logged(color).await {
+            Ok(found) => found,
             Err(e) => return Some(vec![("docker".into(), vec![e])]),
-        };
-        let current: Vec<(String, String)> = self.current.lock().expect("lock")[color.index()]
-            .as_ref()
-            .map(|c| c.containers.clone())
-            .unwrap_or_default();
-        let containers = if current.is_empty() {
-            match self.list(&docker, &[(LABEL_COLOR, color.as_str())]).await {
-                Ok(found) => found
-                    .iter()
-                    .map(|c| (c.id.clone().unwrap_or_default(), name_of(c)))
-                    .collect(),
-                Err(e) => return Some(vec![("docker".into(), vec![e])]),
-            }
-        } else {
-            current
         };
         let mut logs = Vec::new();
         for (id, name) in containers {
             let lines = tail(&docker, &id, lines).await;
-            logs.push((format!("container {name} ({})", short(&id)), lines));
+            logs.push((source_of(&id, &name), lines));
         }
         Some(logs)
     }
+
+    /// The same containers' logs followed through the engine, until each container stops.
+    async fn follow_logs(&self, color: Color, lines: usize) -> Option<LogLines> {
+        let (docker, containers) = match self.logged(color).await {
+            Ok(found) => found,
+            Err(line) => {
+                let source = "docker".to_string();
+                return Some(stream::iter([LogLine { source, line }]).boxed());
+            }
+        };
+        let followed = containers.into_iter().map(|(id, name)| {
+            let source = source_of(&id, &name);
+            let options = LogsOptionsBuilder::default()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .tail(&lines.to_string())
+                .build();
+            docker
+                .logs(&id, Some(options))
+                .flat_map(move |chunk| {
+                    let text = match chunk {
+                        Ok(chunk) => chunk.to_string(),
+                        Err(e) => format!("(cannot read the logs: {e})"),
+                    };
+                    let source = source.clone();
+                    let lines: Vec<LogLine> = text
+                        .lines()
+                        .map(|line| LogLine {
+                            source: source.clone(),
+                            line: line.to_string(),
+                        })
+                        .collect();
+                    stream::iter(lines)
+                })
+                .boxed()
+        });
+        Some(stream::select_all(followed).boxed())
+    }
 }
 
-/// What a deploy started: each container's local address, and the records to keep.
+impl DockerProvider {
+    /// The containers whose logs `logs` shows: the color's current ones, or all of the
+    /// color's when none is current.
+    async fn logged(&self, color: Color) -> Result<(Docker, Vec<(String, String)>), String> {
+        let docker = self.engine().await?;
+        let current: Vec<(String, String)> = self.current.lock().expect("lock")[color.index()]
+            .as_ref()
+            .map(|c| c.containers.clone())
+            .unwrap_or_default();
+        if !current.is_empty() {
+            return Ok((docker, current));
+        }
+        let found = self.list(&docker, &[(LABEL_COLOR, color.as_str())]).await?;
+        let containers = found
+            .iter()
+            .map(|c| (c.id.clone().unwrap_or_default(), name_of(c)))
+            .collect();
+        Ok((docker, containers))
+    }
+}
+
+/// How a container's log lines are headed.
+fn source_of(id: &str, name: &str) -> String {
+    format!("container {name} ({})", short(id))
+}
+
+/// Where a started container is reached: its published host port, or (with `app.reach:
+/// network`) its own address on `app.network` and no host port.
+fn reached_at(
+    inspected: &ContainerInspectResponse,
+    spec: &DockerSpec,
+) -> Result<(u16, Option<SocketAddr>), String> {
+    match spec.reach {
+        Reach::Published => inspected
+            .host_config
+            .as_ref()
+            .and_then(|h| h.port_bindings.as_ref())
+            .and_then(|bindings| bindings.values().flatten().flatten().next())
+            .and_then(|binding| binding.host_port.as_deref())
+            .and_then(|port| port.parse().ok())
+            .map(|port| (port, None))
+            .ok_or_else(|| format!("port {} is not published", spec.port)),
+        Reach::Network => {
+            let network = spec.network.as_deref().unwrap_or_default();
+            let ip = inspected
+                .network_settings
+                .as_ref()
+                .and_then(|settings| settings.networks.as_ref())
+                .and_then(|networks| networks.get(network))
+                .and_then(|endpoint| endpoint.ip_address.as_deref())
+                .filter(|ip| !ip.is_empty())
+                .ok_or_else(|| format!("has no address on network {network}"))?;
+            let ip: std::net::IpAddr = ip
+                .parse()
+                .map_err(|e| format!("address {ip:?} on network {network}: {e}"))?;
+            Ok((0, Some(SocketAddr::new(ip, spec.port))))
+        }
+    }
+}
+
+/// What a deploy started: each container's address, and the records to keep.
 fn started(records: Vec<ContainerRecord>, note: Option<String>) -> Started {
     Started {
-        upstreams: records
-            .iter()
-            .map(|r| SocketAddr::from(([127, 0, 0, 1], r.host_port)))
-            .collect(),
+        upstreams: records.iter().map(ContainerRecord::upstream).collect(),
         state: Some(ProviderState::Docker {
             containers: records,
         }),
@@ -823,6 +920,7 @@ fn started(records: Vec<ContainerRecord>, note: Option<String>) -> Started {
 /// Returns the records of those running, every container created (id, name), and the outcome.
 async fn create_and_start(
     docker: &Docker,
+    spec: &DockerSpec,
     planned: &[ContainerRecord],
     bodies: Vec<ContainerCreateBody>,
 ) -> (
@@ -857,10 +955,27 @@ async fn create_and_start(
             outcome = Err(format!("cannot start container {}: {e}", planned.name));
             break;
         }
+        let address = match spec.reach {
+            Reach::Published => None,
+            Reach::Network => match docker.inspect_container(&id, None).await {
+                Ok(inspected) => match reached_at(&inspected, spec) {
+                    Ok((_, address)) => address,
+                    Err(e) => {
+                        outcome = Err(format!("container {}: {e}", planned.name));
+                        break;
+                    }
+                },
+                Err(e) => {
+                    outcome = Err(format!("cannot inspect container {}: {e}", planned.name));
+                    break;
+                }
+            },
+        };
         records.push(ContainerRecord {
             id,
             name: planned.name.clone(),
             host_port: planned.host_port,
+            address,
             state: "running".into(),
         });
     }

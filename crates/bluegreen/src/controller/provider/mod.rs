@@ -25,6 +25,16 @@ use crate::config::controller::EnvironmentSpec;
 use crate::store::{EnvironmentRecord, ProviderState};
 pub use supervisor::InstanceEvent;
 
+/// One line an instance (or a hook, or a test) wrote, and where it came from.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LogLine {
+    pub source: String,
+    pub line: String,
+}
+
+/// Log lines as they are written.
+pub type LogLines = futures_util::stream::BoxStream<'static, LogLine>;
+
 /// What a deploy asks of a provider.
 pub struct DeployRequest {
     pub color: Color,
@@ -131,6 +141,12 @@ pub trait Provider: Send + Sync + 'static {
     /// The newest log lines of a color's instances, when the provider keeps them itself (not
     /// in files under the logs folder): one (source, lines) per instance.
     async fn logs(&self, _color: Color, _lines: usize) -> Option<Vec<(String, Vec<String>)>> {
+        None
+    }
+
+    /// A color's instances' log lines as they are written, the newest `lines` of each first,
+    /// when the provider keeps them itself. Ends when the instances followed are gone.
+    async fn follow_logs(&self, _color: Color, _lines: usize) -> Option<LogLines> {
         None
     }
 }
