@@ -533,7 +533,10 @@ async fn containers_on_a_user_network_are_reached_at_their_address_and_their_log
             .and_then(|h| h.port_bindings)
             .unwrap_or_default();
         assert!(
-            published.values().flatten().all(|bindings| bindings.is_empty()),
+            published
+                .values()
+                .flatten()
+                .all(|bindings| bindings.is_empty()),
             "nothing published: {published:?}"
         );
     }
