@@ -71,24 +71,31 @@ where
     {
         Ok(runtime) => runtime.block_on(serve(args)),
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            complain(&format!("cannot start the async runtime: {error}"));
             std::process::ExitCode::from(1)
         }
     }
 }
 
+/// One line on stderr in one write: log collectors that frame each write (podman's) keep it
+/// whole, where `eprintln!` may write it in pieces.
+fn complain(message: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{message}\n").as_bytes());
+}
+
 async fn serve(args: Args) -> std::process::ExitCode {
     if !(0.0..=1.0).contains(&args.error_rate) {
-        eprintln!(
+        complain(&format!(
             "--error-rate: {} is out of range; give a fraction from 0.0 to 1.0",
             args.error_rate
-        );
+        ));
         return std::process::ExitCode::from(2);
     }
     let listener = match TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(error) => {
-            eprintln!("--listen: cannot bind {}: {error}", args.listen);
+            complain(&format!("--listen: cannot bind {}: {error}", args.listen));
             return std::process::ExitCode::from(1);
         }
     };

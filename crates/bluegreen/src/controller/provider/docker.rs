@@ -31,6 +31,9 @@ pub const LABEL_SERVICE: &str = "bluegreen.service";
 pub const LABEL_COLOR: &str = "bluegreen.color";
 pub const LABEL_VERSION: &str = "bluegreen.version";
 pub const LABEL_RELEASE: &str = "bluegreen.release";
+/// When bluegreen created the container, in milliseconds since the epoch: the engine's own
+/// `Created` has whole seconds, too coarse to order versions created in the same second.
+const LABEL_CREATED: &str = "bluegreen.created_ms";
 /// A digest of everything the container was created with: a stopped container is reused
 /// only when the config that would create it anew is the same.
 const LABEL_CONFIG: &str = "bluegreen.config";
@@ -310,13 +313,15 @@ impl DockerProvider {
             if running.contains(&version) {
                 continue;
             }
-            let created = container.created.unwrap_or(0);
+            let created = label(container, LABEL_CREATED)
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or_else(|| container.created.unwrap_or(0) * 1000);
             match versions.iter_mut().find(|(_, v)| *v == version) {
                 Some(entry) => entry.0 = entry.0.max(created),
                 None => versions.push((created, version)),
             }
         }
-        versions.sort_by_key(|(created, _)| std::cmp::Reverse(*created));
+        versions.sort_by(|a, b| b.cmp(a));
         let removed_versions: Vec<&str> = versions
             .iter()
             .skip(retain as usize)
@@ -411,6 +416,7 @@ impl DockerProvider {
                 .unwrap_or_default(),
         );
         labels.insert(LABEL_CONFIG.into(), digest);
+        labels.insert(LABEL_CREATED.into(), crate::store::now_ms().to_string());
         ContainerCreateBody {
             image: Some(image),
             cmd: (!command.is_empty()).then_some(command),
