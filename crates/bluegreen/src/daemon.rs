@@ -7,10 +7,11 @@ use bluegreen_router::{
     Color, ListenerSettings, PreviewRule, ProxySettings, Router, Split, StickyRule,
 };
 
-use crate::config::Config;
+use crate::config::{Config, StoreSettings};
 use crate::controller::decide::describe;
 use crate::controller::{Controller, Endpoints, EventKind, loopback_of};
 use crate::dataplane::{EmbeddedRouter, PreviewRoute};
+use crate::store::etcd::EtcdStore;
 use crate::store::{RouterState, SqliteStore, StateStore, Versioned, Write};
 
 /// What `bluegreen up` runs: the controller, and the embedded router it serves traffic with.
@@ -27,8 +28,7 @@ impl Daemon {
         listen: SocketAddr,
         dashboard: Option<SocketAddr>,
     ) -> Result<Daemon, String> {
-        let sqlite = SqliteStore::open(&config.state_dir).map_err(|e| e.to_string())?;
-        let store: Arc<dyn StateStore> = Arc::new(sqlite);
+        let store = open_store(&config).await?;
         let state = recorded_or_first_state(store.as_ref(), &config).await?;
         let router =
             Router::new(router_config(&config, &state.value)).map_err(|e| e.to_string())?;
@@ -47,6 +47,20 @@ impl Daemon {
             router,
         })
     }
+}
+
+/// The store the config names: SQLite under `state_dir`, or the fleet's etcd cluster.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn StateStore>, String> {
+    Ok(match &config.store {
+        StoreSettings::Sqlite => {
+            Arc::new(SqliteStore::open(&config.state_dir).map_err(|e| e.to_string())?)
+        }
+        StoreSettings::Etcd(settings) => Arc::new(
+            EtcdStore::connect(settings)
+                .await
+                .map_err(|e| format!("{e}; check store.etcd.endpoints and that etcd runs"))?,
+        ),
+    })
 }
 
 /// The state a previous run recorded, or the config's `initial_live`, recorded now.

@@ -1,6 +1,7 @@
 //! The config file: raw YAML structs, then validation into a typed [`Config`] with key-path errors.
 
 pub mod controller;
+pub mod store;
 pub mod strategy;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use controller::{
     ControllerConfig, RawAnalysis, RawApp, RawController, RawEnvironment, RawHooks, RawRelease,
     RawStrategy, RawTest, RawWebhook,
 };
+pub use store::{EtcdSettings, StoreSettings};
 
 /// One problem in the config, with the key path that holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +82,8 @@ struct RawConfig {
     webhook: Option<RawWebhook>,
     #[serde(default)]
     dashboard: RawDashboard,
+    #[serde(default)]
+    store: Option<store::RawStore>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -290,6 +294,8 @@ pub struct RouterConfig {
 pub struct Config {
     pub service: String,
     pub state_dir: PathBuf,
+    /// Where the state lives (SQLite under `state_dir` unless `store.etcd` is given).
+    pub store: StoreSettings,
     pub router: RouterConfig,
     /// Fixed upstreams per color (static provider), indexed by [`Color::index`].
     pub upstreams: [Vec<SocketAddr>; 2],
@@ -429,6 +435,7 @@ impl<'a> Validator<'a> {
         }
         let state_dir = self.resolve(&raw.state_dir);
         let dashboard = self.dashboard(raw.dashboard, &state_dir);
+        let store = self.store(raw.store, &raw.service);
         if !self.issues.is_empty() {
             return Err(self.issues);
         }
@@ -437,6 +444,7 @@ impl<'a> Validator<'a> {
             dashboard,
             service: raw.service,
             state_dir,
+            store,
             router,
             upstreams,
             health,

@@ -27,9 +27,10 @@ pub enum ReloadError {
 
 /// Keys a new process cannot change either: it serves on the sockets it is handed and the
 /// state it finds.
-const BOUND_TO_SOCKETS_AND_STATE: [&str; 5] = [
+const BOUND_TO_SOCKETS_AND_STATE: [&str; 6] = [
     "service",
     "state_dir",
+    "store",
     "router.listen",
     "router.admin",
     "dashboard",
@@ -104,6 +105,7 @@ fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
     let mut changed = Changed::default();
     changed.compare("service", &old.service, &new.service);
     changed.compare("state_dir", &old.state_dir, &new.state_dir);
+    changed.compare("store", &old.store, &new.store);
     let (a, b) = (&old.router, &new.router);
     changed.compare("router.listen", &a.listen, &b.listen);
     changed.compare("router.admin", &a.admin, &b.admin);

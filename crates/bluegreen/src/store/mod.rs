@@ -5,10 +5,11 @@
 //! makes one new store-wide revision, and [`StateStore::watch`] streams the commits after a
 //! revision, so a follower (a router on another host, a live view) misses nothing.
 //!
-//! Implementations: [`sqlite`] (the embedded default). The contract every implementation
+//! Implementations: [`sqlite`] (the embedded default) and [`etcd`] (a fleet's). The contract every implementation
 //! keeps is the test suite in [`contract`]; a new store runs the same suite.
 
 pub mod contract;
+pub mod etcd;
 mod records;
 pub mod sqlite;
 
@@ -111,7 +112,7 @@ impl Write {
 }
 
 /// What a commit made.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Committed {
     pub revision: Revision,
     /// The id of a release the commit inserted (or of the one it saved).
@@ -158,6 +159,11 @@ pub enum StoreError {
         "revision {asked} is compacted (the oldest kept is {oldest}); read the whole state again"
     )]
     Compacted { asked: Revision, oldest: Revision },
+    #[error("state store etcd {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
     #[error("state store: {0}")]
     Other(String),
 }

@@ -1,0 +1,152 @@
+//! The `store:` section: where the state lives — SQLite under `state_dir` (the default), or a fleet's etcd cluster.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::Validator;
+use crate::duration::HumanDuration;
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    etcd: Option<RawEtcd>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    user: Option<String>,
+    password_file: Option<String>,
+    timeout: Option<HumanDuration>,
+}
+
+/// Where the controller keeps its state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    /// `state_dir/state.db`: one machine.
+    Sqlite,
+    /// A fleet's shared state.
+    Etcd(EtcdSettings),
+}
+
+/// How to reach the etcd cluster, and under which prefix this service's keys live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdSettings {
+    /// `http://host:port` of each member (any reachable one serves).
+    pub endpoints: Vec<String>,
+    /// `/bluegreen/<service>` unless given; no trailing `/`.
+    pub prefix: String,
+    /// User and password, when the cluster has auth enabled.
+    pub user: Option<(String, String)>,
+    /// For connecting and for each request.
+    pub timeout: Duration,
+}
+
+/// How long a request to etcd may take unless `store.etcd.timeout` says otherwise.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Validator<'_> {
+    pub(super) fn store(&mut self, raw: Option<RawStore>, service: &str) -> StoreSettings {
+        let Some(etcd) = raw.and_then(|raw| raw.etcd) else {
+            return StoreSettings::Sqlite;
+        };
+        if etcd.endpoints.is_empty() {
+            self.issue(
+                "store.etcd.endpoints",
+                "is empty; list the cluster's client URLs, e.g. [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]",
+            );
+        }
+        let mut endpoints = Vec::new();
+        for (i, endpoint) in etcd.endpoints.iter().enumerate() {
+            let key = format!("store.etcd.endpoints[{i}]");
+            let address = match endpoint.split_once("://") {
+                Some(("http", rest)) => rest,
+                Some(("https", _)) => {
+                    self.issue(
+                        key,
+                        "https (TLS to etcd) is not supported yet; reach etcd over http on a private network, or through a local TLS proxy",
+                    );
+                    continue;
+                }
+                Some((scheme, _)) => {
+                    self.issue(
+                        key,
+                        format!("unknown scheme {scheme:?}; use http://host:port"),
+                    );
+                    continue;
+                }
+                None => endpoint.as_str(),
+            };
+            let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok || address.contains('/') {
+                self.issue(
+                    key,
+                    format!("{endpoint:?} is not host:port; e.g. http://10.0.0.1:2379"),
+                );
+                continue;
+            }
+            endpoints.push(format!("http://{address}"));
+        }
+        let prefix = match etcd.prefix {
+            None => format!("/bluegreen/{service}"),
+            Some(prefix) => {
+                let trimmed = prefix.trim_end_matches('/').to_string();
+                if !trimmed.starts_with('/') || trimmed.len() < 2 {
+                    self.issue(
+                        "store.etcd.prefix",
+                        format!("{prefix:?} is not a key prefix; give one starting with /, e.g. /bluegreen/{service}"),
+                    );
+                }
+                trimmed
+            }
+        };
+        let user = match (etcd.user, etcd.password_file) {
+            (None, None) => None,
+            (Some(user), Some(file)) => {
+                let path = self.resolve(&file);
+                match std::fs::read_to_string(&path) {
+                    Ok(password) => {
+                        Some((user, password.trim_end_matches(['\n', '\r']).to_string()))
+                    }
+                    Err(e) => {
+                        self.issue(
+                            "store.etcd.password_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (Some(_), None) => {
+                self.issue(
+                    "store.etcd.password_file",
+                    "is required with store.etcd.user: a file holding the user's password",
+                );
+                None
+            }
+            (None, Some(_)) => {
+                self.issue(
+                    "store.etcd.user",
+                    "is required with store.etcd.password_file: the etcd user the password is for",
+                );
+                None
+            }
+        };
+        let timeout = etcd.timeout.map_or(DEFAULT_TIMEOUT, |t| t.0);
+        if timeout.is_zero() {
+            self.issue("store.etcd.timeout", "must be longer than 0s, e.g. 5s");
+        }
+        StoreSettings::Etcd(EtcdSettings {
+            endpoints,
+            prefix,
+            user,
+            timeout,
+        })
+    }
+}
