@@ -11,8 +11,10 @@ use crate::config::{Config, StoreSettings};
 use crate::controller::decide::describe;
 use crate::controller::{Controller, Endpoints, EventKind, loopback_of};
 use crate::dataplane::{EmbeddedRouter, PreviewRoute};
+use crate::fleet::Fleet;
+use crate::fleet::etcd::EtcdFleet;
 use crate::store::etcd::EtcdStore;
-use crate::store::{RouterState, SqliteStore, StateStore, Versioned, Write};
+use crate::store::{RouterState, SqliteStore, StateStore, StoreError, Versioned, Write};
 
 /// What `bluegreen up` runs: the controller, and the embedded router it serves traffic with.
 pub struct Daemon {
@@ -28,7 +30,7 @@ impl Daemon {
         listen: SocketAddr,
         dashboard: Option<SocketAddr>,
     ) -> Result<Daemon, String> {
-        let store = open_store(&config).await?;
+        let (store, fleet) = open_store(&config).await?;
         let state = recorded_or_first_state(store.as_ref(), &config).await?;
         let router =
             Router::new(router_config(&config, &state.value)).map_err(|e| e.to_string())?;
@@ -41,25 +43,31 @@ impl Daemon {
             dashboard,
             config: config_path,
         };
-        let controller = Controller::open(config, store, plane, endpoints, state).await?;
-        Ok(Daemon {
-            controller: Arc::new(controller),
-            router,
-        })
+        let controller = Arc::new(Controller::open(config, store, plane, endpoints, state).await?);
+        if let Some(fleet) = fleet {
+            controller.join_fleet(fleet);
+        }
+        Ok(Daemon { controller, router })
     }
 }
 
-/// The store the config names: SQLite under `state_dir`, or the fleet's etcd cluster.
-pub async fn open_store(config: &Config) -> Result<Arc<dyn StateStore>, String> {
+/// The store the config names: SQLite under `state_dir`, or the fleet's etcd cluster (and
+/// then the fleet this router reports to).
+pub async fn open_store(
+    config: &Config,
+) -> Result<(Arc<dyn StateStore>, Option<Arc<dyn Fleet>>), String> {
     Ok(match &config.store {
-        StoreSettings::Sqlite => {
-            Arc::new(SqliteStore::open(&config.state_dir).map_err(|e| e.to_string())?)
-        }
-        StoreSettings::Etcd(settings) => Arc::new(
-            EtcdStore::connect(settings)
-                .await
-                .map_err(|e| format!("{e}; check store.etcd.endpoints and that etcd runs"))?,
+        StoreSettings::Sqlite => (
+            Arc::new(SqliteStore::open(&config.state_dir).map_err(|e| e.to_string())?),
+            None,
         ),
+        StoreSettings::Etcd(settings) => {
+            let store = EtcdStore::connect(settings)
+                .await
+                .map_err(|e| format!("{e}; check store.etcd.endpoints and that etcd runs"))?;
+            let fleet = EtcdFleet::new(store.client(), store.root(), &config.router.id);
+            (Arc::new(store), Some(Arc::new(fleet)))
+        }
     })
 }
 
@@ -87,12 +95,25 @@ async fn recorded_or_first_state(
             router_state: Some((0, state.clone())),
             ..Write::event(EventKind::Start, &message, None)
         })
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(Versioned {
-        value: state,
-        revision: committed.revision,
-    })
+        .await;
+    match committed {
+        Ok(committed) => Ok(Versioned {
+            value: state,
+            revision: committed.revision,
+        }),
+        // Another router of the fleet started first and recorded its state: that one holds.
+        Err(StoreError::Conflict { .. }) => {
+            let recorded = store.router_state().await.map_err(|e| e.to_string())?;
+            match recorded.value {
+                Some(value) => Ok(Versioned {
+                    value,
+                    revision: recorded.revision,
+                }),
+                None => Err("the router state was recorded and is gone again".into()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn router_config(config: &Config, state: &RouterState) -> bluegreen_router::RouterConfig {

@@ -15,6 +15,8 @@ pub const UNREACHABLE: u8 = 5;
 pub const ROLLED_BACK: u8 = 6;
 /// The release was aborted before any traffic moved.
 pub const ABORTED: u8 = 7;
+/// In a fleet: the change is recorded, but some routers had not applied it in time.
+pub const NOT_CONFIRMED: u8 = 8;
 
 /// A failure to report: what went wrong, and the exit code that tells scripts which kind.
 #[derive(Debug)]

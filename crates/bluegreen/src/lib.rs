@@ -11,6 +11,7 @@ pub mod demo;
 pub mod demo_image;
 pub mod duration;
 pub mod exit;
+pub mod fleet;
 pub mod follower;
 pub mod handoff;
 pub mod store;

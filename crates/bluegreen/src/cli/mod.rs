@@ -472,7 +472,31 @@ pub(crate) async fn change(cli: &Cli, path: &str, body: Value) -> Result<(), Cli
         Output::Json => println!("{}", serde_json::to_string_pretty(&outcome).expect("json")),
         Output::Text => println!("{}", outcome["message"].as_str().unwrap_or("done")),
     }
-    Ok(())
+    unconfirmed(&outcome)
+}
+
+/// In a fleet, a change some routers had not applied in time: exit 8, naming them.
+pub(crate) fn unconfirmed(outcome: &Value) -> Result<(), CliError> {
+    let Some(lagging) = outcome["unconfirmed"].as_array().filter(|l| !l.is_empty()) else {
+        return Ok(());
+    };
+    let names: Vec<String> = lagging
+        .iter()
+        .map(|router| {
+            let id = router["id"].as_str().unwrap_or("?");
+            match router["applied"].as_i64() {
+                Some(applied) => format!("{id} (applied revision {applied})"),
+                None => format!("{id} (its report is gone: stopped, or cut off from etcd)"),
+            }
+        })
+        .collect();
+    Err(CliError::new(
+        exit::NOT_CONFIRMED,
+        format!(
+            "recorded, but not yet applied by {}; they apply it when they reach etcd again (store.etcd.confirm_timeout)",
+            names.join(", ")
+        ),
+    ))
 }
 
 /// Where the daemon is: `--admin` wins, else the config's router.admin.
@@ -638,6 +662,7 @@ pub fn render_status(status: &Value) -> String {
         ));
     }
     render_environments(&mut out, status);
+    render_routers(&mut out, status);
     let release = &status["release"];
     if !release.is_null() {
         out.push_str(&format!(
@@ -649,6 +674,43 @@ pub fn render_status(status: &Value) -> String {
         ));
     }
     out
+}
+
+/// In a fleet: each router, what it applied and how far behind it is.
+fn render_routers(out: &mut String, status: &Value) {
+    let Some(routers) = status["routers"].as_array() else {
+        return;
+    };
+    out.push_str(&format!(
+        "{:<16} {:>8} {:>4} {:>13} {:>9} {:>9} {:>7}  {}\n",
+        "ROUTER", "APPLIED", "LAG", "BLUE/GREEN", "REQUESTS", "ERRORS", "REPORT", "STATE"
+    ));
+    for router in routers {
+        let state = match (router["stale"].as_bool(), router["refused"].as_str()) {
+            (_, Some(refused)) => format!("cannot apply: {refused}"),
+            (Some(true), _) => "stale: lost etcd, serving its last state".into(),
+            _ => "ok".into(),
+        };
+        let sum = |key: &str| -> u64 {
+            router[key]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_u64).sum())
+                .unwrap_or(0)
+        };
+        out.push_str(&format!(
+            "{:<16} {:>8} {:>4} {:>13} {:>9} {:>9} {:>6.1}s  {state}\n",
+            router["id"].as_str().unwrap_or("?"),
+            router["applied"],
+            router["lag"],
+            format!(
+                "{}/{}",
+                router["weights"]["blue"], router["weights"]["green"]
+            ),
+            sum("requests"),
+            sum("errors"),
+            router["report_age_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        ));
+    }
 }
 
 /// One row of weight, health and counters per color, each followed by its upstreams.

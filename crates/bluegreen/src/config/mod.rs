@@ -111,6 +111,7 @@ fn default_state_dir() -> String {
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields, default)]
 struct RawRouter {
+    id: Option<String>,
     listen: String,
     admin: String,
     admin_token_file: Option<String>,
@@ -133,6 +134,7 @@ struct RawRouter {
 impl Default for RawRouter {
     fn default() -> Self {
         RawRouter {
+            id: None,
             listen: "127.0.0.1:8080".into(),
             admin: ".bluegreen/admin.sock".into(),
             admin_token_file: None,
@@ -271,6 +273,8 @@ pub struct PreviewConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouterConfig {
+    /// How this router names itself in a fleet's reports (default: the host's name).
+    pub id: String,
     pub listen: SocketAddr,
     pub admin: AdminEndpoint,
     /// The token TCP admin callers must present.
@@ -498,6 +502,31 @@ impl<'a> Validator<'a> {
         upstreams
     }
 
+    /// `router.id`, or the host's name: letters, digits and `_ . -` (it is part of an etcd key).
+    fn router_id(&mut self, id: Option<String>) -> String {
+        let id = id.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_string())
+                .ok()
+                .filter(|name| !name.is_empty())
+                .unwrap_or_else(|| "router".into())
+        });
+        let fits = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !fits {
+            self.issue(
+                "router.id",
+                format!(
+                    "{id:?} cannot name a router; use 1 to 64 letters, digits and _ . -, e.g. web-1"
+                ),
+            );
+        }
+        id
+    }
+
     fn router(&mut self, r: RawRouter) -> RouterConfig {
         let listen = parse_socket_addr(&r.listen).unwrap_or_else(|message| {
             self.issue("router.listen", message);
@@ -530,6 +559,7 @@ impl<'a> Validator<'a> {
             None
         };
         RouterConfig {
+            id: self.router_id(r.id),
             listen,
             admin,
             admin_token,

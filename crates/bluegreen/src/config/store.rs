@@ -22,6 +22,7 @@ struct RawEtcd {
     user: Option<String>,
     password_file: Option<String>,
     timeout: Option<HumanDuration>,
+    confirm_timeout: Option<HumanDuration>,
 }
 
 /// Where the controller keeps its state.
@@ -44,10 +45,15 @@ pub struct EtcdSettings {
     pub user: Option<(String, String)>,
     /// For connecting and for each request.
     pub timeout: Duration,
+    /// How long a switch waits for every live router to apply it before naming the ones that
+    /// have not.
+    pub confirm_timeout: Duration,
 }
 
 /// How long a request to etcd may take unless `store.etcd.timeout` says otherwise.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a switch waits for the fleet's routers unless `store.etcd.confirm_timeout` says.
+const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Validator<'_> {
     pub(super) fn store(&mut self, raw: Option<RawStore>, service: &str) -> StoreSettings {
@@ -142,11 +148,21 @@ impl Validator<'_> {
         if timeout.is_zero() {
             self.issue("store.etcd.timeout", "must be longer than 0s, e.g. 5s");
         }
+        let confirm_timeout = etcd
+            .confirm_timeout
+            .map_or(DEFAULT_CONFIRM_TIMEOUT, |t| t.0);
+        if confirm_timeout.is_zero() {
+            self.issue(
+                "store.etcd.confirm_timeout",
+                "must be longer than 0s, e.g. 10s",
+            );
+        }
         StoreSettings::Etcd(EtcdSettings {
             endpoints,
             prefix,
             user,
             timeout,
+            confirm_timeout,
         })
     }
 }

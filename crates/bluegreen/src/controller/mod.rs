@@ -6,6 +6,7 @@ pub mod command;
 pub mod decide;
 mod deploy;
 pub mod event;
+pub mod fleet;
 pub mod hooks;
 pub mod logs;
 pub mod provider;
@@ -94,6 +95,13 @@ pub struct Controller {
     /// Where `POST /v1/upgrade` asks the daemon process (`bluegreen up`) for an upgrade.
     pub upgrades: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::handoff::UpgradeAsk>>,
     pub logs_dir: PathBuf,
+    /// The fleet this router belongs to (a store shared by many hosts); none on one machine.
+    pub(crate) fleet: std::sync::OnceLock<Arc<dyn crate::fleet::Fleet>>,
+    /// The revision of the router state this router serves.
+    pub(crate) applied: std::sync::atomic::AtomicI64,
+    pub(crate) standing: Mutex<fleet::FleetStanding>,
+    /// Wakes the fleet reporter at once (a change applied, the store lost or found).
+    pub(crate) reported: Arc<tokio::sync::Notify>,
 }
 
 impl Controller {
@@ -127,6 +135,7 @@ impl Controller {
             .map_or(0, |e| e.id);
         let logs_dir = config.state_dir.join("logs");
         let providers = providers_for(&config);
+        let applied = state.revision;
         Ok(Controller {
             config: ArcSwap::from_pointee(config),
             config_path: endpoints.config.clone(),
@@ -147,6 +156,10 @@ impl Controller {
             handed_over: std::sync::atomic::AtomicBool::new(false),
             upgrades: std::sync::OnceLock::new(),
             logs_dir,
+            fleet: std::sync::OnceLock::new(),
+            applied: std::sync::atomic::AtomicI64::new(applied),
+            standing: Mutex::new(fleet::FleetStanding::default()),
+            reported: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }

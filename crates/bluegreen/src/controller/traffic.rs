@@ -18,6 +18,11 @@ pub struct Outcome {
     pub weights: Weights,
     pub previous: Weights,
     pub rollback_to: Option<Color>,
+    /// In a fleet: the routers that had not applied the change when
+    /// `store.etcd.confirm_timeout` ran out (the change is recorded, and they will apply it
+    /// once they can). Empty when every live router applied it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<crate::fleet::Lagging>,
 }
 
 /// A split as people read it.
@@ -56,6 +61,9 @@ pub struct ControllerStatus {
     pub rollback_to: Option<Color>,
     pub environments: Vec<EnvironmentView>,
     pub release: Option<Release>,
+    /// In a fleet: every live router, its applied revision, lag and last report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routers: Option<Vec<super::fleet::RouterView>>,
     #[serde(flatten)]
     pub router: RouterStatus,
 }
@@ -79,6 +87,7 @@ impl Controller {
             rollback_to,
             environments: self.environments(),
             release: self.active_release(),
+            routers: self.routers().await,
             router,
         }
     }
@@ -109,6 +118,7 @@ impl Controller {
                     weights: split.into(),
                     previous: split.into(),
                     rollback_to: self.rollback_target().await,
+                    unconfirmed: Vec::new(),
                 });
             }
             Command::Rollback => {}
@@ -124,6 +134,10 @@ impl Controller {
         let mut outcome = self.apply_internal(command).await?;
         if let Some(redeployed) = redeployed {
             outcome.message = format!("{redeployed}; {}", outcome.message);
+        }
+        if outcome.changed {
+            let revision = self.state.lock().await.revision;
+            outcome.unconfirmed = self.confirm(revision).await;
         }
         Ok(outcome)
     }
@@ -142,6 +156,7 @@ impl Controller {
                         weights: current.split.into(),
                         previous: current.split.into(),
                         rollback_to: current.rollback_to,
+                        unconfirmed: Vec::new(),
                     });
                 }
                 TrafficDecision::Change {
@@ -181,6 +196,7 @@ impl Controller {
             weights: target.into(),
             previous: current.split.into(),
             rollback_to,
+            unconfirmed: Vec::new(),
         })
     }
 
@@ -215,6 +231,9 @@ impl Controller {
             .map_err(|e| CommandError::Failed(e.to_string()))?;
         state.value = next;
         state.revision = committed.revision;
+        // Applied right after by the caller (or recorded back if the router refuses).
+        self.applied
+            .store(committed.revision, std::sync::atomic::Ordering::SeqCst);
         self.notify(kind, message, None);
         Ok(())
     }

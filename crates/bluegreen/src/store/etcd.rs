@@ -9,6 +9,8 @@
 //! P/state/step/<release>/<id>         its steps
 //! P/state/event/<id>                  the audit log
 //! P/sequence/{release,step,event}     the last id handed out
+//! P/commit                            the token of the last commit (see `commit`)
+//! P/routers/<id>                      each router's report, leased (crate::fleet::etcd)
 //! ```
 //!
 //! A record's revision is its key's `mod_revision`, and a commit's revision is the etcd
@@ -47,7 +49,13 @@ pub struct EtcdStore {
     client: Client,
     root: String,
     endpoints: String,
+    /// How long a request is tried again while the cluster is unavailable (a member lost, a
+    /// leader being elected) before the error is the caller's.
+    patience: std::time::Duration,
 }
+
+/// The pause between tries of a request the cluster could not answer.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A release as stored (its id is in the key).
 #[derive(Serialize, Deserialize)]
@@ -90,6 +98,7 @@ impl EtcdStore {
             client,
             root: settings.prefix.clone(),
             endpoints,
+            patience: settings.timeout,
         })
     }
 
@@ -158,13 +167,17 @@ impl EtcdStore {
         })
     }
 
+    /// A read, tried again while the cluster cannot answer (reads change nothing).
     async fn range(&self, key: String, options: GetOptions) -> Result<Vec<KeyValue>, StoreError> {
-        let mut client = self.client.clone();
-        let mut response = client
-            .get(key, Some(options))
-            .await
-            .map_err(|e| self.failed(e))?;
-        Ok(response.take_kvs())
+        let deadline = tokio::time::Instant::now() + self.patience;
+        loop {
+            let mut client = self.client.clone();
+            match client.get(key.clone(), Some(options.clone())).await {
+                Ok(mut response) => return Ok(response.take_kvs()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(self.failed(e)),
+                Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+            }
+        }
     }
 
     fn parse<T: serde::de::DeserializeOwned>(&self, kv: &KeyValue) -> Result<T, StoreError> {
@@ -447,6 +460,17 @@ impl Plan {
     }
 }
 
+/// A value no other commit writes: this process, the time, and a counter.
+fn commit_token() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        now_ms(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 fn to_json(value: &impl Serialize) -> String {
     serde_json::to_string(value).expect("records serialize")
 }
@@ -556,15 +580,39 @@ impl StateStore for EtcdStore {
         found.iter().map(|kv| self.parse(kv)).collect()
     }
 
+    /// A commit the cluster could not confirm (a member lost, a leader changing) may still
+    /// have landed: each carries a token written in the same transaction, read back before
+    /// the commit is tried again, so it lands once and its writer learns so.
     async fn commit(&self, write: Write) -> Result<Committed, StoreError> {
         let mut client = self.client.clone();
+        let token = commit_token();
+        let token_key = format!("{}/commit", self.root);
+        let deadline = tokio::time::Instant::now() + self.patience;
         for _ in 0..REPLANS {
             let plan = self.plan(&write).await?;
+            let mut puts = plan.puts.clone();
+            puts.push(TxnOp::put(token_key.clone(), token.clone(), None));
             let txn = Txn::new()
                 .when(plan.compares.clone())
-                .and_then(plan.puts.clone())
+                .and_then(puts)
                 .or_else(plan.checks.clone());
-            let response = client.txn(txn).await.map_err(|e| self.failed(e))?;
+            let response = match client.txn(txn).await {
+                Ok(response) => response,
+                Err(e) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(self.failed(e));
+                    }
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    let landed = self.range(token_key.clone(), GetOptions::new()).await?;
+                    if let Some(kv) = landed.first().filter(|kv| kv.value() == token.as_bytes()) {
+                        return Ok(Committed {
+                            revision: kv.mod_revision(),
+                            ..plan.committed
+                        });
+                    }
+                    continue;
+                }
+            };
             if response.succeeded() {
                 let revision = response.header().map_or(0, |h| h.revision());
                 return Ok(Committed {
@@ -739,6 +787,7 @@ mod tests {
             ),
             user: None,
             timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(5),
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -828,6 +877,7 @@ mod tests {
             prefix: "/test/unreachable".into(),
             user: None,
             timeout: Duration::from_millis(500),
+            confirm_timeout: Duration::from_secs(5),
         };
         let error = EtcdStore::connect(&settings).await.err().expect("refused");
         assert!(

@@ -1,0 +1,239 @@
+//! A controller in a fleet: it applies the router state other daemons record, reports its router, and waits for every router to apply a change.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bluegreen_router::Color;
+use futures_util::StreamExt;
+
+use super::Controller;
+use crate::fleet::{Fleet, Lagging, RouterReport};
+use crate::store::{Key, Revision, now_ms};
+
+/// How often a router reports itself when nothing changes.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a router waits before following the store again after losing it.
+const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+
+/// What this router knows of its place in the fleet, beyond the state it applied.
+#[derive(Default)]
+pub(crate) struct FleetStanding {
+    /// The store is out of reach: the router serves the last state it applied.
+    pub stale: bool,
+    /// Why the newest recorded state could not be applied here.
+    pub refused: Option<String>,
+}
+
+/// A router in the list `bluegreen status` shows: its report, how far it is behind, and how
+/// old the report is.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct RouterView {
+    #[serde(flatten)]
+    pub report: RouterReport,
+    /// Router-state revisions recorded that it has not applied.
+    pub lag: i64,
+    pub report_age_ms: i64,
+}
+
+impl Controller {
+    /// Joins the fleet: follows the recorded router state from the store, and reports this
+    /// router about once a second and at each change it applies.
+    pub fn join_fleet(self: &Arc<Self>, fleet: Arc<dyn Fleet>) {
+        if self.fleet.set(fleet).is_err() {
+            return;
+        }
+        self.follow_router_state();
+        let controller = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(this) = controller.upgrade() else {
+                    break;
+                };
+                if this.is_handed_over() || this.plane.is_stopping() {
+                    break;
+                }
+                let report = this.report();
+                let fleet = Arc::clone(this.fleet.get().expect("set above"));
+                let reported = this.reported.clone();
+                drop(this);
+                if let Err(e) = fleet.publish(&report).await {
+                    tracing::warn!(error = %e, "cannot report this router to the fleet");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+                    _ = reported.notified() => {}
+                }
+            }
+        });
+    }
+
+    /// Applies each router state another daemon records, as it lands; when the store is out
+    /// of reach the router keeps what it applied, says it is stale, and catches up after.
+    fn follow_router_state(self: &Arc<Self>) {
+        let controller = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut from: Revision = match controller.upgrade() {
+                Some(this) => this.applied.load(Ordering::SeqCst),
+                None => return,
+            };
+            loop {
+                let Some(this) = controller.upgrade() else {
+                    return;
+                };
+                let mut changes = this.store.watch(from);
+                drop(this);
+                while let Some(change) = changes.next().await {
+                    let Some(this) = controller.upgrade() else {
+                        return;
+                    };
+                    if this.is_handed_over() {
+                        return;
+                    }
+                    match change {
+                        Ok(change) => {
+                            if change.keys.contains(&Key::RouterState) {
+                                this.apply_recorded().await;
+                            }
+                            from = change.revision;
+                            this.set_stale(false);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lost the state store; serving the last state applied");
+                            this.set_stale(true);
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(RECONNECT_DELAY).await;
+                let Some(this) = controller.upgrade() else {
+                    return;
+                };
+                // Caught up by reading, then followed from there.
+                if let Ok(newest) = this.store.revision().await
+                    && this.apply_recorded().await
+                {
+                    from = from.max(newest);
+                    this.set_stale(false);
+                }
+            }
+        });
+    }
+
+    /// Reads the recorded router state and applies what is newer than what this router
+    /// serves. Returns whether the store answered.
+    async fn apply_recorded(&self) -> bool {
+        let read = match self.store.router_state().await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the router state");
+                return false;
+            }
+        };
+        let Some(recorded) = read.value else {
+            return true;
+        };
+        let mut state = self.state.lock().await;
+        if read.revision <= self.applied.load(Ordering::SeqCst) {
+            return true;
+        }
+        for color in Color::ALL {
+            let wanted = recorded.upstreams.get(color);
+            if let Some(upstreams) = wanted
+                && wanted != state.value.upstreams.get(color)
+                && let Err(e) = self.plane.set_upstreams(color, upstreams).await
+            {
+                tracing::warn!(%color, error = %e, "cannot apply the recorded upstreams here");
+            }
+        }
+        let outcome = self.plane.apply_split(recorded.split);
+        state.value = recorded;
+        state.revision = state.revision.max(read.revision);
+        match outcome {
+            Ok(()) => {
+                self.applied.store(read.revision, Ordering::SeqCst);
+                self.standing.lock().expect("lock").refused = None;
+                tracing::info!(revision = read.revision, split = %state.value.split, "applied the recorded router state");
+            }
+            Err(refused) => {
+                tracing::warn!(revision = read.revision, error = %refused, "cannot apply the recorded router state here");
+                self.standing.lock().expect("lock").refused = Some(refused);
+            }
+        }
+        self.reported.notify_one();
+        true
+    }
+
+    fn set_stale(&self, stale: bool) {
+        let mut standing = self.standing.lock().expect("lock");
+        if standing.stale != stale {
+            standing.stale = stale;
+            self.reported.notify_one();
+        }
+    }
+
+    /// This router's report now.
+    fn report(&self) -> RouterReport {
+        let counters = self.plane.counters();
+        let standing = self.standing.lock().expect("lock");
+        let config = self.config();
+        RouterReport {
+            id: config.router.id.clone(),
+            applied: self.applied.load(Ordering::SeqCst),
+            stale: standing.stale,
+            refused: standing.refused.clone(),
+            weights: self.plane.split().into(),
+            listen: self.endpoints.listen.to_string(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            requests: counters.each_ref().map(|c| c.requests),
+            errors: counters
+                .each_ref()
+                .map(|c| c.responses_5xx + c.upstream_errors),
+            healthy: Color::ALL.map(|color| self.plane.healthy_count(color)),
+            reported_ms: now_ms(),
+        }
+    }
+
+    /// The fleet's routers for `status` (none on one machine).
+    pub async fn routers(&self) -> Option<Vec<RouterView>> {
+        let fleet = self.fleet.get()?;
+        let newest = self.state.lock().await.revision;
+        let now = now_ms();
+        let mut routers: Vec<RouterView> = match fleet.routers().await {
+            Ok(reports) => reports
+                .into_iter()
+                .map(|report| RouterView {
+                    lag: (newest - report.applied).max(0),
+                    report_age_ms: (now - report.reported_ms).max(0),
+                    report,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the fleet's routers");
+                Vec::new()
+            }
+        };
+        routers.sort_by(|a, b| a.report.id.cmp(&b.report.id));
+        Some(routers)
+    }
+
+    /// After a change recorded at `revision`: waits until every live router applied it.
+    /// The routers that had not when `store.etcd.confirm_timeout` ran out (none on one
+    /// machine, where applying is part of recording).
+    pub(crate) async fn confirm(&self, revision: Revision) -> Vec<Lagging> {
+        let Some(fleet) = self.fleet.get() else {
+            return Vec::new();
+        };
+        self.reported.notify_one();
+        let timeout = match &self.config().store {
+            crate::config::StoreSettings::Etcd(etcd) => etcd.confirm_timeout,
+            crate::config::StoreSettings::Sqlite => return Vec::new(),
+        };
+        fleet
+            .wait_applied(revision, timeout)
+            .await
+            .err()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,234 @@
+//! Routers' reports in etcd: each under `<prefix>/routers/<id>`, bound to a lease that lapses when its router stops or loses the cluster.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
+};
+
+use super::{Fleet, Lagging, RouterReport};
+use crate::store::Revision;
+
+/// How long a report outlives its router's last keep-alive: a router gone (stopped, cut off)
+/// leaves the list this long after its last word.
+const LEASE_TTL_SECONDS: i64 = 5;
+/// How many times a report is tried before the error is logged (the next comes a second on).
+const PUBLISH_TRIES: usize = 3;
+
+pub struct EtcdFleet {
+    client: Client,
+    /// `<prefix>/routers/`.
+    routers: String,
+    id: String,
+    lease: tokio::sync::Mutex<Option<Lease>>,
+}
+
+/// This router's lease and the stream that renews it.
+struct Lease {
+    id: i64,
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
+}
+
+impl EtcdFleet {
+    pub fn new(client: Client, prefix: &str, id: &str) -> EtcdFleet {
+        EtcdFleet {
+            client,
+            routers: format!("{prefix}/routers/"),
+            id: id.to_string(),
+            lease: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The lease this router's report is bound to, renewed now (a new one when it lapsed).
+    async fn renewed_lease(&self) -> Result<i64, etcd_client::Error> {
+        let mut held = self.lease.lock().await;
+        if let Some(lease) = held.as_mut() {
+            lease.keeper.keep_alive().await?;
+            match lease.answers.message().await? {
+                Some(answer) if answer.ttl() > 0 => return Ok(lease.id),
+                // Lapsed (this router was cut off longer than the TTL): take a new one.
+                _ => *held = None,
+            }
+        }
+        let mut client = self.client.clone();
+        let granted = client.lease_grant(LEASE_TTL_SECONDS, None).await?;
+        let (keeper, answers) = client.lease_keep_alive(granted.id()).await?;
+        *held = Some(Lease {
+            id: granted.id(),
+            keeper,
+            answers,
+        });
+        Ok(granted.id())
+    }
+
+    async fn put_report(&self, value: &str) -> Result<(), etcd_client::Error> {
+        let lease = self.renewed_lease().await?;
+        let mut client = self.client.clone();
+        client
+            .put(
+                format!("{}{}", self.routers, self.id),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn parse(&self, value: &[u8]) -> Option<RouterReport> {
+        serde_json::from_slice(value).ok()
+    }
+}
+
+#[async_trait]
+impl Fleet for EtcdFleet {
+    /// Tried a few times: with a member lost, a request may reach it before the client
+    /// learns to avoid it.
+    async fn publish(&self, report: &RouterReport) -> Result<(), String> {
+        let value = serde_json::to_string(report).expect("a report serializes");
+        let mut last = None;
+        for _ in 0..PUBLISH_TRIES {
+            match self.put_report(&value).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    // The lease's stream may have broken with its connection: a new one.
+                    *self.lease.lock().await = None;
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Err(format!(
+            "cannot report router {}: {}",
+            self.id,
+            last.expect("tried at least once")
+        ))
+    }
+
+    async fn routers(&self) -> Result<Vec<RouterReport>, String> {
+        let mut client = self.client.clone();
+        let found = client
+            .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| format!("cannot read the routers' reports: {e}"))?;
+        Ok(found
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.parse(kv.value()))
+            .collect())
+    }
+
+    /// Reads the reports, then follows them as they change, until every router that was
+    /// live at the first read has applied `revision`. A member lost meanwhile only means
+    /// reading again from another one.
+    async fn wait_applied(
+        &self,
+        revision: Revision,
+        timeout: Duration,
+    ) -> Result<(), Vec<Lagging>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // The routers live at the first read, and what each has applied (`None`: its report
+        // went away).
+        let mut pending: Option<BTreeMap<String, Option<Revision>>> = None;
+        let mut last_error = String::new();
+        loop {
+            match self.follow_reports(revision, &mut pending, deadline).await {
+                Ok(()) => return Ok(()),
+                Err(Some(error)) if tokio::time::Instant::now() < deadline => {
+                    last_error = error;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(_) => {
+                    return Err(match pending {
+                        Some(pending) => pending
+                            .into_iter()
+                            .map(|(id, applied)| Lagging { id, applied })
+                            .collect(),
+                        None => vec![Lagging {
+                            id: format!("(the routers' reports cannot be read: {last_error})"),
+                            applied: None,
+                        }],
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl EtcdFleet {
+    /// One read and watch of the reports, updating `pending`; `Err(Some(why))` when etcd
+    /// failed (read again), `Err(None)` at the deadline.
+    async fn follow_reports(
+        &self,
+        revision: Revision,
+        pending: &mut Option<BTreeMap<String, Option<Revision>>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Option<String>> {
+        let mut client = self.client.clone();
+        let found = client
+            .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| Some(e.to_string()))?;
+        let reports: Vec<RouterReport> = found
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.parse(kv.value()))
+            .collect();
+        // This router applied the change before asking (its own report may lag behind).
+        let waiting = pending.get_or_insert_with(|| {
+            reports
+                .iter()
+                .filter(|report| report.id != self.id)
+                .map(|report| (report.id.clone(), Some(report.applied)))
+                .collect()
+        });
+        for report in &reports {
+            if let Some(applied) = waiting.get_mut(&report.id) {
+                *applied = Some(report.applied);
+            }
+        }
+        waiting.retain(|_, applied| applied.is_none_or(|applied| applied < revision));
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let from = found.header().map_or(0, |h| h.revision()) + 1;
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        let mut changes = client
+            .watch(self.routers.clone(), Some(options))
+            .await
+            .map_err(|e| Some(e.to_string()))?;
+        loop {
+            let answer = tokio::select! {
+                answer = changes.message() => answer,
+                _ = tokio::time::sleep_until(deadline) => return Err(None),
+            };
+            let answer = match answer {
+                Ok(Some(answer)) => answer,
+                Ok(None) => return Err(Some("the watch of the reports ended".into())),
+                Err(e) => return Err(Some(e.to_string())),
+            };
+            for event in answer.events() {
+                let Some(kv) = event.kv() else { continue };
+                let id = String::from_utf8_lossy(&kv.key()[self.routers.len()..]).into_owned();
+                let Some(applied) = waiting.get_mut(&id) else {
+                    continue;
+                };
+                match event.event_type() {
+                    // Gone (stopped, or cut off past its lease): it cannot confirm.
+                    EventType::Delete => *applied = None,
+                    EventType::Put => {
+                        if let Some(report) = self.parse(kv.value()) {
+                            *applied = Some(report.applied);
+                        }
+                    }
+                }
+            }
+            waiting.retain(|_, applied| applied.is_none_or(|applied| applied < revision));
+            if waiting.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}

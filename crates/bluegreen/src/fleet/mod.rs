@@ -1,0 +1,63 @@
+//! The fleet seam: every router's report of the state it applied, and the wait until all of them applied a change.
+//!
+//! Implementations: [`etcd`] (reports under leased keys beside the state). One machine runs
+//! without a fleet: its router is the only one and applies each change as it records it.
+
+pub mod etcd;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::controller::Weights;
+use crate::store::Revision;
+
+/// What one router says of itself, about once a second and at each change it applies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RouterReport {
+    /// `router.id` (the host's name unless configured).
+    pub id: String,
+    /// The revision of the router state (split and upstream overrides) it serves.
+    pub applied: Revision,
+    /// It lost the store and serves the last state it applied, which may be behind.
+    pub stale: bool,
+    /// Why the newest recorded state could not be applied here (no healthy upstream for a
+    /// color it would send traffic to); it serves the last one it could.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    pub weights: Weights,
+    /// Where it serves traffic.
+    pub listen: String,
+    pub pid: u32,
+    pub version: String,
+    /// Blue's and green's requests and errors (5xx answers and failed upstream attempts)
+    /// since the router started, and healthy upstreams now.
+    pub requests: [u64; 2],
+    pub errors: [u64; 2],
+    pub healthy: [usize; 2],
+    /// When it wrote this report, in milliseconds since the epoch.
+    pub reported_ms: i64,
+}
+
+/// A router that had not applied a change when the wait ended.
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Lagging {
+    pub id: String,
+    /// What it had applied (`None`: its report is gone — it stopped or lost the store).
+    pub applied: Option<Revision>,
+}
+
+#[async_trait]
+pub trait Fleet: Send + Sync + 'static {
+    /// Publishes this router's report (kept while this process lives and reaches the store).
+    async fn publish(&self, report: &RouterReport) -> Result<(), String>;
+
+    /// Every live router's newest report, by id.
+    async fn routers(&self) -> Result<Vec<RouterReport>, String>;
+
+    /// Waits until every router live now (but this one, which applied it before asking) has
+    /// applied `revision`; after `timeout`, the ones that have not.
+    async fn wait_applied(&self, revision: Revision, timeout: Duration)
+    -> Result<(), Vec<Lagging>>;
+}
