@@ -1406,6 +1406,10 @@ fn routes(controller: Arc<Controller>) -> Routes {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&controller),
+            refuse_unless_leading,
+        ))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&controller),
             refuse_once_handed_over,
         ))
         .with_state(controller)
@@ -1423,6 +1427,35 @@ async fn refuse_once_handed_over(
             status: StatusCode::SERVICE_UNAVAILABLE,
             field: None,
             message: "this daemon is handing over to a new binary (bluegreen upgrade); send the request again in a moment".into(),
+        }
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// In a fleet, changes go to the leader: another router refuses them (409) and names it.
+/// Reload and upgrade concern this daemon alone and are always taken.
+async fn refuse_unless_leading(
+    State(controller): State<Arc<Controller>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let own = matches!(request.uri().path(), "/v1/reload" | "/v1/upgrade");
+    if request.method() != http::Method::GET && !own && !controller.is_leading() {
+        let leader = controller
+            .fleet_leader()
+            .await
+            .map(|id| format!("router {id}"))
+            .unwrap_or_else(|| {
+                "the leader (none is elected right now; try again in a few seconds)".into()
+            });
+        return ApiError {
+            status: StatusCode::CONFLICT,
+            field: None,
+            message: format!(
+                "router {} does not lead the fleet; send changes to {leader} (`bluegreen status` names it)",
+                controller.config().router.id
+            ),
         }
         .into_response();
     }

@@ -13,11 +13,43 @@ use support::{Backend, Daemon, Load, client, config, get};
 
 fn fleet_config(id: &str, blue: &Backend, green: &Backend, etcd: &[SocketAddr]) -> String {
     format!(
-        "{}store:\n  etcd:\n    endpoints: {}\n    prefix: /bgtest/fleet-{}\n    confirm_timeout: 5s\n",
+        "{}store:\n  etcd:\n    endpoints: {}\n    prefix: /bgtest/fleet-{}\n    confirm_timeout: 5s\n{RELEASE}",
         config(&[blue], &[green], &format!("  id: {id}\n")),
         EtcdCluster::endpoints_yaml(etcd),
         std::process::id()
     )
+}
+
+/// A release that holds each canary step long enough to kill its driver mid-shift.
+const RELEASE: &str = "release:\n  strategy: slow\n  monitor_window: 1s\nstrategies:\n  slow: { type: canary, steps: [20, 50], wait: 3s }\n";
+
+/// The fleet's routers: `ids[i]` reaches etcd at `etcd(i)`, with a blue and a green backend
+/// of its own (answering `blue-<id>`, `green-<id>`). Started one after another (the first
+/// leads), and listed by every router before this returns.
+async fn start_fleet(
+    ids: &[&str],
+    etcd: impl Fn(usize) -> Vec<SocketAddr>,
+) -> (Vec<Daemon>, Vec<(Backend, Backend)>) {
+    let mut backends = Vec::new();
+    for id in ids {
+        backends.push((
+            Backend::start(&format!("blue-{id}")).await,
+            Backend::start(&format!("green-{id}")).await,
+        ));
+    }
+    let mut routers = Vec::new();
+    for (i, (id, (blue, green))) in ids.iter().zip(&backends).enumerate() {
+        routers.push(Daemon::start(&fleet_config(id, blue, green, &etcd(i))).await);
+    }
+    for router in &routers {
+        eventually(
+            Duration::from_secs(10),
+            "every router lists the fleet",
+            async || routers_of(router).await.len() == ids.len(),
+        )
+        .await;
+    }
+    (routers, backends)
 }
 
 fn text(out: &std::process::Output) -> String {
@@ -67,28 +99,18 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
     let mut cluster = EtcdCluster::start(3).await;
     // Router c reaches etcd through a link the test can cut.
     let link = Link::start(cluster.clients.clone()).await;
-    let mut backends = Vec::new();
-    for id in ["a", "b", "c"] {
-        backends.push((
-            Backend::start(&format!("blue-{id}")).await,
-            Backend::start(&format!("green-{id}")).await,
-        ));
-    }
-    let mut routers = Vec::new();
-    for (id, (blue, green)) in ["a", "b", "c"].into_iter().zip(&backends) {
-        let etcd = if id == "c" {
+    let (routers, _backends) = start_fleet(&["a", "b", "c"], |i| {
+        if i == 2 {
             vec![link.addr]
         } else {
             cluster.clients.clone()
-        };
-        routers.push(Daemon::start(&fleet_config(id, blue, green, &etcd)).await);
-    }
+        }
+    })
+    .await;
     let (a, b, c) = (&routers[0], &routers[1], &routers[2]);
-    eventually(
-        Duration::from_secs(10),
-        "all three routers report",
-        async || routers_of(a).await.len() == 3,
-    )
+    eventually(Duration::from_secs(10), "a leads the fleet", async || {
+        b.status().await["leader"] == "a"
+    })
     .await;
     let loads: Vec<Load> = routers.iter().map(|r| Load::start(r.url("/"), 3)).collect();
 
@@ -98,21 +120,35 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
     for (router, id) in routers.iter().zip(["a", "b", "c"]) {
         assert_eq!(answer(router).await, format!("green-{id}"));
     }
-    let listed = routers_of(b).await;
-    let newest = listed.iter().map(|r| r.1).max().unwrap();
-    assert!(
-        listed.iter().all(|r| r.1 == newest && r.2 == 0 && !r.3),
-        "every router applied the newest revision: {listed:?}"
-    );
+    // Each router's report follows within a moment (a's own comes at its next report).
+    eventually(
+        Duration::from_secs(3),
+        "every router reports the newest revision",
+        async || {
+            let listed = routers_of(b).await;
+            let newest = listed.iter().map(|r| r.1).max().unwrap();
+            listed.iter().all(|r| r.1 == newest && r.2 == 0 && !r.3)
+        },
+    )
+    .await;
     let printed = text(&b.cli(&["status"]));
     assert!(
         printed.contains("ROUTER") && printed.contains("ok"),
         "{printed}"
     );
 
+    // Changes go to the leader: another router refuses them, naming it.
+    let out = b.cli(&["switch", "--to", "blue"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        text(&out).contains("router b does not lead the fleet; send changes to router a"),
+        "{}",
+        text(&out)
+    );
+
     // One etcd member killed: nothing changes.
     cluster.kill(2);
-    let out = b.cli(&["switch", "--to", "blue"]);
+    let out = a.cli(&["switch", "--to", "blue"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     for (router, id) in routers.iter().zip(["a", "b", "c"]) {
         assert_eq!(answer(router).await, format!("blue-{id}"));
@@ -157,6 +193,72 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
     .await;
 
     for (load, id) in loads.into_iter().zip(["a", "b", "c"]) {
+        let report = load.stop().await;
+        assert!(
+            report.failures.is_empty(),
+            "router {id}: {:?}",
+            report.failures
+        );
+    }
+}
+
+/// The leader killed in the middle of a canary: another router takes the lead within the
+/// lease's TTL and settles the release by the restart rule (traffic had moved: rolled back),
+/// on every router; the routers still up fail no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_everywhere() {
+    let cluster = EtcdCluster::start(3).await;
+    let (mut routers, _backends) = start_fleet(&["a", "b", "c"], |_| cluster.clients.clone()).await;
+    eventually(Duration::from_secs(10), "a leads the fleet", async || {
+        routers[1].status().await["leader"] == "a"
+    })
+    .await;
+    let loads: Vec<Load> = routers[1..]
+        .iter()
+        .map(|r| Load::start(r.url("/"), 3))
+        .collect();
+    let out = routers[0].cli(&["release", "--version", "2.0", "--detach"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    eventually(
+        Duration::from_secs(15),
+        "the canary reaches b and c",
+        async || {
+            routers[1].status().await["weights"]["green"] == 20
+                && routers[2].status().await["weights"]["green"] == 20
+        },
+    )
+    .await;
+
+    let killed = Instant::now();
+    let _dir = routers.remove(0).into_dir(); // SIGKILL, mid-canary
+    let (b, c) = (&routers[0], &routers[1]);
+    eventually(
+        Duration::from_secs(15),
+        "another router leads",
+        async || matches!(b.status().await["leader"].as_str(), Some("b" | "c")),
+    )
+    .await;
+    let took_over = killed.elapsed();
+    println!("another router led {took_over:?} after the leader was killed");
+    eventually(
+        Duration::from_secs(15),
+        "the release is rolled back",
+        async || {
+            let status = b.status().await;
+            status["weights"]["green"] == 0 && c.status().await["weights"]["green"] == 0
+        },
+    )
+    .await;
+    let releases = b.cli(&["releases", "--output", "json"]);
+    let listed: Value = serde_json::from_slice(&releases.stdout).unwrap();
+    assert_eq!(listed["releases"][0]["state"], "rolled_back", "{listed}");
+    assert!(
+        took_over < Duration::from_secs(12),
+        "taken over within the lease's TTL (5 s) and a little: {took_over:?}"
+    );
+    assert_eq!(answer(b).await, "blue-b");
+    assert_eq!(answer(c).await, "blue-c");
+    for (load, id) in loads.into_iter().zip(["b", "c"]) {
         let report = load.stop().await;
         assert!(
             report.failures.is_empty(),

@@ -440,6 +440,21 @@ impl<'a> Validator<'a> {
         let state_dir = self.resolve(&raw.state_dir);
         let dashboard = self.dashboard(raw.dashboard, &state_dir);
         let store = self.store(raw.store, &raw.service);
+        let local = controller.environments.iter().find(|e| {
+            matches!(
+                e.provider.kind(),
+                controller::ProviderKind::Process | controller::ProviderKind::Docker
+            )
+        });
+        if let (StoreSettings::Etcd(_), Some(local)) = (&store, local) {
+            self.issue(
+                "store.etcd",
+                format!(
+                    "a fleet does not deploy the {} provider's instances on each host yet (the leader would start them on its own host only); run each host's instances yourself with app.provider: static (or command), or use the embedded store",
+                    if local.provider.kind() == controller::ProviderKind::Docker { "docker" } else { "process" }
+                ),
+            );
+        }
         if !self.issues.is_empty() {
             return Err(self.issues);
         }
@@ -849,6 +864,60 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
         assert_eq!(config.router.initial_live, Color::Blue);
         assert_eq!(config.health.unhealthy_threshold, 3);
         assert!(config.router.preview.is_some());
+    }
+
+    #[test]
+    fn an_etcd_store_loads_with_its_defaults_and_bad_ones_name_the_key() {
+        let config = Config::parse(
+            &format!("{GOOD}store:\n  etcd:\n    endpoints: [\"10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\n"),
+            Path::new("/srv/app"),
+        )
+        .unwrap();
+        let StoreSettings::Etcd(etcd) = &config.store else {
+            panic!("an etcd store: {:?}", config.store)
+        };
+        assert_eq!(
+            etcd.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(etcd.prefix, "/bluegreen/web");
+        assert_eq!(etcd.confirm_timeout, Duration::from_secs(10));
+
+        let bad = format!(
+            "{GOOD}store:\n  etcd:\n    endpoints: [\"https://10.0.0.1:2379\", \"10.0.0.2\", \"ftp://x:1\"]\n    prefix: bluegreen\n    user: ops\n    timeout: 0s\n"
+        );
+        let found = issues(&bad);
+        for expected in [
+            "store.etcd.endpoints[0]: https (TLS to etcd) is not supported yet",
+            "store.etcd.endpoints[1]: \"10.0.0.2\" is not host:port",
+            "store.etcd.endpoints[2]: unknown scheme \"ftp\"",
+            "store.etcd.prefix: \"bluegreen\" is not a key prefix",
+            "store.etcd.password_file: is required with store.etcd.user",
+            "store.etcd.timeout: must be longer than 0s",
+        ] {
+            assert!(
+                found.iter().any(|i| i.starts_with(expected)),
+                "{expected}: {found:?}"
+            );
+        }
+        assert!(
+            issues(&format!("{GOOD}store:\n  etcd:\n    endpoints: []\n"))[0]
+                .starts_with("store.etcd.endpoints: is empty")
+        );
+        let id = GOOD.replace(
+            "  listen: 127.0.0.1:8080",
+            "  id: \"web 1\"\n  listen: 127.0.0.1:8080",
+        );
+        assert!(issues(&id)[0].starts_with("router.id: \"web 1\" cannot name a router"));
+        // The process provider's instances are not deployed per host yet: refused in a fleet.
+        let local = "service: web\napp:\n  command: \"app --port {port}\"\nstore: { etcd: { endpoints: [\"127.0.0.1:2379\"] } }\n";
+        assert!(
+            issues(local)[0].starts_with(
+                "store.etcd: a fleet does not deploy the process provider's instances"
+            ),
+            "{:?}",
+            issues(local)
+        );
     }
 
     #[test]

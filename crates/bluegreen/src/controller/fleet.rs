@@ -7,7 +7,7 @@ use std::time::Duration;
 use bluegreen_router::Color;
 use futures_util::StreamExt;
 
-use super::Controller;
+use super::{Controller, EventKind, Start};
 use crate::fleet::{Fleet, Lagging, RouterReport};
 use crate::store::{Key, Revision, now_ms};
 
@@ -66,6 +66,78 @@ impl Controller {
                 }
             }
         });
+    }
+
+    /// Campaigns for the fleet's leadership until this daemon stops; once elected it does
+    /// what a restarted daemon does (an interrupted release is settled by the kill -9 rule:
+    /// abandoned before traffic moved, rolled back after) — or, right after a binary upgrade
+    /// on this host, takes the release over where it was. When the leadership lapses the
+    /// release runner stops where it is: the next leader settles it.
+    pub(super) fn lead_fleet(self: &Arc<Self>, after: Start) {
+        let controller = Arc::downgrade(self);
+        let fleet = Arc::clone(self.fleet.get().expect("in a fleet"));
+        tokio::spawn(async move {
+            let mut after = Some(after);
+            loop {
+                match controller.upgrade() {
+                    Some(this) if !this.is_handed_over() && !this.plane.is_stopping() => {}
+                    _ => return,
+                }
+                let lost = match fleet.lead().await {
+                    Ok(lost) => lost,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot campaign for the fleet's leadership");
+                        tokio::time::sleep(RECONNECT_DELAY).await;
+                        continue;
+                    }
+                };
+                let Some(this) = controller.upgrade() else {
+                    return;
+                };
+                if this.is_handed_over() {
+                    fleet.resign().await;
+                    return;
+                }
+                this.leading.store(true, Ordering::SeqCst);
+                let id = this.config().router.id.clone();
+                this.event(
+                    EventKind::Recover,
+                    &format!("router {id} leads the fleet"),
+                    None,
+                )
+                .await;
+                match after.take() {
+                    Some(Start::Upgrade) => this.take_control().await,
+                    _ => this.recover().await,
+                }
+                drop(this);
+                lost.cancelled().await;
+                let Some(this) = controller.upgrade() else {
+                    return;
+                };
+                this.leading.store(false, Ordering::SeqCst);
+                if !this.is_handed_over() {
+                    tracing::warn!(
+                        "lost the fleet's leadership; the release runner stops where it is"
+                    );
+                    let runner = this.runner.lock().expect("lock").take();
+                    if let Some(runner) = runner {
+                        runner.abort();
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether this daemon may change things: always on one machine, only the leader in a
+    /// fleet.
+    pub fn is_leading(&self) -> bool {
+        self.fleet.get().is_none() || self.leading.load(Ordering::SeqCst)
+    }
+
+    /// The router leading the fleet now (none on one machine).
+    pub async fn fleet_leader(&self) -> Option<String> {
+        self.fleet.get()?.leader().await
     }
 
     /// Applies each router state another daemon records, as it lands; when the store is out

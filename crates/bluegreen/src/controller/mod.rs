@@ -102,6 +102,8 @@ pub struct Controller {
     pub(crate) standing: Mutex<fleet::FleetStanding>,
     /// Wakes the fleet reporter at once (a change applied, the store lost or found).
     pub(crate) reported: Arc<tokio::sync::Notify>,
+    /// In a fleet: this router holds the leadership (drives releases, takes changes).
+    pub(crate) leading: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -160,6 +162,7 @@ impl Controller {
             applied: std::sync::atomic::AtomicI64::new(applied),
             standing: Mutex::new(fleet::FleetStanding::default()),
             reported: Arc::new(tokio::sync::Notify::new()),
+            leading: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -440,6 +443,11 @@ impl Controller {
             }
         });
         self.follow_store().await;
+        if self.fleet.get().is_some() {
+            // In a fleet only the leader recovers and drives releases, once elected.
+            self.lead_fleet(after);
+            return;
+        }
         match after {
             Start::Restart => self.recover().await,
             Start::Upgrade => self.take_control().await,
@@ -456,6 +464,9 @@ impl Controller {
         let runner = self.runner.lock().expect("lock").take();
         if let Some(runner) = runner {
             runner.abort();
+        }
+        if let Some(fleet) = self.fleet.get() {
+            fleet.resign().await;
         }
         // The runner holds `exclusive` until it is gone; so does any deploy or rollback.
         let _exclusive = self.exclusive.lock().await;
@@ -635,7 +646,7 @@ impl Controller {
     /// After a restart: instances recorded as running are adopted (or started again on their
     /// ports), scale-down timers are re-armed, and an unfinished release is settled by the rule
     /// in docs/lifecycle.md.
-    async fn recover(self: &Arc<Self>) {
+    pub(crate) async fn recover(self: &Arc<Self>) {
         self.adopt_instances().await;
         self.settle_interrupted_release().await;
         // A deploy the previous daemon did not finish: never proven healthy, so stopped.
@@ -648,7 +659,7 @@ impl Controller {
 
     /// After an upgrade: the instances are adopted as they run, and the release goes on from
     /// the stage and step it was in.
-    async fn take_control(self: &Arc<Self>) {
+    pub(crate) async fn take_control(self: &Arc<Self>) {
         self.adopt_instances().await;
         self.continue_release().await;
     }
@@ -677,6 +688,10 @@ impl Controller {
     }
 
     pub async fn shutdown(&self) {
+        // Another router of the fleet takes the lead at once, not after the lease lapses.
+        if let Some(fleet) = self.fleet.get() {
+            fleet.resign().await;
+        }
         for provider in &self.providers {
             provider.shutdown().await;
         }

@@ -64,6 +64,9 @@ pub struct ControllerStatus {
     /// In a fleet: every live router, its applied revision, lag and last report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routers: Option<Vec<super::fleet::RouterView>>,
+    /// In a fleet: the router leading it (it drives releases and takes changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
     #[serde(flatten)]
     pub router: RouterStatus,
 }
@@ -88,6 +91,7 @@ impl Controller {
             environments: self.environments(),
             release: self.active_release(),
             routers: self.routers().await,
+            leader: self.fleet_leader().await,
             router,
         }
     }
@@ -234,6 +238,7 @@ impl Controller {
         // Applied right after by the caller (or recorded back if the router refuses).
         self.applied
             .store(committed.revision, std::sync::atomic::Ordering::SeqCst);
+        self.reported.notify_one();
         self.notify(kind, message, None);
         Ok(())
     }

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use etcd_client::{
     Client, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{Fleet, Lagging, RouterReport};
 use crate::store::Revision;
@@ -21,8 +22,12 @@ pub struct EtcdFleet {
     client: Client,
     /// `<prefix>/routers/`.
     routers: String,
+    /// `<prefix>/leader`: the election's name.
+    election: String,
     id: String,
     lease: tokio::sync::Mutex<Option<Lease>>,
+    /// The lease of this router's leadership (or candidacy), while it has one.
+    leading: std::sync::Mutex<Option<i64>>,
 }
 
 /// This router's lease and the stream that renews it.
@@ -37,8 +42,10 @@ impl EtcdFleet {
         EtcdFleet {
             client,
             routers: format!("{prefix}/routers/"),
+            election: format!("{prefix}/leader"),
             id: id.to_string(),
             lease: tokio::sync::Mutex::new(None),
+            leading: std::sync::Mutex::new(None),
         }
     }
 
@@ -82,6 +89,26 @@ impl EtcdFleet {
     }
 }
 
+/// Renews `lease` on `stream` (opened first when there is none). `Ok(false)`: etcd says the
+/// lease is gone.
+async fn renew(
+    client: &Client,
+    lease: i64,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+) -> Result<bool, etcd_client::Error> {
+    if stream.is_none() {
+        *stream = Some(client.clone().lease_keep_alive(lease).await?);
+    }
+    let (keeper, answers) = stream.as_mut().expect("opened above");
+    keeper.keep_alive().await?;
+    match answers.message().await? {
+        Some(answer) => Ok(answer.ttl() > 0),
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "the keep-alive stream ended".into(),
+        )),
+    }
+}
+
 #[async_trait]
 impl Fleet for EtcdFleet {
     /// Tried a few times: with a member lost, a request may reach it before the client
@@ -118,6 +145,64 @@ impl Fleet for EtcdFleet {
             .iter()
             .filter_map(|kv| self.parse(kv.value()))
             .collect())
+    }
+
+    /// Campaigns under a lease of its own, kept alive every second; the token is cancelled
+    /// when a keep-alive fails or finds the lease gone.
+    async fn lead(&self) -> Result<CancellationToken, String> {
+        let failed = |e: etcd_client::Error| format!("router {} cannot campaign: {e}", self.id);
+        let mut client = self.client.clone();
+        let lease = client
+            .lease_grant(LEASE_TTL_SECONDS, None)
+            .await
+            .map_err(failed)?
+            .id();
+        *self.leading.lock().expect("lock") = Some(lease);
+        let lost = CancellationToken::new();
+        // Kept alive while campaigning too: a candidate's key lives as long as its lease. A
+        // failed renewal (a member lost) is tried again on a new stream; the leadership is
+        // lost only when etcd says the lease is gone, or nothing renewed it for its TTL.
+        tokio::spawn({
+            let (lost, client) = (lost.clone(), self.client.clone());
+            async move {
+                let ttl = Duration::from_secs(LEASE_TTL_SECONDS as u64);
+                let mut renewed = tokio::time::Instant::now();
+                let mut stream = None;
+                while !lost.is_cancelled() && renewed.elapsed() < ttl {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match renew(&client, lease, &mut stream).await {
+                        Ok(true) => renewed = tokio::time::Instant::now(),
+                        Ok(false) => break,
+                        Err(_) => stream = None,
+                    }
+                }
+                lost.cancel();
+            }
+        });
+        let elected = tokio::select! {
+            elected = client.campaign(self.election.clone(), self.id.clone(), lease) => elected,
+            _ = lost.cancelled() => return Err(format!("router {} lost its lease while campaigning", self.id)),
+        };
+        if let Err(e) = elected {
+            lost.cancel();
+            return Err(failed(e));
+        }
+        Ok(lost)
+    }
+
+    async fn resign(&self) {
+        let lease = self.leading.lock().expect("lock").take();
+        if let Some(lease) = lease {
+            let mut client = self.client.clone();
+            let _ = client.lease_revoke(lease).await;
+        }
+    }
+
+    async fn leader(&self) -> Option<String> {
+        let mut client = self.client.clone();
+        let answer = client.leader(self.election.clone()).await.ok()?;
+        let kv = answer.kv()?;
+        Some(String::from_utf8_lossy(kv.value()).into_owned())
     }
 
     /// Reads the reports, then follows them as they change, until every router that was

@@ -1,4 +1,4 @@
-//! The fleet seam: every router's report of the state it applied, and the wait until all of them applied a change.
+//! The fleet seam: every router's report of the state it applied, the wait until all of them applied a change, and the one router that leads.
 //!
 //! Implementations: [`etcd`] (reports under leased keys beside the state). One machine runs
 //! without a fleet: its router is the only one and applies each change as it records it.
@@ -60,4 +60,15 @@ pub trait Fleet: Send + Sync + 'static {
     /// applied `revision`; after `timeout`, the ones that have not.
     async fn wait_applied(&self, revision: Revision, timeout: Duration)
     -> Result<(), Vec<Lagging>>;
+
+    /// Waits until this router leads the fleet: it alone drives releases and takes changes.
+    /// The leadership lasts until the returned token is cancelled (its lease lapsed: this
+    /// router lost the cluster, or `resign`).
+    async fn lead(&self) -> Result<tokio_util::sync::CancellationToken, String>;
+
+    /// Gives the leadership up at once (a binary upgrade hands over, the daemon stops).
+    async fn resign(&self);
+
+    /// The id of the router leading now, if any.
+    async fn leader(&self) -> Option<String>;
 }

@@ -112,7 +112,10 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for member in &mut self.members {
             if let Ok(pid) = std::fs::read_to_string(&member.pid_file) {
-                let _ = Command::new("kill").arg(pid.trim()).status();
+                let _ = Command::new("kill")
+                    .arg(pid.trim())
+                    .stderr(Stdio::null())
+                    .status();
             }
             let _ = member.watchdog.wait();
         }
