@@ -165,7 +165,7 @@ impl Controller {
                     match change {
                         Ok(change) => {
                             if change.keys.contains(&Key::RouterState) {
-                                this.apply_recorded().await;
+                                this.apply_recorded(change.revision).await;
                             }
                             from = change.revision;
                             this.set_stale(false);
@@ -183,7 +183,7 @@ impl Controller {
                 };
                 // Caught up by reading, then followed from there.
                 if let Ok(newest) = this.store.revision().await
-                    && this.apply_recorded().await
+                    && this.apply_recorded(newest).await
                 {
                     from = from.max(newest);
                     this.set_stale(false);
@@ -192,10 +192,10 @@ impl Controller {
         });
     }
 
-    /// Reads the recorded router state and applies what is newer than what this router
-    /// serves. Returns whether the store answered.
-    async fn apply_recorded(&self) -> bool {
-        let read = match self.store.router_state().await {
+    /// Reads the recorded router state (as of `seen` or later) and applies what is newer
+    /// than what this router serves. Returns whether the store answered.
+    async fn apply_recorded(&self, seen: Revision) -> bool {
+        let read = match self.store.router_state_since(seen).await {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the router state");

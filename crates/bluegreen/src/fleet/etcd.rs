@@ -35,7 +35,12 @@ struct Lease {
     id: i64,
     keeper: LeaseKeeper,
     answers: LeaseKeepAliveStream,
+    renewed: tokio::time::Instant,
 }
+
+/// A report sooner than this after the last renewal goes without one (a report at each
+/// change applied costs one put, not two round trips).
+const RENEW_EVERY: Duration = Duration::from_millis(900);
 
 impl EtcdFleet {
     pub fn new(client: Client, prefix: &str, id: &str) -> EtcdFleet {
@@ -53,6 +58,10 @@ impl EtcdFleet {
     async fn renewed_lease(&self) -> Result<i64, etcd_client::Error> {
         let mut held = self.lease.lock().await;
         if let Some(lease) = held.as_mut() {
+            if lease.renewed.elapsed() < RENEW_EVERY {
+                return Ok(lease.id);
+            }
+            lease.renewed = tokio::time::Instant::now();
             lease.keeper.keep_alive().await?;
             match lease.answers.message().await? {
                 Some(answer) if answer.ttl() > 0 => return Ok(lease.id),
@@ -67,6 +76,7 @@ impl EtcdFleet {
             id: granted.id(),
             keeper,
             answers,
+            renewed: tokio::time::Instant::now(),
         });
         Ok(granted.id())
     }

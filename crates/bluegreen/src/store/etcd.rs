@@ -234,6 +234,23 @@ impl EtcdStore {
             .collect())
     }
 
+    async fn read_router_state(
+        &self,
+        options: GetOptions,
+    ) -> Result<Versioned<Option<RouterState>>, StoreError> {
+        let found = self.range(self.key_of(&Key::RouterState), options).await?;
+        Ok(match found.first() {
+            Some(kv) => Versioned {
+                value: Some(self.parse(kv)?),
+                revision: kv.mod_revision(),
+            },
+            None => Versioned {
+                value: None,
+                revision: 0,
+            },
+        })
+    }
+
     /// The last id of each sequence and the revision it was read at.
     async fn sequences(&self) -> Result<BTreeMap<String, (i64, Revision)>, StoreError> {
         let prefix = self.sequence_key("");
@@ -498,19 +515,23 @@ impl StateStore for EtcdStore {
     }
 
     async fn router_state(&self) -> Result<Versioned<Option<RouterState>>, StoreError> {
-        let found = self
-            .range(self.key_of(&Key::RouterState), GetOptions::new())
+        self.read_router_state(GetOptions::new()).await
+    }
+
+    /// Read from the member the client talks to, without a round of consensus (each of a
+    /// fleet's routers does this at every switch); read again through the leader when that
+    /// member has not applied `revision` yet.
+    async fn router_state_since(
+        &self,
+        revision: Revision,
+    ) -> Result<Versioned<Option<RouterState>>, StoreError> {
+        let near = self
+            .read_router_state(GetOptions::new().with_serializable())
             .await?;
-        Ok(match found.first() {
-            Some(kv) => Versioned {
-                value: Some(self.parse(kv)?),
-                revision: kv.mod_revision(),
-            },
-            None => Versioned {
-                value: None,
-                revision: 0,
-            },
-        })
+        if near.revision >= revision {
+            return Ok(near);
+        }
+        self.router_state().await
     }
 
     async fn environments(&self) -> Result<[Versioned<EnvironmentRecord>; 2], StoreError> {

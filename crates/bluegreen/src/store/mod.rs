@@ -181,6 +181,15 @@ pub trait StateStore: Send + Sync + 'static {
     /// The recorded split and overrides, if a switch has ever been recorded.
     async fn router_state(&self) -> Result<Versioned<Option<RouterState>>, StoreError>;
 
+    /// The router state as of `revision` or later, for a follower that just saw a commit at
+    /// `revision` (a store may answer it from a nearer copy than `router_state` does).
+    async fn router_state_since(
+        &self,
+        _revision: Revision,
+    ) -> Result<Versioned<Option<RouterState>>, StoreError> {
+        self.router_state().await
+    }
+
     /// Both colors' records (a color never deployed reads as stopped, revision 0).
     async fn environments(&self) -> Result<[Versioned<EnvironmentRecord>; 2], StoreError>;
 
