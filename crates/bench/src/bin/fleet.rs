@@ -566,13 +566,31 @@ async fn run(args: &Args, work: &Path) -> Result<String, String> {
         progress(&format!("etcd's watch fan-out to {count} watchers"));
         let fan_out = etcd_fan_out(&etcd, count, switches).await?;
         drop(fleet);
-        rows.push((count, measured, per_switch, idle_rate, fan_out));
+        rows.push(Row {
+            routers: count,
+            measured,
+            per_switch,
+            idle_rate,
+            fan_out,
+        });
     }
     drop(started);
     Ok(render(&rows, switches))
 }
 
-fn render(rows: &[(usize, Vec<Switch>, f64, f64, Vec<f64>)], switches: usize) -> String {
+/// One fleet size's figures.
+struct Row {
+    routers: usize,
+    measured: Vec<Switch>,
+    /// etcd requests per switch, net of the idle rate.
+    per_switch: f64,
+    /// etcd requests per second while idle.
+    idle_rate: f64,
+    /// etcd alone: put → every watcher saw it, in milliseconds.
+    fan_out: Vec<f64>,
+}
+
+fn render(rows: &[Row], switches: usize) -> String {
     let mut out = String::from(
         "# Fleet: switch propagation\n\n\
          Written by `bench/fleet` (crates/bench/src/bin/fleet.rs). On this machine: a three-member etcd\n\
@@ -583,10 +601,17 @@ fn render(rows: &[(usize, Vec<Switch>, f64, f64, Vec<f64>)], switches: usize) ->
          is etcd alone: a put, until as many watch streams as routers have all seen it — the floor\n\
          under any router that follows etcd.\n\n",
     );
-    out.push_str(&format!(
-        "| routers | switches | switch call returns (all confirmed) | every router reported it | every router answers with the new color | etcd: put → all watchers | etcd requests per switch (idle: per s) |\n|---:|---:|---:|---:|---:|---:|---:|\n"
-    ));
-    for (count, measured, per_switch, idle_rate, fan_out) in rows {
+    out.push_str(
+        "| routers | switches | switch call returns (all confirmed) | every router reported it | every router answers with the new color | etcd: put → all watchers | etcd requests per switch (idle: per s) |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let Row {
+            routers: count,
+            measured,
+            per_switch,
+            idle_rate,
+            fan_out,
+        } = row;
         let pick = |f: fn(&Switch) -> f64| measured.iter().map(f).collect::<Vec<f64>>();
         out.push_str(&format!(
             "| {count} | {switches} | {} | {} | {} | {} | {:.0} ({:.0}) |\n",
