@@ -318,12 +318,34 @@ fn draw(frame: &mut Frame, screen: &Screen) {
     frame.render_widget(Paragraph::new(screen.message.as_str()).style(style), footer);
 }
 
+/// In a fleet: how many routers, which leads, and which are behind or stale.
+fn fleet_summary(snapshot: &Value) -> String {
+    let Some(routers) = snapshot["routers"].as_array() else {
+        return String::new();
+    };
+    let behind: Vec<&str> = routers
+        .iter()
+        .filter(|r| r["lag"].as_i64().unwrap_or(0) > 0 || r["stale"].as_bool() == Some(true))
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    let mut summary = format!(
+        " · fleet: {} routers, leader {}",
+        routers.len(),
+        snapshot["leader"].as_str().unwrap_or("none")
+    );
+    if !behind.is_empty() {
+        summary.push_str(&format!(", behind: {}", behind.join(" ")));
+    }
+    summary
+}
+
 fn draw_header(frame: &mut Frame, area: Rect, snapshot: &Value, connected: bool) {
     let live = snapshot["live"].as_str().unwrap_or("split");
     let green = snapshot["weights"]["green"].as_u64().unwrap_or(0);
     let title = format!(
-        " bluegreen · {} · live: {live} · {} ",
+        " bluegreen · {} · live: {live}{} · {} ",
         snapshot["service"].as_str().unwrap_or("?"),
+        fleet_summary(snapshot),
         if connected {
             "connected"
         } else {

@@ -290,6 +290,27 @@ impl Controller {
         Some(routers)
     }
 
+    /// A release's change of the split in a fleet: waited for like a switch; the release
+    /// goes on either way, and a warning names the routers that had not applied it (they
+    /// apply it when they reach etcd again).
+    pub(crate) async fn confirm_release_step(&self, release: i64, what: &str) {
+        if self.fleet.get().is_none() {
+            return;
+        }
+        let revision = self.state.lock().await.revision;
+        let lagging = self.confirm(revision).await;
+        if lagging.is_empty() {
+            return;
+        }
+        let names: Vec<&str> = lagging.iter().map(|l| l.id.as_str()).collect();
+        let message = format!(
+            "release #{release}: {what} is not yet applied by router(s) {}; the release goes on, they apply it when they reach etcd",
+            names.join(", ")
+        );
+        self.event(EventKind::Warning, &message, Some(release))
+            .await;
+    }
+
     /// After a change recorded at `revision`: waits until every live router applied it.
     /// The routers that had not when `store.etcd.confirm_timeout` ran out (none on one
     /// machine, where applying is part of recording).

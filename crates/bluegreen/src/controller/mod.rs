@@ -336,6 +336,8 @@ impl Controller {
             "rollback_to": self.rollback_target().await,
             "environments": Color::ALL.map(|c| self.environment(c)),
             "monitor": self.monitor(10),
+            "routers": self.routers().await,
+            "leader": self.fleet_leader().await,
         })
     }
 

@@ -672,6 +672,8 @@ impl Controller {
                 .map_err(|e| {
                     Stop::RollBack(format!("cannot set {color} to {}%: {e}", step.percent))
                 })?;
+            self.confirm_release_step(release.id, &format!("{color} at {}%", step.percent))
+                .await;
             let db_step = self
                 .start_step(release.id, &format!("{}%", step.percent))
                 .await
@@ -850,10 +852,13 @@ impl Controller {
         let old = release.from_color;
         let started = Instant::now();
         self.apply_internal(Command::ReturnTo(old)).await?;
+        let swapped = started.elapsed();
+        self.confirm_release_step(release.id, &format!("all traffic back on {old}"))
+            .await;
         let message = format!(
             "all traffic back on {old} {} in {:.1}ms",
             release.from_version.as_deref().unwrap_or(""),
-            started.elapsed().as_secs_f64() * 1000.0
+            swapped.as_secs_f64() * 1000.0
         );
         let mut facts = self.facts(release.color, Some(release));
         facts.reason = Some(reason.to_string());
