@@ -20,8 +20,10 @@ fn fleet_config(id: &str, blue: &Backend, green: &Backend, etcd: &[SocketAddr]) 
     )
 }
 
-/// A release that holds each canary step long enough to kill its driver mid-shift.
-const RELEASE: &str = "release:\n  strategy: slow\n  monitor_window: 1s\nstrategies:\n  slow: { type: canary, steps: [20, 50], wait: 3s }\n";
+/// A release that holds each canary step long enough to kill its driver mid-shift, and
+/// analysis that judges within it.
+const RELEASE: &str = "release:\n  strategy: slow\n  monitor_window: 1s\nstrategies:\n  slow: { type: canary, steps: [20, 50], wait: 3s }\n\
+    analysis:\n  interval: 300ms\n  min_requests: 20\n  error_rate: { max_percent: 5 }\n";
 
 /// The fleet's routers: `ids[i]` reaches etcd at `etcd(i)`, with a blue and a green backend
 /// of its own (answering `blue-<id>`, `green-<id>`). Started one after another (the first
@@ -265,6 +267,36 @@ async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_e
             "router {id}: {:?}",
             report.failures
         );
+    }
+}
+
+/// One host's new color fails: the leader judges every router's counters, summed and alone,
+/// rolls the release back on every router, and the reason names the bad router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn analysis_judges_the_fleet_and_names_the_one_bad_router() {
+    let cluster = EtcdCluster::start(1).await;
+    let (routers, backends) = start_fleet(&["a", "b", "c"], |_| cluster.clients.clone()).await;
+    backends[2].1.set_failing(true); // c's green
+    let loads: Vec<Load> = routers.iter().map(|r| Load::start(r.url("/"), 3)).collect();
+    let out = routers[0].cli(&["release", "--version", "2.0"]);
+    assert_eq!(out.status.code(), Some(6), "rolled back: {}", text(&out));
+    println!("{}", text(&out));
+    assert!(
+        text(&out).contains("router c"),
+        "the bad router named: {}",
+        text(&out)
+    );
+    for (router, id) in routers.iter().zip(["a", "b", "c"]) {
+        eventually(
+            Duration::from_secs(10),
+            "all traffic back on blue",
+            async || router.status().await["weights"]["blue"] == 100,
+        )
+        .await;
+        assert_eq!(answer(router).await, format!("blue-{id}"));
+    }
+    for load in loads {
+        load.stop().await;
     }
 }
 

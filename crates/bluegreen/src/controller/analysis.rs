@@ -1,6 +1,6 @@
-//! Analysis: a window of the router's own counters per color, judged against absolute and baseline-relative limits.
+//! Analysis: a window of the routers' counters per color — one router's, or a fleet's summed and router by router — judged against absolute and baseline-relative limits.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -206,6 +206,134 @@ pub fn judge(
     }
 }
 
+/// Each router's cumulative counters of both colors, by router id.
+pub type CountersByRouter = BTreeMap<String, [ColorSnapshot; 2]>;
+
+/// The windows between two samples of every router's counters: both colors summed over the
+/// routers present in both samples, and each such router's own.
+pub fn fleet_windows(
+    from: &CountersByRouter,
+    now: &CountersByRouter,
+    elapsed: Duration,
+) -> ([WindowStats; 2], Vec<(String, [WindowStats; 2])>) {
+    let both: Vec<(&String, &[ColorSnapshot; 2], &[ColorSnapshot; 2])> = now
+        .iter()
+        .filter_map(|(id, now)| Some((id, from.get(id)?, now)))
+        .collect();
+    let total = Color::ALL.map(|color| {
+        let i = color.index();
+        WindowStats::between(
+            &sum(color, both.iter().map(|(_, from, _)| &from[i])),
+            &sum(color, both.iter().map(|(_, _, now)| &now[i])),
+            elapsed,
+        )
+    });
+    let routers = both
+        .iter()
+        .map(|(id, from, now)| {
+            let windows = Color::ALL.map(|color| {
+                WindowStats::between(&from[color.index()], &now[color.index()], elapsed)
+            });
+            (id.to_string(), windows)
+        })
+        .collect();
+    (total, routers)
+}
+
+/// One color's counters added up over routers (the percentiles, which do not add, left out:
+/// windows compute theirs from the summed histogram).
+fn sum<'a>(color: Color, snapshots: impl Iterator<Item = &'a ColorSnapshot>) -> ColorSnapshot {
+    let mut total = ColorSnapshot {
+        color,
+        requests: 0,
+        responses_1xx: 0,
+        responses_2xx: 0,
+        responses_3xx: 0,
+        responses_4xx: 0,
+        responses_5xx: 0,
+        upstream_errors: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        open: 0,
+        draining: 0,
+        latency_p50_ms: None,
+        latency_p99_ms: None,
+        latency_sum_us: 0,
+        latency_buckets: Vec::new(),
+    };
+    for s in snapshots {
+        total.requests += s.requests;
+        total.responses_1xx += s.responses_1xx;
+        total.responses_2xx += s.responses_2xx;
+        total.responses_3xx += s.responses_3xx;
+        total.responses_4xx += s.responses_4xx;
+        total.responses_5xx += s.responses_5xx;
+        total.upstream_errors += s.upstream_errors;
+        total.bytes_in += s.bytes_in;
+        total.bytes_out += s.bytes_out;
+        total.open += s.open;
+        total.draining += s.draining;
+        total.latency_sum_us += s.latency_sum_us;
+        if total.latency_buckets.len() < s.latency_buckets.len() {
+            total.latency_buckets.resize(s.latency_buckets.len(), 0);
+        }
+        for (sum, count) in total.latency_buckets.iter_mut().zip(&s.latency_buckets) {
+            *sum += count;
+        }
+    }
+    total
+}
+
+/// In a fleet, the verdict on the summed windows, with each router judged alone too: a
+/// router over a limit by itself is named — in the fleet's breach when there is one, or as
+/// the breach when the sum hides it (one bad host among many good ones).
+pub fn name_routers(
+    spec: &AnalysisSpec,
+    mut verdict: Verdict,
+    routers: &[(String, [WindowStats; 2])],
+    (color, old): (Color, Color),
+    weights: (u8, u8),
+) -> Verdict {
+    if routers.len() < 2 {
+        return verdict;
+    }
+    let alone: Vec<(&str, Breach)> = routers
+        .iter()
+        .filter_map(|(id, windows)| {
+            let own = judge(
+                spec,
+                windows[color.index()].clone(),
+                Some(windows[old.index()].clone()),
+                weights,
+            );
+            Some((id.as_str(), own.breach?))
+        })
+        .collect();
+    let Some((first, breach)) = alone.first() else {
+        return verdict;
+    };
+    match verdict.breach.as_mut() {
+        Some(fleet) => {
+            let names: Vec<&str> = alone.iter().map(|(id, _)| *id).collect();
+            fleet.against = format!(
+                "{}; over it alone: router {}",
+                fleet.against,
+                names.join(", router ")
+            );
+        }
+        None => {
+            verdict.breach = Some(Breach {
+                against: format!("router {first} alone: {}", breach.against),
+                ..breach.clone()
+            });
+        }
+    }
+    if let Some(breach) = &verdict.breach {
+        verdict.note = format!("breach: {breach}");
+    }
+    verdict
+}
+
 /// The router's counters sampled once a second, for windows that end now and began earlier.
 pub struct History {
     samples: VecDeque<(Instant, [ColorSnapshot; 2])>,
@@ -289,6 +417,85 @@ mod tests {
             &metrics.snapshot(color, 0),
             Duration::from_secs(10),
         )
+    }
+
+    /// A router's cumulative counters of both colors after `ok` 200s and `failed` 500s on
+    /// green and `blue_ok` 200s on blue.
+    fn router(ok: u64, failed: u64, blue_ok: u64) -> [ColorSnapshot; 2] {
+        let (blue, green) = (ColorMetrics::default(), ColorMetrics::default());
+        for _ in 0..blue_ok {
+            blue.response(200, Duration::from_millis(1));
+        }
+        for _ in 0..ok {
+            green.response(200, Duration::from_millis(1));
+        }
+        for _ in 0..failed {
+            green.response(500, Duration::from_millis(1));
+        }
+        [
+            blue.snapshot(Color::Blue, 0),
+            green.snapshot(Color::Green, 0),
+        ]
+    }
+
+    #[test]
+    fn a_fleet_is_judged_summed_and_one_bad_router_is_named() {
+        let zero = || router(0, 0, 0);
+        let from: CountersByRouter = ["a", "b", "c"].map(|id| (id.to_string(), zero())).into();
+        // c answers 30 % errors; summed with a and b the fleet has 1.4 %, under the 5 % limit.
+        let now: CountersByRouter = [
+            ("a".to_string(), router(1000, 0, 1000)),
+            ("b".to_string(), router(1000, 0, 1000)),
+            ("c".to_string(), router(70, 30, 100)),
+            // Joined during the window: not counted.
+            ("d".to_string(), router(0, 500, 0)),
+        ]
+        .into();
+        let (total, routers) = fleet_windows(&from, &now, Duration::from_secs(10));
+        let green = total[Color::Green.index()].clone();
+        assert_eq!((green.requests, green.errors), (2100, 30));
+        assert_eq!(routers.len(), 3);
+        let weights = (50, 50);
+        let summed = judge(
+            &spec(),
+            green,
+            Some(total[Color::Blue.index()].clone()),
+            weights,
+        );
+        assert!(summed.breach.is_none(), "{summed:?}");
+        let named = name_routers(
+            &spec(),
+            summed,
+            &routers,
+            (Color::Green, Color::Blue),
+            weights,
+        );
+        let breach = named.breach.expect("c named");
+        assert_eq!(breach.metric, "error_rate");
+        assert!(breach.against.starts_with("router c alone: "), "{breach:?}");
+        assert!(named.note.contains("router c alone"), "{}", named.note);
+
+        // When the sum breaches too, the routers over the limit alone are named in it.
+        let now: CountersByRouter = [
+            ("a".to_string(), router(100, 0, 100)),
+            ("b".to_string(), router(60, 40, 100)),
+            ("c".to_string(), router(60, 40, 100)),
+        ]
+        .into();
+        let (total, routers) = fleet_windows(&from, &now, Duration::from_secs(10));
+        let summed = judge(&spec(), total[Color::Green.index()].clone(), None, weights);
+        let named = name_routers(
+            &spec(),
+            summed,
+            &routers,
+            (Color::Green, Color::Blue),
+            weights,
+        );
+        let against = named.breach.expect("breach").against;
+        assert!(
+            against.ends_with("over it alone: router b, router c"),
+            "{against}"
+        );
     }
 
     #[test]

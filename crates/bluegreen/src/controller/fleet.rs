@@ -1,10 +1,11 @@
 //! A controller in a fleet: it applies the router state other daemons record, reports its router, and waits for every router to apply a change.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bluegreen_router::Color;
+use bluegreen_router::{Color, ColorSnapshot};
 use futures_util::StreamExt;
 
 use super::{Controller, EventKind, Start};
@@ -263,8 +264,28 @@ impl Controller {
                 .each_ref()
                 .map(|c| c.responses_5xx + c.upstream_errors),
             healthy: Color::ALL.map(|color| self.plane.healthy_count(color)),
+            counters: Some(counters),
             reported_ms: now_ms(),
         }
+    }
+
+    /// Each router's cumulative counters now, by id: this router's own as they are, the
+    /// others' from their last reports (a second old at most). On one machine, this router's.
+    pub(crate) async fn counters_by_router(&self) -> BTreeMap<String, [ColorSnapshot; 2]> {
+        let own = self.config().router.id.clone();
+        let mut counters = BTreeMap::new();
+        if let Some(fleet) = self.fleet.get() {
+            match fleet.routers().await {
+                Ok(reports) => counters.extend(
+                    reports
+                        .into_iter()
+                        .filter_map(|report| Some((report.id, report.counters?))),
+                ),
+                Err(e) => tracing::warn!(error = %e, "analysis: cannot read the routers' reports"),
+            }
+        }
+        counters.insert(own, self.snapshots());
+        counters
     }
 
     /// The fleet's routers for `status` (none on one machine).

@@ -8,7 +8,7 @@ use bluegreen_router::{Color, Split};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::analysis::{WindowStats, judge};
+use super::analysis::{WindowStats, fleet_windows, judge, name_routers};
 use super::decide::{self, Continuation, Ending, Recovery, ReleaseAsk, Stop};
 use super::{Command, CommandError, Controller, EventKind, Gate};
 use crate::config::controller::{HookPoint, Stage};
@@ -748,7 +748,8 @@ impl Controller {
         let color = release.color;
         let old = release.from_color;
         let started = Instant::now();
-        let from = self.snapshots();
+        // Every router's counters in a fleet (this router's alone on one machine).
+        let from = self.counters_by_router().await;
         release.verdict = None;
         let mut remaining = match hold {
             Hold::For(d) => Some(d),
@@ -817,20 +818,17 @@ impl Controller {
                 continue;
             }
             last_judged = now;
-            let current = self.snapshots();
+            let current = self.counters_by_router().await;
             let elapsed = now.duration_since(started);
-            let new = WindowStats::between(&from[color.index()], &current[color.index()], elapsed);
-            let old_now = WindowStats::between(&from[old.index()], &current[old.index()], elapsed);
+            let (total, routers) = fleet_windows(&from, &current, elapsed);
+            let [new, old_now] = [color, old].map(|c| total[c.index()].clone());
             if old_now.requests >= spec.min_requests {
                 *baseline = Some(old_now);
             }
             let split = self.plane.split();
-            let verdict = judge(
-                spec,
-                new,
-                baseline.clone(),
-                (split.weight(color), split.weight(old)),
-            );
+            let weights = (split.weight(color), split.weight(old));
+            let verdict = judge(spec, new, baseline.clone(), weights);
+            let verdict = name_routers(spec, verdict, &routers, (color, old), weights);
             let breach = verdict.breach.clone();
             judged |= verdict.judged;
             release.verdict = Some(verdict);

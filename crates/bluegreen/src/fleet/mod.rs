@@ -36,6 +36,11 @@ pub struct RouterReport {
     pub requests: [u64; 2],
     pub errors: [u64; 2],
     pub healthy: [usize; 2],
+    /// Both colors' cumulative counters (answers by class, latency histogram): what the
+    /// leader's analysis sums over the fleet and judges router by router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub counters: Option<[bluegreen_router::ColorSnapshot; 2]>,
     /// When it wrote this report, in milliseconds since the epoch.
     pub reported_ms: i64,
 }

@@ -41,6 +41,8 @@ struct BackendState {
     name: String,
     served: AtomicU64,
     healthy: AtomicBool,
+    /// Answers every request but health checks with 500.
+    failing: AtomicBool,
     /// Connections that carried at least one request other than a health check.
     used_connections: Mutex<std::collections::HashSet<u64>>,
     next_connection: AtomicU64,
@@ -54,6 +56,7 @@ impl Backend {
             name: name.to_string(),
             served: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
             used_connections: Mutex::new(Default::default()),
             next_connection: AtomicU64::new(0),
         });
@@ -91,6 +94,11 @@ impl Backend {
     /// How many connections carried requests other than health checks.
     pub fn used_connections(&self) -> usize {
         self.state.used_connections.lock().unwrap().len()
+    }
+
+    /// Every request but health checks answered with 500 (it stays healthy).
+    pub fn set_failing(&self, failing: bool) {
+        self.state.failing.store(failing, Ordering::Relaxed);
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -174,6 +182,12 @@ async fn respond(
                 .header(header::UPGRADE, "websocket")
                 .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
                 .body(full(""))
+        }
+        _ if state.failing.load(Ordering::Relaxed) => {
+            state.served.fetch_add(1, Ordering::Relaxed);
+            builder
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(full(format!("{name} failed")))
         }
         _ => {
             state.served.fetch_add(1, Ordering::Relaxed);
