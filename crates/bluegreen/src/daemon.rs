@@ -65,7 +65,7 @@ pub async fn open_store(
             let store = EtcdStore::connect(settings)
                 .await
                 .map_err(|e| format!("{e}; check store.etcd.endpoints and that etcd runs"))?;
-            let fleet = EtcdFleet::new(store.client(), store.root(), &config.router.id);
+            let fleet = EtcdFleet::new(store.clone(), &config.router.id);
             (Arc::new(store), Some(Arc::new(fleet)))
         }
     })

@@ -1,15 +1,18 @@
-//! A fleet: three routers (real daemons) sharing one real etcd cluster of three members — a switch on one router applied and confirmed by all, an etcd member killed, a router cut off from etcd that keeps serving and catches up.
+//! A fleet: three routers (real daemons) sharing one real etcd cluster of three members — a switch applied and confirmed by all, an etcd member killed, a router cut off from etcd that serves on and catches up, the leader killed mid-release, one bad host named by analysis, and hosts in network namespaces.
 
 #[path = "support/etcd.rs"]
 mod etcd;
+#[path = "support/netns.rs"]
+mod netns;
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use etcd::{EtcdCluster, Link};
+use netns::Hosts;
 use serde_json::Value;
-use support::{Backend, Daemon, Load, client, config, get};
+use support::{BIN, Backend, Daemon, Load, client, config, get};
 
 fn fleet_config(id: &str, blue: &Backend, green: &Backend, etcd: &[SocketAddr]) -> String {
     format!(
@@ -298,6 +301,126 @@ async fn analysis_judges_the_fleet_and_names_the_one_bad_router() {
     for load in loads {
         load.stop().await;
     }
+}
+
+/// Three hosts in network namespaces — each with its own address, its own app instances on
+/// its own loopback and its own router — and a three-member etcd cluster on the bridge. Under
+/// load from outside on every host: a switch confirmed by all; one host cut off from etcd by
+/// the network (its packets to etcd dropped): it keeps serving, the switch names it, and it
+/// catches up once the network is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hosts_with_their_own_addresses_follow_one_state_and_a_cut_off_host_catches_up() {
+    let mut hosts = Hosts::create(3);
+    let cluster = EtcdCluster::start_on(hosts.service, 3).await;
+    for i in 0..3 {
+        for (color, port) in [("blue", "9001"), ("green", "9002")] {
+            let listen = format!("127.0.0.1:{port}");
+            let version = format!("h{i}");
+            let args = [
+                "example-app",
+                "--listen",
+                &listen,
+                "--color",
+                color,
+                "--app-version",
+                &version,
+            ];
+            hosts.spawn(i, BIN, &args);
+        }
+    }
+    let mut routers = Vec::new();
+    for i in 0..3 {
+        let config = format!(
+            "service: web\nrouter:\n  id: h{i}\n  listen: {}:8080\n  admin: .bluegreen/admin.sock\n  drain_timeout: 2s\n\
+             environments:\n  blue: {{ upstreams: [\"127.0.0.1:9001\"] }}\n  green: {{ upstreams: [\"127.0.0.1:9002\"] }}\n\
+             health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}\n\
+             dashboard: {{ enabled: false }}\n\
+             store:\n  etcd:\n    endpoints: {}\n    prefix: /bgtest/netns-{}\n    confirm_timeout: 5s\n",
+            hosts.addresses[i],
+            EtcdCluster::endpoints_yaml(&cluster.clients),
+            std::process::id()
+        );
+        routers.push(Daemon::start_wrapped(&hosts.on(i), &config).await);
+    }
+    for (i, router) in routers.iter().enumerate() {
+        eventually(
+            Duration::from_secs(15),
+            "every host lists the fleet and serves",
+            async || {
+                routers_of(router).await.len() == 3
+                    && get(&client(), &router.url("/"), &[])
+                        .await
+                        .is_ok_and(|(code, ..)| code == 200)
+            },
+        )
+        .await;
+        assert_eq!(
+            answer(router).await,
+            format!("blue h{i}"),
+            "its own instances"
+        );
+        assert!(router.url("/").contains(&hosts.addresses[i].to_string()));
+    }
+    let loads: Vec<Load> = routers.iter().map(|r| Load::start(r.url("/"), 2)).collect();
+
+    let out = routers[0].cli(&["switch", "--to", "green"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for (i, router) in routers.iter().enumerate() {
+        assert_eq!(answer(router).await, format!("green h{i}"));
+    }
+
+    // h2's packets to etcd vanish: it serves on with what it applied; the switch names it.
+    hosts.cut_from_service(2, true);
+    let out = routers[0].cli(&["switch", "--to", "blue"]);
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(
+        text(&out).contains("not yet applied by h2"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(answer(&routers[1]).await, "blue h1");
+    assert_eq!(
+        answer(&routers[2]).await,
+        "green h2",
+        "cut off, h2 serves what it applied"
+    );
+
+    hosts.cut_from_service(2, false);
+    let restored = Instant::now();
+    while answer(&routers[2]).await != "blue h2" {
+        assert!(
+            restored.elapsed() < Duration::from_secs(45),
+            "h2 applies the switch within 45 s; its log:\n{}",
+            routers[2].log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "h2 caught up {:?} after the network came back",
+        restored.elapsed()
+    );
+    eventually(
+        Duration::from_secs(15),
+        "h2 reports itself caught up",
+        async || {
+            routers_of(&routers[0])
+                .await
+                .iter()
+                .any(|r| r.0 == "h2" && r.2 == 0 && !r.3)
+        },
+    )
+    .await;
+    for (load, i) in loads.into_iter().zip(0..) {
+        let report = load.stop().await;
+        assert!(
+            report.failures.is_empty(),
+            "host h{i}: {:?}",
+            report.failures
+        );
+    }
+    drop(routers);
+    drop(cluster);
+    drop(hosts);
 }
 
 async fn routers_of(daemon: &Daemon) -> Vec<(String, i64, i64, bool)> {

@@ -16,6 +16,12 @@ use crate::store::{Key, Revision, now_ms};
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a router waits before following the store again after losing it.
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
+/// How long one report may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the recorded state is read directly, in case the watch missed a change.
+const CHECK_INTERVAL: Duration = Duration::from_secs(3);
+/// Reports failing this long: the store counts as lost; the connection is made anew.
+const LOST_AFTER: Duration = Duration::from_secs(3);
 
 /// What this router knows of its place in the fleet, beyond the state it applied.
 #[derive(Default)]
@@ -47,6 +53,8 @@ impl Controller {
         self.follow_router_state();
         let controller = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut failing_since: Option<tokio::time::Instant> = None;
+            let mut checked = tokio::time::Instant::now();
             loop {
                 let Some(this) = controller.upgrade() else {
                     break;
@@ -57,10 +65,46 @@ impl Controller {
                 let report = this.report();
                 let fleet = Arc::clone(this.fleet.get().expect("set above"));
                 let reported = this.reported.clone();
-                drop(this);
-                if let Err(e) = fleet.publish(&report).await {
-                    tracing::warn!(error = %e, "cannot report this router to the fleet");
+                let published = tokio::time::timeout(PUBLISH_TIMEOUT, fleet.publish(&report)).await;
+                match published {
+                    Ok(Ok(())) => failing_since = None,
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e,
+                            _ => format!("no answer within {PUBLISH_TIMEOUT:?}"),
+                        };
+                        tracing::warn!(error = %error, "cannot report this router to the fleet");
+                        let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() >= LOST_AFTER {
+                            // The store is out of reach (or the connection wedged after a
+                            // partition): a new connection, and the follower watches anew.
+                            this.set_stale(true);
+                            match fleet.reconnect().await {
+                                Ok(()) => this.resubscribe.notify_one(),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot reach the state store")
+                                }
+                            }
+                            failing_since = Some(tokio::time::Instant::now());
+                        }
+                    }
                 }
+                // A watch can hang on a connection a partition wedged while other requests
+                // go through: now and then the state is read directly, and if the watch
+                // missed a change, it is applied and the watch opened anew.
+                if checked.elapsed() >= CHECK_INTERVAL {
+                    checked = tokio::time::Instant::now();
+                    let before = this.applied.load(Ordering::SeqCst);
+                    if this.apply_recorded(before).await
+                        && this.applied.load(Ordering::SeqCst) > before
+                    {
+                        tracing::warn!(
+                            "the store's watch missed a change; applied it and watching anew"
+                        );
+                        this.resubscribe.notify_one();
+                    }
+                }
+                drop(this);
                 tokio::select! {
                     _ = tokio::time::sleep(REPORT_INTERVAL) => {}
                     _ = reported.notified() => {}
@@ -155,8 +199,15 @@ impl Controller {
                     return;
                 };
                 let mut changes = this.store.watch(from);
+                let resubscribe = Arc::clone(&this.resubscribe);
                 drop(this);
-                while let Some(change) = changes.next().await {
+                loop {
+                    let change = tokio::select! {
+                        change = changes.next() => change,
+                        // The reporter found the store out of reach and reconnected.
+                        _ = resubscribe.notified() => None,
+                    };
+                    let Some(change) = change else { break };
                     let Some(this) = controller.upgrade() else {
                         return;
                     };

@@ -104,6 +104,8 @@ pub struct Controller {
     pub(crate) reported: Arc<tokio::sync::Notify>,
     /// In a fleet: this router holds the leadership (drives releases, takes changes).
     pub(crate) leading: std::sync::atomic::AtomicBool,
+    /// Tells the fleet follower to watch the store anew (on a new connection).
+    pub(crate) resubscribe: Arc<tokio::sync::Notify>,
 }
 
 impl Controller {
@@ -163,6 +165,7 @@ impl Controller {
             standing: Mutex::new(fleet::FleetStanding::default()),
             reported: Arc::new(tokio::sync::Notify::new()),
             leading: std::sync::atomic::AtomicBool::new(false),
+            resubscribe: Arc::new(tokio::sync::Notify::new()),
         })
     }
 }

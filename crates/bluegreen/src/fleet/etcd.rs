@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Fleet, Lagging, RouterReport};
 use crate::store::Revision;
+use crate::store::etcd::EtcdStore;
 
 /// How long a report outlives its router's last keep-alive: a router gone (stopped, cut off)
 /// leaves the list this long after its last word.
@@ -19,7 +20,8 @@ const LEASE_TTL_SECONDS: i64 = 5;
 const PUBLISH_TRIES: usize = 3;
 
 pub struct EtcdFleet {
-    client: Client,
+    /// The store's connection (replaced when the store reconnects).
+    store: EtcdStore,
     /// `<prefix>/routers/`.
     routers: String,
     /// `<prefix>/leader`: the election's name.
@@ -43,9 +45,10 @@ struct Lease {
 const RENEW_EVERY: Duration = Duration::from_millis(900);
 
 impl EtcdFleet {
-    pub fn new(client: Client, prefix: &str, id: &str) -> EtcdFleet {
+    pub fn new(store: EtcdStore, id: &str) -> EtcdFleet {
+        let prefix = store.root().to_string();
         EtcdFleet {
-            client,
+            store,
             routers: format!("{prefix}/routers/"),
             election: format!("{prefix}/leader"),
             id: id.to_string(),
@@ -69,7 +72,7 @@ impl EtcdFleet {
                 _ => *held = None,
             }
         }
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         let granted = client.lease_grant(LEASE_TTL_SECONDS, None).await?;
         let (keeper, answers) = client.lease_keep_alive(granted.id()).await?;
         *held = Some(Lease {
@@ -83,7 +86,7 @@ impl EtcdFleet {
 
     async fn put_report(&self, value: &str) -> Result<(), etcd_client::Error> {
         let lease = self.renewed_lease().await?;
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         client
             .put(
                 format!("{}{}", self.routers, self.id),
@@ -145,7 +148,7 @@ impl Fleet for EtcdFleet {
     }
 
     async fn routers(&self) -> Result<Vec<RouterReport>, String> {
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         let found = client
             .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
             .await
@@ -161,7 +164,7 @@ impl Fleet for EtcdFleet {
     /// when a keep-alive fails or finds the lease gone.
     async fn lead(&self) -> Result<CancellationToken, String> {
         let failed = |e: etcd_client::Error| format!("router {} cannot campaign: {e}", self.id);
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         let lease = client
             .lease_grant(LEASE_TTL_SECONDS, None)
             .await
@@ -173,7 +176,7 @@ impl Fleet for EtcdFleet {
         // failed renewal (a member lost) is tried again on a new stream; the leadership is
         // lost only when etcd says the lease is gone, or nothing renewed it for its TTL.
         tokio::spawn({
-            let (lost, client) = (lost.clone(), self.client.clone());
+            let (lost, client) = (lost.clone(), self.store.client());
             async move {
                 let ttl = Duration::from_secs(LEASE_TTL_SECONDS as u64);
                 let mut renewed = tokio::time::Instant::now();
@@ -200,16 +203,21 @@ impl Fleet for EtcdFleet {
         Ok(lost)
     }
 
+    async fn reconnect(&self) -> Result<(), String> {
+        *self.lease.lock().await = None;
+        self.store.reconnect().await.map_err(|e| e.to_string())
+    }
+
     async fn resign(&self) {
         let lease = self.leading.lock().expect("lock").take();
         if let Some(lease) = lease {
-            let mut client = self.client.clone();
+            let mut client = self.store.client();
             let _ = client.lease_revoke(lease).await;
         }
     }
 
     async fn leader(&self) -> Option<String> {
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         let answer = client.leader(self.election.clone()).await.ok()?;
         let kv = answer.kv()?;
         Some(String::from_utf8_lossy(kv.value()).into_owned())
@@ -261,7 +269,7 @@ impl EtcdFleet {
         pending: &mut Option<BTreeMap<String, Option<Revision>>>,
         deadline: tokio::time::Instant,
     ) -> Result<(), Option<String>> {
-        let mut client = self.client.clone();
+        let mut client = self.store.client();
         let found = client
             .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
             .await

@@ -74,6 +74,10 @@ pub trait Fleet: Send + Sync + 'static {
     /// Gives the leadership up at once (a binary upgrade hands over, the daemon stops).
     async fn resign(&self);
 
+    /// Opens a new connection to the cluster for the store and the fleet alike (the old one
+    /// may be wedged after a network partition).
+    async fn reconnect(&self) -> Result<(), String>;
+
     /// The id of the router leading now, if any.
     async fn leader(&self) -> Option<String>;
 }

@@ -46,7 +46,9 @@ const REPLANS: usize = 100;
 /// The etcd client and the prefix this service's records live under.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// Shared by every clone, and replaced whole by `reconnect`.
+    client: std::sync::Arc<std::sync::RwLock<Client>>,
+    settings: EtcdSettings,
     root: String,
     endpoints: String,
     /// How long a request is tried again while the cluster is unavailable (a member lost, a
@@ -72,39 +74,35 @@ impl EtcdStore {
     /// Connects to the cluster (any one reachable endpoint will do) and checks it answers.
     pub async fn connect(settings: &EtcdSettings) -> Result<EtcdStore, StoreError> {
         let endpoints = settings.endpoints.join(",");
-        let failed = |source| StoreError::Etcd {
-            endpoints: endpoints.clone(),
-            source,
-        };
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(settings.timeout)
-            .with_timeout(settings.timeout)
-            .with_keep_alive(std::time::Duration::from_secs(5), settings.timeout);
-        if let Some((user, password)) = &settings.user {
-            options = options.with_user(user, password);
-        }
-        let mut client = Client::connect(&settings.endpoints, Some(options))
+        let client = connect_client(settings)
             .await
-            .map_err(failed)?;
-        // connect() is lazy about the cluster: one read proves it answers.
-        client
-            .get(
-                format!("{}/state/", settings.prefix),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .map_err(failed)?;
+            .map_err(|source| StoreError::Etcd {
+                endpoints: endpoints.clone(),
+                source,
+            })?;
         Ok(EtcdStore {
-            client,
+            client: std::sync::Arc::new(std::sync::RwLock::new(client)),
+            settings: settings.clone(),
             root: settings.prefix.clone(),
             endpoints,
             patience: settings.timeout,
         })
     }
 
+    /// A new connection to the cluster in place of the current one, for every clone: after a
+    /// network partition a connection can stay wedged (requests time out, a watch waits
+    /// forever) though the cluster is reachable again.
+    pub async fn reconnect(&self) -> Result<(), StoreError> {
+        let client = connect_client(&self.settings)
+            .await
+            .map_err(|e| self.failed(e))?;
+        *self.client.write().expect("lock") = client;
+        Ok(())
+    }
+
     /// The client, for the fleet's other uses of the cluster (router reports, the election).
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.client.read().expect("lock").clone()
     }
 
     /// The prefix this service's keys live under.
@@ -171,7 +169,7 @@ impl EtcdStore {
     async fn range(&self, key: String, options: GetOptions) -> Result<Vec<KeyValue>, StoreError> {
         let deadline = tokio::time::Instant::now() + self.patience;
         loop {
-            let mut client = self.client.clone();
+            let mut client = self.client();
             match client.get(key.clone(), Some(options.clone())).await {
                 Ok(mut response) => return Ok(response.take_kvs()),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(self.failed(e)),
@@ -477,6 +475,25 @@ impl Plan {
     }
 }
 
+/// A client of the cluster, checked with one read (`Client::connect` is lazy).
+async fn connect_client(settings: &EtcdSettings) -> Result<Client, etcd_client::Error> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(settings.timeout)
+        .with_timeout(settings.timeout)
+        .with_keep_alive(std::time::Duration::from_secs(5), settings.timeout);
+    if let Some((user, password)) = &settings.user {
+        options = options.with_user(user, password);
+    }
+    let mut client = Client::connect(&settings.endpoints, Some(options)).await?;
+    client
+        .get(
+            format!("{}/state/", settings.prefix),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?;
+    Ok(client)
+}
+
 /// A value no other commit writes: this process, the time, and a counter.
 fn commit_token() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -605,7 +622,7 @@ impl StateStore for EtcdStore {
     /// have landed: each carries a token written in the same transaction, read back before
     /// the commit is tried again, so it lands once and its writer learns so.
     async fn commit(&self, write: Write) -> Result<Committed, StoreError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let token = commit_token();
         let token_key = format!("{}/commit", self.root);
         let deadline = tokio::time::Instant::now() + self.patience;
@@ -675,7 +692,7 @@ impl StateStore for EtcdStore {
                     return None;
                 }
                 if f.stream.is_none() {
-                    let mut client = f.store.client.clone();
+                    let mut client = f.store.client();
                     let options = WatchOptions::new()
                         .with_prefix()
                         .with_start_revision(f.from + 1);

@@ -25,6 +25,11 @@ struct Member {
 
 impl EtcdCluster {
     pub async fn start(members: usize) -> EtcdCluster {
+        EtcdCluster::start_on([127, 0, 0, 1].into(), members).await
+    }
+
+    /// Members whose client URLs are on `ip` (their peer URLs stay on loopback).
+    pub async fn start_on(ip: std::net::IpAddr, members: usize) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
@@ -40,7 +45,7 @@ impl EtcdCluster {
             let log = dir.path().join(format!("m{i}.log"));
             let script = format!(
                 "etcd --name m{i} --data-dir {data} \
-                 --listen-client-urls http://127.0.0.1:{client} --advertise-client-urls http://127.0.0.1:{client} \
+                 --listen-client-urls http://{ip}:{client} --advertise-client-urls http://{ip}:{client} \
                  --listen-peer-urls http://127.0.0.1:{peer} --initial-advertise-peer-urls http://127.0.0.1:{peer} \
                  --initial-cluster {cluster} --initial-cluster-state new --initial-cluster-token bgtest \
                  --heartbeat-interval 50 --election-timeout 500 >{log} 2>&1 & member=$!; echo $member >{pid}; \
@@ -62,7 +67,7 @@ impl EtcdCluster {
         let cluster = EtcdCluster {
             clients: ports
                 .iter()
-                .map(|(client, _)| SocketAddr::from(([127, 0, 0, 1], *client)))
+                .map(|(client, _)| SocketAddr::new(ip, *client))
                 .collect(),
             members: started,
             _dir: dir,

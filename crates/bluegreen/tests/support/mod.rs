@@ -316,16 +316,40 @@ impl Daemon {
         Daemon::launch(dir, config, env, None).await
     }
 
+    /// Started through `wrapper` (e.g. `ip netns exec NS`: the daemon on a test host).
+    pub async fn start_wrapped(wrapper: &[&str], config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        Daemon::launch_wrapped(dir, config, &[], None, wrapper).await
+    }
+
     async fn launch(
         dir: tempfile::TempDir,
         config: &str,
         env: &[(&str, &str)],
         tcp_admin: Option<(SocketAddr, String)>,
     ) -> Daemon {
+        Daemon::launch_wrapped(dir, config, env, tcp_admin, &[]).await
+    }
+
+    async fn launch_wrapped(
+        dir: tempfile::TempDir,
+        config: &str,
+        env: &[(&str, &str)],
+        tcp_admin: Option<(SocketAddr, String)>,
+        wrapper: &[&str],
+    ) -> Daemon {
         let config_path = dir.path().join("bluegreen.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .envs(env.iter().copied())
             .arg("--config")
             .arg(&config_path)
