@@ -30,6 +30,8 @@ pub struct EtcdFleet {
     lease: tokio::sync::Mutex<Option<Lease>>,
     /// The lease of this router's leadership (or candidacy), while it has one.
     leading: std::sync::Mutex<Option<i64>>,
+    /// The connection campaigns wait on (no per-request timeout), made on first use.
+    campaigner: tokio::sync::Mutex<Option<Client>>,
 }
 
 /// This router's lease and the stream that renews it.
@@ -54,6 +56,7 @@ impl EtcdFleet {
             id: id.to_string(),
             lease: tokio::sync::Mutex::new(None),
             leading: std::sync::Mutex::new(None),
+            campaigner: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -173,17 +176,18 @@ impl Fleet for EtcdFleet {
         *self.leading.lock().expect("lock") = Some(lease);
         let lost = CancellationToken::new();
         // Kept alive while campaigning too: a candidate's key lives as long as its lease. A
-        // failed renewal (a member lost) is tried again on a new stream; the leadership is
-        // lost only when etcd says the lease is gone, or nothing renewed it for its TTL.
+        // failed renewal (a member lost, a wedged connection) is tried again on a new stream
+        // of the store's current connection; the leadership is lost only when etcd says the
+        // lease is gone, or nothing renewed it for its TTL.
         tokio::spawn({
-            let (lost, client) = (lost.clone(), self.store.client());
+            let (lost, store) = (lost.clone(), self.store.clone());
             async move {
                 let ttl = Duration::from_secs(LEASE_TTL_SECONDS as u64);
                 let mut renewed = tokio::time::Instant::now();
                 let mut stream = None;
                 while !lost.is_cancelled() && renewed.elapsed() < ttl {
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    match renew(&client, lease, &mut stream).await {
+                    match renew(&store.client(), lease, &mut stream).await {
                         Ok(true) => renewed = tokio::time::Instant::now(),
                         Ok(false) => break,
                         Err(_) => stream = None,
@@ -192,12 +196,31 @@ impl Fleet for EtcdFleet {
                 lost.cancel();
             }
         });
+        // A campaign waits until elected: on a connection without the per-request timeout.
+        let campaigner = self.campaigner.lock().await.clone();
+        let mut campaigner = match campaigner {
+            Some(client) => client,
+            None => match self.store.untimed_client().await {
+                Ok(client) => {
+                    *self.campaigner.lock().await = Some(client.clone());
+                    client
+                }
+                Err(e) => {
+                    lost.cancel();
+                    return Err(format!("router {} cannot campaign: {e}", self.id));
+                }
+            },
+        };
         let elected = tokio::select! {
-            elected = client.campaign(self.election.clone(), self.id.clone(), lease) => elected,
-            _ = lost.cancelled() => return Err(format!("router {} lost its lease while campaigning", self.id)),
+            elected = campaigner.campaign(self.election.clone(), self.id.clone(), lease) => elected,
+            _ = lost.cancelled() => {
+                *self.campaigner.lock().await = None;
+                return Err(format!("router {} lost its lease while campaigning", self.id));
+            }
         };
         if let Err(e) = elected {
             lost.cancel();
+            *self.campaigner.lock().await = None;
             return Err(failed(e));
         }
         Ok(lost)
@@ -205,6 +228,7 @@ impl Fleet for EtcdFleet {
 
     async fn reconnect(&self) -> Result<(), String> {
         *self.lease.lock().await = None;
+        *self.campaigner.lock().await = None;
         self.store.reconnect().await.map_err(|e| e.to_string())
     }
 

@@ -100,6 +100,14 @@ impl EtcdStore {
         Ok(())
     }
 
+    /// A connection of its own whose requests may wait as long as they need (a campaign
+    /// returns only once elected).
+    pub async fn untimed_client(&self) -> Result<Client, StoreError> {
+        connect_with(&self.settings, None)
+            .await
+            .map_err(|e| self.failed(e))
+    }
+
     /// The client, for the fleet's other uses of the cluster (router reports, the election).
     pub fn client(&self) -> Client {
         self.client.read().expect("lock").clone()
@@ -477,10 +485,21 @@ impl Plan {
 
 /// A client of the cluster, checked with one read (`Client::connect` is lazy).
 async fn connect_client(settings: &EtcdSettings) -> Result<Client, etcd_client::Error> {
+    connect_with(settings, Some(settings.timeout)).await
+}
+
+/// The same, with each request bounded by `timeout` (none: for requests that wait by design,
+/// an election campaign).
+async fn connect_with(
+    settings: &EtcdSettings,
+    timeout: Option<std::time::Duration>,
+) -> Result<Client, etcd_client::Error> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(settings.timeout)
-        .with_timeout(settings.timeout)
         .with_keep_alive(std::time::Duration::from_secs(5), settings.timeout);
+    if let Some(timeout) = timeout {
+        options = options.with_timeout(timeout);
+    }
     if let Some((user, password)) = &settings.user {
         options = options.with_user(user, password);
     }
