@@ -504,13 +504,22 @@ async fn connect_with(
         options = options.with_user(user, password);
     }
     let mut client = Client::connect(&settings.endpoints, Some(options)).await?;
-    client
-        .get(
-            format!("{}/state/", settings.prefix),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await?;
-    Ok(client)
+    // Tried again within the timeout: a member still starting refuses connections while the
+    // others answer.
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    loop {
+        let check = client
+            .get(
+                format!("{}/state/", settings.prefix),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await;
+        match check {
+            Ok(_) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
+        }
+    }
 }
 
 /// A value no other commit writes: this process, the time, and a counter.

@@ -82,23 +82,26 @@ impl EtcdCluster {
         format!("[{}]", list.join(", "))
     }
 
-    /// Waits until the cluster answers a write (a leader is elected).
+    /// Waits until every member answers a write (the cluster has a leader, and no member is
+    /// still starting).
     async fn wait_healthy(&self) {
-        let endpoints: Vec<String> = self.clients.iter().map(|a| format!("http://{a}")).collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let ok = match etcd_client::Client::connect(&endpoints, None).await {
-                Ok(mut client) => client.put("/bgtest/ready", "1", None).await.is_ok(),
-                Err(_) => false,
-            };
-            if ok {
-                return;
+        for member in &self.clients {
+            let endpoint = [format!("http://{member}")];
+            loop {
+                let ok = match etcd_client::Client::connect(&endpoint, None).await {
+                    Ok(mut client) => client.put("/bgtest/ready", "1", None).await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "etcd member {member} did not join its cluster in 30 s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the etcd cluster at {endpoints:?} did not form in 30 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 
