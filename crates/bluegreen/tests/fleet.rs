@@ -197,14 +197,7 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
     )
     .await;
 
-    for (load, id) in loads.into_iter().zip(["a", "b", "c"]) {
-        let report = load.stop().await;
-        assert!(
-            report.failures.is_empty(),
-            "router {id}: {:?}",
-            report.failures
-        );
-    }
+    no_failed_requests(loads, &["a", "b", "c"]).await;
 }
 
 /// The leader killed in the middle of a canary: another router takes the lead within the
@@ -263,14 +256,7 @@ async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_e
     );
     assert_eq!(answer(b).await, "blue-b");
     assert_eq!(answer(c).await, "blue-c");
-    for (load, id) in loads.into_iter().zip(["b", "c"]) {
-        let report = load.stop().await;
-        assert!(
-            report.failures.is_empty(),
-            "router {id}: {:?}",
-            report.failures
-        );
-    }
+    no_failed_requests(loads, &["b", "c"]).await;
 }
 
 /// One host's new color fails: the leader judges every router's counters, summed and alone,
@@ -410,17 +396,22 @@ async fn hosts_with_their_own_addresses_follow_one_state_and_a_cut_off_host_catc
         },
     )
     .await;
-    for (load, i) in loads.into_iter().zip(0..) {
-        let report = load.stop().await;
-        assert!(
-            report.failures.is_empty(),
-            "host h{i}: {:?}",
-            report.failures
-        );
-    }
+    no_failed_requests(loads, &["h0", "h1", "h2"]).await;
     drop(routers);
     drop(cluster);
     drop(hosts);
+}
+
+/// Stops each router's load; none may have failed a request.
+async fn no_failed_requests(loads: Vec<Load>, routers: &[&str]) {
+    for (load, id) in loads.into_iter().zip(routers) {
+        let report = load.stop().await;
+        assert!(
+            report.failures.is_empty(),
+            "router {id}: {:?}",
+            report.failures
+        );
+    }
 }
 
 async fn routers_of(daemon: &Daemon) -> Vec<(String, i64, i64, bool)> {

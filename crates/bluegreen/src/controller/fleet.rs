@@ -62,47 +62,11 @@ impl Controller {
                 if this.is_handed_over() || this.plane.is_stopping() {
                     break;
                 }
-                let report = this.report();
-                let fleet = Arc::clone(this.fleet.get().expect("set above"));
                 let reported = this.reported.clone();
-                let published = tokio::time::timeout(PUBLISH_TIMEOUT, fleet.publish(&report)).await;
-                match published {
-                    Ok(Ok(())) => failing_since = None,
-                    failed => {
-                        let error = match failed {
-                            Ok(Err(e)) => e,
-                            _ => format!("no answer within {PUBLISH_TIMEOUT:?}"),
-                        };
-                        tracing::warn!(error = %error, "cannot report this router to the fleet");
-                        let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                        if since.elapsed() >= LOST_AFTER {
-                            // The store is out of reach (or the connection wedged after a
-                            // partition): a new connection, and the follower watches anew.
-                            this.set_stale(true);
-                            match fleet.reconnect().await {
-                                Ok(()) => this.resubscribe.notify_one(),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot reach the state store")
-                                }
-                            }
-                            failing_since = Some(tokio::time::Instant::now());
-                        }
-                    }
-                }
-                // A watch can hang on a connection a partition wedged while other requests
-                // go through: now and then the state is read directly, and if the watch
-                // missed a change, it is applied and the watch opened anew.
+                this.report_once(&mut failing_since).await;
                 if checked.elapsed() >= CHECK_INTERVAL {
                     checked = tokio::time::Instant::now();
-                    let before = this.applied.load(Ordering::SeqCst);
-                    if this.apply_recorded(before).await
-                        && this.applied.load(Ordering::SeqCst) > before
-                    {
-                        tracing::warn!(
-                            "the store's watch missed a change; applied it and watching anew"
-                        );
-                        this.resubscribe.notify_one();
-                    }
+                    this.check_applied().await;
                 }
                 drop(this);
                 tokio::select! {
@@ -111,6 +75,44 @@ impl Controller {
                 }
             }
         });
+    }
+
+    /// Publishes this router's report. Reports failing for `LOST_AFTER` mean the store is out
+    /// of reach, or the connection wedged after a partition: the router says it is stale,
+    /// connects anew, and the follower watches anew.
+    async fn report_once(&self, failing_since: &mut Option<tokio::time::Instant>) {
+        let fleet = self.fleet.get().expect("in a fleet");
+        let report = self.report();
+        let error = match tokio::time::timeout(PUBLISH_TIMEOUT, fleet.publish(&report)).await {
+            Ok(Ok(())) => {
+                *failing_since = None;
+                return;
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {PUBLISH_TIMEOUT:?}"),
+        };
+        tracing::warn!(error = %error, "cannot report this router to the fleet");
+        let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < LOST_AFTER {
+            return;
+        }
+        self.set_stale(true);
+        match fleet.reconnect().await {
+            Ok(()) => self.resubscribe.notify_one(),
+            Err(e) => tracing::warn!(error = %e, "cannot reach the state store"),
+        }
+        *failing_since = Some(tokio::time::Instant::now());
+    }
+
+    /// A watch can hang on a connection a partition wedged while other requests go through:
+    /// the state is read directly now and then, and a change the watch missed is applied and
+    /// the watch opened anew.
+    async fn check_applied(&self) {
+        let before = self.applied.load(Ordering::SeqCst);
+        if self.apply_recorded(before).await && self.applied.load(Ordering::SeqCst) > before {
+            tracing::warn!("the store's watch missed a change; applied it and watching anew");
+            self.resubscribe.notify_one();
+        }
     }
 
     /// Campaigns for the fleet's leadership until this daemon stops; once elected it does
