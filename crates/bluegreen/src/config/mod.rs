@@ -19,7 +19,7 @@ use controller::{
     ControllerConfig, RawAnalysis, RawApp, RawController, RawEnvironment, RawHooks, RawRelease,
     RawStrategy, RawTest, RawWebhook,
 };
-pub use store::{EtcdSettings, StoreSettings};
+pub use store::{EtcdSettings, EtcdTls, StoreSettings};
 
 /// One problem in the config, with the key path that holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -888,7 +888,7 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
         );
         let found = issues(&bad);
         for expected in [
-            "store.etcd.endpoints[0]: https (TLS to etcd) is not supported yet",
+            "store.etcd.endpoints[0]: https needs store.etcd.tls",
             "store.etcd.endpoints[1]: \"10.0.0.2\" is not host:port",
             "store.etcd.endpoints[2]: unknown scheme \"ftp\"",
             "store.etcd.prefix: \"bluegreen\" is not a key prefix",
@@ -903,6 +903,34 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
         assert!(
             issues(&format!("{GOOD}store:\n  etcd:\n    endpoints: []\n"))[0]
                 .starts_with("store.etcd.endpoints: is empty")
+        );
+        let tls = issues(&format!(
+            "{GOOD}store:\n  etcd:\n    endpoints: [\"http://10.0.0.1:2379\"]\n    tls: {{ ca_file: no-such-ca.pem, cert_file: me.pem }}\n"
+        ));
+        for expected in [
+            "store.etcd.tls.ca_file: cannot read /tmp/x/no-such-ca.pem",
+            "store.etcd.tls: cert_file and key_file go together",
+        ] {
+            assert!(
+                tls.iter().any(|i| i.starts_with(expected)),
+                "{expected}: {tls:?}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "PEM").unwrap();
+        let mixed = format!(
+            "{GOOD}store:\n  etcd:\n    endpoints: [\"http://10.0.0.1:2379\", \"https://10.0.0.2:2379\"]\n    tls: {{ ca_file: ca.pem }}\n"
+        );
+        let found: Vec<String> = Config::parse(&mixed, dir.path())
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "store.etcd.endpoints[0]: http with store.etcd.tls set; write https://host:port, or remove store.etcd.tls"
+            ]
         );
         let id = GOOD.replace(
             "  listen: 127.0.0.1:8080",

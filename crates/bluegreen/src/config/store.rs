@@ -23,6 +23,15 @@ struct RawEtcd {
     password_file: Option<String>,
     timeout: Option<HumanDuration>,
     confirm_timeout: Option<HumanDuration>,
+    tls: Option<RawEtcdTls>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawEtcdTls {
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 /// Where the controller keeps its state.
@@ -48,6 +57,16 @@ pub struct EtcdSettings {
     /// How long a switch waits for every live router to apply it before naming the ones that
     /// have not.
     pub confirm_timeout: Duration,
+    /// https to the members: the CA that signed their certificates, and this router's own
+    /// certificate and key when the cluster asks clients for one.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM text, read when the config is loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EtcdTls {
+    pub ca: String,
+    pub identity: Option<(String, String)>,
 }
 
 /// How long a request to etcd may take unless `store.etcd.timeout` says otherwise.
@@ -66,15 +85,24 @@ impl Validator<'_> {
                 "is empty; list the cluster's client URLs, e.g. [\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]",
             );
         }
+        let tls = etcd.tls.and_then(|tls| self.etcd_tls(tls));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoints = Vec::new();
         for (i, endpoint) in etcd.endpoints.iter().enumerate() {
             let key = format!("store.etcd.endpoints[{i}]");
             let address = match endpoint.split_once("://") {
-                Some(("http", rest)) => rest,
+                Some((given @ ("http" | "https"), rest)) if given == scheme => rest,
                 Some(("https", _)) => {
                     self.issue(
                         key,
-                        "https (TLS to etcd) is not supported yet; reach etcd over http on a private network, or through a local TLS proxy",
+                        "https needs store.etcd.tls: { ca_file: … } (the CA that signed the members' certificates)",
+                    );
+                    continue;
+                }
+                Some(("http", _)) => {
+                    self.issue(
+                        key,
+                        "http with store.etcd.tls set; write https://host:port, or remove store.etcd.tls",
                     );
                     continue;
                 }
@@ -97,7 +125,7 @@ impl Validator<'_> {
                 );
                 continue;
             }
-            endpoints.push(format!("http://{address}"));
+            endpoints.push(format!("{scheme}://{address}"));
         }
         let prefix = match etcd.prefix {
             None => format!("/bluegreen/{service}"),
@@ -163,6 +191,57 @@ impl Validator<'_> {
             user,
             timeout,
             confirm_timeout,
+            tls,
+        })
+    }
+
+    /// The text of `store.etcd.tls.<key>`'s file, or an issue naming the key.
+    fn read_pem(&mut self, key: &str, file: &str) -> Option<String> {
+        let path = self.resolve(file);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                self.issue(
+                    format!("store.etcd.tls.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        }
+    }
+
+    /// The CA (required) and this router's certificate and key (both, or neither), read now.
+    fn etcd_tls(&mut self, tls: RawEtcdTls) -> Option<EtcdTls> {
+        let ca = match tls.ca_file {
+            Some(file) => self.read_pem("ca_file", &file),
+            None => {
+                self.issue(
+                    "store.etcd.tls.ca_file",
+                    "is required: the PEM file of the CA that signed the etcd members' certificates",
+                );
+                None
+            }
+        };
+        let identity = match (tls.cert_file, tls.key_file) {
+            (None, None) => Some(None),
+            (Some(cert), Some(key)) => {
+                let (cert, key) = (
+                    self.read_pem("cert_file", &cert),
+                    self.read_pem("key_file", &key),
+                );
+                cert.zip(key).map(Some)
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                self.issue(
+                    "store.etcd.tls",
+                    "cert_file and key_file go together: this router's client certificate and its key",
+                );
+                None
+            }
+        };
+        Some(EtcdTls {
+            ca: ca?,
+            identity: identity?,
         })
     }
 }

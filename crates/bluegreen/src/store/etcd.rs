@@ -27,8 +27,8 @@ use std::collections::{BTreeMap, VecDeque};
 use async_trait::async_trait;
 use bluegreen_router::Color;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    SortOrder, SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -500,6 +500,13 @@ async fn connect_with(
     if let Some(timeout) = timeout {
         options = options.with_timeout(timeout);
     }
+    if let Some(tls) = &settings.tls {
+        let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(config);
+    }
     if let Some((user, password)) = &settings.user {
         options = options.with_user(user, password);
     }
@@ -814,32 +821,47 @@ mod tests {
     /// once this test process is gone.
     fn etcd() -> &'static str {
         static ENDPOINT: OnceLock<String> = OnceLock::new();
-        ENDPOINT.get_or_init(|| {
-            let ports = free_ports(2).expect("free ports");
-            let (client, peer) = (
-                format!("http://127.0.0.1:{}", ports[0]),
-                format!("http://127.0.0.1:{}", ports[1]),
-            );
-            let dir = tempfile::tempdir().expect("a temporary folder").keep();
-            let script = format!(
-                "etcd --name unit --data-dir {dir} --listen-client-urls {client} \
-                 --advertise-client-urls {client} --listen-peer-urls {peer} \
-                 --initial-advertise-peer-urls {peer} --initial-cluster unit={peer} \
-                 >{dir}.log 2>&1 & member=$!; \
-                 while kill -0 {parent} 2>/dev/null && kill -0 $member 2>/dev/null; do sleep 0.2; done; \
-                 kill $member 2>/dev/null; wait $member; rm -rf {dir} {dir}.log",
-                dir = dir.display(),
-                parent = std::process::id(),
-            );
-            let mut watchdog = Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd (Debian's etcd-server; scripts/test installs it) starts");
-            std::thread::spawn(move || watchdog.wait());
-            client
-        })
+        ENDPOINT.get_or_init(|| start_member(None))
+    }
+
+    /// Starts one etcd member on free loopback ports (https with `tls`: the certificate and
+    /// key files it serves); returns its client URL. A watchdog shell stops it, and removes
+    /// its data, once this test process is gone.
+    fn start_member(tls: Option<(&std::path::Path, &std::path::Path)>) -> String {
+        let ports = free_ports(2).expect("free ports");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let (client, peer) = (
+            format!("{scheme}://127.0.0.1:{}", ports[0]),
+            format!("http://127.0.0.1:{}", ports[1]),
+        );
+        let certificates = tls
+            .map(|(cert, key)| {
+                format!(
+                    "--cert-file {} --key-file {}",
+                    cert.display(),
+                    key.display()
+                )
+            })
+            .unwrap_or_default();
+        let dir = tempfile::tempdir().expect("a temporary folder").keep();
+        let script = format!(
+            "etcd --name unit --data-dir {dir} --listen-client-urls {client} \
+             --advertise-client-urls {client} --listen-peer-urls {peer} \
+             --initial-advertise-peer-urls {peer} --initial-cluster unit={peer} {certificates} \
+             >{dir}.log 2>&1 & member=$!; \
+             while kill -0 {parent} 2>/dev/null && kill -0 $member 2>/dev/null; do sleep 0.2; done; \
+             kill $member 2>/dev/null; wait $member; rm -rf {dir} {dir}.log",
+            dir = dir.display(),
+            parent = std::process::id(),
+        );
+        let mut watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian's etcd-server; scripts/test installs it) starts");
+        std::thread::spawn(move || watchdog.wait());
+        client
     }
 
     async fn fresh_store() -> EtcdStore {
@@ -854,6 +876,7 @@ mod tests {
             user: None,
             timeout: Duration::from_secs(5),
             confirm_timeout: Duration::from_secs(5),
+            tls: None,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -935,6 +958,50 @@ mod tests {
         assert_eq!(ids, [1]);
     }
 
+    /// https to a member: its CA trusted, commits land and read back; a CA that did not sign
+    /// its certificate is refused at connect, before anything is written.
+    #[tokio::test]
+    async fn a_member_behind_tls_is_reached_with_its_ca_and_refused_with_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let (cert, key) = (dir.path().join("member.pem"), dir.path().join("member.key"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let endpoint = start_member(Some((&cert, &key)));
+        let settings = |ca: String| EtcdSettings {
+            endpoints: vec![endpoint.clone()],
+            prefix: format!("/test/tls-{}", std::process::id()),
+            user: None,
+            timeout: Duration::from_secs(5),
+            confirm_timeout: Duration::from_secs(5),
+            tls: Some(crate::config::EtcdTls { ca, identity: None }),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let store = loop {
+            match EtcdStore::connect(&settings(certified.cert.pem())).await {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        let committed = store
+            .commit(Write::event("start", "over tls", None))
+            .await
+            .unwrap();
+        assert_eq!(store.revision().await.unwrap(), committed.revision);
+        assert_eq!(
+            store.events_after(0, 1).await.unwrap()[0].message,
+            "over tls"
+        );
+
+        let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+        let refused = EtcdStore::connect(&settings(other.cert.pem())).await;
+        assert!(
+            refused.is_err(),
+            "a CA that did not sign the member is refused"
+        );
+    }
+
     #[tokio::test]
     async fn an_unreachable_cluster_is_a_clear_error() {
         let port = free_ports(1).unwrap()[0];
@@ -944,6 +1011,7 @@ mod tests {
             user: None,
             timeout: Duration::from_millis(500),
             confirm_timeout: Duration::from_secs(5),
+            tls: None,
         };
         let error = EtcdStore::connect(&settings).await.err().expect("refused");
         assert!(
