@@ -176,6 +176,18 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
         "blue-c",
         "cut off, c serves what it applied"
     );
+    // Its leased report lapses: the leader lists it as lost, with its last report.
+    eventually(Duration::from_secs(10), "c listed as lost", async || {
+        let status = a.status().await;
+        status["routers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == "c" && r["lost"] == true && r["lag"].as_i64() > Some(0))
+    })
+    .await;
+    let printed = text(&a.cli(&["status"]));
+    assert!(printed.contains("lost: its report is gone"), "{printed}");
 
     // Back in reach: c catches up and says so.
     link.restore();

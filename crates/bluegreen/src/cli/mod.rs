@@ -687,6 +687,9 @@ fn render_routers(out: &mut String, status: &Value) {
     ));
     for router in routers {
         let state = match (router["stale"].as_bool(), router["refused"].as_str()) {
+            _ if router["lost"].as_bool() == Some(true) => {
+                "lost: its report is gone (stopped, or cut off from etcd)".into()
+            }
             (_, Some(refused)) => format!("cannot apply: {refused}"),
             (Some(true), _) => "stale: lost etcd, serving its last state".into(),
             _ => "ok".into(),

@@ -41,7 +41,13 @@ pub struct RouterView {
     /// Router-state revisions recorded that it has not applied.
     pub lag: i64,
     pub report_age_ms: i64,
+    /// Its report is gone (its lease lapsed: it stopped, or lost etcd); this is the last one
+    /// seen. Kept in the list for `LOST_KEPT`.
+    pub lost: bool,
 }
+
+/// How long a router whose report went away stays in the list, marked lost.
+const LOST_KEPT: Duration = Duration::from_secs(600);
 
 impl Controller {
     /// Joins the fleet: follows the recorded router state from the store, and reports this
@@ -108,6 +114,11 @@ impl Controller {
     /// the state is read directly now and then, and a change the watch missed is applied and
     /// the watch opened anew.
     async fn check_applied(&self) {
+        // The leader keeps the list of routers it has seen, so one that goes away is shown
+        // as lost (the others learn of routers when asked for their status).
+        if self.leading.load(Ordering::SeqCst) {
+            let _ = self.routers().await;
+        }
         let before = self.applied.load(Ordering::SeqCst);
         if self.apply_recorded(before).await && self.applied.load(Ordering::SeqCst) > before {
             tracing::warn!("the store's watch missed a change; applied it and watching anew");
@@ -346,20 +357,27 @@ impl Controller {
         let fleet = self.fleet.get()?;
         let newest = self.state.lock().await.revision;
         let now = now_ms();
-        let mut routers: Vec<RouterView> = match fleet.routers().await {
-            Ok(reports) => reports
-                .into_iter()
-                .map(|report| RouterView {
-                    lag: (newest - report.applied).max(0),
-                    report_age_ms: (now - report.reported_ms).max(0),
-                    report,
-                })
-                .collect(),
+        let live = match fleet.routers().await {
+            Ok(reports) => reports,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the fleet's routers");
                 Vec::new()
             }
         };
+        let mut seen = self.seen_routers.lock().expect("lock");
+        for report in &live {
+            seen.insert(report.id.clone(), report.clone());
+        }
+        seen.retain(|_, report| now - report.reported_ms < LOST_KEPT.as_millis() as i64);
+        let mut routers: Vec<RouterView> = seen
+            .values()
+            .map(|report| RouterView {
+                lag: (newest - report.applied).max(0),
+                report_age_ms: (now - report.reported_ms).max(0),
+                lost: !live.iter().any(|r| r.id == report.id),
+                report: report.clone(),
+            })
+            .collect();
         routers.sort_by(|a, b| a.report.id.cmp(&b.report.id));
         Some(routers)
     }

@@ -106,6 +106,8 @@ pub struct Controller {
     pub(crate) leading: std::sync::atomic::AtomicBool,
     /// Tells the fleet follower to watch the store anew (on a new connection).
     pub(crate) resubscribe: Arc<tokio::sync::Notify>,
+    /// Every router's last report seen, so one whose report went away is listed as lost.
+    pub(crate) seen_routers: Mutex<std::collections::BTreeMap<String, crate::fleet::RouterReport>>,
 }
 
 impl Controller {
@@ -166,6 +168,7 @@ impl Controller {
             reported: Arc::new(tokio::sync::Notify::new()),
             leading: std::sync::atomic::AtomicBool::new(false),
             resubscribe: Arc::new(tokio::sync::Notify::new()),
+            seen_routers: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 }
