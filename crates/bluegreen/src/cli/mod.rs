@@ -682,6 +682,11 @@ fn render_routers(out: &mut String, status: &Value) {
         return;
     };
     out.push_str(&format!(
+        "fleet: {} routers, leader {}\n",
+        routers.len(),
+        status["leader"].as_str().unwrap_or("none elected")
+    ));
+    out.push_str(&format!(
         "{:<16} {:>8} {:>4} {:>13} {:>9} {:>9} {:>7}  {}\n",
         "ROUTER", "APPLIED", "LAG", "BLUE/GREEN", "REQUESTS", "ERRORS", "REPORT", "STATE"
     ));
@@ -703,8 +708,8 @@ fn render_routers(out: &mut String, status: &Value) {
         out.push_str(&format!(
             "{:<16} {:>8} {:>4} {:>13} {:>9} {:>9} {:>6.1}s  {state}\n",
             router["id"].as_str().unwrap_or("?"),
-            router["applied"],
-            router["lag"],
+            router["applied"].to_string(),
+            router["lag"].to_string(),
             format!(
                 "{}/{}",
                 router["weights"]["blue"], router["weights"]["green"]

@@ -38,7 +38,8 @@ pub(crate) struct FleetStanding {
 pub struct RouterView {
     #[serde(flatten)]
     pub report: RouterReport,
-    /// Router-state revisions recorded that it has not applied.
+    /// Router states (splits, upstream overrides) recorded since the one it applied: 0 when
+    /// it serves the newest.
     pub lag: i64,
     pub report_age_ms: i64,
     /// Its report is gone (its lease lapsed: it stopped, or lost etcd); this is the last one
@@ -283,6 +284,7 @@ impl Controller {
                 tracing::warn!(%color, error = %e, "cannot apply the recorded upstreams here");
             }
         }
+        self.saw_router_state(read.revision);
         let outcome = self.plane.apply_split(recorded.split);
         state.value = recorded;
         state.revision = state.revision.max(read.revision);
@@ -299,6 +301,18 @@ impl Controller {
         }
         self.reported.notify_one();
         true
+    }
+
+    /// Remembers a router state's revision (the newest 1,000), for routers' lag.
+    pub(crate) fn saw_router_state(&self, revision: Revision) {
+        let mut states = self.router_states.lock().expect("lock");
+        if states.back().is_some_and(|last| *last >= revision) {
+            return;
+        }
+        states.push_back(revision);
+        if states.len() > 1000 {
+            states.pop_front();
+        }
     }
 
     fn set_stale(&self, stale: bool) {
@@ -355,7 +369,6 @@ impl Controller {
     /// The fleet's routers for `status` (none on one machine).
     pub async fn routers(&self) -> Option<Vec<RouterView>> {
         let fleet = self.fleet.get()?;
-        let newest = self.state.lock().await.revision;
         let now = now_ms();
         let live = match fleet.routers().await {
             Ok(reports) => reports,
@@ -364,6 +377,8 @@ impl Controller {
                 Vec::new()
             }
         };
+        let states = self.router_states.lock().expect("lock").clone();
+        let lag = |applied: Revision| states.iter().filter(|r| **r > applied).count() as i64;
         let mut seen = self.seen_routers.lock().expect("lock");
         for report in &live {
             seen.insert(report.id.clone(), report.clone());
@@ -372,7 +387,7 @@ impl Controller {
         let mut routers: Vec<RouterView> = seen
             .values()
             .map(|report| RouterView {
-                lag: (newest - report.applied).max(0),
+                lag: lag(report.applied),
                 report_age_ms: (now - report.reported_ms).max(0),
                 lost: !live.iter().any(|r| r.id == report.id),
                 report: report.clone(),
@@ -404,8 +419,8 @@ impl Controller {
     }
 
     /// After a change recorded at `revision`: waits until every live router applied it.
-    /// The routers that had not when `store.etcd.confirm_timeout` ran out (none on one
-    /// machine, where applying is part of recording).
+    /// The routers that had not when `store.etcd.confirm_timeout` ran out, and those known
+    /// lost (none on one machine, where applying is part of recording).
     pub(crate) async fn confirm(&self, revision: Revision) -> Vec<Lagging> {
         let Some(fleet) = self.fleet.get() else {
             return Vec::new();
@@ -415,10 +430,24 @@ impl Controller {
             crate::config::StoreSettings::Etcd(etcd) => etcd.confirm_timeout,
             crate::config::StoreSettings::Sqlite => return Vec::new(),
         };
-        fleet
+        let mut lagging = fleet
             .wait_applied(revision, timeout)
             .await
             .err()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // Routers already lost when the change was made are not waited for, but they have not
+        // applied it either: named too.
+        for view in self.routers().await.unwrap_or_default() {
+            if view.lost
+                && view.report.applied < revision
+                && !lagging.iter().any(|l| l.id == view.report.id)
+            {
+                lagging.push(Lagging {
+                    id: view.report.id,
+                    applied: None,
+                });
+            }
+        }
+        lagging
     }
 }

@@ -106,6 +106,9 @@ pub struct Controller {
     pub(crate) leading: std::sync::atomic::AtomicBool,
     /// Tells the fleet follower to watch the store anew (on a new connection).
     pub(crate) resubscribe: Arc<tokio::sync::Notify>,
+    /// The revisions of the newest router states this daemon has seen (recorded or applied),
+    /// oldest first: a router's lag is how many of them it has not applied.
+    pub(crate) router_states: Mutex<std::collections::VecDeque<crate::store::Revision>>,
     /// Every router's last report seen, so one whose report went away is listed as lost.
     pub(crate) seen_routers: Mutex<std::collections::BTreeMap<String, crate::fleet::RouterReport>>,
 }
@@ -169,6 +172,7 @@ impl Controller {
             leading: std::sync::atomic::AtomicBool::new(false),
             resubscribe: Arc::new(tokio::sync::Notify::new()),
             seen_routers: Mutex::new(std::collections::BTreeMap::new()),
+            router_states: Mutex::new(std::collections::VecDeque::from([applied])),
         })
     }
 }

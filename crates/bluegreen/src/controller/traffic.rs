@@ -238,6 +238,7 @@ impl Controller {
         // Applied right after by the caller (or recorded back if the router refuses).
         self.applied
             .store(committed.revision, std::sync::atomic::Ordering::SeqCst);
+        self.saw_router_state(committed.revision);
         self.reported.notify_one();
         self.notify(kind, message, None);
         Ok(())
