@@ -287,13 +287,40 @@ async fn start_fleet(
             url: format!("http://127.0.0.1:{listen}/"),
         });
     }
-    wait_for(
+    let all = wait_for(
         etcd,
         &format!("{prefix}/routers/"),
         count,
         Duration::from_secs(90),
     )
-    .await?;
+    .await;
+    if let Err(e) = all {
+        // Say which routers never reported, and what their logs end with.
+        let reported = etcd
+            .get(
+                format!("{prefix}/routers/"),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let keys: Vec<String> = reported
+            .kvs()
+            .iter()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .collect();
+        let mut missing = String::new();
+        for i in 0..count {
+            if !keys.iter().any(|k| k.ends_with(&format!("/r{i}"))) {
+                let log =
+                    std::fs::read_to_string(work.join(format!("fleet-{count}-r{i}/daemon.log")))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                missing.push_str(&format!("\nr{i}: {}", tail.join("\n    ")));
+            }
+        }
+        return Err(format!("{e}; missing:{missing}"));
+    }
     Ok((routers, admin))
 }
 

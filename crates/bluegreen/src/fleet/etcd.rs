@@ -1,4 +1,4 @@
-//! Routers' reports in etcd: each under `<prefix>/routers/<id>`, bound to a lease that lapses when its router stops or loses the cluster.
+//! The fleet on etcd: each router's report under `<prefix>/routers/<id>`, bound to a lease that lapses when its router stops or loses the cluster, and the election of the leader under `<prefix>/leader`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
