@@ -370,17 +370,18 @@ impl Controller {
     pub async fn routers(&self) -> Option<Vec<RouterView>> {
         let fleet = self.fleet.get()?;
         let now = now_ms();
+        // When the reports cannot be read, nobody is called lost: the last ones seen are shown.
         let live = match fleet.routers().await {
-            Ok(reports) => reports,
+            Ok(reports) => Some(reports),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the fleet's routers");
-                Vec::new()
+                None
             }
         };
         let states = self.router_states.lock().expect("lock").clone();
         let lag = |applied: Revision| states.iter().filter(|r| **r > applied).count() as i64;
         let mut seen = self.seen_routers.lock().expect("lock");
-        for report in &live {
+        for report in live.iter().flatten() {
             seen.insert(report.id.clone(), report.clone());
         }
         seen.retain(|_, report| now - report.reported_ms < LOST_KEPT.as_millis() as i64);
@@ -389,7 +390,9 @@ impl Controller {
             .map(|report| RouterView {
                 lag: lag(report.applied),
                 report_age_ms: (now - report.reported_ms).max(0),
-                lost: !live.iter().any(|r| r.id == report.id),
+                lost: live
+                    .as_ref()
+                    .is_some_and(|live| !live.iter().any(|r| r.id == report.id)),
                 report: report.clone(),
             })
             .collect();

@@ -16,7 +16,8 @@ use crate::store::etcd::EtcdStore;
 /// How long a report outlives its router's last keep-alive: a router gone (stopped, cut off)
 /// leaves the list this long after its last word.
 const LEASE_TTL_SECONDS: i64 = 5;
-/// How many times a report is tried before the error is logged (the next comes a second on).
+/// How many times a report (or the list of reports) is tried before the error is the
+/// caller's.
 const PUBLISH_TRIES: usize = 3;
 
 pub struct EtcdFleet {
@@ -150,17 +151,30 @@ impl Fleet for EtcdFleet {
         ))
     }
 
+    /// Tried a few times, like a report: a request may reach a lost member first.
     async fn routers(&self) -> Result<Vec<RouterReport>, String> {
-        let mut client = self.store.client();
-        let found = client
-            .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| format!("cannot read the routers' reports: {e}"))?;
-        Ok(found
-            .kvs()
-            .iter()
-            .filter_map(|kv| self.parse(kv.value()))
-            .collect())
+        let mut last = None;
+        for _ in 0..PUBLISH_TRIES {
+            let mut client = self.store.client();
+            match client
+                .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                Ok(found) => {
+                    return Ok(found
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| self.parse(kv.value()))
+                        .collect());
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "cannot read the routers' reports: {}",
+            last.expect("tried at least once")
+        ))
     }
 
     /// Campaigns under a lease of its own, kept alive every second; the token is cancelled
