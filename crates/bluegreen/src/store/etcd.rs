@@ -292,14 +292,14 @@ impl EtcdStore {
         };
         if let Some((expected, state)) = &write.router_state {
             let key = self.key_of(&Key::RouterState);
-            plan.expect(Key::RouterState, &key, *expected);
+            plan.read_at(Key::RouterState, &key, *expected);
             plan.puts.push(TxnOp::put(key, to_json(state), None));
             plan.keys.push(Key::RouterState);
         }
         if let Some((expected, record)) = &write.environment {
             let name = Key::Environment(record.color);
             let key = self.key_of(&name);
-            plan.expect(name.clone(), &key, *expected);
+            plan.read_at(name.clone(), &key, *expected);
             plan.puts.push(TxnOp::put(key, to_json(record), None));
             plan.keys.push(name);
         }
@@ -315,7 +315,7 @@ impl EtcdStore {
                 next_id(&mut plan, "release")
             } else {
                 let key = self.key_of(&Key::Release(release.id));
-                plan.expect(Key::Release(release.id), &key, *expected);
+                plan.read_at(Key::Release(release.id), &key, *expected);
                 plan.exists(&key);
                 release.id
             };
@@ -373,7 +373,7 @@ impl EtcdStore {
                     detail,
                 } => {
                     let key = self.step_key(release_id, *id);
-                    plan.expect(Key::Step(*id), &key, *revision);
+                    plan.read_at(Key::Step(*id), &key, *revision);
                     plan.exists(&key);
                     let found = self.range(key.clone(), GetOptions::new()).await?;
                     // Missing: the compare above refuses the write as a conflict.
@@ -450,7 +450,7 @@ struct Plan {
 impl Plan {
     /// The caller read `name` (etcd key `key`) at `revision`: the write lands only if it is
     /// still so (`0`: the key must not exist).
-    fn expect(&mut self, name: Key, key: &str, revision: Revision) {
+    fn read_at(&mut self, name: Key, key: &str, revision: Revision) {
         self.compares
             .push(Compare::mod_revision(key, CompareOp::Equal, revision));
         self.checks.push(TxnOp::get(key, None));
