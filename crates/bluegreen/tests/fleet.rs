@@ -151,10 +151,14 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
         text(&out)
     );
 
-    // One etcd member killed: nothing changes.
+    // One etcd member killed: nothing changes — b's live event stream (its dashboard's)
+    // still carries the events the leader records.
+    let b_events = live_events(b, "switched: blue is live").await;
     cluster.kill(2);
     let out = a.cli(&["switch", "--to", "blue"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let seen = b_events.await.unwrap();
+    assert!(seen.contains("switched: blue is live"), "{seen}");
     for (router, id) in routers.iter().zip(["a", "b", "c"]) {
         assert_eq!(answer(router).await, format!("blue-{id}"));
     }
@@ -412,6 +416,34 @@ async fn hosts_with_their_own_addresses_follow_one_state_and_a_cut_off_host_catc
     drop(routers);
     drop(cluster);
     drop(hosts);
+}
+
+/// Reads `router`'s server-sent events (its dashboard's `/api/stream`) in the background
+/// until one contains `needle`; what was read, or after 20 s what was read so far.
+async fn live_events(router: &Daemon, needle: &str) -> tokio::task::JoinHandle<String> {
+    use http_body_util::BodyExt;
+    let url = format!(
+        "{}api/stream",
+        router.status().await["dashboard"].as_str().unwrap()
+    );
+    let request = http::Request::get(&url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let mut body = client().request(request).await.unwrap().into_body();
+    let needle = needle.to_string();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, body.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+            if text.contains(&needle) {
+                break;
+            }
+        }
+        text
+    })
 }
 
 /// Stops each router's load; none may have failed a request.

@@ -199,7 +199,8 @@ impl Controller {
         self.fleet.get()?.leader().await
     }
 
-    /// Applies each router state another daemon records, as it lands; when the store is out
+    /// Applies each router state another daemon records, and publishes each event to the live
+    /// watchers (`/v1/stream`), as they land; when the store is out
     /// of reach the router keeps what it applied, says it is stale, and catches up after.
     fn follow_router_state(self: &Arc<Self>) {
         let controller = Arc::downgrade(self);
@@ -233,6 +234,9 @@ impl Controller {
                             if change.keys.contains(&Key::RouterState) {
                                 this.apply_recorded(change.revision).await;
                             }
+                            if change.keys.iter().any(|k| matches!(k, Key::Event(_))) {
+                                this.publish_events().await;
+                            }
                             from = change.revision;
                             this.set_stale(false);
                         }
@@ -248,6 +252,7 @@ impl Controller {
                     return;
                 };
                 // Caught up by reading, then followed from there.
+                this.publish_events().await;
                 if let Ok(newest) = this.store.revision().await
                     && this.apply_recorded(newest).await
                 {

@@ -454,12 +454,14 @@ impl Controller {
                     .push(Instant::now(), snapshots);
             }
         });
-        self.follow_store().await;
         if self.fleet.get().is_some() {
-            // In a fleet only the leader recovers and drives releases, once elected.
+            // In a fleet the follower that applies the router state also publishes events
+            // (one watch, resumed after the store is lost); only the leader recovers and
+            // drives releases, once elected.
             self.lead_fleet(after);
             return;
         }
+        self.follow_store().await;
         match after {
             Start::Restart => self.recover().await,
             Start::Upgrade => self.take_control().await,
