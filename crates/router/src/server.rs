@@ -191,11 +191,7 @@ impl Router {
         {
             let _serial = self.inner.publish.lock().expect("lock");
             let old = self.table();
-            // A live color that has no healthy upstream serves no one already (first start,
-            // all instances down): new upstreams cannot make that worse.
-            if old.pool(color).healthy_count() > 0 {
-                refuse_blackhole(color, old.split.weight(color), &pool)?;
-            }
+            refuse_replacing_blackhole(&old, color, &pool)?;
             let mut pools = old.pools.clone();
             pools[color.index()] = Arc::new(pool);
             let next = old.next(old.split, pools, old.drains.clone());
@@ -218,11 +214,7 @@ impl Router {
             return Err(SwitchError::ShuttingDown);
         }
         let (pool, _) = self.candidate_pool(color, addrs).await;
-        let old = self.table();
-        if old.pool(color).healthy_count() > 0 {
-            refuse_blackhole(color, old.split.weight(color), &pool)?;
-        }
-        Ok(())
+        refuse_replacing_blackhole(&self.table(), color, &pool)
     }
 
     /// The pool `addrs` would make: known upstreams as they are, new ones checked once.
@@ -527,6 +519,20 @@ impl Router {
 }
 
 /// Never blackhole: a color that is to take traffic must have a healthy upstream.
+/// Refuses replacing `color`'s upstreams by `pool` when the color takes traffic and none of
+/// `pool` is healthy. A live color that has no healthy upstream serves no one already (first
+/// start, all instances down): new upstreams cannot make that worse.
+fn refuse_replacing_blackhole(
+    table: &RoutingTable,
+    color: Color,
+    pool: &Pool,
+) -> Result<(), SwitchError> {
+    if table.pool(color).healthy_count() == 0 {
+        return Ok(());
+    }
+    refuse_blackhole(color, table.split.weight(color), pool)
+}
+
 fn refuse_blackhole(color: Color, weight: u8, pool: &Pool) -> Result<(), SwitchError> {
     if weight > 0 && pool.healthy_count() == 0 {
         return Err(SwitchError::NoHealthyUpstream {
