@@ -419,20 +419,15 @@ impl Peer {
     }
 
     fn nginx_signal(&self, signal: &str) -> Result<(), String> {
-        let status = Command::new("nginx")
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg(self.dir.join("nginx.conf"))
-            .args(["-s", signal])
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| e.to_string())?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("nginx -s {signal} exited {status}"))
-        }
+        run_quietly(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(&self.dir)
+                .arg("-c")
+                .arg(self.dir.join("nginx.conf"))
+                .args(["-s", signal]),
+            &format!("nginx -s {signal}"),
+        )
     }
 
     /// The router's main process now (bluegreen's changes at each upgrade).
@@ -585,15 +580,23 @@ async fn unix_request(
 }
 
 fn signal(pid: u32, name: &str) -> Result<(), String> {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
+    run_quietly(
+        Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string()),
+        &format!("kill -{name} {pid}"),
+    )
+}
+
+/// Runs `command` with its errors unprinted; an error names `what` and how it ended.
+fn run_quietly(command: &mut Command, what: &str) -> Result<(), String> {
+    let status = command
         .stderr(Stdio::null())
         .status()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{what}: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("kill -{name} {pid} failed"))
+        Err(format!("{what} exited {status}"))
     }
 }
