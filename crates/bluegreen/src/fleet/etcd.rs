@@ -16,8 +16,7 @@ use crate::store::etcd::EtcdStore;
 /// How long a report outlives its router's last keep-alive: a router gone (stopped, cut off)
 /// leaves the list this long after its last word.
 const LEASE_TTL_SECONDS: i64 = 5;
-/// How many times a report (or the list of reports) is tried before the error is the
-/// caller's.
+/// How many times a report is tried before the error is the caller's.
 const PUBLISH_TRIES: usize = 3;
 
 pub struct EtcdFleet {
@@ -151,30 +150,17 @@ impl Fleet for EtcdFleet {
         ))
     }
 
-    /// Tried a few times, like a report: a request may reach a lost member first.
+    /// Tried again like the store's reads: a request may reach a lost member first.
     async fn routers(&self) -> Result<Vec<RouterReport>, String> {
-        let mut last = None;
-        for _ in 0..PUBLISH_TRIES {
-            let mut client = self.store.client();
-            match client
-                .get(self.routers.clone(), Some(GetOptions::new().with_prefix()))
-                .await
-            {
-                Ok(found) => {
-                    return Ok(found
-                        .kvs()
-                        .iter()
-                        .filter_map(|kv| self.parse(kv.value()))
-                        .collect());
-                }
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(format!(
-            "cannot read the routers' reports: {}",
-            last.expect("tried at least once")
-        ))
+        let found = self
+            .store
+            .get(self.routers.clone(), GetOptions::new().with_prefix())
+            .await
+            .map_err(|e| format!("cannot read the routers' reports: {e}"))?;
+        Ok(found
+            .iter()
+            .filter_map(|kv| self.parse(kv.value()))
+            .collect())
     }
 
     /// Campaigns under a lease of its own, kept alive every second; the token is cancelled

@@ -175,15 +175,23 @@ impl EtcdStore {
 
     /// A read, tried again while the cluster cannot answer (reads change nothing).
     async fn range(&self, key: String, options: GetOptions) -> Result<Vec<KeyValue>, StoreError> {
-        let deadline = tokio::time::Instant::now() + self.patience;
-        loop {
+        let mut response = retrying(self.patience, || {
             let mut client = self.client();
-            match client.get(key.clone(), Some(options.clone())).await {
-                Ok(mut response) => return Ok(response.take_kvs()),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(self.failed(e)),
-                Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
-            }
-        }
+            let (key, options) = (key.clone(), options.clone());
+            async move { client.get(key, Some(options)).await }
+        })
+        .await
+        .map_err(|e| self.failed(e))?;
+        Ok(response.take_kvs())
+    }
+
+    /// A read through the store's current connection, tried again like the store's own.
+    pub(crate) async fn get(
+        &self,
+        key: String,
+        options: GetOptions,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.range(key, options).await
     }
 
     fn parse<T: serde::de::DeserializeOwned>(&self, kv: &KeyValue) -> Result<T, StoreError> {
@@ -510,19 +518,34 @@ async fn connect_with(
     if let Some((user, password)) = &settings.user {
         options = options.with_user(user, password);
     }
-    let mut client = Client::connect(&settings.endpoints, Some(options)).await?;
-    // Tried again within the timeout: a member still starting refuses connections while the
-    // others answer.
-    let deadline = tokio::time::Instant::now() + settings.timeout;
+    let client = Client::connect(&settings.endpoints, Some(options)).await?;
+    // Tried again: a member still starting refuses connections while the others answer.
+    let prefix = format!("{}/state/", settings.prefix);
+    retrying(settings.timeout, || {
+        let (mut client, prefix) = (client.clone(), prefix.clone());
+        async move {
+            let options = GetOptions::new().with_prefix().with_count_only();
+            client.get(prefix, Some(options)).await
+        }
+    })
+    .await?;
+    Ok(client)
+}
+
+/// `request` tried again every `RETRY_PAUSE` while etcd cannot answer it (a member lost, an
+/// election, a member still starting), for `patience` at most; then its last error.
+async fn retrying<T, F, Fut>(
+    patience: std::time::Duration,
+    mut request: F,
+) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
-        let check = client
-            .get(
-                format!("{}/state/", settings.prefix),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await;
-        match check {
-            Ok(_) => return Ok(client),
+        match request().await {
+            Ok(answer) => return Ok(answer),
             Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
         }
