@@ -301,15 +301,13 @@ impl EtcdStore {
         if let Some((expected, state)) = &write.router_state {
             let key = self.key_of(&Key::RouterState);
             plan.read_at(Key::RouterState, &key, *expected);
-            plan.puts.push(TxnOp::put(key, to_json(state), None));
-            plan.keys.push(Key::RouterState);
+            plan.put(key, state, Key::RouterState);
         }
         if let Some((expected, record)) = &write.environment {
             let name = Key::Environment(record.color);
             let key = self.key_of(&name);
             plan.read_at(name.clone(), &key, *expected);
-            plan.puts.push(TxnOp::put(key, to_json(record), None));
-            plan.keys.push(name);
+            plan.put(key, record, name);
         }
         if let Some((expected, release)) = &write.release {
             let id = if release.id == 0 {
@@ -339,13 +337,8 @@ impl EtcdStore {
                 ended_ms: release.ended_ms,
                 document,
             };
-            plan.puts.push(TxnOp::put(
-                self.key_of(&Key::Release(id)),
-                to_json(&value),
-                None,
-            ));
+            plan.put(self.key_of(&Key::Release(id)), &value, Key::Release(id));
             plan.committed.release_id = Some(id);
-            plan.keys.push(Key::Release(id));
         }
         if let Some((release_id, step)) = &write.steps {
             // A release id of 0 names the release of this very write.
@@ -366,13 +359,8 @@ impl EtcdStore {
                         detail: detail.clone(),
                         revision: 0,
                     };
-                    plan.puts.push(TxnOp::put(
-                        self.step_key(release_id, id),
-                        to_json(&record),
-                        None,
-                    ));
+                    plan.put(self.step_key(release_id, id), &record, Key::Step(id));
                     plan.committed.step_id = Some(id);
-                    plan.keys.push(Key::Step(id));
                 }
                 StepWrite::End {
                     id,
@@ -410,8 +398,7 @@ impl EtcdStore {
                         ));
                         step.status = "interrupted".into();
                         step.ended_ms = Some(now_ms());
-                        plan.puts.push(TxnOp::put(key, to_json(&step), None));
-                        plan.keys.push(Key::Step(step.id));
+                        plan.put(key, &step, Key::Step(step.id));
                     }
                 }
             }
@@ -430,13 +417,8 @@ impl EtcdStore {
                 message: message.clone(),
                 release_id: release_id.or(plan.committed.release_id),
             };
-            plan.puts.push(TxnOp::put(
-                self.key_of(&Key::Event(id)),
-                to_json(&record),
-                None,
-            ));
+            plan.put(self.key_of(&Key::Event(id)), &record, Key::Event(id));
             plan.committed.event_id = Some(id);
-            plan.keys.push(Key::Event(id));
         }
         Ok(plan)
     }
@@ -463,6 +445,12 @@ impl Plan {
             .push(Compare::mod_revision(key, CompareOp::Equal, revision));
         self.checks.push(TxnOp::get(key, None));
         self.expected.push((name, revision));
+    }
+
+    /// Writes `value` as `record`'s etcd `key`, and names the record among the commit's.
+    fn put(&mut self, key: impl Into<Vec<u8>>, value: &impl Serialize, record: Key) {
+        self.puts.push(TxnOp::put(key, to_json(value), None));
+        self.keys.push(record);
     }
 
     /// The key must exist (an update, never a creation under an id nobody handed out).
