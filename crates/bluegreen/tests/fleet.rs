@@ -418,6 +418,195 @@ async fn hosts_with_their_own_addresses_follow_one_state_and_a_cut_off_host_catc
     drop(hosts);
 }
 
+/// Three hosts in network namespaces, each deploying its own instances with the process
+/// provider: a release deploys to one host at a time (`deploy.batch: 1`), tests each host's
+/// new color through that host's router, then shifts every router together — 0 failed
+/// requests; then a version that cannot become healthy on one host fails the deploy naming
+/// that host, the hosts that deployed it are stopped, and traffic never moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_host_deploys_its_own_instances_in_batches_and_one_bad_host_stops_the_release() {
+    let hosts = Hosts::create(3);
+    let cluster = EtcdCluster::start_on(hosts.service, 3).await;
+    let mut routers = Vec::new();
+    for i in 0..3 {
+        let app = format!(
+            "{BIN} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}-h{i}"
+        );
+        // Host h2 cannot run 3.0: its health check fails there (and only there).
+        let command = if i == 2 {
+            format!(
+                "sh -c 'if [ {{version}} = 3.0 ]; then export EXAMPLE_UNHEALTHY=true; fi; exec {app}'"
+            )
+        } else {
+            app
+        };
+        let config = format!(
+            "service: web\nrouter:\n  id: h{i}\n  listen: {}:8080\n  admin: .bluegreen/admin.sock\n  drain_timeout: 2s\n\
+             app:\n  command: \"{}\"\n  instances: 2\n  ready_timeout: 5s\n  stop_timeout: 2s\n\
+             health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}\n\
+             test:\n  checks:\n    - {{ path: /, status: 200, body_contains: \"{{version}}-h{i}\" }}\n\
+             release:\n  strategy: quick\n  monitor_window: 1s\n  scale_down_delay: 0s\n\
+             strategies:\n  quick: {{ type: canary, steps: [50], wait: 1s }}\n\
+             deploy: {{ batch: 1 }}\n\
+             dashboard: {{ enabled: false }}\n\
+             store:\n  etcd:\n    endpoints: {}\n    prefix: /bgtest/hosts-{}\n    confirm_timeout: 5s\n",
+            hosts.addresses[i],
+            command.replace('"', "\\\""),
+            EtcdCluster::endpoints_yaml(&cluster.clients),
+            std::process::id()
+        );
+        routers.push(Daemon::start_wrapped(&hosts.on(i), &config).await);
+    }
+    for router in &routers {
+        eventually(
+            Duration::from_secs(15),
+            "every host lists the fleet",
+            async || routers_of(router).await.len() == 3,
+        )
+        .await;
+    }
+    // Nothing runs yet: the first deploy brings blue up on every host, one after another.
+    let out = routers[0].cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("on 3 host(s), 1 at a time"),
+        "{}",
+        text(&out)
+    );
+    for (i, router) in routers.iter().enumerate() {
+        eventually(
+            Duration::from_secs(5),
+            "each host serves its own blue",
+            async || {
+                get(&client(), &router.url("/"), &[])
+                    .await
+                    .is_ok_and(|(code, _, body)| {
+                        code == 200 && body.trim() == format!("blue 1.0-h{i}")
+                    })
+            },
+        )
+        .await;
+    }
+    let loads: Vec<Load> = routers.iter().map(|r| Load::start(r.url("/"), 2)).collect();
+
+    let out = routers[0].cli(&["release", "--version", "2.0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    println!("{}", text(&out));
+    for (i, router) in routers.iter().enumerate() {
+        assert_eq!(answer(router).await, format!("green 2.0-h{i}"));
+    }
+    println!("{}", text(&routers[1].cli(&["status"])));
+    let status = routers[1].status().await;
+    let green: Vec<&Value> = status["hosts"]
+        .as_array()
+        .expect("status lists the hosts")
+        .iter()
+        .filter(|h| h["record"]["color"] == "green")
+        .collect();
+    assert_eq!(green.len(), 3, "{status}");
+    for host in &green {
+        assert_eq!(host["record"]["version"], "2.0", "{host}");
+        assert_eq!(host["record"]["status"], "running", "{host}");
+        assert_eq!(
+            host["test_failures"],
+            serde_json::json!([]),
+            "tested there: {host}"
+        );
+        let upstreams = host["record"]["upstreams"].as_array().unwrap();
+        assert_eq!(upstreams.len(), 2, "its own two instances: {host}");
+        assert!(
+            upstreams
+                .iter()
+                .all(|u| u.as_str().unwrap().starts_with("127.0.0.1:"))
+        );
+    }
+    // One host at a time, in order, each tested through its own router.
+    let (_, events) = routers[0].admin("GET", "/v1/history?limit=200", None).await;
+    let events = events.to_string();
+    let batches: Vec<usize> = [
+        "runs on h0 (batch 1 of 3",
+        "runs on h1 (batch 2 of 3",
+        "runs on h2 (batch 3 of 3",
+    ]
+    .iter()
+    .map(|needle| {
+        events
+            .find(needle)
+            .unwrap_or_else(|| panic!("{needle} in {events}"))
+    })
+    .collect();
+    assert!(batches.windows(2).all(|w| w[0] < w[1]), "{events}");
+    assert!(
+        events.contains("passed on 3 host(s), each through its own router"),
+        "{events}"
+    );
+    // The old color was cleaned up on every host (scale_down_delay: 0s).
+    eventually(
+        Duration::from_secs(10),
+        "blue stopped on every host",
+        async || {
+            let status = routers[2].status().await;
+            status["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["record"]["color"] == "blue" && h["record"]["status"] == "stopped")
+                .count()
+                == 3
+        },
+    )
+    .await;
+
+    // 3.0 cannot become healthy on h2: the deploy fails there, naming it; h0 and h1 had
+    // deployed it and are stopped again; traffic never moved.
+    let out = routers[0].cli(&["release", "--version", "3.0"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("host h2: "), "{}", text(&out));
+    println!("{}", text(&out));
+    let status = routers[0].status().await;
+    for host in status["hosts"].as_array().unwrap() {
+        if host["record"]["color"] == "blue" {
+            assert_eq!(host["record"]["status"], "stopped", "{status}");
+        }
+    }
+    for (i, router) in routers.iter().enumerate() {
+        assert_eq!(answer(router).await, format!("green 2.0-h{i}"));
+    }
+    no_failed_requests(loads, &["h0", "h1", "h2"]).await;
+
+    // h1's daemon killed and started again: it adopts the instances its record names (the
+    // same ports, not a new deploy) and serves green again.
+    let before = routers[1].status().await;
+    let adopted = |status: &Value| -> Vec<Value> {
+        status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["host"] == "h1" && h["record"]["color"] == "green")
+            .map(|h| h["record"]["upstreams"].clone())
+            .collect()
+    };
+    let config = std::fs::read_to_string(routers[1].dir.path().join("bluegreen.yaml")).unwrap();
+    let mut killed = routers.remove(1);
+    killed.signal_and_wait("KILL");
+    let restarted = Daemon::start_wrapped_in(killed.into_dir(), &hosts.on(1), &config).await;
+    eventually(
+        Duration::from_secs(15),
+        "h1 serves green again",
+        async || {
+            get(&client(), &restarted.url("/"), &[])
+                .await
+                .is_ok_and(|(code, _, body)| code == 200 && body.trim() == "green 2.0-h1")
+        },
+    )
+    .await;
+    assert_eq!(adopted(&restarted.status().await), adopted(&before));
+    drop(restarted);
+    drop(routers);
+    drop(cluster);
+    drop(hosts);
+}
+
 /// Reads `router`'s server-sent events (its dashboard's `/api/stream`) in the background
 /// until one contains `needle`; what was read, or after 20 s what was read so far.
 async fn live_events(router: &Daemon, needle: &str) -> tokio::task::JoinHandle<String> {

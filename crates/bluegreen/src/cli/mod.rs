@@ -663,6 +663,7 @@ pub fn render_status(status: &Value) -> String {
     }
     render_environments(&mut out, status);
     render_routers(&mut out, status);
+    render_hosts(&mut out, status);
     let release = &status["release"];
     if !release.is_null() {
         out.push_str(&format!(
@@ -718,6 +719,44 @@ fn render_routers(out: &mut String, status: &Value) {
             sum("errors"),
             router["report_age_ms"].as_f64().unwrap_or(0.0) / 1000.0,
         ));
+    }
+}
+
+/// In a fleet that deploys per host: what each host runs of each color.
+fn render_hosts(out: &mut String, status: &Value) {
+    let Some(hosts) = status["hosts"].as_array() else {
+        return;
+    };
+    out.push_str(&format!(
+        "{:<16} {:<6} {:<12} {:<10} {:<7} {}\n",
+        "HOST", "COLOR", "VERSION", "STATUS", "TESTS", "UPSTREAMS / REASON"
+    ));
+    for host in hosts {
+        let record = &host["record"];
+        let tests = match host["test_failures"].as_array() {
+            None => "-",
+            Some(failures) if failures.is_empty() => "passed",
+            Some(_) => "failed",
+        };
+        let upstreams: Vec<&str> = record["upstreams"]
+            .as_array()
+            .map(|list| list.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let detail = match record["status"].as_str() {
+            Some("failed") => record["reason"].as_str().unwrap_or("").to_string(),
+            Some("running" | "deploying") => upstreams.join(", "),
+            _ => String::new(),
+        };
+        let line = format!(
+            "{:<16} {:<6} {:<12} {:<10} {:<7} {detail}",
+            host["host"].as_str().unwrap_or("?"),
+            record["color"].as_str().unwrap_or("?"),
+            record["version"].as_str().unwrap_or("-"),
+            record["status"].as_str().unwrap_or("?"),
+            tests,
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
 }
 

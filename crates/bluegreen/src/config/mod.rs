@@ -84,6 +84,41 @@ struct RawConfig {
     dashboard: RawDashboard,
     #[serde(default)]
     store: Option<store::RawStore>,
+    #[serde(default)]
+    deploy: RawDeploy,
+}
+
+/// How a fleet deploys to its hosts.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawDeploy {
+    batch: Option<RawBatch>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+enum RawBatch {
+    Hosts(i64),
+    Text(String),
+}
+
+/// How many hosts of a fleet deploy at once: the next batch starts when the previous one
+/// runs healthy (and passed its tests). One machine is one batch of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batch {
+    Hosts(usize),
+    Percent(u8),
+}
+
+impl Batch {
+    /// Hosts per batch out of `hosts` (at least one).
+    pub fn size(self, hosts: usize) -> usize {
+        match self {
+            Batch::Hosts(n) => n,
+            Batch::Percent(p) => (hosts * p as usize).div_ceil(100),
+        }
+        .clamp(1, hosts.max(1))
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -300,6 +335,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where the state lives (SQLite under `state_dir` unless `store.etcd` is given).
     pub store: StoreSettings,
+    /// `deploy.batch`: how many hosts of a fleet deploy at once (all by default).
+    pub deploy_batch: Batch,
     pub router: RouterConfig,
     /// Fixed upstreams per color (static provider), indexed by [`Color::index`].
     pub upstreams: [Vec<SocketAddr>; 2],
@@ -440,21 +477,7 @@ impl<'a> Validator<'a> {
         let state_dir = self.resolve(&raw.state_dir);
         let dashboard = self.dashboard(raw.dashboard, &state_dir);
         let store = self.store(raw.store, &raw.service);
-        let local = controller.environments.iter().find(|e| {
-            matches!(
-                e.provider.kind(),
-                controller::ProviderKind::Process | controller::ProviderKind::Docker
-            )
-        });
-        if let (StoreSettings::Etcd(_), Some(local)) = (&store, local) {
-            self.issue(
-                "store.etcd",
-                format!(
-                    "a fleet does not deploy the {} provider's instances on each host yet (the leader would start them on its own host only); run each host's instances yourself with app.provider: static (or command), or use the embedded store",
-                    if local.provider.kind() == controller::ProviderKind::Docker { "docker" } else { "process" }
-                ),
-            );
-        }
+        let deploy_batch = self.deploy_batch(raw.deploy);
         if !self.issues.is_empty() {
             return Err(self.issues);
         }
@@ -464,6 +487,7 @@ impl<'a> Validator<'a> {
             service: raw.service,
             state_dir,
             store,
+            deploy_batch,
             router,
             upstreams,
             health,
@@ -771,6 +795,39 @@ impl<'a> Validator<'a> {
 
     /// The web dashboard, unless `dashboard.enabled: false`; its token file defaults to the
     /// state folder.
+    fn deploy_batch(&mut self, raw: RawDeploy) -> Batch {
+        const FIX: &str = "write a number of hosts (e.g. 1) or a share of them (e.g. 25%)";
+        match raw.batch {
+            None => Batch::Percent(100),
+            Some(RawBatch::Hosts(n)) if n >= 1 => Batch::Hosts(n as usize),
+            Some(RawBatch::Hosts(n)) => {
+                self.issue(
+                    "deploy.batch",
+                    format!("{n} hosts cannot be a batch; {FIX}"),
+                );
+                Batch::Percent(100)
+            }
+            Some(RawBatch::Text(text)) => {
+                let percent = text
+                    .trim()
+                    .strip_suffix('%')
+                    .and_then(|p| p.trim().parse::<u8>().ok())
+                    .filter(|p| (1..=100).contains(p));
+                match (percent, text.trim().parse::<usize>()) {
+                    (Some(p), _) => Batch::Percent(p),
+                    (None, Ok(n)) if n >= 1 => Batch::Hosts(n),
+                    _ => {
+                        self.issue(
+                            "deploy.batch",
+                            format!("{text:?} is not a batch; {FIX}, from 1% to 100%"),
+                        );
+                        Batch::Percent(100)
+                    }
+                }
+            }
+        }
+    }
+
     fn dashboard(&mut self, d: RawDashboard, state_dir: &Path) -> Option<DashboardConfig> {
         d.enabled.then(|| {
             let listen = parse_socket_addr(&d.listen).unwrap_or_else(|message| {
@@ -937,15 +994,34 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
             "  id: \"web 1\"\n  listen: 127.0.0.1:8080",
         );
         assert!(issues(&id)[0].starts_with("router.id: \"web 1\" cannot name a router"));
-        // The process provider's instances are not deployed per host yet: refused in a fleet.
+        // A fleet deploys the process provider's instances on each host, in batches.
         let local = "service: web\napp:\n  command: \"app --port {port}\"\nstore: { etcd: { endpoints: [\"127.0.0.1:2379\"] } }\n";
-        assert!(
-            issues(local)[0].starts_with(
-                "store.etcd: a fleet does not deploy the process provider's instances"
-            ),
-            "{:?}",
-            issues(local)
+        let batch = |b: &str| {
+            Config::parse(
+                &format!("{local}deploy: {{ batch: {b} }}\n"),
+                Path::new("/tmp/x"),
+            )
+        };
+        assert_eq!(batch("1").unwrap().deploy_batch, Batch::Hosts(1));
+        assert_eq!(batch("25%").unwrap().deploy_batch, Batch::Percent(25));
+        assert_eq!(Batch::Percent(25).size(10), 3);
+        assert_eq!(Batch::Hosts(5).size(3), 3);
+        assert_eq!(
+            Config::parse(local, Path::new("/tmp/x"))
+                .unwrap()
+                .deploy_batch
+                .size(7),
+            7
         );
+        for bad in ["0", "-2", "0%", "150%", "half"] {
+            let found = batch(bad)
+                .unwrap_err()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>();
+            assert!(found[0].starts_with("deploy.batch: "), "{bad}: {found:?}");
+            assert!(found[0].contains("e.g. 25%"), "{bad}: {found:?}");
+        }
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Controller {
                 .map(|s| (preview.secret_header.clone(), s.clone())),
             tls,
         };
-        let version = self.environment(color).version;
+        let version = self.instances_record(color).version;
         let mut results = run(
             &route,
             color,
@@ -187,7 +187,8 @@ impl Controller {
         }
         let failed = results.iter().filter(|r| !r.passed).count();
         let message = format!(
-            "tests of {color}: {} passed, {failed} failed{}",
+            "{}tests of {color}: {} passed, {failed} failed{}",
+            self.on_this_host(color),
             results.len() - failed,
             results
                 .iter()

@@ -60,13 +60,23 @@ impl Controller {
                 ))
             })
             .await?;
-        let outcome = self.run_provider(color, &mut record, release).await;
+        let outcome = if self.deploys_per_host(color) {
+            self.deploy_on_hosts(color, &record, release)
+                .await
+                .map(Some)
+        } else {
+            self.run_provider(color, &mut record, release).await
+        };
         let upstreams = record.upstreams;
         match outcome {
             Ok(note) => {
+                let healthy = if self.deploys_per_host(color) {
+                    String::new()
+                } else {
+                    format!(": {} healthy upstream(s)", self.plane.healthy_count(color))
+                };
                 let message = format!(
-                    "{color} runs {version}: {} healthy upstream(s) in {:.1}s{}",
-                    self.plane.healthy_count(color),
+                    "{color} runs {version}{healthy} in {:.1}s{}",
                     started.elapsed().as_secs_f64(),
                     note.map(|n| format!(" ({n})")).unwrap_or_default()
                 );
@@ -79,7 +89,7 @@ impl Controller {
                 Ok(message)
             }
             Err(reason) => {
-                self.provider(color).abandon(color).await;
+                self.abandon_instances(color).await;
                 let message = format!("deploying {version} to {color} failed: {reason}");
                 self.update_environment(color, release, |record| {
                     record.upstreams = upstreams;
@@ -115,9 +125,27 @@ impl Controller {
         }
     }
 
+    /// Stops whatever an unfinished deploy of `color` started: here, or on every host of a
+    /// fleet that deploys per host.
+    async fn abandon_instances(&self, color: Color) {
+        if !self.deploys_per_host(color) {
+            return self.provider(color).abandon(color).await;
+        }
+        if let Err(e) = self.stop_on_hosts(color).await {
+            self.event(
+                EventKind::StopFailed,
+                &format!("stopping the abandoned deploy of {color}: {e}"),
+                None,
+            )
+            .await;
+        }
+    }
+
     /// The provider's part of a deploy: record what it will start, start it, record what it
     /// started, point the router at it, wait for health. Returns the provider's note, if any.
-    async fn run_provider(
+    /// In a fleet that deploys per host, each host runs this for its own instances, and
+    /// routes to them without recording it: its upstreams are its own.
+    pub(crate) async fn run_provider(
         &self,
         color: Color,
         record: &mut EnvironmentRecord,
@@ -129,7 +157,7 @@ impl Controller {
         if prepared != ProviderState::None {
             // Recorded before anything starts: a daemon killed now finds what it started.
             record.provider = prepared.clone();
-            self.update_environment(color, None, |saved| {
+            self.update_instances(color, |saved| {
                 saved.provider = prepared.clone();
                 None
             })
@@ -139,7 +167,7 @@ impl Controller {
         let started = provider.start(&request, &prepared).await?;
         if let Some(state) = started.state {
             record.provider = state.clone();
-            self.update_environment(color, None, |saved| {
+            self.update_instances(color, |saved| {
                 saved.provider = state;
                 None
             })
@@ -148,7 +176,9 @@ impl Controller {
         }
         let addrs = started.upstreams;
         record.upstreams = addrs.clone();
-        if !provider.runs_elsewhere() {
+        if self.deploys_per_host(color) {
+            self.plane.set_upstreams(color, &addrs).await?;
+        } else if !provider.runs_elsewhere() {
             self.set_upstreams(color, addrs.clone())
                 .await
                 .map_err(|e| e.to_string())?;
@@ -170,7 +200,7 @@ impl Controller {
         if self.environment(color).status != EnvironmentStatus::Deploying {
             return;
         }
-        self.provider(color).abandon(color).await;
+        self.abandon_instances(color).await;
         let saved = self
             .update_environment(color, release, |record| {
                 record.provider.mark_stopped();
@@ -205,7 +235,7 @@ impl Controller {
             if healthy >= wanted.max(1) {
                 return Ok(());
             }
-            let record = self.environment(color);
+            let record = self.instances_record(color);
             if record.status == EnvironmentStatus::Failed {
                 return Err(record.reason.unwrap_or_else(|| "instances failed".into()));
             }
@@ -236,13 +266,18 @@ impl Controller {
                 "{color} takes traffic; it cannot be stopped"
             )));
         }
-        let request = StopRequest {
-            color,
-            spec: self.spec(color),
-            facts: self.facts(color, None),
-            logs_dir: self.logs_dir.clone(),
+        let stopped = if self.deploys_per_host(color) {
+            self.stop_on_hosts(color).await
+        } else {
+            let request = StopRequest {
+                color,
+                spec: self.spec(color),
+                facts: self.facts(color, None),
+                logs_dir: self.logs_dir.clone(),
+            };
+            self.provider(color).stop(&request).await
         };
-        if let Err(e) = self.provider(color).stop(&request).await {
+        if let Err(e) = stopped {
             self.event(EventKind::StopFailed, &e, None).await;
         }
         self.update_environment(color, None, |record| {

@@ -234,6 +234,9 @@ impl Controller {
                             if change.keys.contains(&Key::RouterState) {
                                 this.apply_recorded(change.revision).await;
                             }
+                            if change.keys.iter().any(|k| matches!(k, Key::Environment(_))) {
+                                this.read_environments().await;
+                            }
                             if change.keys.iter().any(|k| matches!(k, Key::Event(_))) {
                                 this.publish_events().await;
                             }
@@ -306,6 +309,18 @@ impl Controller {
         }
         self.reported.notify_one();
         true
+    }
+
+    /// Reads both colors' records another daemon (the leader) wrote, so this one's status
+    /// and tests see the versions it deployed. The leader's own writes are already here.
+    async fn read_environments(&self) {
+        if self.leading.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.store.environments().await {
+            Ok(records) => self.replace_environments(records).await,
+            Err(e) => tracing::warn!(error = %e, "cannot read the environments' records"),
+        }
     }
 
     /// Remembers a router state's revision (the newest 1,000), for routers' lag.

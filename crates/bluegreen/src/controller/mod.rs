@@ -8,6 +8,7 @@ mod deploy;
 pub mod event;
 pub mod fleet;
 pub mod hooks;
+mod hosts;
 pub mod logs;
 pub mod provider;
 pub mod release;
@@ -111,6 +112,12 @@ pub struct Controller {
     pub(crate) router_states: Mutex<std::collections::VecDeque<crate::store::Revision>>,
     /// Every router's last report seen, so one whose report went away is listed as lost.
     pub(crate) seen_routers: Mutex<std::collections::BTreeMap<String, crate::fleet::RouterReport>>,
+    /// In a fleet that deploys per host: this host's records of its own instances.
+    hosted: Mutex<[crate::fleet::HostEnvironment; 2]>,
+    /// Writers of this host's records take turns here.
+    host_writes: tokio::sync::Mutex<()>,
+    /// A host record the fleet could not take, to be saved again.
+    host_unsaved: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -145,6 +152,12 @@ impl Controller {
         let logs_dir = config.state_dir.join("logs");
         let providers = providers_for(&config);
         let applied = state.revision;
+        let hosted = Color::ALL.map(|color| crate::fleet::HostEnvironment {
+            host: config.router.id.clone(),
+            order: 0,
+            test_failures: None,
+            record: EnvironmentRecord::stopped(color),
+        });
         Ok(Controller {
             config: ArcSwap::from_pointee(config),
             config_path: endpoints.config.clone(),
@@ -173,6 +186,9 @@ impl Controller {
             resubscribe: Arc::new(tokio::sync::Notify::new()),
             seen_routers: Mutex::new(std::collections::BTreeMap::new()),
             router_states: Mutex::new(std::collections::VecDeque::from([applied])),
+            hosted: Mutex::new(hosted),
+            host_writes: tokio::sync::Mutex::new(()),
+            host_unsaved: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -285,6 +301,17 @@ impl Controller {
         Ok(record)
     }
 
+    /// Puts records read from the store in place of those kept, each only when newer.
+    pub(crate) async fn replace_environments(&self, records: [Versioned<EnvironmentRecord>; 2]) {
+        let _turn = self.environment_writes.lock().await;
+        let mut kept = self.environments.lock().expect("lock");
+        for (kept, read) in kept.iter_mut().zip(records) {
+            if read.revision > kept.revision {
+                *kept = read;
+            }
+        }
+    }
+
     pub(crate) async fn event(&self, kind: EventKind, message: &str, release: Option<i64>) {
         tracing::info!(%kind, "{message}");
         if let Err(e) = self
@@ -348,6 +375,7 @@ impl Controller {
             "monitor": self.monitor(10),
             "routers": self.routers().await,
             "leader": self.fleet_leader().await,
+            "hosts": self.hosts().await,
         })
     }
 
@@ -457,7 +485,10 @@ impl Controller {
         if self.fleet.get().is_some() {
             // In a fleet the follower that applies the router state also publishes events
             // (one watch, resumed after the store is lost); only the leader recovers and
-            // drives releases, once elected.
+            // drives releases, once elected; each host deploys its own instances when told.
+            if Color::ALL.into_iter().any(|c| self.deploys_per_host(c)) {
+                self.serve_host_orders();
+            }
             self.lead_fleet(after);
             return;
         }
@@ -573,7 +604,7 @@ impl Controller {
                 port,
             } if current(color, generation) => {
                 let saved = self
-                    .update_environment(color, None, |record| {
+                    .update_instances(color, |record| {
                         if let ProviderState::Process { instances } = &mut record.provider
                             && let Some(instance) = instances.get_mut(slot)
                         {
@@ -595,7 +626,7 @@ impl Controller {
                 status,
                 restart_in,
             } if current(color, generation) => {
-                let saved = self.update_environment(color, None, |record| {
+                let saved = self.update_instances(color, |record| {
                     if let ProviderState::Process { instances } = &mut record.provider
                         && let Some(instance) = instances.get_mut(slot)
                     {
@@ -622,7 +653,7 @@ impl Controller {
                 reason,
             } if current(color, generation) => {
                 let saved = self
-                    .update_environment(color, None, |record| {
+                    .update_instances(color, |record| {
                         if let ProviderState::Docker { containers } = &mut record.provider
                             && let Some(container) = containers.iter_mut().find(|c| c.id == id)
                         {
@@ -643,7 +674,7 @@ impl Controller {
                 reason,
             } if current(color, generation) => {
                 let saved = self
-                    .update_environment(color, None, |record| {
+                    .update_instances(color, |record| {
                         record.status = EnvironmentStatus::Failed;
                         record.reason = Some(reason.clone());
                         Some((EventKind::Failed, format!("{color} failed: {reason}")))
@@ -687,7 +718,8 @@ impl Controller {
                 record.status,
                 EnvironmentStatus::Running | EnvironmentStatus::Deploying
             );
-            if runs {
+            // Each host adopts its own instances (`serve_host_orders`).
+            if runs && !self.deploys_per_host(color) {
                 let request = self.deploy_request(color, &record, None);
                 match self.provider(color).adopt(&request, &record).await {
                     Ok(Some(message)) => self.event(EventKind::Recover, &message, None).await,

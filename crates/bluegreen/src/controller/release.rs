@@ -509,6 +509,30 @@ impl Controller {
         let color = release.color;
         let snapshot = release.clone();
         let work = async {
+            // In a fleet that deploys per host, each host tested its own through its router.
+            if self.deploys_per_host(color) {
+                match self
+                    .tests_on_hosts(color, snapshot.version.as_deref())
+                    .await
+                {
+                    Some(Ok(hosts)) => {
+                        let message = format!(
+                            "release #{}: the tests of {color} passed on {hosts} host(s), each through its own router",
+                            snapshot.id
+                        );
+                        self.event(EventKind::Test, &message, Some(snapshot.id))
+                            .await;
+                        return Ok(());
+                    }
+                    Some(Err(failed)) => {
+                        return Err(Stop::Failed(format!(
+                            "tests of {color} failed, the switch is blocked ({}); {color} keeps running for inspection through each host's preview route",
+                            failed.join("; ")
+                        )));
+                    }
+                    None => {}
+                }
+            }
             let results = self
                 .test_environment(color, Some(&snapshot))
                 .await

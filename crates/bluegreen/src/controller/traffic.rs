@@ -67,6 +67,9 @@ pub struct ControllerStatus {
     /// In a fleet: the router leading it (it drives releases and takes changes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leader: Option<String>,
+    /// In a fleet that deploys per host: each host's own instances of each color.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<crate::fleet::HostEnvironment>>,
     #[serde(flatten)]
     pub router: RouterStatus,
 }
@@ -92,6 +95,7 @@ impl Controller {
             release: self.active_release(),
             routers: self.routers().await,
             leader: self.fleet_leader().await,
+            hosts: self.hosts().await,
             router,
         }
     }

@@ -9,7 +9,7 @@ use etcd_client::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Fleet, Lagging, RouterReport};
+use super::{Fleet, HostEnvironment, HostOrder, Lagging, RouterReport};
 use crate::store::Revision;
 use crate::store::etcd::EtcdStore;
 
@@ -26,6 +26,10 @@ pub struct EtcdFleet {
     routers: String,
     /// `<prefix>/leader`: the election's name.
     election: String,
+    /// `<prefix>/orders/<color>`: the leader's orders to every host.
+    orders: String,
+    /// `<prefix>/hosts/<id>/<color>`: each host's record of its own instances.
+    hosts: String,
     id: String,
     lease: tokio::sync::Mutex<Option<Lease>>,
     /// The lease of this router's leadership (or candidacy), while it has one.
@@ -53,6 +57,8 @@ impl EtcdFleet {
             store,
             routers: format!("{prefix}/routers/"),
             election: format!("{prefix}/leader"),
+            orders: format!("{prefix}/orders/"),
+            hosts: format!("{prefix}/hosts/"),
             id: id.to_string(),
             lease: tokio::sync::Mutex::new(None),
             leading: std::sync::Mutex::new(None),
@@ -98,6 +104,20 @@ impl EtcdFleet {
             )
             .await?;
         Ok(())
+    }
+
+    /// A put tried a few times, like a report: a member may be lost.
+    async fn put_retrying(&self, key: String, value: String) -> Result<(), etcd_client::Error> {
+        let mut last = None;
+        for _ in 0..PUBLISH_TRIES {
+            let mut client = self.store.client();
+            match client.put(key.clone(), value.clone(), None).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(last.expect("tried at least once"))
     }
 
     fn parse(&self, value: &[u8]) -> Option<RouterReport> {
@@ -238,6 +258,74 @@ impl Fleet for EtcdFleet {
             let mut client = self.store.client();
             let _ = client.lease_revoke(lease).await;
         }
+    }
+
+    async fn order(&self, order: &HostOrder) -> Result<(), String> {
+        let value = serde_json::to_string(order).expect("an order serializes");
+        let key = format!("{}{}", self.orders, order.color);
+        self.put_retrying(key, value)
+            .await
+            .map_err(|e| format!("cannot record the order to the hosts: {e}"))
+    }
+
+    /// One read; when nothing newer than `after` is there, a watch of the orders until one
+    /// changes or `patience` runs out, then the read again.
+    async fn orders(
+        &self,
+        after: Revision,
+        patience: Duration,
+    ) -> Result<(Vec<HostOrder>, Revision), String> {
+        let failed = |e: etcd_client::Error| format!("cannot read the orders to the hosts: {e}");
+        let read = async || {
+            let mut client = self.store.client();
+            let found = client
+                .get(self.orders.clone(), Some(GetOptions::new().with_prefix()))
+                .await?;
+            let newest = found.kvs().iter().map(|kv| kv.mod_revision()).max();
+            let orders: Vec<HostOrder> = found
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+                .collect();
+            let at = found.header().map_or(0, |h| h.revision());
+            Ok::<_, etcd_client::Error>((orders, newest.unwrap_or(0), at))
+        };
+        let (orders, newest, at) = read().await.map_err(failed)?;
+        if newest > after {
+            return Ok((orders, newest));
+        }
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(at + 1);
+        let mut client = self.store.client();
+        let mut changes = client
+            .watch(self.orders.clone(), Some(options))
+            .await
+            .map_err(failed)?;
+        // A change, the end of the watch or the time running out: read again either way.
+        let _ = tokio::time::timeout(patience, changes.message()).await;
+        let (orders, newest, _) = read().await.map_err(failed)?;
+        Ok((orders, newest))
+    }
+
+    async fn save_host(&self, host: &HostEnvironment) -> Result<(), String> {
+        let value = serde_json::to_string(host).expect("a host record serializes");
+        let key = format!("{}{}/{}", self.hosts, host.host, host.record.color);
+        self.put_retrying(key, value)
+            .await
+            .map_err(|e| format!("cannot record host {}'s instances: {e}", host.host))
+    }
+
+    async fn hosts(&self) -> Result<Vec<HostEnvironment>, String> {
+        let found = self
+            .store
+            .get(self.hosts.clone(), GetOptions::new().with_prefix())
+            .await
+            .map_err(|e| format!("cannot read the hosts' records: {e}"))?;
+        Ok(found
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .collect())
     }
 
     async fn leader(&self) -> Option<String> {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use bluegreen_router::Color;
+
 use crate::controller::Weights;
-use crate::store::Revision;
+use crate::store::{EnvironmentRecord, Revision};
 
 /// What one router says of itself, about once a second and at each change it applies.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -53,6 +55,53 @@ pub struct Lagging {
     pub applied: Option<Revision>,
 }
 
+/// What the leader asks of every host's own instances of one color: each host's daemon does
+/// it with its local provider and records the outcome as a [`HostEnvironment`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostOrder {
+    /// Increases with each new order for the color; a host acts once on each.
+    pub id: i64,
+    pub color: Color,
+    pub action: HostAction,
+    /// The hosts that may act on it now (a deploy in batches widens the list); `None`: every
+    /// host, also one that joins or comes back later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<i64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "do")]
+pub enum HostAction {
+    /// Deploy `version`, wait for health through this host's router, and (`test`) run the
+    /// release's tests through this host's router.
+    Deploy {
+        version: String,
+        #[serde(default)]
+        extra_env: std::collections::BTreeMap<String, String>,
+        test: bool,
+    },
+    /// Stop the color's instances (cleanup, an abandoned deploy).
+    Stop,
+}
+
+/// One host's instances of one color as that host last recorded them (kept, not leased: a
+/// restarted daemon adopts what its host record says runs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HostEnvironment {
+    /// The host's `router.id`.
+    pub host: String,
+    /// The last order it acted on (0: none).
+    pub order: i64,
+    /// Its tests' outcome for that order: `None` when none ran, else the failures (empty:
+    /// passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failures: Option<Vec<String>>,
+    /// What runs there: version, status, the provider's state, upstreams, why it failed.
+    pub record: EnvironmentRecord,
+}
+
 #[async_trait]
 pub trait Fleet: Send + Sync + 'static {
     /// Publishes this router's report (kept while this process lives and reaches the store).
@@ -80,4 +129,21 @@ pub trait Fleet: Send + Sync + 'static {
 
     /// The id of the router leading now, if any.
     async fn leader(&self) -> Option<String>;
+
+    /// Records an order for every host (replacing the color's previous one).
+    async fn order(&self, order: &HostOrder) -> Result<(), String>;
+
+    /// The newest order of each color, and the revision they were read at; waits up to
+    /// `patience` for an order newer than `after` (a revision this returned before).
+    async fn orders(
+        &self,
+        after: Revision,
+        patience: Duration,
+    ) -> Result<(Vec<HostOrder>, Revision), String>;
+
+    /// Records this host's instances of a color.
+    async fn save_host(&self, host: &HostEnvironment) -> Result<(), String>;
+
+    /// Every host's record of its instances (of both colors).
+    async fn hosts(&self) -> Result<Vec<HostEnvironment>, String>;
 }

@@ -319,6 +319,15 @@ impl Daemon {
     /// Started through `wrapper` (e.g. `ip netns exec NS`: the daemon on a test host).
     pub async fn start_wrapped(wrapper: &[&str], config: &str) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
+        Daemon::start_wrapped_in(dir, wrapper, config).await
+    }
+
+    /// Started through `wrapper` in `dir` (a restart on a test host).
+    pub async fn start_wrapped_in(
+        dir: tempfile::TempDir,
+        wrapper: &[&str],
+        config: &str,
+    ) -> Daemon {
         Daemon::launch_wrapped(dir, config, &[], None, wrapper).await
     }
 
