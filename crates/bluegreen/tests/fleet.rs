@@ -242,6 +242,10 @@ async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_e
         },
     )
     .await;
+    // Every router shows the release the leader drives.
+    let shown = routers[2].status().await;
+    assert_eq!(shown["release"]["version"], "2.0", "{shown}");
+    assert_eq!(shown["release"]["state"], "shifting", "{shown}");
 
     let killed = Instant::now();
     let _dir = routers.remove(0).into_dir(); // SIGKILL, mid-canary
@@ -263,6 +267,7 @@ async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_e
         },
     )
     .await;
+    assert!(b.status().await["release"].is_null(), "settled: no release in progress");
     let releases = b.cli(&["releases", "--output", "json"]);
     let listed: Value = serde_json::from_slice(&releases.stdout).unwrap();
     assert_eq!(listed["releases"][0]["state"], "rolled_back", "{listed}");
@@ -429,17 +434,12 @@ async fn each_host_deploys_its_own_instances_in_batches_and_one_bad_host_stops_t
     let cluster = EtcdCluster::start_on(hosts.service, 3).await;
     let mut routers = Vec::new();
     for i in 0..3 {
-        let app = format!(
-            "{BIN} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}}-h{i}"
+        // Host h2 cannot run 3.0 (its health check fails there, and only there); host h1
+        // answers with the wrong version under 2.5 (its tests fail there).
+        let command = format!(
+            "sh -c 'v={{version}}; case $v-h{i} in 3.0-h2) export EXAMPLE_UNHEALTHY=true;; 2.5-h1) v=wrong;; esac; \
+             exec {BIN} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version $v-h{i}'"
         );
-        // Host h2 cannot run 3.0: its health check fails there (and only there).
-        let command = if i == 2 {
-            format!(
-                "sh -c 'if [ {{version}} = 3.0 ]; then export EXAMPLE_UNHEALTHY=true; fi; exec {app}'"
-            )
-        } else {
-            app
-        };
         let config = format!(
             "service: web\nrouter:\n  id: h{i}\n  listen: {}:8080\n  admin: .bluegreen/admin.sock\n  drain_timeout: 2s\n\
              app:\n  command: \"{}\"\n  instances: 2\n  ready_timeout: 5s\n  stop_timeout: 2s\n\
@@ -569,6 +569,40 @@ async fn each_host_deploys_its_own_instances_in_batches_and_one_bad_host_stops_t
             assert_eq!(host["record"]["status"], "stopped", "{status}");
         }
     }
+    for (i, router) in routers.iter().enumerate() {
+        assert_eq!(answer(router).await, format!("green 2.0-h{i}"));
+    }
+
+    // 2.5 answers wrongly on h1: its tests, through h1's router, fail; h2 is never deployed
+    // (no batch after a failed one); traffic never moved.
+    let out = routers[0].cli(&["release", "--version", "2.5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("tests of blue failed"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("host h1: "), "{}", text(&out));
+    let status = routers[0].status().await;
+    let blue = |host: &str| -> (Value, Value) {
+        let host = status["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["host"] == host && h["record"]["color"] == "blue")
+            .unwrap();
+        (
+            host["record"]["version"].clone(),
+            host["record"]["status"].clone(),
+        )
+    };
+    assert_eq!(blue("h0"), ("2.5".into(), "running".into()), "{status}");
+    assert_eq!(
+        blue("h1"),
+        ("2.5".into(), "running".into()),
+        "kept for inspection: {status}"
+    );
+    assert_ne!(blue("h2").0, "2.5", "{status}");
     for (i, router) in routers.iter().enumerate() {
         assert_eq!(answer(router).await, format!("green 2.0-h{i}"));
     }

@@ -206,7 +206,10 @@ impl Controller {
         let controller = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut from: Revision = match controller.upgrade() {
-                Some(this) => this.applied.load(Ordering::SeqCst),
+                Some(this) => {
+                    this.follow_release().await;
+                    this.applied.load(Ordering::SeqCst)
+                }
                 None => return,
             };
             loop {
@@ -237,6 +240,11 @@ impl Controller {
                             if change.keys.iter().any(|k| matches!(k, Key::Environment(_))) {
                                 this.read_environments().await;
                             }
+                            if change.keys.iter().any(|k| matches!(k, Key::Release(_)))
+                                && !this.leading.load(Ordering::SeqCst)
+                            {
+                                this.follow_release().await;
+                            }
                             if change.keys.iter().any(|k| matches!(k, Key::Event(_))) {
                                 this.publish_events().await;
                             }
@@ -256,6 +264,10 @@ impl Controller {
                 };
                 // Caught up by reading, then followed from there.
                 this.publish_events().await;
+                this.read_environments().await;
+                if !this.leading.load(Ordering::SeqCst) {
+                    this.follow_release().await;
+                }
                 if let Ok(newest) = this.store.revision().await
                     && this.apply_recorded(newest).await
                 {

@@ -118,6 +118,8 @@ pub struct Controller {
     host_writes: tokio::sync::Mutex<()>,
     /// A host record the fleet could not take, to be saved again.
     host_unsaved: std::sync::atomic::AtomicBool,
+    /// In a fleet, away from the leader: the newest release as last recorded.
+    followed_release: Mutex<Option<Release>>,
 }
 
 impl Controller {
@@ -189,6 +191,7 @@ impl Controller {
             hosted: Mutex::new(hosted),
             host_writes: tokio::sync::Mutex::new(()),
             host_unsaved: std::sync::atomic::AtomicBool::new(false),
+            followed_release: Mutex::new(None),
         })
     }
 }

@@ -18,12 +18,30 @@ use crate::store::{EnvironmentStatus, StepWrite, Write, now_ms};
 pub use super::release_record::{Control, Release, ReleaseKind, ReleaseRequest, ReleaseState};
 
 impl Controller {
+    /// The release in progress: the one this daemon drives, or in a fleet the one the leader
+    /// drives, as last recorded.
     pub fn active_release(&self) -> Option<Release> {
-        self.active
+        let driven = self
+            .active
             .lock()
             .expect("lock")
             .as_ref()
-            .map(|(r, _)| r.clone())
+            .map(|(r, _)| r.clone());
+        driven.or_else(|| {
+            let followed = self.followed_release.lock().expect("lock").clone();
+            followed.filter(|r| r.ended_ms.is_none() && !self.is_leading())
+        })
+    }
+
+    /// In a fleet, away from the leader: reads the newest release, for status and the live
+    /// views.
+    pub(crate) async fn follow_release(&self) {
+        match self.releases(1).await {
+            Ok(releases) => {
+                *self.followed_release.lock().expect("lock") = releases.into_iter().next()
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the release in progress"),
+        }
     }
 
     pub async fn releases(&self, limit: usize) -> Result<Vec<Release>, CommandError> {

@@ -30,8 +30,11 @@ fn ip(args: &[&str]) {
 
 impl Hosts {
     pub fn create(count: usize) -> Hosts {
-        let tag = std::process::id() % 100_000;
-        let subnet = 1 + (std::process::id() % 250) as u8;
+        // Unique per test process and per set of hosts in it (tests run concurrently).
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let nth = MADE.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let tag = (std::process::id() % 10_000) * 10 + nth % 10;
+        let subnet = 1 + ((std::process::id() + nth * 97) % 250) as u8;
         let bridge = format!("bg{tag}br");
         let gateway = Ipv4Addr::new(10, 201, subnet, 1);
         let service = Ipv4Addr::new(10, 201, subnet, 2);
