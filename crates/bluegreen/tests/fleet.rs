@@ -267,7 +267,10 @@ async fn the_leader_killed_mid_release_is_replaced_and_the_release_rolled_back_e
         },
     )
     .await;
-    assert!(b.status().await["release"].is_null(), "settled: no release in progress");
+    assert!(
+        b.status().await["release"].is_null(),
+        "settled: no release in progress"
+    );
     let releases = b.cli(&["releases", "--output", "json"]);
     let listed: Value = serde_json::from_slice(&releases.stdout).unwrap();
     assert_eq!(listed["releases"][0]["state"], "rolled_back", "{listed}");

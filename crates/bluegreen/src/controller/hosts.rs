@@ -461,9 +461,8 @@ impl Controller {
         }
     }
 
-    /// Stops `color` on every host (cleanup, an abandoned deploy) and waits, within the
-    /// instances' stop timeout and some slack, for the hosts live now to record it. Returns
-    /// the hosts that did not, with why.
+    /// Stops `color` on every host (cleanup, an abandoned deploy) and waits for the hosts
+    /// live now to record it. Fails naming the hosts that did not, with why.
     pub(crate) async fn stop_on_hosts(&self, color: Color) -> Result<(), String> {
         let fleet = self.fleet.get().expect("in a fleet");
         let hosts: Vec<String> = fleet.routers().await?.into_iter().map(|r| r.id).collect();
@@ -475,7 +474,9 @@ impl Controller {
             release: None,
         };
         fleet.order(&order).await?;
-        let patience = self.spec(color).stop_timeout + HOST_SLACK;
+        // A host may first finish a deploy it is in the middle of (one order at a time).
+        let spec = self.spec(color);
+        let patience = spec.ready_timeout + spec.stop_timeout + HOST_SLACK;
         self.wait_for_hosts(color, order.id, &hosts, patience)
             .await
             .map(|_| ())
