@@ -7,10 +7,11 @@ use bluegreen_router::{
     Color, ListenerSettings, PreviewRule, ProxySettings, Router, Split, StickyRule,
 };
 
-use crate::config::{Config, StoreSettings};
+use crate::config::{Config, Driver, StoreSettings};
 use crate::controller::decide::describe;
 use crate::controller::{Controller, Endpoints, EventKind, loopback_of};
-use crate::dataplane::{EmbeddedRouter, PreviewRoute};
+use crate::dataplane::haproxy::HaproxyPlane;
+use crate::dataplane::{DataPlane, EmbeddedRouter, PreviewRoute};
 use crate::fleet::Fleet;
 use crate::fleet::etcd::EtcdFleet;
 use crate::store::etcd::EtcdStore;
@@ -34,10 +35,13 @@ impl Daemon {
         let state = recorded_or_first_state(store.as_ref(), &config).await?;
         let router =
             Router::new(router_config(&config, &state.value)).map_err(|e| e.to_string())?;
-        let plane = Arc::new(EmbeddedRouter::new(
-            router.clone(),
-            preview_route(&config, listen),
-        ));
+        let embedded = EmbeddedRouter::new(router.clone(), preview_route(&config, listen));
+        let plane: Arc<dyn DataPlane> = match &config.router.driver {
+            Driver::Embedded => Arc::new(embedded),
+            Driver::Haproxy { socket, backend } => {
+                HaproxyPlane::connect(embedded, socket, backend).await?
+            }
+        };
         let endpoints = Endpoints {
             listen,
             dashboard,

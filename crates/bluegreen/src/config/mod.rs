@@ -164,6 +164,11 @@ struct RawRouter {
     sticky_cookie: String,
     preview: RawPreview,
     forwarded: RawForwarded,
+    /// Which router switches the traffic: `embedded` (bluegreen's own) or `haproxy`.
+    driver: String,
+    /// The haproxy driver: HAProxy's runtime API socket and the backend holding the colors.
+    socket: Option<String>,
+    backend: Option<String>,
 }
 
 impl Default for RawRouter {
@@ -187,6 +192,9 @@ impl Default for RawRouter {
             sticky_cookie: "bluegreen_sticky".into(),
             preview: RawPreview::default(),
             forwarded: RawForwarded::default(),
+            driver: "embedded".into(),
+            socket: None,
+            backend: None,
         }
     }
 }
@@ -327,6 +335,17 @@ pub struct RouterConfig {
     pub sticky_cookie: Option<String>,
     pub preview: Option<PreviewConfig>,
     pub forwarded: ForwardedHeaders,
+    pub driver: Driver,
+}
+
+/// The router that switches the traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Driver {
+    /// bluegreen's own router, on `router.listen`.
+    Embedded,
+    /// An HAProxy bluegreen drives through its runtime API: blue and green are the servers
+    /// named `blue…` and `green…` of `backend`.
+    Haproxy { socket: PathBuf, backend: String },
 }
 
 #[derive(Debug, Clone)]
@@ -621,6 +640,51 @@ impl<'a> Validator<'a> {
                 forwarded: r.forwarded.forwarded,
                 trust_incoming: r.forwarded.trust_incoming,
             },
+            driver: self.driver(r.driver, r.socket, r.backend),
+        }
+    }
+
+    /// `router.driver` and the keys of the driver it names (refused with another driver).
+    fn driver(&mut self, name: String, socket: Option<String>, backend: Option<String>) -> Driver {
+        match name.as_str() {
+            "embedded" => {
+                for (key, given) in [("socket", socket.is_some()), ("backend", backend.is_some())] {
+                    if given {
+                        self.issue(
+                            format!("router.{key}"),
+                            "belongs to router.driver: haproxy; remove it, or set the driver",
+                        );
+                    }
+                }
+                Driver::Embedded
+            }
+            "haproxy" => {
+                let socket = socket.filter(|s| !s.trim().is_empty());
+                let backend = backend.filter(|b| !b.trim().is_empty());
+                if socket.is_none() {
+                    self.issue(
+                        "router.socket",
+                        "required with router.driver: haproxy; give HAProxy's runtime API socket (its `stats socket PATH level admin`), e.g. /run/haproxy/admin.sock",
+                    );
+                }
+                if backend.is_none() {
+                    self.issue(
+                        "router.backend",
+                        "required with router.driver: haproxy; name the backend whose servers blue… and green… are the colors, e.g. app",
+                    );
+                }
+                Driver::Haproxy {
+                    socket: self.resolve(socket.as_deref().unwrap_or("")),
+                    backend: backend.unwrap_or_default(),
+                }
+            }
+            other => {
+                self.issue(
+                    "router.driver",
+                    format!("{other:?} is not a router bluegreen drives; write embedded (bluegreen's own, the default) or haproxy"),
+                );
+                Driver::Embedded
+            }
         }
     }
 

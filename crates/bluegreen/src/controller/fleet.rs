@@ -305,7 +305,7 @@ impl Controller {
             }
         }
         self.saw_router_state(read.revision);
-        let outcome = self.plane.apply_split(recorded.split);
+        let outcome = self.plane.apply_split(recorded.split).await;
         state.value = recorded;
         state.revision = state.revision.max(read.revision);
         match outcome {

@@ -142,6 +142,7 @@ fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
     changed.compare("router.sticky_cookie", &a.sticky_cookie, &b.sticky_cookie);
     changed.compare("router.preview", &a.preview, &b.preview);
     changed.compare("router.forwarded", &a.forwarded, &b.forwarded);
+    changed.compare("router.driver", &a.driver, &b.driver);
     changed.compare("health", &old.health, &new.health);
     changed.compare("dashboard", &old.dashboard, &new.dashboard);
     for color in Color::ALL {
@@ -192,6 +193,7 @@ fn changes_in_place(old: &Config, new: &Config) -> Vec<String> {
     );
     changed.compare("release.pipeline", &a.pipeline, &b.pipeline);
     changed.compare("hooks", &a.hooks, &b.hooks);
+    changed.compare("deploy.batch", &old.deploy_batch, &new.deploy_batch);
     let webhook = |c: &crate::config::controller::ControllerConfig| {
         c.webhook
             .as_ref()

@@ -193,7 +193,7 @@ impl Controller {
             upstreams: current.upstreams.clone(),
         };
         self.record(&mut state, next, kind, &message).await?;
-        if let Err(refused) = self.plane.apply_split(target) {
+        if let Err(refused) = self.plane.apply_split(target).await {
             // Health changed between the check and the swap: record the way back.
             return Err(self.revert(&mut state, current, refused).await);
         }

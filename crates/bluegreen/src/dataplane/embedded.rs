@@ -29,7 +29,7 @@ impl DataPlane for EmbeddedRouter {
         self.router.check_split(split).map_err(|e| e.to_string())
     }
 
-    fn apply_split(&self, split: Split) -> Result<(), String> {
+    async fn apply_split(&self, split: Split) -> Result<(), String> {
         self.router
             .set_split(split)
             .map(|_| ())

@@ -1,9 +1,10 @@
 //! The data plane seam: what the controller asks of a router, whichever router it is.
 //!
-//! Implementations: [`embedded`] (bluegreen's own router, in this process). The next ones
-//! (HAProxy's runtime API, nginx's include file and reload) go beside it as sibling files.
+//! Implementations: [`embedded`] (bluegreen's own router, in this process) and [`haproxy`]
+//! (an HAProxy driven through its runtime API).
 
 pub mod embedded;
+pub mod haproxy;
 
 use std::net::SocketAddr;
 
@@ -50,7 +51,7 @@ pub trait DataPlane: Send + Sync + 'static {
     fn check_split(&self, split: Split) -> Result<(), String>;
 
     /// Applies `split`, checked again at the moment of the swap.
-    fn apply_split(&self, split: Split) -> Result<(), String>;
+    async fn apply_split(&self, split: Split) -> Result<(), String>;
 
     /// Points `color` at `upstreams` (health-checked first); refused for a color that takes
     /// traffic when none of them is healthy.
