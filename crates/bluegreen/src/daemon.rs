@@ -11,6 +11,7 @@ use crate::config::{Config, Driver, StoreSettings};
 use crate::controller::decide::describe;
 use crate::controller::{Controller, Endpoints, EventKind, loopback_of};
 use crate::dataplane::haproxy::HaproxyPlane;
+use crate::dataplane::nginx::{NginxPlane, NginxSettings};
 use crate::dataplane::{DataPlane, EmbeddedRouter, PreviewRoute};
 use crate::fleet::Fleet;
 use crate::fleet::etcd::EtcdFleet;
@@ -40,6 +41,20 @@ impl Daemon {
             Driver::Embedded => Arc::new(embedded),
             Driver::Haproxy { socket, backend } => {
                 HaproxyPlane::connect(embedded, socket, backend).await?
+            }
+            Driver::Nginx {
+                upstream_file,
+                check,
+                reload,
+                access_log,
+            } => {
+                let settings = NginxSettings {
+                    upstream_file: upstream_file.clone(),
+                    check: check.clone(),
+                    reload: reload.clone(),
+                    access_log: access_log.clone(),
+                };
+                NginxPlane::start(embedded, settings).await?
             }
         };
         let endpoints = Endpoints {

@@ -1,13 +1,16 @@
-//! bluegreen driving a real HAProxy (Debian's) through its runtime API: 100 switches under load with the failed requests counted, a canary release judged on HAProxy's own counters, an automatic rollback, and an HAProxy that cannot be reached.
+//! bluegreen driving a real HAProxy through its runtime API and a real nginx through its servers file and reload (Debian's packages): 100 switches under load with the failed requests counted, a canary release judged on the driven router's counters, an automatic rollback, a router that cannot be reached, and a reload nginx's check refuses.
 
 #[path = "support/haproxy.rs"]
 mod haproxy;
+#[path = "support/nginx.rs"]
+mod nginx;
 mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use haproxy::Haproxy;
+use nginx::Nginx;
 use serde_json::Value;
 use support::{BIN, Backend, Daemon, Load, client, config, get};
 
@@ -213,4 +216,140 @@ async fn an_haproxy_out_of_reach_is_named_and_nothing_is_applied() {
     let status: Value = daemon.status().await;
     assert_eq!(status["live"], "blue", "{status}");
     assert_eq!(status["weights"]["green"], 0, "{status}");
+}
+
+/// bluegreen driving `nginx`, once nginx serves blue.
+async fn driving_nginx(nginx: &Nginx, blue: &Backend, green: &Backend) -> Daemon {
+    let daemon = Daemon::start(&format!(
+        "{}{RELEASE}",
+        config(&[blue], &[green], &nginx.router_keys())
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answer_of(&nginx.url()).await.as_deref() != Some("blue") {
+        assert!(Instant::now() < deadline, "nginx serves blue within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon
+}
+
+async fn answer_of(url: &str) -> Option<String> {
+    match get(&client(), url, &[]).await {
+        Ok((200, _, body)) => Some(body.trim().to_string()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_switches_through_nginx_under_load_are_counted() {
+    let nginx = Nginx::start().await;
+    let blue = Backend::start("blue").await;
+    let green = Backend::start("green").await;
+    let daemon = driving_nginx(&nginx, &blue, &green).await;
+    let written = std::fs::read_to_string(&nginx.servers).unwrap();
+    assert!(
+        written.contains(&format!("server {} weight=10000; # blue", blue.addr)),
+        "{written}"
+    );
+    assert!(
+        !written.contains("# green"),
+        "no green server at 0 %: {written}"
+    );
+
+    let load = Load::start(nginx.url(), 16);
+    let started = Instant::now();
+    for i in 0..100 {
+        let to = if i % 2 == 0 { "green" } else { "blue" };
+        let answer = daemon.switch(to).await;
+        assert_eq!(answer["weights"][to], 100, "{answer}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = load.stop().await;
+    let answered = report.blue + report.green;
+    println!(
+        "100 switches through nginx in {took:?}: {answered} answers ({} blue, {} green), {} failed: {:?}",
+        report.blue,
+        report.green,
+        report.failures.len(),
+        report.failures.iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        report.blue > 100 && report.green > 100,
+        "both colors served"
+    );
+    // Each reload costs nginx a few requests at most (measured and documented in
+    // docs/drivers.md); far more means the switch itself lost traffic.
+    assert!(
+        report.failures.len() * 20 < answered,
+        "{} of {answered} failed",
+        report.failures.len()
+    );
+    assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some("blue"));
+    // The access log counts every color's answers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let status = daemon.status().await;
+    let requests = |color: usize| {
+        status["colors"][color]["metrics"]["requests"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        requests(0) > 100 && requests(1) > 100,
+        "nginx's answers counted per color: {status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nginx_a_canary_release_its_rollback_a_refused_check_and_nginx_gone() {
+    let mut nginx = Nginx::start().await;
+    let blue = Backend::start("blue").await;
+    let green = Backend::start("green").await;
+    let daemon = driving_nginx(&nginx, &blue, &green).await;
+    let load = Load::start(nginx.url(), 4);
+
+    // A canary judged on the access log's counters.
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("step 1/3: green 20%"), "{}", text(&out));
+    assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some("green"));
+
+    // Blue answers 500s: 3.0's canary there is rolled back on the access log's 5xx.
+    blue.set_failing(true);
+    let out = daemon.cli(&["release", "--version", "3.0"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("error_rate"), "{}", text(&out));
+    assert!(text(&out).contains("rolled back"), "{}", text(&out));
+    assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some("green"));
+    blue.set_failing(false);
+    let report = load.stop().await;
+    assert!(report.green > 0, "{:?}", report.failures);
+
+    // Someone broke nginx's own config: `nginx -t` refuses, bluegreen keeps the servers
+    // file it had, nginx keeps serving green, the recorded state stays green.
+    let before = std::fs::read_to_string(&nginx.servers).unwrap();
+    let good = std::fs::read_to_string(&nginx.config).unwrap();
+    std::fs::write(&nginx.config, format!("{good}\nthis is not nginx;\n")).unwrap();
+    let out = daemon.cli(&["switch", "--to", "blue"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("router.check"), "{}", text(&out));
+    assert!(
+        text(&out).contains("unknown directive"),
+        "nginx says why: {}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&nginx.servers).unwrap(), before);
+    assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some("green"));
+    assert_eq!(daemon.status().await["weights"]["green"], 100);
+    std::fs::write(&nginx.config, good).unwrap();
+
+    // nginx stopped: the reload fails, named; nothing applied.
+    nginx.kill();
+    let out = daemon.cli(&["switch", "--to", "blue"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("router.reload"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&nginx.servers).unwrap(), before);
+    let status: Value = daemon.status().await;
+    assert_eq!(status["weights"]["green"], 100, "{status}");
 }

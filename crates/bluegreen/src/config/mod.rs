@@ -88,6 +88,17 @@ struct RawConfig {
     deploy: RawDeploy,
 }
 
+/// `router.driver` and the keys of every driver, as the YAML gives them.
+struct DriverKeys {
+    name: String,
+    socket: Option<String>,
+    backend: Option<String>,
+    upstream_file: Option<String>,
+    check: Option<String>,
+    reload: Option<String>,
+    access_log: Option<String>,
+}
+
 /// How a fleet deploys to its hosts.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +180,12 @@ struct RawRouter {
     /// The haproxy driver: HAProxy's runtime API socket and the backend holding the colors.
     socket: Option<String>,
     backend: Option<String>,
+    /// The nginx driver: the servers file bluegreen writes (included in an `upstream`
+    /// block), how nginx checks and reloads its config, and the access log it counts from.
+    upstream_file: Option<String>,
+    check: Option<String>,
+    reload: Option<String>,
+    access_log: Option<String>,
 }
 
 impl Default for RawRouter {
@@ -195,6 +212,10 @@ impl Default for RawRouter {
             driver: "embedded".into(),
             socket: None,
             backend: None,
+            upstream_file: None,
+            check: None,
+            reload: None,
+            access_log: None,
         }
     }
 }
@@ -346,6 +367,14 @@ pub enum Driver {
     /// An HAProxy bluegreen drives through its runtime API: blue and green are the servers
     /// named `blue…` and `green…` of `backend`.
     Haproxy { socket: PathBuf, backend: String },
+    /// An nginx whose upstream servers bluegreen writes to `upstream_file`, checks with
+    /// `check` and puts in force with `reload`; per-color counters come from `access_log`.
+    Nginx {
+        upstream_file: PathBuf,
+        check: Vec<String>,
+        reload: Vec<String>,
+        access_log: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -640,27 +669,42 @@ impl<'a> Validator<'a> {
                 forwarded: r.forwarded.forwarded,
                 trust_incoming: r.forwarded.trust_incoming,
             },
-            driver: self.driver(r.driver, r.socket, r.backend),
+            driver: self.driver(DriverKeys {
+                name: r.driver,
+                socket: r.socket,
+                backend: r.backend,
+                upstream_file: r.upstream_file,
+                check: r.check,
+                reload: r.reload,
+                access_log: r.access_log,
+            }),
         }
     }
 
     /// `router.driver` and the keys of the driver it names (refused with another driver).
-    fn driver(&mut self, name: String, socket: Option<String>, backend: Option<String>) -> Driver {
-        match name.as_str() {
-            "embedded" => {
-                for (key, given) in [("socket", socket.is_some()), ("backend", backend.is_some())] {
-                    if given {
-                        self.issue(
-                            format!("router.{key}"),
-                            "belongs to router.driver: haproxy; remove it, or set the driver",
-                        );
-                    }
-                }
-                Driver::Embedded
+    fn driver(&mut self, keys: DriverKeys) -> Driver {
+        let given = [
+            ("socket", "haproxy", keys.socket.is_some()),
+            ("backend", "haproxy", keys.backend.is_some()),
+            ("upstream_file", "nginx", keys.upstream_file.is_some()),
+            ("check", "nginx", keys.check.is_some()),
+            ("reload", "nginx", keys.reload.is_some()),
+            ("access_log", "nginx", keys.access_log.is_some()),
+        ];
+        for (key, driver, given) in given {
+            if given && keys.name != driver {
+                self.issue(
+                    format!("router.{key}"),
+                    format!("belongs to router.driver: {driver}; remove it, or set the driver"),
+                );
             }
+        }
+        let nonempty = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
+        match keys.name.as_str() {
+            "embedded" => Driver::Embedded,
             "haproxy" => {
-                let socket = socket.filter(|s| !s.trim().is_empty());
-                let backend = backend.filter(|b| !b.trim().is_empty());
+                let socket = nonempty(keys.socket);
+                let backend = nonempty(keys.backend);
                 if socket.is_none() {
                     self.issue(
                         "router.socket",
@@ -678,10 +722,39 @@ impl<'a> Validator<'a> {
                     backend: backend.unwrap_or_default(),
                 }
             }
+            "nginx" => {
+                let upstream_file = nonempty(keys.upstream_file);
+                let access_log = nonempty(keys.access_log);
+                if upstream_file.is_none() {
+                    self.issue(
+                        "router.upstream_file",
+                        "required with router.driver: nginx; give the file bluegreen writes the servers to, included in your upstream block (`upstream app { include /etc/nginx/bluegreen-servers.conf; }`)",
+                    );
+                }
+                if access_log.is_none() {
+                    self.issue(
+                        "router.access_log",
+                        "required with router.driver: nginx; give the access log written with `log_format bluegreen '$upstream_addr $status $request_time';` (bluegreen counts each color's answers from it)",
+                    );
+                }
+                let mut command = |key: &str, text: Option<String>, default: &str| {
+                    let text = text.unwrap_or_else(|| default.to_string());
+                    self.command_line(&format!("router.{key}"), &text)
+                        .unwrap_or_default()
+                };
+                let check = command("check", keys.check, "nginx -t");
+                let reload = command("reload", keys.reload, "nginx -s reload");
+                Driver::Nginx {
+                    upstream_file: self.resolve(upstream_file.as_deref().unwrap_or("")),
+                    check,
+                    reload,
+                    access_log: self.resolve(access_log.as_deref().unwrap_or("")),
+                }
+            }
             other => {
                 self.issue(
                     "router.driver",
-                    format!("{other:?} is not a router bluegreen drives; write embedded (bluegreen's own, the default) or haproxy"),
+                    format!("{other:?} is not a router bluegreen drives; write embedded (bluegreen's own, the default), haproxy or nginx"),
                 );
                 Driver::Embedded
             }

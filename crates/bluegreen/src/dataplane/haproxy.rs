@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bluegreen_router::{Color, ColorSnapshot, Health, RouterStatus, Split};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth};
+use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth, empty_snapshot};
 
 /// How often HAProxy's statistics are read (health and counters).
 const POLL_EVERY: Duration = Duration::from_millis(500);
@@ -371,27 +371,6 @@ impl HaproxyPlane {
     }
 }
 
-fn empty_snapshot(color: Color) -> ColorSnapshot {
-    ColorSnapshot {
-        color,
-        requests: 0,
-        responses_1xx: 0,
-        responses_2xx: 0,
-        responses_3xx: 0,
-        responses_4xx: 0,
-        responses_5xx: 0,
-        upstream_errors: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        open: 0,
-        draining: 0,
-        latency_p50_ms: None,
-        latency_p99_ms: None,
-        latency_sum_us: 0,
-        latency_buckets: vec![0; bluegreen_router::metrics::latency_bucket_bounds_us().len() + 1],
-    }
-}
-
 /// Reads HAProxy's statistics every `POLL_EVERY` while the plane lives.
 async fn poll(plane: Weak<HaproxyPlane>) {
     loop {
@@ -535,26 +514,8 @@ impl DataPlane for HaproxyPlane {
         status
     }
 
-    /// HAProxy's per-color counters as bluegreen reads them (HAProxy's own exporter has
-    /// everything else).
     fn prometheus(&self) -> String {
-        let mut out = String::from(
-            "# HELP bluegreen_requests_total Answers HAProxy gave per color (router.driver: haproxy).\n# TYPE bluegreen_requests_total counter\n",
-        );
-        for c in self.counters() {
-            out.push_str(&format!(
-                "bluegreen_requests_total{{color=\"{}\"}} {}\n",
-                c.color, c.requests
-            ));
-        }
-        out.push_str("# HELP bluegreen_responses_5xx_total 5xx answers HAProxy gave per color.\n# TYPE bluegreen_responses_5xx_total counter\n");
-        for c in self.counters() {
-            out.push_str(&format!(
-                "bluegreen_responses_5xx_total{{color=\"{}\"}} {}\n",
-                c.color, c.responses_5xx
-            ));
-        }
-        out
+        super::driven_prometheus("haproxy", &self.counters())
     }
 
     fn is_stopping(&self) -> bool {

@@ -1,10 +1,12 @@
 //! The data plane seam: what the controller asks of a router, whichever router it is.
 //!
-//! Implementations: [`embedded`] (bluegreen's own router, in this process) and [`haproxy`]
-//! (an HAProxy driven through its runtime API).
+//! Implementations: [`embedded`] (bluegreen's own router, in this process), [`haproxy`] (an
+//! HAProxy driven through its runtime API) and [`nginx`] (an nginx whose servers file
+//! bluegreen writes and reloads).
 
 pub mod embedded;
 pub mod haproxy;
+pub mod nginx;
 
 use std::net::SocketAddr;
 
@@ -85,4 +87,48 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// Whether the router is shutting down (live views end their streams).
     fn is_stopping(&self) -> bool;
+}
+
+/// A color's counters before anything was counted.
+fn empty_snapshot(color: Color) -> ColorSnapshot {
+    ColorSnapshot {
+        color,
+        requests: 0,
+        responses_1xx: 0,
+        responses_2xx: 0,
+        responses_3xx: 0,
+        responses_4xx: 0,
+        responses_5xx: 0,
+        upstream_errors: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        open: 0,
+        draining: 0,
+        latency_p50_ms: None,
+        latency_p99_ms: None,
+        latency_sum_us: 0,
+        latency_buckets: vec![0; bluegreen_router::metrics::latency_bucket_bounds_us().len() + 1],
+    }
+}
+
+/// The per-color counters a driven router's answers gave, as bluegreen reads them (the
+/// router's own exporter has everything else).
+fn driven_prometheus(router: &str, counters: &[ColorSnapshot; 2]) -> String {
+    let mut out = String::new();
+    let requests = counters.each_ref().map(|c| c.requests);
+    let errors = counters.each_ref().map(|c| c.responses_5xx);
+    let metrics = [
+        ("bluegreen_requests_total", "Answers", requests),
+        ("bluegreen_responses_5xx_total", "5xx answers", errors),
+    ];
+    for (name, what, values) in metrics {
+        out.push_str(&format!(
+            "# HELP {name} {what} {router} gave per color (router.driver: {router}).\n# TYPE {name} counter\n"
+        ));
+        for color in Color::ALL {
+            let value = values[color.index()];
+            out.push_str(&format!("{name}{{color=\"{color}\"}} {value}\n"));
+        }
+    }
+    out
 }
