@@ -151,6 +151,19 @@ async fn measure(
         Peer::haproxy(backends, work)?,
     ];
     let mut outcome = measure_peers(&peers, plan, args.fixed_rate).await;
+    if let Ok((results, _)) = &mut outcome {
+        // The same switches, the traffic through HAProxy and nginx and bluegreen switching
+        // them as their driver.
+        let driven = [
+            Peer::driven_haproxy(&args.bin_dir, backends, work),
+            Peer::driven_nginx(&args.bin_dir, backends, work),
+        ];
+        for peer in driven {
+            let peer = peer?;
+            peer.wait_ready().await?;
+            measure_switching(&[&peer], plan, results).await?;
+        }
+    }
     if let Ok((_, commands)) = &mut outcome {
         for peer in &peers {
             if let Some(text) = peer.config_text() {

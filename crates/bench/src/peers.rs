@@ -25,6 +25,10 @@ pub enum Kind {
     Bluegreen,
     Nginx,
     Haproxy,
+    /// HAProxy switched by bluegreen (`router.driver: haproxy`).
+    DrivenHaproxy,
+    /// nginx switched by bluegreen (`router.driver: nginx`).
+    DrivenNginx,
 }
 
 impl Kind {
@@ -34,6 +38,8 @@ impl Kind {
             Kind::Bluegreen => "bluegreen",
             Kind::Nginx => "nginx",
             Kind::Haproxy => "haproxy",
+            Kind::DrivenHaproxy => "haproxy, bluegreen driver",
+            Kind::DrivenNginx => "nginx, bluegreen driver",
         }
     }
 }
@@ -48,6 +54,8 @@ pub struct Peer {
     backends: Backends,
     /// bluegreen's process after `restart_in_place` upgraded it (no longer `child`'s).
     upgraded_to: std::sync::atomic::AtomicU32,
+    /// The bluegreen daemon driving this router (the driven kinds).
+    driver: Option<Child>,
 }
 
 /// The two colors' backends.
@@ -127,6 +135,7 @@ impl Peer {
             child: None,
             backends,
             upgraded_to: Default::default(),
+            driver: None,
         }
     }
 
@@ -160,6 +169,7 @@ impl Peer {
             child: Some(child),
             backends,
             upgraded_to: Default::default(),
+            driver: None,
         })
     }
 
@@ -195,6 +205,7 @@ impl Peer {
             child: Some(child),
             backends,
             upgraded_to: Default::default(),
+            driver: None,
         })
     }
 
@@ -232,6 +243,95 @@ impl Peer {
             child: Some(child),
             backends,
             upgraded_to: Default::default(),
+            driver: None,
+        })
+    }
+
+    /// HAProxy with one blue and one green server slot, switched by a bluegreen daemon
+    /// through its runtime API (`router.driver: haproxy`).
+    pub fn driven_haproxy(bin_dir: &Path, backends: Backends, work: &Path) -> Result<Peer, String> {
+        let dir = work.join("driven-haproxy");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let config = format!(
+            "global\n  nbthread 1\n  maxconn {}\n  stats socket {dir}/admin.sock level admin\n\
+             defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout http-keep-alive 60s\n  option http-keep-alive\n  http-reuse always\n\
+             frontend web\n  bind 127.0.0.1:{port}\n  default_backend app\n\
+             backend app\n  default-server check inter 1s\n  server-template blue 1-1 127.0.0.1:1 disabled\n  server-template green 1-1 127.0.0.1:1 disabled\n",
+            haproxy_maxconn(),
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("haproxy.cfg"), config).map_err(|e| e.to_string())?;
+        let child = pinned(Path::new("haproxy"))
+            .args(["-db", "-f"])
+            .arg(dir.join("haproxy.cfg"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start haproxy: {e}"))?;
+        wait_for_file(&dir.join("admin.sock"))?;
+        let keys = format!(
+            "  driver: haproxy\n  socket: {}\n  backend: app\n",
+            dir.join("admin.sock").display()
+        );
+        let driver = start_driver(bin_dir, &dir, backends, &keys)?;
+        Ok(Peer {
+            kind: Kind::DrivenHaproxy,
+            http: loopback(port),
+            h2: None,
+            dir,
+            child: Some(child),
+            backends,
+            upgraded_to: Default::default(),
+            driver: Some(driver),
+        })
+    }
+
+    /// nginx configured as [`Peer::nginx`], its upstream's servers written and reloaded by a
+    /// bluegreen daemon (`router.driver: nginx`), an access log in bluegreen's format.
+    pub fn driven_nginx(bin_dir: &Path, backends: Backends, work: &Path) -> Result<Peer, String> {
+        let dir = work.join("driven-nginx");
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| e.to_string())?;
+        let port = free_port();
+        let config = format!(
+            "worker_processes 1;\nworker_rlimit_nofile 20000;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\ndaemon off;\n\
+             events {{ worker_connections 19000; multi_accept on; }}\n\
+             http {{\n  log_format bluegreen '$upstream_addr $status $request_time';\n  access_log {dir}/access.log bluegreen buffer=64k flush=1s;\n\
+             \x20 keepalive_timeout 75s;\n  keepalive_requests 1000000;\n  upstream app {{ include {dir}/servers.conf; keepalive 64; }}\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n\
+             \x20   location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            dir = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), config).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("servers.conf"),
+            format!("server {};\n", backends.blue),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = pinned(Path::new("nginx"))
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start nginx: {e}"))?;
+        wait_for_file(&dir.join("nginx.pid"))?;
+        let nginx = format!("nginx -p {dir} -c {dir}/nginx.conf", dir = dir.display());
+        let keys = format!(
+            "  driver: nginx\n  upstream_file: {dir}/servers.conf\n  check: \"{nginx} -t -q\"\n  reload: \"{nginx} -s reload\"\n  access_log: {dir}/access.log\n",
+            dir = dir.display()
+        );
+        let driver = start_driver(bin_dir, &dir, backends, &keys)?;
+        Ok(Peer {
+            kind: Kind::DrivenNginx,
+            http: loopback(port),
+            h2: None,
+            dir,
+            child: Some(child),
+            backends,
+            upgraded_to: Default::default(),
+            driver: Some(driver),
         })
     }
 
@@ -244,8 +344,8 @@ impl Peer {
         let file = match self.kind {
             Kind::Direct => return None,
             Kind::Bluegreen => "bluegreen.yaml",
-            Kind::Nginx => "nginx.conf",
-            Kind::Haproxy => "haproxy.cfg",
+            Kind::Nginx | Kind::DrivenNginx => "nginx.conf",
+            Kind::Haproxy | Kind::DrivenHaproxy => "haproxy.cfg",
         };
         let mut text = std::fs::read_to_string(self.dir.join(file)).ok()?;
         if self.kind == Kind::Nginx
@@ -298,10 +398,13 @@ impl Peer {
         };
         match self.kind {
             Kind::Direct => Err("the backend alone cannot switch".into()),
-            Kind::Bluegreen => {
+            Kind::Bluegreen | Kind::DrivenHaproxy | Kind::DrivenNginx => {
                 let body = format!("{{\"to\":\"{color}\"}}");
-                let (status, answer) =
-                    unix_request(&self.dir.join("admin.sock"), "POST", "/v1/switch", &body).await?;
+                let socket = match self.kind {
+                    Kind::Bluegreen => self.dir.join("admin.sock"),
+                    _ => self.dir.join("bluegreen").join("admin.sock"),
+                };
+                let (status, answer) = unix_request(&socket, "POST", "/v1/switch", &body).await?;
                 if status == 200 {
                     Ok(())
                 } else {
@@ -414,7 +517,9 @@ impl Peer {
                     self.nginx_signal("reload")
                 }
             }
-            Kind::Direct | Kind::Haproxy => Err(format!("{}: restarts not measured", self.name())),
+            Kind::Direct | Kind::Haproxy | Kind::DrivenHaproxy | Kind::DrivenNginx => {
+                Err(format!("{}: restarts not measured", self.name()))
+            }
         }
     }
 
@@ -464,6 +569,10 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        if let Some(mut driver) = self.driver.take() {
+            let _ = driver.kill();
+            let _ = driver.wait();
+        }
         // An upgraded bluegreen is no child of ours: asked to stop, then waited for.
         let upgraded = *self.upgraded_to.get_mut();
         if upgraded != 0 && signal(upgraded, "TERM").is_ok() {
@@ -496,6 +605,50 @@ impl Drop for Peer {
             let _ = child.wait();
         }
     }
+}
+
+/// A bluegreen daemon in `router_dir/bluegreen` driving the router there (`keys`: its
+/// `router.driver` keys); its own listener serves only previews.
+fn start_driver(
+    bin_dir: &Path,
+    router_dir: &Path,
+    backends: Backends,
+    keys: &str,
+) -> Result<Child, String> {
+    let dir = router_dir.join("bluegreen");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let config = format!(
+        "service: bench\nrouter:\n  listen: 127.0.0.1:{}\n  admin: admin.sock\n{keys}\
+         environments:\n  blue: {{ upstreams: [\"{}\"] }}\n  green: {{ upstreams: [\"{}\"] }}\n\
+         health: {{ path: /healthz, interval: 1s, timeout: 1s }}\ndashboard: {{ enabled: false }}\n",
+        free_port(),
+        backends.blue,
+        backends.green
+    );
+    std::fs::write(dir.join("bluegreen.yaml"), config).map_err(|e| e.to_string())?;
+    let child = Command::new(bin_dir.join("bluegreen"))
+        .arg("--config")
+        .arg(dir.join("bluegreen.yaml"))
+        .arg("up")
+        .env("BLUEGREEN_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("bluegreen.log")).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("cannot start bluegreen as a driver: {e}"))?;
+    wait_for_file(&dir.join("admin.sock"))?;
+    Ok(child)
+}
+
+/// Waits up to 10 s for a router to create `path` (its socket or pid file).
+fn wait_for_file(path: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear within 10 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 fn write_nginx_upstream(dir: &Path, server: SocketAddr) -> Result<(), String> {
