@@ -84,29 +84,39 @@ async fn a_hundred_switches_through_haproxy_under_load_fail_no_request() {
     let green1 = state.iter().find(|s| s.0 == "green1").unwrap();
     assert_eq!(green1.2, "0", "{state:?}");
 
-    let load = Load::start(haproxy.url(), 16);
+    let report = a_hundred_switches(&daemon, &haproxy.url(), "HAProxy").await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(through(&haproxy).await, "blue");
+}
+
+/// 100 switches, one every 20 ms, under 16 keep-alive clients through `url`: the load's
+/// report, after checking both colors served and `status` counted both colors' answers.
+async fn a_hundred_switches(daemon: &Daemon, url: &str, router: &str) -> support::LoadReport {
+    let load = Load::start(url.to_string(), 16);
+    let started = Instant::now();
     for i in 0..100 {
         let to = if i % 2 == 0 { "green" } else { "blue" };
         let answer = daemon.switch(to).await;
         assert_eq!(answer["weights"][to], 100, "{answer}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let took = started.elapsed();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let report = load.stop().await;
     println!(
-        "100 switches through HAProxy: {} blue, {} green answers, {} failed",
+        "100 switches through {router} in {took:?}: {} blue, {} green answers, {} failed: {:?}",
         report.blue,
         report.green,
-        report.failures.len()
+        report.failures.len(),
+        report.failures.iter().take(3).collect::<Vec<_>>()
     );
-    assert!(report.failures.is_empty(), "{:?}", report.failures);
     assert!(
         report.blue > 100 && report.green > 100,
         "both colors served"
     );
-    assert_eq!(through(&haproxy).await, "blue");
-
-    // status and the monitor count what HAProxy answered, per color.
+    // The counters bluegreen reads from the router (statistics, or the access log, read
+    // every 0.5 s) have both colors' answers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let status = daemon.status().await;
     let requests = |color: usize| {
         status["colors"][color]["metrics"]["requests"]
@@ -115,8 +125,9 @@ async fn a_hundred_switches_through_haproxy_under_load_fail_no_request() {
     };
     assert!(
         requests(0) > 100 && requests(1) > 100,
-        "HAProxy's answers counted per color: {status}"
+        "{router}'s answers counted per color: {status}"
     );
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -256,29 +267,8 @@ async fn a_hundred_switches_through_nginx_under_load_are_counted() {
         "no green server at 0 %: {written}"
     );
 
-    let load = Load::start(nginx.url(), 16);
-    let started = Instant::now();
-    for i in 0..100 {
-        let to = if i % 2 == 0 { "green" } else { "blue" };
-        let answer = daemon.switch(to).await;
-        assert_eq!(answer["weights"][to], 100, "{answer}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let report = load.stop().await;
+    let report = a_hundred_switches(&daemon, &nginx.url(), "nginx").await;
     let answered = report.blue + report.green;
-    println!(
-        "100 switches through nginx in {took:?}: {answered} answers ({} blue, {} green), {} failed: {:?}",
-        report.blue,
-        report.green,
-        report.failures.len(),
-        report.failures.iter().take(3).collect::<Vec<_>>()
-    );
-    assert!(
-        report.blue > 100 && report.green > 100,
-        "both colors served"
-    );
     // Each reload costs nginx a few requests at most (measured and documented in
     // docs/drivers.md); far more means the switch itself lost traffic.
     assert!(
@@ -287,18 +277,6 @@ async fn a_hundred_switches_through_nginx_under_load_are_counted() {
         report.failures.len()
     );
     assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some("blue"));
-    // The access log counts every color's answers.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let status = daemon.status().await;
-    let requests = |color: usize| {
-        status["colors"][color]["metrics"]["requests"]
-            .as_u64()
-            .unwrap()
-    };
-    assert!(
-        requests(0) > 100 && requests(1) > 100,
-        "nginx's answers counted per color: {status}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -135,6 +135,30 @@ pub struct ColorSnapshot {
     pub latency_buckets: Vec<u64>,
 }
 
+impl ColorSnapshot {
+    /// A color's counters before anything was counted.
+    pub fn empty(color: Color) -> ColorSnapshot {
+        ColorSnapshot {
+            color,
+            requests: 0,
+            responses_1xx: 0,
+            responses_2xx: 0,
+            responses_3xx: 0,
+            responses_4xx: 0,
+            responses_5xx: 0,
+            upstream_errors: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            open: 0,
+            draining: 0,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            latency_sum_us: 0,
+            latency_buckets: vec![0; BUCKETS_US.len() + 1],
+        }
+    }
+}
+
 pub fn latency_bucket_bounds_us() -> &'static [u64] {
     &BUCKETS_US
 }

@@ -243,24 +243,7 @@ pub fn fleet_windows(
 /// One color's counters added up over routers (the percentiles, which do not add, left out:
 /// windows compute theirs from the summed histogram).
 fn sum<'a>(color: Color, snapshots: impl Iterator<Item = &'a ColorSnapshot>) -> ColorSnapshot {
-    let mut total = ColorSnapshot {
-        color,
-        requests: 0,
-        responses_1xx: 0,
-        responses_2xx: 0,
-        responses_3xx: 0,
-        responses_4xx: 0,
-        responses_5xx: 0,
-        upstream_errors: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        open: 0,
-        draining: 0,
-        latency_p50_ms: None,
-        latency_p99_ms: None,
-        latency_sum_us: 0,
-        latency_buckets: Vec::new(),
-    };
+    let mut total = ColorSnapshot::empty(color);
     for s in snapshots {
         total.requests += s.requests;
         total.responses_1xx += s.responses_1xx;

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bluegreen_router::{Color, ColorSnapshot, Health, RouterStatus, Split};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth, empty_snapshot};
+use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth};
 
 /// How often HAProxy's statistics are read (health and counters).
 const POLL_EVERY: Duration = Duration::from_millis(500);
@@ -322,7 +322,7 @@ impl HaproxyPlane {
         let mut totals = seen
             .totals
             .clone()
-            .unwrap_or_else(|| Color::ALL.map(empty_snapshot));
+            .unwrap_or_else(|| Color::ALL.map(ColorSnapshot::empty));
         for row in &rows {
             let Some(color) = Color::ALL
                 .into_iter()
@@ -488,7 +488,7 @@ impl DataPlane for HaproxyPlane {
             .expect("lock")
             .totals
             .clone()
-            .unwrap_or_else(|| Color::ALL.map(empty_snapshot))
+            .unwrap_or_else(|| Color::ALL.map(ColorSnapshot::empty))
     }
 
     fn preview(&self) -> PreviewRoute {

@@ -89,28 +89,6 @@ pub trait DataPlane: Send + Sync + 'static {
     fn is_stopping(&self) -> bool;
 }
 
-/// A color's counters before anything was counted.
-fn empty_snapshot(color: Color) -> ColorSnapshot {
-    ColorSnapshot {
-        color,
-        requests: 0,
-        responses_1xx: 0,
-        responses_2xx: 0,
-        responses_3xx: 0,
-        responses_4xx: 0,
-        responses_5xx: 0,
-        upstream_errors: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        open: 0,
-        draining: 0,
-        latency_p50_ms: None,
-        latency_p99_ms: None,
-        latency_sum_us: 0,
-        latency_buckets: vec![0; bluegreen_router::metrics::latency_bucket_bounds_us().len() + 1],
-    }
-}
-
 /// The per-color counters a driven router's answers gave, as bluegreen reads them (the
 /// router's own exporter has everything else).
 fn driven_prometheus(router: &str, counters: &[ColorSnapshot; 2]) -> String {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bluegreen_router::metrics::{latency_bucket_bounds_us, quantile_ms};
 use bluegreen_router::{Color, ColorSnapshot, RouterStatus, Split};
 
-use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth, empty_snapshot};
+use super::{DataPlane, EmbeddedRouter, PreviewRoute, UpstreamHealth};
 
 /// How often the access log is read for new lines.
 const TAIL_EVERY: Duration = Duration::from_millis(500);
@@ -61,7 +61,7 @@ impl NginxPlane {
             tail: Mutex::new(Tail {
                 offset,
                 partial: String::new(),
-                totals: Color::ALL.map(empty_snapshot),
+                totals: Color::ALL.map(ColorSnapshot::empty),
             }),
             writing: tokio::sync::Mutex::new(()),
         });
