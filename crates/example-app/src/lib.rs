@@ -45,11 +45,20 @@ pub struct Args {
     /// Print a line on stdout for each request but health checks: method, path and status.
     #[arg(long, env = "EXAMPLE_ACCESS_LOG")]
     access_log: bool,
+    /// PostgreSQL (a `postgres://` URL) to record each request in: a row of `visits` with its
+    /// color and version; a request the database refuses is answered 500 with its error.
+    #[arg(long, env = "EXAMPLE_DATABASE_URL")]
+    database: Option<String>,
+    /// Also write the `agent` column (the client's User-Agent), which a later schema adds:
+    /// what a new version does that an old one does not.
+    #[arg(long, env = "EXAMPLE_RECORD_AGENT")]
+    record_agent: bool,
 }
 
 struct App {
     args: Args,
     started: Instant,
+    database: Option<tokio_postgres::Client>,
 }
 
 /// Parses `argv` (the program name first) and serves until killed; returns only on bad input.
@@ -99,11 +108,22 @@ async fn serve(args: Args) -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    let database = match &args.database {
+        Some(url) => match connect(url).await {
+            Ok(client) => Some(client),
+            Err(error) => {
+                complain(&format!("--database: cannot connect to {url}: {error}"));
+                return std::process::ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let addr = listener.local_addr().expect("bound socket has an address");
     println!("listening on {addr} ({} {})", args.color, args.app_version);
     let app = Arc::new(App {
         args,
         started: Instant::now(),
+        database,
     });
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -118,6 +138,42 @@ async fn serve(args: Args) -> std::process::ExitCode {
                 .await;
         });
     }
+}
+
+/// One connection to PostgreSQL, driven by a task of its own.
+async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            complain(&format!("--database: the connection ended: {error}"));
+        }
+    });
+    Ok(client)
+}
+
+/// Records one visit as this version writes it.
+async fn record_visit(
+    app: &App,
+    database: &tokio_postgres::Client,
+    agent: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let args = &app.args;
+    if args.record_agent {
+        database
+            .execute(
+                "INSERT INTO visits (color, version, agent) VALUES ($1, $2, $3)",
+                &[&args.color, &args.app_version, &agent],
+            )
+            .await?;
+    } else {
+        database
+            .execute(
+                "INSERT INTO visits (color, version) VALUES ($1, $2)",
+                &[&args.color, &args.app_version],
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 async fn answer(
@@ -144,6 +200,22 @@ async fn answer(
     }
     if args.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.latency_ms)).await;
+    }
+    if let Some(database) = &app.database {
+        let agent = request
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if let Err(error) = record_visit(&app, database, agent).await {
+            let detail = error
+                .as_db_error()
+                .map_or_else(|| error.to_string(), |e| e.message().to_string());
+            return Ok(reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{} {}: database: {detail}\n", args.color, args.app_version),
+            ));
+        }
     }
     let failed = args.error_rate > 0.0 && fastrand::f64() < args.error_rate;
     let status = if failed {

@@ -216,6 +216,7 @@ pub(super) struct RawHooks {
     cleanup: Option<String>,
     migrate_expand: Option<String>,
     migrate_contract: Option<String>,
+    migrate_rollback: Option<String>,
     timeout: Option<HumanDuration>,
 }
 
@@ -420,6 +421,8 @@ pub enum HookPoint {
     OnRollback,
     Cleanup,
     MigrateContract,
+    /// A release that ran `migrate_expand` ended without its new version live.
+    MigrateRollback,
 }
 
 impl HookPoint {
@@ -433,6 +436,7 @@ impl HookPoint {
             HookPoint::OnRollback => "on_rollback",
             HookPoint::Cleanup => "cleanup",
             HookPoint::MigrateContract => "migrate_contract",
+            HookPoint::MigrateRollback => "migrate_rollback",
         }
     }
 }
@@ -1326,6 +1330,7 @@ impl Validator<'_> {
             (HookPoint::OnRollback, &raw.on_rollback),
             (HookPoint::Cleanup, &raw.cleanup),
             (HookPoint::MigrateContract, &raw.migrate_contract),
+            (HookPoint::MigrateRollback, &raw.migrate_rollback),
         ] {
             if let Some(text) = text
                 && let Some(argv) = self.executable(&format!("hooks.{}", point.as_str()), text)

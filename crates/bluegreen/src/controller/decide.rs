@@ -380,6 +380,7 @@ mod tests {
             verdict: None,
             step_ends_ms: None,
             first: false,
+            expanded: false,
         }
     }
 

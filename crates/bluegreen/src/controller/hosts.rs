@@ -322,6 +322,12 @@ impl Controller {
         let config = self.config();
         let mut hosts: Vec<String> = fleet.routers().await?.into_iter().map(|r| r.id).collect();
         hosts.sort();
+        if hosts.is_empty() {
+            return Err(
+                "no router of the fleet reports itself (not even this one): nothing to deploy to; see `bluegreen status`"
+                    .into(),
+            );
+        }
         let batch = config.deploy_batch.size(hosts.len());
         let test = release.is_some() && config.controller.pipeline.contains(&Stage::Test);
         let spec = self.spec(color);

@@ -394,6 +394,9 @@ impl Controller {
                 ),
             },
         };
+        if state != ReleaseState::Succeeded {
+            self.roll_back_schema(&release).await;
+        }
         release.state = state;
         release.ended_ms = Some(now_ms());
         release.step_ends_ms = None;
@@ -502,6 +505,14 @@ impl Controller {
         let facts = self.facts(color, Some(release));
         let version = release.version.clone().unwrap_or_default();
         let env = release.extra_env.clone();
+        let expand = self.expand_schema(release, control).await;
+        if let Err(stop) = expand {
+            // Recorded as the deploy stage's failure: traffic never moved.
+            let failed = async { Err::<(), Stop>(stop) };
+            return self
+                .stage(release, "deploy", ReleaseState::Deploying, failed)
+                .await;
+        }
         let work = async {
             self.hook(HookPoint::PreDeploy, &facts, id)
                 .await
@@ -516,6 +527,71 @@ impl Controller {
         let work = until_aborted(control.clone(), work);
         self.stage(release, "deploy", ReleaseState::Deploying, work)
             .await
+    }
+
+    /// `migrate_expand`, before the new version deploys, then the live (old) version's tests
+    /// again through the router: it must still work against the expanded schema, or the
+    /// release stops here, before anything deploys or any traffic moves.
+    async fn expand_schema(
+        &self,
+        release: &mut Release,
+        control: &watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        if !self
+            .config()
+            .controller
+            .hooks
+            .commands
+            .contains_key(&HookPoint::MigrateExpand)
+        {
+            return Ok(());
+        }
+        let facts = self.facts(release.color, Some(release));
+        let (live, id) = (release.from_color, release.id);
+        release.expanded = true;
+        let work = async {
+            self.hook(HookPoint::MigrateExpand, &facts, Some(id))
+                .await
+                .map_err(Stop::Failed)?;
+            // Nothing runs on the live color yet (a first release): nothing to break.
+            if self.plane.healthy_count(live) == 0 {
+                return Ok(());
+            }
+            let results = self
+                .test_environment(live, None)
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.passed)
+                .map(|r| format!("{}: {}", r.name, r.detail))
+                .collect();
+            if failed.is_empty() {
+                return Ok(());
+            }
+            Err(Stop::Failed(format!(
+                "the live {live} {} fails its tests against the expanded schema ({}); nothing was deployed and traffic never moved",
+                self.instances_record(live).version.as_deref().unwrap_or(""),
+                failed.join("; ")
+            )))
+        };
+        until_aborted(control.clone(), work).await
+    }
+
+    /// A release that ran `migrate_expand` and ends without its version live: the expanded
+    /// schema stays (the old version works with it, as its tests showed); `migrate_rollback`
+    /// runs when configured.
+    async fn roll_back_schema(&self, release: &Release) {
+        if !release.expanded {
+            return;
+        }
+        let facts = self.facts(release.color, Some(release));
+        if let Err(e) = self
+            .hook(HookPoint::MigrateRollback, &facts, Some(release.id))
+            .await
+        {
+            tracing::warn!(error = %e, "migrate_rollback hook failed");
+        }
     }
 
     /// The smoke tests of the new color; a failure blocks the switch.
@@ -613,9 +689,13 @@ impl Controller {
         let (color, id) = (release.color, Some(release.id));
         let facts = self.facts(color, Some(release));
         if !(from.is_some() && release.traffic_moved) {
-            for point in [HookPoint::MigrateExpand, HookPoint::PreSwitch] {
-                self.hook(point, &facts, id).await.map_err(Stop::Failed)?;
+            // A shift deploys nothing: its expand runs here, before any traffic moves.
+            if release.kind == ReleaseKind::Shift {
+                self.expand_schema(release, control).await?;
             }
+            self.hook(HookPoint::PreSwitch, &facts, id)
+                .await
+                .map_err(Stop::Failed)?;
         }
         self.shift(release, control, from).await?;
         let facts = self.facts(color, Some(release));
@@ -940,6 +1020,7 @@ impl Controller {
                 }
             }
         };
+        self.roll_back_schema(&release).await;
         release.state = state;
         release.ended_ms = Some(now_ms());
         release.reason = Some(reason.clone());

@@ -94,6 +94,10 @@ pub struct Release {
     /// The first release of a service: nothing ran before it, so it switched at once.
     #[serde(default)]
     pub first: bool,
+    /// `migrate_expand` ran: a release that ends without its version live runs
+    /// `migrate_rollback`.
+    #[serde(default)]
+    pub expanded: bool,
 }
 
 impl Release {
@@ -133,6 +137,7 @@ impl Release {
             verdict: None,
             step_ends_ms: None,
             first: plan.first,
+            expanded: false,
         }
     }
 
