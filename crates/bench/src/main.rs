@@ -504,7 +504,7 @@ fn render_results(out: &mut String, results: &Results, plan: Plan) {
     ));
     out.push_str(&format!(
         "## Switching under load ({} flips, 20 ms apart, 32 keep-alive + 4 new-connection clients, every response checked)\n\n\
-         bluegreen: `POST /v1/switch` on the admin socket. nginx: rewrite the included upstream file, `nginx -s reload`. HAProxy: `set weight app/NEW 100; set weight app/OLD 0` in one runtime-API command. The clients never resend a request on their own, so a request lost on a closing keep-alive connection counts as failed.\n\n{}\n",
+         bluegreen: `POST /v1/switch` on the admin socket. nginx: rewrite the included upstream file, `nginx -s reload`. HAProxy: `set weight app/NEW 100; set weight app/OLD 0` in one runtime-API command. \"bluegreen driver\" rows: the same `POST /v1/switch` to a bluegreen daemon driving that router (`router.driver`): HAProxy's weights through its runtime API, new color raised first; nginx's servers file rewritten, `nginx -t`, reload. The clients never resend a request on their own, so a request lost on a closing keep-alive connection counts as failed.\n\n{}\n",
         plan.switches,
         results.switching_table()
     ));

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 
 use super::{Controller, EventKind, Start};
 use crate::fleet::{Fleet, Lagging, RouterReport};
-use crate::store::{Key, Revision, now_ms};
+use crate::store::{Key, Revision, RouterState, Versioned, now_ms};
 
 /// How often a router reports itself when nothing changes.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -235,7 +235,18 @@ impl Controller {
                     match change {
                         Ok(change) => {
                             if change.keys.contains(&Key::RouterState) {
-                                this.apply_recorded(change.revision).await;
+                                match change.router_state.clone() {
+                                    Some(state) => {
+                                        let read = Versioned {
+                                            value: Some(state),
+                                            revision: change.revision,
+                                        };
+                                        this.apply_state(read).await;
+                                    }
+                                    None => {
+                                        this.apply_recorded(change.revision).await;
+                                    }
+                                }
                             }
                             if change.keys.iter().any(|k| matches!(k, Key::Environment(_))) {
                                 this.read_environments().await;
@@ -288,12 +299,19 @@ impl Controller {
                 return false;
             }
         };
+        self.apply_state(read).await;
+        true
+    }
+
+    /// Applies a recorded router state (read, or delivered by the watch) when it is newer
+    /// than what this router serves.
+    async fn apply_state(&self, read: Versioned<Option<RouterState>>) {
         let Some(recorded) = read.value else {
-            return true;
+            return;
         };
         let mut state = self.state.lock().await;
         if read.revision <= self.applied.load(Ordering::SeqCst) {
-            return true;
+            return;
         }
         for color in Color::ALL {
             let wanted = recorded.upstreams.get(color);
@@ -320,7 +338,6 @@ impl Controller {
             }
         }
         self.reported.notify_one();
-        true
     }
 
     /// Reads both colors' records another daemon (the leader) wrote, so this one's status

@@ -244,7 +244,11 @@ impl EtcdStore {
         }
         Ok(changes
             .into_iter()
-            .map(|(revision, keys)| Change { revision, keys })
+            .map(|(revision, keys)| Change {
+                revision,
+                keys,
+                router_state: None,
+            })
             .collect())
     }
 
@@ -802,11 +806,20 @@ impl StateStore for EtcdStore {
                         continue;
                     };
                     let revision = kv.mod_revision();
+                    // The new router state comes with its event: no read back needed.
+                    let router_state = match key {
+                        Key::RouterState => serde_json::from_slice(kv.value()).ok(),
+                        _ => None,
+                    };
                     match f.ready.back_mut() {
-                        Some(last) if last.revision == revision => last.keys.push(key),
+                        Some(last) if last.revision == revision => {
+                            last.keys.push(key);
+                            last.router_state = last.router_state.take().or(router_state);
+                        }
                         _ => f.ready.push_back(Change {
                             revision,
                             keys: vec![key],
+                            router_state,
                         }),
                     }
                     f.from = revision;

@@ -50,6 +50,9 @@ pub enum Key {
 pub struct Change {
     pub revision: Revision,
     pub keys: Vec<Key>,
+    /// The router state the commit wrote, when the store's watch carries values (etcd's
+    /// does): a follower applies it without reading it back.
+    pub router_state: Option<RouterState>,
 }
 
 /// What a commit does to a release's steps.

@@ -468,6 +468,7 @@ impl Inner {
             changes.push(Change {
                 revision,
                 keys: keys.iter().filter_map(|k| parse_key(k)).collect(),
+                router_state: None,
             });
         }
         Ok(changes)

@@ -12,6 +12,7 @@ pub struct Hosts {
     /// The bridge's second address (the etcd cluster's, in the fleet test).
     pub service: IpAddr,
     bridge: String,
+    subnet: u8,
     processes: Vec<Child>,
 }
 
@@ -43,6 +44,7 @@ impl Hosts {
             addresses: Vec::new(),
             service: service.into(),
             bridge: bridge.clone(),
+            subnet,
             processes: Vec::new(),
         };
         ip(&["link", "add", &bridge, "type", "bridge"]);
@@ -89,10 +91,12 @@ impl Hosts {
         self.processes.push(child);
     }
 
-    /// Host `i` can no longer reach the service address (a blackhole route: packets vanish,
-    /// as when a network link fails), or can again.
+    /// Host `i` and the service address can no longer reach each other (blackhole routes
+    /// both ways: packets vanish, as when a network link fails), or can again. The test's own
+    /// requests to the host come from the bridge's first address and still pass.
     pub fn cut_from_service(&self, i: usize, cut: bool) {
         let verb = if cut { "add" } else { "del" };
+        let (service, host) = (self.service.to_string(), self.addresses[i].to_string());
         ip(&[
             "netns",
             "exec",
@@ -101,8 +105,25 @@ impl Hosts {
             "route",
             verb,
             "blackhole",
-            &format!("{}/32", self.service),
+            &format!("{service}/32"),
         ]);
+        // The way back: what the service sends the host goes by a table of its own whose
+        // only route is a blackhole.
+        let table = self.table(i);
+        ip(&[
+            "route",
+            verb,
+            "blackhole",
+            &format!("{host}/32"),
+            "table",
+            &table,
+        ]);
+        ip(&["rule", verb, "from", &service, "to", &host, "table", &table]);
+    }
+
+    /// The routing table `cut_from_service` uses for host `i`'s way back.
+    fn table(&self, i: usize) -> String {
+        (50_000 + u32::from(self.subnet) * 16 + i as u32).to_string()
     }
 }
 
@@ -111,6 +132,24 @@ impl Drop for Hosts {
         for child in &mut self.processes {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for (i, host) in self.addresses.iter().enumerate() {
+            // A cut the test did not restore (it failed): its rule must not outlive it.
+            let table = self.table(i);
+            let service = self.service.to_string();
+            let _ = Command::new("ip")
+                .args([
+                    "rule",
+                    "del",
+                    "from",
+                    &service,
+                    "to",
+                    &host.to_string(),
+                    "table",
+                    &table,
+                ])
+                .stderr(Stdio::null())
+                .status();
         }
         for name in &self.names {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
