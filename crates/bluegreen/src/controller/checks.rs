@@ -106,6 +106,20 @@ pub async fn run(
 }
 
 impl Controller {
+    /// The smoke tests of `color` that failed, each as "name: detail" (empty: all passed).
+    pub(crate) async fn failed_tests(
+        &self,
+        color: Color,
+        release: Option<&Release>,
+    ) -> Result<Vec<String>, CommandError> {
+        let results = self.test_environment(color, release).await?;
+        Ok(results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| format!("{}: {}", r.name, r.detail))
+            .collect())
+    }
+
     /// Runs the configured smoke tests against `color` through the preview route.
     pub async fn test_environment(
         &self,

@@ -71,6 +71,9 @@ impl Controller {
                 }
                 let reported = this.reported.clone();
                 this.report_once(&mut failing_since).await;
+                if this.events_behind.load(Ordering::SeqCst) {
+                    this.publish_events().await;
+                }
                 if checked.elapsed() >= CHECK_INTERVAL {
                     checked = tokio::time::Instant::now();
                     this.check_applied().await;

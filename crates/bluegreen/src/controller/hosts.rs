@@ -243,7 +243,12 @@ impl Controller {
         .await;
         let outcome = self.run_provider(color, &mut record, release).await;
         let test_failures = match (&outcome, test) {
-            (Ok(_), true) => Some(self.test_failures(color).await),
+            // The release's tests through this host's router.
+            (Ok(_), true) => Some(
+                self.failed_tests(color, None)
+                    .await
+                    .unwrap_or_else(|e| vec![e.to_string()]),
+            ),
             _ => None,
         };
         if outcome.is_err() {
@@ -267,19 +272,6 @@ impl Controller {
             }
         })
         .await;
-    }
-
-    /// The release's tests of `color` through this host's router: what failed (empty: all
-    /// passed).
-    async fn test_failures(&self, color: Color) -> Vec<String> {
-        match self.test_environment(color, None).await {
-            Ok(results) => results
-                .iter()
-                .filter(|r| !r.passed)
-                .map(|r| format!("{}: {}", r.name, r.detail))
-                .collect(),
-            Err(e) => vec![e.to_string()],
-        }
     }
 
     async fn stop_here(&self, color: Color, order: i64) {

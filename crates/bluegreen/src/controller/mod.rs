@@ -120,6 +120,9 @@ pub struct Controller {
     host_unsaved: std::sync::atomic::AtomicBool,
     /// In a fleet, away from the leader: the newest release as last recorded.
     followed_release: Mutex<Option<Release>>,
+    /// Events were stored that the live watchers have not been sent (the store could not be
+    /// read when they were announced).
+    events_behind: std::sync::atomic::AtomicBool,
 }
 
 impl Controller {
@@ -192,6 +195,7 @@ impl Controller {
             host_writes: tokio::sync::Mutex::new(()),
             host_unsaved: std::sync::atomic::AtomicBool::new(false),
             followed_release: Mutex::new(None),
+            events_behind: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -345,17 +349,25 @@ impl Controller {
         }
     }
 
-    /// Sends events stored since the last call to the live watchers, in order.
+    /// Sends events stored since the last call to the live watchers, in order. When the
+    /// store cannot be read, the events are sent by a later call (in a fleet the reporter
+    /// tries again within a second).
     async fn publish_events(&self) {
         let mut last = self.published.lock().await;
         match self.store.events_after(*last, 1000).await {
             Ok(events) => {
+                self.events_behind
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 for event in events {
                     *last = event.id;
                     let _ = self.live.send(event);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read new events"),
+            Err(e) => {
+                self.events_behind
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(error = %e, "cannot read new events");
+            }
         }
     }
 

@@ -557,15 +557,10 @@ impl Controller {
             if self.plane.healthy_count(live) == 0 {
                 return Ok(());
             }
-            let results = self
-                .test_environment(live, None)
+            let failed = self
+                .failed_tests(live, None)
                 .await
                 .map_err(|e| Stop::Failed(e.to_string()))?;
-            let failed: Vec<String> = results
-                .iter()
-                .filter(|r| !r.passed)
-                .map(|r| format!("{}: {}", r.name, r.detail))
-                .collect();
             if failed.is_empty() {
                 return Ok(());
             }
@@ -627,15 +622,10 @@ impl Controller {
                     None => {}
                 }
             }
-            let results = self
-                .test_environment(color, Some(&snapshot))
+            let failed = self
+                .failed_tests(color, Some(&snapshot))
                 .await
                 .map_err(|e| Stop::Failed(e.to_string()))?;
-            let failed: Vec<String> = results
-                .iter()
-                .filter(|r| !r.passed)
-                .map(|r| format!("{}: {}", r.name, r.detail))
-                .collect();
             if failed.is_empty() {
                 Ok(())
             } else {
