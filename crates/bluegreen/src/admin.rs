@@ -784,6 +784,9 @@ fn diff_query(query: Option<&str>) -> Result<(Color, Color), ApiError> {
     Ok((color("a", Color::Blue)?, color("b", Color::Green)?))
 }
 
+/// How long the live stream waits for one snapshot before skipping it.
+const SNAPSHOT_PATIENCE: std::time::Duration = std::time::Duration::from_millis(900);
+
 /// Server-sent events: a `snapshot` at once and every second after, and an `event` for each
 /// event as it is stored, so a watcher misses none. Ends when the daemon stops.
 #[utoipa::path(get, path = "/v1/stream", tag = "status",
@@ -798,12 +801,8 @@ async fn stream(State(controller): State<Arc<Controller>>) -> Response {
         (controller, events, tick),
         |(controller, mut events, mut tick)| async move {
             let chunk = tokio::select! {
-                _ = tick.tick() => {
-                    if controller.plane.is_stopping() {
-                        return None;
-                    }
-                    format!("event: snapshot\ndata: {}\n\n", controller.snapshot().await)
-                }
+                // Events first: a snapshot never holds one back.
+                biased;
                 received = events.recv() => match received {
                     Ok(event) => format!("event: event\ndata: {}\n\n", serde_json::json!(event)),
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -811,6 +810,17 @@ async fn stream(State(controller): State<Arc<Controller>>) -> Response {
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
+                _ = tick.tick() => {
+                    if controller.plane.is_stopping() {
+                        return None;
+                    }
+                    // A snapshot reads the fleet's reports from etcd; while the cluster is
+                    // degraded that can take seconds, and the stream must go on meanwhile.
+                    match tokio::time::timeout(SNAPSHOT_PATIENCE, controller.snapshot()).await {
+                        Ok(snapshot) => format!("event: snapshot\ndata: {snapshot}\n\n"),
+                        Err(_) => ": snapshot skipped (the state store is slow to answer)\n\n".to_string(),
+                    }
+                }
             };
             Some((
                 Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),

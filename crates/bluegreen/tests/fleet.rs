@@ -158,7 +158,11 @@ async fn a_switch_is_applied_by_every_router_and_a_router_cut_off_serves_on_and_
     let out = a.cli(&["switch", "--to", "blue"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let seen = b_events.await.unwrap();
-    assert!(seen.contains("switched: blue is live"), "{seen}");
+    assert!(
+        seen.contains("switched: blue is live"),
+        "b's live stream:\n{seen}\nb's log:\n{}",
+        b.log()
+    );
     for (router, id) in routers.iter().zip(["a", "b", "c"]) {
         assert_eq!(answer(router).await, format!("blue-{id}"));
     }
