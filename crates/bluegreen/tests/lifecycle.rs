@@ -117,9 +117,10 @@ async fn hooks_run_with_release_facts_and_the_webhook_hears_every_event() {
     assert_eq!(
         lines,
         [
+            // The expand comes before the deploy (then the live 1.0 is tested again).
+            "migrate_expand 2.0 green blue 1.0",
             "pre_deploy 2.0 green blue 1.0",
             "post_deploy 2.0 green blue 1.0",
-            "migrate_expand 2.0 green blue 1.0",
             "pre_switch 2.0 green blue 1.0",
             "post_switch 2.0 green blue 1.0",
             "cleanup 2.0 green blue 1.0",
