@@ -48,21 +48,23 @@ fn servers(haproxy: &Haproxy) -> Vec<(String, String, String, String)> {
         .collect()
 }
 
-async fn started(haproxy: &Haproxy, blue: &Backend, green: &Backend) -> Daemon {
+/// bluegreen driving the router `router_keys` name, once that router serves blue at `url`.
+async fn driving(router_keys: &str, url: &str, blue: &Backend, green: &Backend) -> Daemon {
     let daemon = Daemon::start(&format!(
         "{}{RELEASE}",
-        config(&[blue], &[green], &haproxy.router_keys())
+        config(&[blue], &[green], router_keys)
     ))
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&client(), &haproxy.url(), &[])
-        .await
-        .map_or(true, |(code, ..)| code != 200)
-    {
-        assert!(Instant::now() < deadline, "HAProxy serves blue within 10 s");
+    while answer_of(url).await.as_deref() != Some("blue") {
+        assert!(Instant::now() < deadline, "{url} serves blue within 10 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     daemon
+}
+
+async fn started(haproxy: &Haproxy, blue: &Backend, green: &Backend) -> Daemon {
+    driving(&haproxy.router_keys(), &haproxy.url(), blue, green).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -231,17 +233,7 @@ async fn an_haproxy_out_of_reach_is_named_and_nothing_is_applied() {
 
 /// bluegreen driving `nginx`, once nginx serves blue.
 async fn driving_nginx(nginx: &Nginx, blue: &Backend, green: &Backend) -> Daemon {
-    let daemon = Daemon::start(&format!(
-        "{}{RELEASE}",
-        config(&[blue], &[green], &nginx.router_keys())
-    ))
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while answer_of(&nginx.url()).await.as_deref() != Some("blue") {
-        assert!(Instant::now() < deadline, "nginx serves blue within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    daemon
+    driving(&nginx.router_keys(), &nginx.url(), blue, green).await
 }
 
 async fn answer_of(url: &str) -> Option<String> {
