@@ -257,6 +257,9 @@ impl HaproxyPlane {
                 upstreams.len()
             ));
         }
+        // A slot's weight is set before it is made ready: it never takes traffic the split
+        // does not give its color (template servers start at weight 1).
+        let weight = slot_weight(self.embedded.split().weight(color), upstreams.len());
         for (i, slot) in slots.iter().enumerate() {
             let server = self.server(slot);
             match upstreams.get(i) {
@@ -267,6 +270,9 @@ impl HaproxyPlane {
                             addr.ip(),
                             addr.port()
                         ))
+                        .await?;
+                    self.api
+                        .change(&format!("set server {server} weight {weight}"))
                         .await?;
                     self.api
                         .change(&format!("set server {server} state ready"))
