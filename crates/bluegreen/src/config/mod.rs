@@ -681,6 +681,18 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// A key `driver` needs: an issue naming it when absent or empty (`why` says which driver
+    /// and what to give).
+    fn required(&mut self, key: &str, value: Option<String>, why: &str) -> String {
+        match value.filter(|v| !v.trim().is_empty()) {
+            Some(value) => value,
+            None => {
+                self.issue(key, format!("required with router.driver: {why}"));
+                String::new()
+            }
+        }
+    }
+
     /// `router.driver` and the keys of the driver it names (refused with another driver).
     fn driver(&mut self, keys: DriverKeys) -> Driver {
         let given = [
@@ -699,44 +711,35 @@ impl<'a> Validator<'a> {
                 );
             }
         }
-        let nonempty = |value: Option<String>| value.filter(|v| !v.trim().is_empty());
         match keys.name.as_str() {
             "embedded" => Driver::Embedded,
             "haproxy" => {
-                let socket = nonempty(keys.socket);
-                let backend = nonempty(keys.backend);
-                if socket.is_none() {
-                    self.issue(
-                        "router.socket",
-                        "required with router.driver: haproxy; give HAProxy's runtime API socket (its `stats socket PATH level admin`), e.g. /run/haproxy/admin.sock",
-                    );
-                }
-                if backend.is_none() {
-                    self.issue(
-                        "router.backend",
-                        "required with router.driver: haproxy; name the backend whose servers blue… and green… are the colors, e.g. app",
-                    );
-                }
+                let socket = self.required(
+                    "router.socket",
+                    keys.socket,
+                    "haproxy; give HAProxy's runtime API socket (its `stats socket PATH level admin`), e.g. /run/haproxy/admin.sock",
+                );
+                let backend = self.required(
+                    "router.backend",
+                    keys.backend,
+                    "haproxy; name the backend whose servers blue… and green… are the colors, e.g. app",
+                );
                 Driver::Haproxy {
-                    socket: self.resolve(socket.as_deref().unwrap_or("")),
-                    backend: backend.unwrap_or_default(),
+                    socket: self.resolve(&socket),
+                    backend,
                 }
             }
             "nginx" => {
-                let upstream_file = nonempty(keys.upstream_file);
-                let access_log = nonempty(keys.access_log);
-                if upstream_file.is_none() {
-                    self.issue(
-                        "router.upstream_file",
-                        "required with router.driver: nginx; give the file bluegreen writes the servers to, included in your upstream block (`upstream app { include /etc/nginx/bluegreen-servers.conf; }`)",
-                    );
-                }
-                if access_log.is_none() {
-                    self.issue(
-                        "router.access_log",
-                        "required with router.driver: nginx; give the access log written with `log_format bluegreen '$upstream_addr $status $request_time';` (bluegreen counts each color's answers from it)",
-                    );
-                }
+                let upstream_file = self.required(
+                    "router.upstream_file",
+                    keys.upstream_file,
+                    "nginx; give the file bluegreen writes the servers to, included in your upstream block (`upstream app { include /etc/nginx/bluegreen-servers.conf; }`)",
+                );
+                let access_log = self.required(
+                    "router.access_log",
+                    keys.access_log,
+                    "nginx; give the access log written with `log_format bluegreen '$upstream_addr $status $request_time';` (bluegreen counts each color's answers from it)",
+                );
                 let mut command = |key: &str, text: Option<String>, default: &str| {
                     let text = text.unwrap_or_else(|| default.to_string());
                     self.command_line(&format!("router.{key}"), &text)
@@ -745,10 +748,10 @@ impl<'a> Validator<'a> {
                 let check = command("check", keys.check, "nginx -t");
                 let reload = command("reload", keys.reload, "nginx -s reload");
                 Driver::Nginx {
-                    upstream_file: self.resolve(upstream_file.as_deref().unwrap_or("")),
+                    upstream_file: self.resolve(&upstream_file),
                     check,
                     reload,
-                    access_log: self.resolve(access_log.as_deref().unwrap_or("")),
+                    access_log: self.resolve(&access_log),
                 }
             }
             other => {
@@ -1159,6 +1162,53 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
             assert!(found[0].starts_with("deploy.batch: "), "{bad}: {found:?}");
             assert!(found[0].contains("e.g. 25%"), "{bad}: {found:?}");
         }
+    }
+
+    #[test]
+    fn a_driver_and_its_keys_are_checked_together() {
+        let with = |keys: &str| {
+            GOOD.replace(
+                "  listen: 127.0.0.1:8080",
+                &format!("  listen: 127.0.0.1:8080\n{keys}"),
+            )
+        };
+        assert!(
+            issues(&with("  driver: traefik"))[0]
+                .starts_with("router.driver: \"traefik\" is not a router bluegreen drives")
+        );
+        let found = issues(&with("  driver: haproxy"));
+        assert!(
+            found[0].starts_with("router.socket: required with router.driver: haproxy"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("router.backend: required with router.driver: haproxy"),
+            "{found:?}"
+        );
+        let found = issues(&with("  driver: nginx\n  upstream_file: \" \""));
+        assert!(
+            found[0].starts_with("router.upstream_file: required with router.driver: nginx"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("router.access_log: required"),
+            "{found:?}"
+        );
+        let found = issues(&with("  socket: /run/haproxy.sock"));
+        assert_eq!(
+            found,
+            ["router.socket: belongs to router.driver: haproxy; remove it, or set the driver"]
+        );
+        let nginx = Config::parse(&with("  driver: nginx\n  upstream_file: servers.conf\n  access_log: /var/log/nginx/bg.log"), Path::new("/tmp/x")).unwrap();
+        assert_eq!(
+            nginx.router.driver,
+            Driver::Nginx {
+                upstream_file: "/tmp/x/servers.conf".into(),
+                check: vec!["nginx".into(), "-t".into()],
+                reload: vec!["nginx".into(), "-s".into(), "reload".into()],
+                access_log: "/var/log/nginx/bg.log".into(),
+            }
+        );
     }
 
     #[test]
