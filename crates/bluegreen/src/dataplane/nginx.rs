@@ -4,7 +4,6 @@
 //! is one rewrite and one reload, and health is bluegreen's own checks. bluegreen's own router
 //! stays on `router.listen` with the same upstreams, as the preview route smoke tests take.
 
-use std::collections::VecDeque;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -143,10 +142,10 @@ impl NginxPlane {
         }
         tail.offset += fresh.len() as u64;
         let text = std::mem::take(&mut tail.partial) + &fresh;
-        let mut lines: VecDeque<&str> = text.split('\n').collect();
-        tail.partial = lines.pop_back().unwrap_or_default().to_string();
+        let (complete, partial) = text.rsplit_once('\n').unwrap_or(("", &text));
+        tail.partial = partial.to_string();
         let upstreams = Color::ALL.map(|c| self.addrs(c));
-        for line in lines {
+        for line in complete.lines() {
             if let Some((color, status, seconds)) = parse_line(line, &upstreams) {
                 count(&mut tail.totals[color.index()], status, seconds);
             }
@@ -303,8 +302,8 @@ impl DataPlane for NginxPlane {
         self.embedded.healthy_count(color)
     }
 
+    /// As of the tail's last read (at most `TAIL_EVERY` ago).
     fn counters(&self) -> [ColorSnapshot; 2] {
-        self.read_log();
         self.tail.lock().expect("lock").totals.clone()
     }
 
