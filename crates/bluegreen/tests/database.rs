@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use postgres::Postgres;
 use serde_json::Value;
-use support::{BIN, Daemon, Load};
+use support::{Daemon, Load, process_config};
 
 fn text(out: &std::process::Output) -> String {
     format!(
@@ -59,39 +59,21 @@ fn migrations(dir: &std::path::Path, url: &str) -> String {
     script.display().to_string()
 }
 
+/// The example app with two instances per color on the process provider (the tests'
+/// usual config), each writing to PostgreSQL at `url`, and the migration hooks.
 fn config(url: &str, migrate: &str) -> String {
-    format!(
-        r#"service: web
-router:
-  listen: 127.0.0.1:0
-  admin: .bluegreen/admin.sock
-  drain_timeout: 2s
-app:
-  command: "{BIN} example-app --listen 127.0.0.1:{{port}} --color {{color}} --app-version {{version}} --database {url}"
-  instances: 2
-  ready_timeout: 15s
-  stop_timeout: 2s
-health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}
-dashboard: {{ enabled: false }}
-test:
-  checks:
-    - {{ path: /, status: 200, body_contains: "{{version}}" }}
-release:
-  strategy: quick
-  monitor_window: 1s
-  scale_down_delay: 2s
-strategies:
-  quick: {{ type: canary, steps: [20, 60], wait: 1s }}
-analysis:
-  interval: 200ms
-  min_requests: 20
-  error_rate: {{ max_percent: 5 }}
-hooks:
-  migrate_expand: "sh {migrate} expand"
-  migrate_contract: "sh {migrate} contract"
-  migrate_rollback: "sh {migrate} rollback"
-"#
-    )
+    process_config()
+        .replace(
+            "--app-version {version}\"",
+            &format!("--app-version {{version}} --database {url}\""),
+        )
+        .replace("scale_down_delay: 30s", "scale_down_delay: 2s")
+        .replace(
+            "health:",
+            &format!(
+                "hooks:\n  migrate_expand: \"sh {migrate} expand\"\n  migrate_contract: \"sh {migrate} contract\"\n  migrate_rollback: \"sh {migrate} rollback\"\nhealth:"
+            ),
+        )
 }
 
 async fn history(daemon: &Daemon) -> Vec<String> {
@@ -144,7 +126,7 @@ async fn expand_before_deploy_guards_the_live_version_and_contract_waits_for_cle
     );
     assert!(
         at(&events, "migrate_expand hook passed")
-            < at(&events, "tests of blue: 1 passed, 0 failed"),
+            < at(&events, "tests of blue: 2 passed, 0 failed"),
         "then the live 1.0's tests again: {events:#?}"
     );
     assert_eq!(
