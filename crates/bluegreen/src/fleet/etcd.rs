@@ -106,20 +106,6 @@ impl EtcdFleet {
         Ok(())
     }
 
-    /// A put tried a few times, like a report: a member may be lost.
-    async fn put_retrying(&self, key: String, value: String) -> Result<(), etcd_client::Error> {
-        let mut last = None;
-        for _ in 0..PUBLISH_TRIES {
-            let mut client = self.store.client();
-            match client.put(key.clone(), value.clone(), None).await {
-                Ok(_) => return Ok(()),
-                Err(e) => last = Some(e),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(last.expect("tried at least once"))
-    }
-
     fn parse(&self, value: &[u8]) -> Option<RouterReport> {
         serde_json::from_slice(value).ok()
     }
@@ -263,7 +249,8 @@ impl Fleet for EtcdFleet {
     async fn order(&self, order: &HostOrder) -> Result<(), String> {
         let value = serde_json::to_string(order).expect("an order serializes");
         let key = format!("{}{}", self.orders, order.color);
-        self.put_retrying(key, value)
+        self.store
+            .put(key, value)
             .await
             .map_err(|e| format!("cannot record the order to the hosts: {e}"))
     }
@@ -311,7 +298,8 @@ impl Fleet for EtcdFleet {
     async fn save_host(&self, host: &HostEnvironment) -> Result<(), String> {
         let value = serde_json::to_string(host).expect("a host record serializes");
         let key = format!("{}{}/{}", self.hosts, host.host, host.record.color);
-        self.put_retrying(key, value)
+        self.store
+            .put(key, value)
             .await
             .map_err(|e| format!("cannot record host {}'s instances: {e}", host.host))
     }

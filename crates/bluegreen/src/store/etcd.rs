@@ -194,6 +194,19 @@ impl EtcdStore {
         self.range(key, options).await
     }
 
+    /// A put outside the state's transactions (the fleet's orders and host records, each
+    /// idempotent), tried again like the store's reads.
+    pub(crate) async fn put(&self, key: String, value: String) -> Result<(), StoreError> {
+        retrying(self.patience, || {
+            let mut client = self.client();
+            let (key, value) = (key.clone(), value.clone());
+            async move { client.put(key, value, None).await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| self.failed(e))
+    }
+
     fn parse<T: serde::de::DeserializeOwned>(&self, kv: &KeyValue) -> Result<T, StoreError> {
         serde_json::from_slice(kv.value())
             .map_err(|e| self.corrupt(&String::from_utf8_lossy(kv.key()), e))
