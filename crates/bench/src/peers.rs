@@ -319,7 +319,7 @@ impl Peer {
         wait_for_file(&dir.join("nginx.pid"))?;
         let nginx = format!("nginx -p {dir} -c {dir}/nginx.conf", dir = dir.display());
         let keys = format!(
-            "  driver: nginx\n  upstream_file: {dir}/servers.conf\n  check: \"{nginx} -t -q\"\n  reload: \"{nginx} -s reload\"\n  access_log: {dir}/access.log\n",
+            "  driver: nginx\n  upstream_file: {dir}/servers.conf\n  check: \"{nginx} -t -q\"\n  reload: \"{nginx} -s reload\"\n  access_log: {dir}/access.log\n  pid_file: {dir}/nginx.pid\n",
             dir = dir.display()
         );
         let driver = start_driver(bin_dir, &dir, backends, &keys)?;

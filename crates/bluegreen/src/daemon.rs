@@ -47,12 +47,14 @@ impl Daemon {
                 check,
                 reload,
                 access_log,
+                pid_file,
             } => {
                 let settings = NginxSettings {
                     upstream_file: upstream_file.clone(),
                     check: check.clone(),
                     reload: reload.clone(),
                     access_log: access_log.clone(),
+                    pid_file: pid_file.clone(),
                 };
                 NginxPlane::start(embedded, settings).await?
             }

@@ -296,6 +296,14 @@ async fn nginx_a_canary_release_its_rollback_a_refused_check_and_nginx_gone() {
     let report = load.stop().await;
     assert!(report.green > 0, "{:?}", report.failures);
 
+    // A switch is reported once nginx's new workers serve it (a reload is only a signal to
+    // nginx's master): the very next connection meets the color switched to.
+    for to in ["blue", "green"].repeat(5) {
+        let out = daemon.cli(&["switch", "--to", to]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(answer_of(&nginx.url()).await.as_deref(), Some(to));
+    }
+
     // Someone broke nginx's own config: `nginx -t` refuses, bluegreen keeps the servers
     // file it had, nginx keeps serving green, the recorded state stays green.
     let before = std::fs::read_to_string(&nginx.servers).unwrap();

@@ -97,6 +97,7 @@ struct DriverKeys {
     check: Option<String>,
     reload: Option<String>,
     access_log: Option<String>,
+    pid_file: Option<String>,
 }
 
 /// How a fleet deploys to its hosts.
@@ -186,6 +187,7 @@ struct RawRouter {
     check: Option<String>,
     reload: Option<String>,
     access_log: Option<String>,
+    pid_file: Option<String>,
 }
 
 impl Default for RawRouter {
@@ -216,6 +218,7 @@ impl Default for RawRouter {
             check: None,
             reload: None,
             access_log: None,
+            pid_file: None,
         }
     }
 }
@@ -374,6 +377,8 @@ pub enum Driver {
         check: Vec<String>,
         reload: Vec<String>,
         access_log: PathBuf,
+        /// nginx's pid file: a reload counts once its master's new workers serve.
+        pid_file: PathBuf,
     },
 }
 
@@ -677,6 +682,7 @@ impl<'a> Validator<'a> {
                 check: r.check,
                 reload: r.reload,
                 access_log: r.access_log,
+                pid_file: r.pid_file,
             }),
         }
     }
@@ -702,6 +708,7 @@ impl<'a> Validator<'a> {
             ("check", "nginx", keys.check.is_some()),
             ("reload", "nginx", keys.reload.is_some()),
             ("access_log", "nginx", keys.access_log.is_some()),
+            ("pid_file", "nginx", keys.pid_file.is_some()),
         ];
         for (key, driver, given) in given {
             if given && keys.name != driver {
@@ -752,6 +759,7 @@ impl<'a> Validator<'a> {
                     check,
                     reload,
                     access_log: self.resolve(&access_log),
+                    pid_file: self.resolve(keys.pid_file.as_deref().unwrap_or("/run/nginx.pid")),
                 }
             }
             other => {
@@ -1207,6 +1215,7 @@ health: { path: /healthz, interval: 1s, timeout: 1s, healthy_threshold: 2, unhea
                 check: vec!["nginx".into(), "-t".into()],
                 reload: vec!["nginx".into(), "-s".into(), "reload".into()],
                 access_log: "/var/log/nginx/bg.log".into(),
+                pid_file: "/run/nginx.pid".into(),
             }
         );
     }

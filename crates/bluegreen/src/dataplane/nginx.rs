@@ -6,7 +6,8 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -27,6 +28,8 @@ pub struct NginxSettings {
     pub check: Vec<String>,
     pub reload: Vec<String>,
     pub access_log: PathBuf,
+    /// nginx's pid file: its master's workers show when a reload has been taken.
+    pub pid_file: PathBuf,
 }
 
 /// The access log as read so far, and each color's counters from it.
@@ -44,6 +47,8 @@ pub struct NginxPlane {
     tail: Mutex<Tail>,
     /// A rewrite, its check and its reload happen one at a time.
     writing: tokio::sync::Mutex<()>,
+    /// Whether "cannot tell when nginx took a reload" was logged already (once is enough).
+    unwatched_said: std::sync::atomic::AtomicBool,
 }
 
 impl NginxPlane {
@@ -63,6 +68,7 @@ impl NginxPlane {
                 totals: Color::ALL.map(ColorSnapshot::empty),
             }),
             writing: tokio::sync::Mutex::new(()),
+            unwatched_said: std::sync::atomic::AtomicBool::new(false),
         });
         let upstreams = Color::ALL.map(|c| plane.addrs(c));
         if let Err(e) = plane.put_in_force(plane.embedded.split(), &upstreams).await {
@@ -106,7 +112,7 @@ impl NginxPlane {
             )
         })?;
         let outcome = match run("router.check", &self.settings.check).await {
-            Ok(()) => run("router.reload", &self.settings.reload).await,
+            Ok(()) => self.reload().await,
             Err(e) => Err(e),
         };
         if let Err(e) = outcome {
@@ -120,6 +126,55 @@ impl NginxPlane {
             return Err(format!("{e}; the previous servers were kept"));
         }
         Ok(())
+    }
+
+    /// Runs `reload` and waits until nginx took it: `nginx -s reload` only signals the master,
+    /// which then starts new workers and tells the old ones to stop taking connections. Until
+    /// then a request can still meet the old servers — a color just rolled back from. Without
+    /// a readable pid file (nginx in another pid namespace) the change counts once signalled.
+    async fn reload(&self) -> Result<(), String> {
+        let watched = match master_pid(&self.settings.pid_file) {
+            Ok(master) => Some((
+                master,
+                workers(master)
+                    .into_iter()
+                    .map(|w| w.pid)
+                    .collect::<Vec<_>>(),
+            )),
+            Err(e) => {
+                if !self.unwatched_said.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "router.pid_file: {e}; a switch through nginx is reported once nginx was told to reload, not once its workers took it"
+                    );
+                }
+                None
+            }
+        };
+        run("router.reload", &self.settings.reload).await?;
+        let Some((master, before)) = watched else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            if !Path::new(&format!("/proc/{master}")).exists() {
+                return Err(format!(
+                    "router.reload: nginx's master (pid {master}) exited during the reload"
+                ));
+            }
+            let now = workers(master);
+            let serving = now.iter().filter(|w| !w.shutting_down);
+            let (old, fresh): (Vec<&Worker>, Vec<&Worker>) =
+                serving.partition(|w| before.contains(&w.pid));
+            if !fresh.is_empty() && old.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "router.reload: nginx did not start workers with the new servers within {COMMAND_TIMEOUT:?} (its error log says why)"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Reads the access log's new lines into the colors' counters (a log rotated or
@@ -213,6 +268,63 @@ fn servers_text(split: Split, upstreams: &[Vec<SocketAddr>; 2]) -> String {
         }
     }
     text
+}
+
+/// nginx's master process, from its pid file (checked to be an nginx master: a stale file
+/// may name another process).
+fn master_pid(pid_file: &Path) -> Result<u32, String> {
+    let text = std::fs::read_to_string(pid_file)
+        .map_err(|e| format!("cannot read {}: {e}", pid_file.display()))?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} holds {:?}, not a pid", pid_file.display(), text.trim()))?;
+    let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if !String::from_utf8_lossy(&title).starts_with("nginx: master process") {
+        return Err(format!(
+            "{} names pid {pid}, which is not an nginx master process here",
+            pid_file.display()
+        ));
+    }
+    Ok(pid)
+}
+
+/// One of the master's worker processes.
+struct Worker {
+    pid: u32,
+    /// An old worker after a reload: it stopped taking connections and ends with its last.
+    shutting_down: bool,
+}
+
+/// The master's worker processes now (its other children — cache manager, loader — left out).
+fn workers(master: u32) -> Vec<Worker> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`: comm may hold spaces and parentheses.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            if ppid != master {
+                return None;
+            }
+            let title = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let title = String::from_utf8_lossy(&title);
+            title.contains("worker process").then(|| Worker {
+                pid,
+                shutting_down: title.contains("shutting down"),
+            })
+        })
+        .collect()
 }
 
 /// Runs `argv` (`key` names it in errors); fails with its output when it fails.
@@ -333,6 +445,27 @@ impl DataPlane for NginxPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_file_that_names_no_nginx_master_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nginx.pid");
+        let missing = master_pid(&file).unwrap_err();
+        assert!(missing.starts_with("cannot read "), "{missing}");
+        std::fs::write(&file, "twelve\n").unwrap();
+        let garbage = master_pid(&file).unwrap_err();
+        assert!(
+            garbage.ends_with("holds \"twelve\", not a pid"),
+            "{garbage}"
+        );
+        // A stale file naming a live process that is not nginx (this test).
+        std::fs::write(&file, format!("{}\n", std::process::id())).unwrap();
+        let stale = master_pid(&file).unwrap_err();
+        assert!(
+            stale.contains("which is not an nginx master process here"),
+            "{stale}"
+        );
+    }
 
     fn upstreams() -> [Vec<SocketAddr>; 2] {
         [

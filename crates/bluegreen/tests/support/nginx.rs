@@ -83,9 +83,10 @@ impl Nginx {
             self.config.display()
         );
         format!(
-            "  driver: nginx\n  upstream_file: {}\n  check: \"{nginx} -t -q\"\n  reload: \"{nginx} -s reload\"\n  access_log: {}\n",
+            "  driver: nginx\n  upstream_file: {}\n  check: \"{nginx} -t -q\"\n  reload: \"{nginx} -s reload\"\n  access_log: {}\n  pid_file: {}\n",
             self.servers.display(),
-            self.dir.join("access.log").display()
+            self.dir.join("access.log").display(),
+            self.dir.join("nginx.pid").display()
         )
     }
 
