@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::drain::DrainMember;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::mirror::{self, Answer, MIRROR_HEADER, Mirror, MirroredRequest, PendingMirror};
 use crate::pool::{self, SendError};
 use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
 use crate::upstream::Upstream;
@@ -114,6 +115,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) settings: ProxySettings,
     pub(crate) tunnels: TaskTracker,
+    /// Shadow traffic's queue and counters (idle while the table has no mirror rule).
+    pub(crate) mirror: Arc<Mirror>,
 }
 
 /// Attributes of the sticky cookie: whole site, not readable by scripts, sent on top-level
@@ -128,6 +131,7 @@ impl Proxy {
         Proxy {
             table: ArcSwap::from_pointee(table),
             metrics,
+            mirror: Arc::new(Mirror::new(settings.connect_timeout)),
             settings,
             tunnels: TaskTracker::new(),
         }
@@ -167,7 +171,38 @@ impl Proxy {
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let (mut parts, body) = request.into_parts();
         let bodyless = body.is_end_stream();
-        let body = (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color));
+        let mirror_rule = table.mirror.as_ref().filter(|rule| {
+            client_upgrade.is_none()
+                && !matches!(route.preview, PreviewOutcome::Granted(_))
+                && self
+                    .mirror
+                    .wants(rule, color, &parts.method, &parts.headers, bodyless)
+        });
+        let (body, copy) = match mirror_rule {
+            None => (
+                (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color)),
+                None,
+            ),
+            Some(rule) => {
+                // A body to copy is read first (its declared length is within the limit).
+                let bytes = if bodyless {
+                    Bytes::new()
+                } else {
+                    match mirror::read_body(body, rule.max_request_body).await {
+                        Ok(bytes) => bytes,
+                        Err(reason) => {
+                            let response = ProxyError::ClientBody { reason }.to_response();
+                            color_metrics.response(response.status().as_u16(), started.elapsed());
+                            return Ok(response);
+                        }
+                    }
+                };
+                color_metrics.bytes_in(bytes.len() as u64);
+                let copy = mirrored_request(&table, &parts, bytes.clone());
+                let body = (!bodyless).then(|| RequestBody::Buffered(Some(bytes)));
+                (body, Some((Arc::clone(rule), copy)))
+            }
+        };
         let outcome = self
             .forward(
                 &table,
@@ -181,6 +216,9 @@ impl Proxy {
         let (response, sender) = match outcome {
             Ok(answer) => answer,
             Err(error) => {
+                if copy.is_some() {
+                    self.mirror.skip();
+                }
                 tracing::warn!(%error, "request failed");
                 let response: Response<ResponseBody> = error.to_response();
                 color_metrics.response(response.status().as_u16(), started.elapsed());
@@ -194,7 +232,20 @@ impl Proxy {
         {
             return Ok(self.open_tunnel(response, client_upgrade, sender, guard, websocket));
         }
-        Ok(stream_back(&table, route, response, sender, guard))
+        let pending = copy.map(|(rule, request)| {
+            let mut headers = response.headers().clone();
+            strip_hop_by_hop(&mut headers, false);
+            let live = Answer {
+                color,
+                status: response.status(),
+                headers,
+                body: Default::default(),
+                latency: started.elapsed(),
+            };
+            let pool = table.pool(rule.to);
+            Box::new(self.mirror.pending(&rule, pool, request, live))
+        });
+        Ok(stream_back(&table, route, response, sender, guard, pending))
     }
 
     /// Sends the request to an upstream of the guard's color, and to others of that color
@@ -462,6 +513,7 @@ fn stream_back(
     response: Response<Incoming>,
     sender: pool::Sender,
     guard: RequestGuard,
+    mirror: Option<Box<PendingMirror>>,
 ) -> Response<ResponseBody> {
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers, false);
@@ -470,6 +522,7 @@ fn stream_back(
         cut: None,
         guard,
         sender: Some(sender),
+        mirror,
     };
     // A response without a body (204, HEAD, Content-Length: 0) frees its connection now.
     body.give_back_if_done();
@@ -484,6 +537,34 @@ fn stream_back(
         head.headers.insert("x-bluegreen-preview", PREVIEW_REFUSED);
     }
     Response::from_parts(head, ResponseBody::Proxied(body))
+}
+
+/// The copy of a request for the mirrored color: origin-form target, end-to-end headers
+/// (without the preview secret), marked as a copy.
+fn mirrored_request(table: &RoutingTable, parts: &Parts, body: Bytes) -> MirroredRequest {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers, false);
+    if let Some(preview) = &table.preview {
+        headers.remove(&preview.secret_header);
+    }
+    if let Some(authority) = parts.uri.authority()
+        && !headers.contains_key(header::HOST)
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
+    headers.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    MirroredRequest {
+        method: parts.method.clone(),
+        uri: Uri::from(path),
+        headers,
+        body,
+    }
 }
 
 /// What the client is told when sending to `upstream` failed; a connection the upstream
@@ -617,9 +698,11 @@ impl Drop for RequestGuard {
     }
 }
 
-/// The body sent upstream: nothing, or the client's body streamed through and counted.
+/// The body sent upstream: nothing, the client's body streamed through and counted, or a
+/// body read whole (a mirrored request's, bounded by the mirror's limit).
 pub enum RequestBody {
     Empty,
+    Buffered(Option<Bytes>),
     Streaming {
         inner: Incoming,
         metrics: Arc<Metrics>,
@@ -647,6 +730,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Streaming {
                 inner,
                 metrics,
@@ -666,6 +750,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
+            RequestBody::Buffered(bytes) => bytes.is_none(),
             RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -673,6 +758,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Buffered(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             RequestBody::Streaming { inner, .. } => inner.size_hint(),
         }
     }
@@ -709,15 +797,25 @@ pub struct ProxiedBody {
     /// Created the first time the upstream makes us wait, so short responses never pay for it.
     cut: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     guard: RequestGuard,
+    /// A mirrored request's live answer, taken in as it streams by; boxed, as most requests
+    /// are not mirrored.
+    mirror: Option<Box<PendingMirror>>,
 }
 
 impl ProxiedBody {
+    /// At the body's end the connection goes back to its pool and a mirrored request's copy
+    /// goes out.
     fn give_back_if_done(&mut self) {
-        if self.inner.is_end_stream()
-            && let Some(sender) = self.sender.take()
+        if !self.inner.is_end_stream() {
+            return;
+        }
+        if let Some(sender) = self.sender.take()
             && let Some(upstream) = &self.guard.upstream
         {
             upstream.pool.put(sender);
+        }
+        if let Some(mirror) = self.mirror.take() {
+            mirror.finish();
         }
     }
 }
@@ -753,6 +851,9 @@ impl Body for ResponseBody {
                                 .metrics
                                 .color(body.guard.color)
                                 .bytes_out(data.len() as u64);
+                            if let Some(mirror) = body.mirror.as_mut() {
+                                mirror.feed(data);
+                            }
                         }
                         body.give_back_if_done();
                         Poll::Ready(Some(Ok(frame)))

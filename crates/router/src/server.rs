@@ -24,6 +24,7 @@ use crate::drain::{DrainGroup, Drains};
 use crate::error::SwitchError;
 use crate::health::{self, HealthSettings};
 use crate::metrics::{self, ColorSnapshot, Metrics};
+use crate::mirror::{MirrorRule, MirrorSnapshot};
 use crate::proxy::{ClientConn, Proxy, ProxySettings};
 use crate::table::{Color, Pool, PreviewRule, RoutingTable, Split, StickyRule};
 use crate::upstream::{Health, Upstream};
@@ -121,6 +122,7 @@ impl Router {
             drains: Color::ALL.map(|color| DrainGroup::new(color, &drain_root)),
             preview: config.preview,
             sticky: config.sticky,
+            mirror: None,
         };
         let metrics = Arc::new(Metrics::default());
         let limit = Arc::new(Semaphore::new(config.listener.max_connections));
@@ -292,6 +294,16 @@ impl Router {
         self.inner.proxy.table.store(Arc::new(table));
         tracing::info!(from = %old.split, to = %split, "traffic split changed");
         Ok(old.split)
+    }
+
+    /// Starts copying requests to `rule.to` (or stops, with `None`): one table swap; the
+    /// copies already queued still go out and are compared.
+    pub fn set_mirror(&self, rule: Option<MirrorRule>) {
+        let _serial = self.inner.publish.lock().expect("lock");
+        let old = self.table();
+        let mut table = old.next(old.split, old.pools.clone(), old.drains.clone());
+        table.mirror = rule.map(Arc::new);
+        self.inner.proxy.table.store(Arc::new(table));
     }
 
     /// Accepts connections until a graceful stop begins.
@@ -508,6 +520,7 @@ impl Router {
             colors,
             connections_open: metrics.connections_open(),
             stopping: self.inner.stopping.is_cancelled(),
+            mirror: self.inner.proxy.mirror.snapshot(table.mirror.as_deref()),
         }
     }
 
@@ -609,6 +622,8 @@ pub struct RouterStatus {
     pub colors: Vec<ColorStatus>,
     pub connections_open: u64,
     pub stopping: bool,
+    /// Shadow traffic: the mirror in force (if any) and what it counted.
+    pub mirror: MirrorSnapshot,
 }
 
 #[derive(Clone, Debug, Serialize, utoipa::ToSchema)]

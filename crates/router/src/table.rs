@@ -10,6 +10,7 @@ use http::header::{COOKIE, HeaderName};
 use serde::{Deserialize, Serialize};
 
 use crate::drain::DrainGroup;
+use crate::mirror::MirrorRule;
 use crate::upstream::Upstream;
 
 /// One of the two environments.
@@ -296,6 +297,8 @@ pub struct RoutingTable {
     pub drains: [Arc<DrainGroup>; 2],
     pub preview: Option<PreviewRule>,
     pub sticky: Option<StickyRule>,
+    /// Shadow traffic: which requests are copied to the other color, and how compared.
+    pub mirror: Option<Arc<MirrorRule>>,
 }
 
 impl RoutingTable {
@@ -321,6 +324,7 @@ impl RoutingTable {
             drains,
             preview: self.preview.clone(),
             sticky: self.sticky.clone(),
+            mirror: self.mirror.clone(),
         }
     }
 }

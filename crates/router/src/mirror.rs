@@ -1,0 +1,884 @@
+//! Shadow traffic: a share of the live color's requests copied to the other color once the live answer is sent, and the two answers compared; the client never waits for the copy.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::metrics::latency_bucket_bounds_us;
+use crate::proxy::{RequestBody, strip_hop_by_hop};
+use crate::table::{Color, Pool};
+
+/// How much of each answer's body is kept for a JSON comparison and a difference's excerpt;
+/// past it, bodies are compared by hash and length only.
+pub const KEPT_BODY_BYTES: usize = 1 << 20;
+/// Differences kept per mirror (the first ones: later ones are counted, not kept).
+pub const KEPT_DIFFERENCES: usize = 20;
+/// Copies in flight to the mirrored color at once; the queue holds the ones waiting.
+const IN_FLIGHT: usize = 32;
+/// The header a mirrored request carries, so the application can tell a copy (and not, say,
+/// send the e-mail twice).
+pub const MIRROR_HEADER: HeaderName = HeaderName::from_static("x-bluegreen-mirror");
+
+/// What is mirrored and how the answers are compared, as the control plane sets it.
+#[derive(Clone, Debug)]
+pub struct MirrorRule {
+    /// Which mirror this is (the release's id): the kept differences start anew with another.
+    pub id: u64,
+    /// The color the copies go to: requests the other color answers are mirrored.
+    pub to: Color,
+    pub percent: u8,
+    pub methods: Vec<Method>,
+    /// Requests with a body are mirrored when it declares a length up to this (0: never).
+    pub max_request_body: usize,
+    /// How long a copy may take to be answered before it counts as failed.
+    pub timeout: Duration,
+    /// Copies waiting to be sent; one that finds the queue full is dropped and counted.
+    pub queue: usize,
+    pub compare: Compare,
+}
+
+/// Which parts of the two answers must agree.
+#[derive(Clone, Debug)]
+pub struct Compare {
+    pub status: bool,
+    pub headers: CompareHeaders,
+    pub body: bool,
+    /// Headers never compared (besides the per-hop ones and `content-length`).
+    pub ignore_headers: Vec<HeaderName>,
+    /// Places in JSON bodies never compared (a timestamp, a request id).
+    pub ignore_json_paths: Vec<JsonPath>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CompareHeaders {
+    None,
+    All,
+    Only(Vec<HeaderName>),
+}
+
+impl MirrorRule {
+    /// Whether a request of the live color, of this method, is one to copy.
+    fn samples(&self, answered_by: Color, method: &Method) -> bool {
+        answered_by != self.to
+            && self.methods.contains(method)
+            && (self.percent >= 100 || fastrand::u8(0..100) < self.percent)
+    }
+}
+
+/// A place in a JSON document: `$.meta.request_id`, `items[*].updated_at`, `list[0]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JsonPath {
+    text: String,
+    steps: Vec<JsonStep>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum JsonStep {
+    Key(String),
+    Index(usize),
+    Every,
+}
+
+impl JsonPath {
+    pub fn parse(text: &str) -> Result<JsonPath, String> {
+        let bad = |why: &str| {
+            format!(
+                "{text:?} is not a JSON path ({why}); write e.g. $.meta.request_id or items[*].updated_at"
+            )
+        };
+        let rest = text.strip_prefix('$').unwrap_or(text);
+        let rest = rest.strip_prefix('.').unwrap_or(rest);
+        let mut steps = Vec::new();
+        for part in rest.split('.') {
+            let (key, mut indexes) = match part.find('[') {
+                Some(at) => (&part[..at], &part[at..]),
+                None => (part, ""),
+            };
+            if key.is_empty() && indexes.is_empty() {
+                return Err(bad("an empty step"));
+            }
+            if !key.is_empty() {
+                steps.push(JsonStep::Key(key.to_string()));
+            }
+            while !indexes.is_empty() {
+                let Some(end) = indexes.find(']').filter(|_| indexes.starts_with('[')) else {
+                    return Err(bad("an unclosed ["));
+                };
+                let inside = &indexes[1..end];
+                steps.push(match inside {
+                    "*" => JsonStep::Every,
+                    n => JsonStep::Index(n.parse().map_err(|_| bad("an index is a number or *"))?),
+                });
+                indexes = &indexes[end + 1..];
+            }
+        }
+        Ok(JsonPath {
+            text: text.to_string(),
+            steps,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Takes out of `value` what the path names (nothing when it names nothing).
+    fn remove_from(&self, value: &mut serde_json::Value) {
+        remove(value, &self.steps);
+    }
+}
+
+fn remove(value: &mut serde_json::Value, steps: &[JsonStep]) {
+    let Some((step, rest)) = steps.split_first() else {
+        return;
+    };
+    let last = rest.is_empty();
+    match (step, value) {
+        (JsonStep::Key(key), serde_json::Value::Object(map)) => {
+            if last {
+                map.remove(key);
+            } else if let Some(inner) = map.get_mut(key) {
+                remove(inner, rest);
+            }
+        }
+        (JsonStep::Index(i), serde_json::Value::Array(items)) => {
+            if last {
+                if *i < items.len() {
+                    items[*i] = serde_json::Value::Null;
+                }
+            } else if let Some(inner) = items.get_mut(*i) {
+                remove(inner, rest);
+            }
+        }
+        (JsonStep::Every, serde_json::Value::Array(items)) => {
+            for item in items.iter_mut() {
+                if last {
+                    *item = serde_json::Value::Null;
+                } else {
+                    remove(item, rest);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Everything counted of the mirror since the router started, and the first differences of
+/// the current mirror.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct MirrorSnapshot {
+    /// The color copies go to now (none: no mirror).
+    pub to: Option<Color>,
+    pub percent: u8,
+    /// Copies queued to be sent.
+    pub mirrored: u64,
+    /// Copies dropped because the queue was full (the mirrored color is slower than live).
+    pub dropped: u64,
+    /// Requests that were to be copied but could not be: a body too large or of unknown
+    /// length, or a live answer the client did not read to its end.
+    pub skipped: u64,
+    /// Pairs of answers compared.
+    pub compared: u64,
+    /// Pairs that differed.
+    pub mismatched: u64,
+    /// Copies the mirrored color did not answer (refused, failed, timed out).
+    pub failed: u64,
+    /// Latency of the live answers of the mirrored requests, per bucket of
+    /// [`latency_bucket_bounds_us`] then +Inf.
+    pub live_latency_buckets: Vec<u64>,
+    /// Latency of the copies' answers, per bucket.
+    pub mirror_latency_buckets: Vec<u64>,
+    /// The first differing pairs of the current mirror.
+    pub differences: Vec<MirrorDifference>,
+}
+
+/// One pair of answers that differed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct MirrorDifference {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// `GET /path?query`.
+    pub request: String,
+    pub live_color: Color,
+    pub live_status: u16,
+    /// `None` when the copy got no answer.
+    pub mirror_status: Option<u16>,
+    /// What differs: `status`, `headers`, `body`, or `no answer`.
+    pub what: String,
+    /// The differing headers, the first differing place of the bodies (both sides), or why
+    /// the copy got no answer.
+    pub detail: String,
+    pub live_ms: f64,
+    pub mirror_ms: Option<f64>,
+}
+
+/// The mirror's queue, counters and kept differences, shared by every request.
+pub struct Mirror {
+    queue: OnceLock<mpsc::Sender<Job>>,
+    capacity: AtomicU64,
+    mirrored: AtomicU64,
+    dropped: AtomicU64,
+    skipped: AtomicU64,
+    compared: AtomicU64,
+    mismatched: AtomicU64,
+    failed: AtomicU64,
+    live_latency: Buckets,
+    mirror_latency: Buckets,
+    /// The rule the kept differences belong to, and the differences.
+    differences: Mutex<(u64, Vec<MirrorDifference>)>,
+    connect_timeout: Duration,
+}
+
+struct Buckets([AtomicU64; 17]);
+
+impl Buckets {
+    fn new() -> Buckets {
+        Buckets(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+
+    fn add(&self, latency: Duration) {
+        let us = latency.as_micros().min(u128::from(u64::MAX)) as u64;
+        let bounds = latency_bucket_bounds_us();
+        let bucket = bounds
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(bounds.len());
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> Vec<u64> {
+        self.0.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// A request's copy, and the live answer it will be compared with.
+struct Job {
+    rule: Arc<MirrorRule>,
+    pool: Arc<Pool>,
+    request: MirroredRequest,
+    live: Answer,
+}
+
+/// What of the client's request goes to the mirrored color.
+pub(crate) struct MirroredRequest {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// One side's answer: status, headers, body (hashed whole, kept up to [`KEPT_BODY_BYTES`])
+/// and the time to its headers.
+pub(crate) struct Answer {
+    pub color: Color,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: CapturedBody,
+    pub latency: Duration,
+}
+
+/// A body as it streams by: its hash and length, and its start.
+#[derive(Default)]
+pub(crate) struct CapturedBody {
+    hasher: DefaultHasher,
+    length: u64,
+    kept: BytesMut,
+}
+
+impl CapturedBody {
+    pub fn feed(&mut self, data: &[u8]) {
+        self.hasher.write(data);
+        self.length += data.len() as u64;
+        let room = KEPT_BODY_BYTES.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    fn whole(&self) -> Option<&[u8]> {
+        (self.length as usize == self.kept.len()).then_some(&self.kept[..])
+    }
+}
+
+/// A mirrored request's live answer while it streams to the client; compared once it ended.
+pub(crate) struct PendingMirror {
+    mirror: Arc<Mirror>,
+    rule: Arc<MirrorRule>,
+    pool: Arc<Pool>,
+    request: Option<MirroredRequest>,
+    live: Option<Answer>,
+}
+
+impl PendingMirror {
+    pub fn feed(&mut self, data: &[u8]) {
+        if let Some(live) = self.live.as_mut() {
+            live.body.feed(data);
+        }
+    }
+
+    /// The live answer was read to its end: the copy goes out.
+    pub fn finish(mut self) {
+        if let (Some(request), Some(live)) = (self.request.take(), self.live.take()) {
+            let job = Job {
+                rule: Arc::clone(&self.rule),
+                pool: Arc::clone(&self.pool),
+                request,
+                live,
+            };
+            self.mirror.submit(job);
+        }
+    }
+}
+
+impl Drop for PendingMirror {
+    fn drop(&mut self) {
+        // Not finished: the client went away before the live answer's end.
+        if self.request.is_some() {
+            self.mirror.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Mirror {
+    pub fn new(connect_timeout: Duration) -> Mirror {
+        Mirror {
+            queue: OnceLock::new(),
+            capacity: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            compared: AtomicU64::new(0),
+            mismatched: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            live_latency: Buckets::new(),
+            mirror_latency: Buckets::new(),
+            differences: Mutex::new((0, Vec::new())),
+            connect_timeout,
+        }
+    }
+
+    /// Whether this request is one to copy under `rule`; counts it as skipped when it is
+    /// but its body cannot be (too large, or of unknown length).
+    pub(crate) fn wants(
+        &self,
+        rule: &MirrorRule,
+        answered_by: Color,
+        method: &Method,
+        headers: &HeaderMap,
+        bodyless: bool,
+    ) -> bool {
+        if !rule.samples(answered_by, method) {
+            return false;
+        }
+        if bodyless {
+            return true;
+        }
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let fits = declared.is_some_and(|length| length <= rule.max_request_body);
+        if !fits {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        fits
+    }
+
+    /// A copy of the request on its way, waiting for the live answer it is compared with.
+    pub(crate) fn pending(
+        self: &Arc<Self>,
+        rule: &Arc<MirrorRule>,
+        pool: &Arc<Pool>,
+        request: MirroredRequest,
+        live: Answer,
+    ) -> PendingMirror {
+        PendingMirror {
+            mirror: Arc::clone(self),
+            rule: Arc::clone(rule),
+            pool: Arc::clone(pool),
+            request: Some(request),
+            live: Some(live),
+        }
+    }
+
+    pub(crate) fn skip(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues the copy, or drops it (counted) when the queue is full: the live path never
+    /// waits for the mirror.
+    fn submit(self: &Arc<Self>, job: Job) {
+        let queue = self.queue.get_or_init(|| {
+            let capacity = job.rule.queue.max(1);
+            self.capacity.store(capacity as u64, Ordering::Relaxed);
+            let (sender, receiver) = mpsc::channel(capacity);
+            tokio::spawn(send_copies(Arc::downgrade(self), receiver));
+            sender
+        });
+        match queue.try_send(job) {
+            Ok(()) => {
+                self.mirrored.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn snapshot(&self, rule: Option<&MirrorRule>) -> MirrorSnapshot {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let differences = self.differences.lock().expect("lock");
+        let current = rule.is_some_and(|rule| rule.id == differences.0);
+        MirrorSnapshot {
+            to: rule.map(|rule| rule.to),
+            percent: rule.map_or(0, |rule| rule.percent),
+            mirrored: load(&self.mirrored),
+            dropped: load(&self.dropped),
+            skipped: load(&self.skipped),
+            compared: load(&self.compared),
+            mismatched: load(&self.mismatched),
+            failed: load(&self.failed),
+            live_latency_buckets: self.live_latency.counts(),
+            mirror_latency_buckets: self.mirror_latency.counts(),
+            differences: if current {
+                differences.1.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The kept differences of the mirror `rule` (the previous mirror's, until the next
+    /// one records any).
+    pub fn differences(&self) -> (u64, Vec<MirrorDifference>) {
+        self.differences.lock().expect("lock").clone()
+    }
+
+    fn keep(&self, rule: &MirrorRule, difference: MirrorDifference) {
+        let mut kept = self.differences.lock().expect("lock");
+        if kept.0 != rule.id {
+            *kept = (rule.id, Vec::new());
+        }
+        if kept.1.len() < KEPT_DIFFERENCES {
+            kept.1.push(difference);
+        }
+    }
+}
+
+/// Takes copies off the queue and sends each, at most [`IN_FLIGHT`] at once; ends with the
+/// router.
+async fn send_copies(mirror: std::sync::Weak<Mirror>, mut queue: mpsc::Receiver<Job>) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    while let Some(job) = queue.recv().await {
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
+        let Some(mirror) = mirror.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let copy = send_copy(&mirror, &job).await;
+            mirror.record(job, copy);
+            drop(permit);
+        });
+    }
+}
+
+/// Sends the copy to an upstream of the mirrored color and reads its answer to the end.
+async fn send_copy(mirror: &Mirror, job: &Job) -> Result<Answer, String> {
+    let color = job.rule.to;
+    let Some(index) = job.pool.pick(&[]) else {
+        return Err(format!("{color} has no healthy upstream"));
+    };
+    let upstream = Arc::clone(&job.pool.upstreams[index]);
+    let mut request = Request::new(RequestBody::Buffered(Some(job.request.body.clone())));
+    *request.method_mut() = job.request.method.clone();
+    *request.uri_mut() = job.request.uri.clone();
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = job.request.headers.clone();
+    let started = Instant::now();
+    let exchange = async {
+        let (response, sender) = upstream
+            .pool
+            .send(upstream.addr, mirror.connect_timeout, request)
+            .await
+            .map_err(|e| match e {
+                crate::pool::SendError::Connect(reason) => reason,
+                crate::pool::SendError::Failed(error) => error.to_string(),
+            })?;
+        let latency = started.elapsed();
+        let (mut head, mut body) = response.into_parts();
+        let mut captured = CapturedBody::default();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("its body failed: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                captured.feed(data);
+            }
+        }
+        if body.is_end_stream() {
+            upstream.pool.put(sender);
+        }
+        strip_hop_by_hop(&mut head.headers, false);
+        Ok(Answer {
+            color,
+            status: head.status,
+            headers: head.headers,
+            body: captured,
+            latency,
+        })
+    };
+    match tokio::time::timeout(job.rule.timeout, exchange).await {
+        Ok(answer) => answer.map_err(|e: String| format!("{} ({e})", upstream.addr)),
+        Err(_) => Err(format!(
+            "{} did not answer within {}ms",
+            upstream.addr,
+            job.rule.timeout.as_millis()
+        )),
+    }
+}
+
+impl Mirror {
+    /// Counts the pair and keeps it when it differs.
+    fn record(&self, job: Job, copy: Result<Answer, String>) {
+        let Job {
+            rule,
+            request,
+            live,
+            ..
+        } = job;
+        self.live_latency.add(live.latency);
+        let request_line = format!("{} {}", request.method, request.uri);
+        let difference = match &copy {
+            Ok(answer) => {
+                self.mirror_latency.add(answer.latency);
+                self.compared.fetch_add(1, Ordering::Relaxed);
+                let differs = compare(&rule.compare, &live, answer);
+                if differs.is_some() {
+                    self.mismatched.fetch_add(1, Ordering::Relaxed);
+                }
+                differs
+            }
+            Err(why) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Some(("no answer".to_string(), why.clone()))
+            }
+        };
+        if let Some((what, detail)) = difference {
+            let copy = copy.as_ref().ok();
+            self.keep(
+                &rule,
+                MirrorDifference {
+                    at_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64),
+                    request: request_line,
+                    live_color: live.color,
+                    live_status: live.status.as_u16(),
+                    mirror_status: copy.map(|c| c.status.as_u16()),
+                    what,
+                    detail,
+                    live_ms: live.latency.as_secs_f64() * 1000.0,
+                    mirror_ms: copy.map(|c| c.latency.as_secs_f64() * 1000.0),
+                },
+            );
+        }
+    }
+}
+
+/// What differs between the live answer and the copy's, as (`status`|`headers`|`body`, the
+/// detail); `None` when they agree on everything `compare` asks for.
+fn compare(rule: &Compare, live: &Answer, copy: &Answer) -> Option<(String, String)> {
+    if rule.status && live.status != copy.status {
+        return Some((
+            "status".into(),
+            format!(
+                "{} answered {}, {} answered {}",
+                live.color,
+                live.status.as_u16(),
+                copy.color,
+                copy.status.as_u16()
+            ),
+        ));
+    }
+    if let Some(detail) = differing_headers(rule, live, copy) {
+        return Some(("headers".into(), detail));
+    }
+    if rule.body
+        && let Some(detail) = differing_bodies(rule, live, copy)
+    {
+        return Some(("body".into(), detail));
+    }
+    None
+}
+
+fn differing_headers(rule: &Compare, live: &Answer, copy: &Answer) -> Option<String> {
+    let names: Vec<HeaderName> = match &rule.headers {
+        CompareHeaders::None => return None,
+        CompareHeaders::Only(names) => names.clone(),
+        CompareHeaders::All => {
+            let mut names: Vec<HeaderName> = live
+                .headers
+                .keys()
+                .chain(copy.headers.keys())
+                .cloned()
+                .collect();
+            names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            names.dedup();
+            names
+        }
+    };
+    let differing: Vec<String> = names
+        .iter()
+        .filter(|name| **name != header::CONTENT_LENGTH && !rule.ignore_headers.contains(name))
+        .filter_map(|name| {
+            let values = |headers: &HeaderMap| -> Vec<String> {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                    .collect()
+            };
+            let (a, b) = (values(&live.headers), values(&copy.headers));
+            (a != b).then(|| {
+                format!(
+                    "{name}: {} {:?}, {} {:?}",
+                    live.color,
+                    a.join(", "),
+                    copy.color,
+                    b.join(", ")
+                )
+            })
+        })
+        .collect();
+    (!differing.is_empty()).then(|| differing.join("; "))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| {
+            let t = t.trim();
+            t.eq_ignore_ascii_case("application/json") || t.ends_with("+json")
+        })
+}
+
+fn differing_bodies(rule: &Compare, live: &Answer, copy: &Answer) -> Option<String> {
+    // JSON both sides, whole: compared as values, the ignored paths taken out.
+    if is_json(&live.headers)
+        && is_json(&copy.headers)
+        && let (Some(a), Some(b)) = (live.body.whole(), copy.body.whole())
+        && let (Ok(mut a), Ok(mut b)) = (
+            serde_json::from_slice::<serde_json::Value>(a),
+            serde_json::from_slice::<serde_json::Value>(b),
+        )
+    {
+        for path in &rule.ignore_json_paths {
+            path.remove_from(&mut a);
+            path.remove_from(&mut b);
+        }
+        return first_json_difference("$", &a, &b).map(|(place, x, y)| {
+            format!(
+                "{place}: {} {}, {} {}",
+                live.color,
+                excerpt(&x),
+                copy.color,
+                excerpt(&y)
+            )
+        });
+    }
+    let (a, b) = (&live.body, &copy.body);
+    if a.length == b.length && a.hasher.finish() == b.hasher.finish() {
+        return None;
+    }
+    let at = a
+        .kept
+        .iter()
+        .zip(b.kept.iter())
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.kept.len().min(b.kept.len()));
+    let around = |kept: &BytesMut| {
+        let from = at.saturating_sub(20);
+        let to = (at + 40).min(kept.len());
+        excerpt(&String::from_utf8_lossy(&kept[from.min(to)..to]))
+    };
+    Some(format!(
+        "byte {at} of {} / {} bytes: {} {}, {} {}",
+        a.length,
+        b.length,
+        live.color,
+        around(&a.kept),
+        copy.color,
+        around(&b.kept)
+    ))
+}
+
+/// The first place where two JSON values differ, with both sides there.
+fn first_json_difference(
+    place: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter().find_map(|key| {
+                let place = format!("{place}.{key}");
+                match (x.get(key), y.get(key)) {
+                    (Some(p), Some(q)) => first_json_difference(&place, p, q),
+                    (p, q) => Some((place, shown(p), shown(q))),
+                }
+            })
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            let common = x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (p, q))| first_json_difference(&format!("{place}[{i}]"), p, q));
+            common.or_else(|| {
+                (x.len() != y.len()).then(|| {
+                    (
+                        format!("{place} length"),
+                        x.len().to_string(),
+                        y.len().to_string(),
+                    )
+                })
+            })
+        }
+        _ => (a != b).then(|| (place.to_string(), a.to_string(), b.to_string())),
+    }
+}
+
+fn shown(value: Option<&serde_json::Value>) -> String {
+    value.map_or_else(|| "(absent)".to_string(), |v| v.to_string())
+}
+
+/// At most 80 characters of `text`, on one line.
+fn excerpt(text: &str) -> String {
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(80) {
+        Some((at, _)) => format!("{:?}…", &one_line[..at]),
+        None => format!("{one_line:?}"),
+    }
+}
+
+/// Reads a request body whose declared length is at most `limit`, for the live upstream and
+/// the copy alike.
+pub(crate) async fn read_body(body: hyper::body::Incoming, limit: usize) -> Result<Bytes, String> {
+    let collected = http_body_util::Limited::new(body, limit.max(1))
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(collected.to_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(color: Color, status: u16, content_type: &str, body: &str) -> Answer {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        headers.insert(header::DATE, format!("{color}").parse().unwrap());
+        let mut captured = CapturedBody::default();
+        for chunk in body.as_bytes().chunks(3) {
+            captured.feed(chunk);
+        }
+        Answer {
+            color,
+            status: StatusCode::from_u16(status).unwrap(),
+            headers,
+            body: captured,
+            latency: Duration::from_millis(1),
+        }
+    }
+
+    fn rule(ignore_json_paths: &[&str]) -> Compare {
+        Compare {
+            status: true,
+            headers: CompareHeaders::All,
+            body: true,
+            ignore_headers: vec![header::DATE],
+            ignore_json_paths: ignore_json_paths
+                .iter()
+                .map(|p| JsonPath::parse(p).unwrap())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn equal_answers_agree_and_a_status_or_body_difference_is_named() {
+        let live = answer(Color::Blue, 200, "text/plain", "hello world");
+        let same = answer(Color::Green, 200, "text/plain", "hello world");
+        assert_eq!(compare(&rule(&[]), &live, &same), None);
+        let failing = answer(Color::Green, 500, "text/plain", "hello world");
+        let (what, detail) = compare(&rule(&[]), &live, &failing).unwrap();
+        assert_eq!(what, "status");
+        assert_eq!(detail, "blue answered 200, green answered 500");
+        let other = answer(Color::Green, 200, "text/plain", "hello wOrld");
+        let (what, detail) = compare(&rule(&[]), &live, &other).unwrap();
+        assert_eq!(what, "body");
+        assert!(detail.starts_with("byte 7 of 11 / 11 bytes"), "{detail}");
+        let typed = answer(Color::Green, 200, "text/html", "hello world");
+        let (what, detail) = compare(&rule(&[]), &live, &typed).unwrap();
+        assert_eq!(what, "headers");
+        assert!(
+            detail.starts_with("content-type: blue \"text/plain\""),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn json_bodies_are_compared_as_values_without_the_ignored_paths() {
+        let live = answer(
+            Color::Blue,
+            200,
+            "application/json",
+            r#"{"id": 7, "at": "10:00", "items": [{"n": 1, "seen": 1}], "version": "1.0"}"#,
+        );
+        let copy = answer(
+            Color::Green,
+            200,
+            "application/json; charset=utf-8",
+            r#"{"version": "1.0", "items": [{"seen": 2, "n": 1}], "at": "10:01", "id": 7}"#,
+        );
+        let loose = Compare {
+            headers: CompareHeaders::None,
+            ..rule(&["$.at", "items[*].seen"])
+        };
+        assert_eq!(compare(&loose, &live, &copy), None);
+        let strict = Compare {
+            headers: CompareHeaders::None,
+            ..rule(&["$.at"])
+        };
+        let (what, detail) = compare(&strict, &live, &copy).unwrap();
+        assert_eq!(what, "body");
+        assert_eq!(detail, "$.items[0].seen: blue \"1\", green \"2\"");
+    }
+
+    #[test]
+    fn a_json_path_that_cannot_be_read_is_refused_with_an_example() {
+        assert!(JsonPath::parse("$.a.b[*].c").is_ok());
+        assert!(JsonPath::parse("list[0]").is_ok());
+        for bad in ["a..b", "a[x]", "a[1", ""] {
+            let error = JsonPath::parse(bad).unwrap_err();
+            assert!(error.contains("write e.g. $.meta.request_id"), "{error}");
+        }
+    }
+}
