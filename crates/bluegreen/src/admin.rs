@@ -31,7 +31,7 @@ use crate::controller::checks::CheckResult;
 use crate::controller::release::{Release, ReleaseKind, ReleaseRequest};
 use crate::controller::reload::ReloadError;
 use crate::controller::traffic::{ControllerStatus, Outcome, Weights};
-use crate::controller::views::{Difference, MonitorView};
+use crate::controller::views::{Difference, MirrorView, MonitorView};
 use crate::controller::{Command, CommandError, Controller, EnvironmentView, Gate};
 use crate::store::{EnvironmentRecord, Event, StepRecord};
 
@@ -772,6 +772,17 @@ async fn diff(
     Ok(Json(DiffBody { a, b, differences }).into_response())
 }
 
+/// Shadow traffic: the running (else the last) release's mirror verdict, and the router's
+/// mirror counters with the first differing pairs of answers.
+#[utoipa::path(get, path = "/v1/mirror", tag = "releases",
+    responses(
+        (status = 200, description = "The mirror's verdict, counters and first differing pairs", body = MirrorView)
+    )
+)]
+async fn mirror(State(controller): State<Arc<Controller>>) -> Json<MirrorView> {
+    Json(controller.mirror_view().await)
+}
+
 /// `GET /v1/diff`'s query: the two colors compared.
 fn diff_query(query: Option<&str>) -> Result<(Color, Color), ApiError> {
     let query = Query::parse(query, &["a", "b"])?;
@@ -1400,6 +1411,7 @@ fn api() -> OpenApiRouter<Arc<Controller>> {
         .routes(routes!(resume))
         .routes(routes!(environments))
         .routes(routes!(diff))
+        .routes(routes!(mirror))
         .routes(routes!(logs))
         .routes(routes!(follow_logs))
         .routes(routes!(monitor))

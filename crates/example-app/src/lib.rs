@@ -53,6 +53,10 @@ pub struct Args {
     /// what a new version does that an old one does not.
     #[arg(long, env = "EXAMPLE_RECORD_AGENT")]
     record_agent: bool,
+    /// Added to the price of every third item of `/api/items/N`: a version that answers some
+    /// requests differently, for shadow traffic to catch.
+    #[arg(long, env = "EXAMPLE_PRICE_DRIFT", default_value_t = 0)]
+    price_drift: i64,
 }
 
 struct App {
@@ -176,6 +180,30 @@ async fn record_visit(
     Ok(())
 }
 
+/// `/api/items/N`: an item as JSON (404 for an N that is not a number).
+fn item_answer(args: &Args, item: &str) -> Response<Full<Bytes>> {
+    let Ok(id) = item.parse::<i64>() else {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(format!("no item {item:?}\n"))))
+            .expect("valid response");
+    };
+    let drift = if id % 3 == 0 { args.price_drift } else { 0 };
+    let body = format!(
+        r#"{{"item":{id},"name":"item {id}","price":{},"color":"{}","version":"{}"}}"#,
+        id * 100 + drift,
+        args.color,
+        args.app_version
+    );
+    Response::builder()
+        .header("x-color", &args.color)
+        .header("x-version", &args.app_version)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
 async fn answer(
     app: Arc<App>,
     request: Request<Incoming>,
@@ -224,12 +252,21 @@ async fn answer(
         StatusCode::OK
     };
     if args.access_log {
+        // A copy bluegreen mirrored to this color is marked so.
+        let copy = if request.headers().contains_key("x-bluegreen-mirror") {
+            " mirror"
+        } else {
+            ""
+        };
         println!(
-            "{} {} {}",
+            "{} {} {}{copy}",
             request.method(),
             request.uri().path(),
             status.as_u16()
         );
+    }
+    if !failed && let Some(item) = request.uri().path().strip_prefix("/api/items/") {
+        return Ok(item_answer(args, item));
     }
     Ok(if failed {
         reply(

@@ -198,7 +198,10 @@ pub struct MirrorSnapshot {
     pub live_latency_buckets: Vec<u64>,
     /// Latency of the copies' answers, per bucket.
     pub mirror_latency_buckets: Vec<u64>,
-    /// The first differing pairs of the current mirror.
+    /// Which mirror (its rule's id: the release) the kept differences are of: the current
+    /// one, or the last one until the next records a difference.
+    pub differences_of: Option<u64>,
+    /// The first differing pairs of that mirror.
     pub differences: Vec<MirrorDifference>,
 }
 
@@ -220,6 +223,8 @@ pub struct MirrorDifference {
     pub detail: String,
     pub live_ms: f64,
     pub mirror_ms: Option<f64>,
+    /// How many pairs differed the same way (same request, same difference) since.
+    pub times: u64,
 }
 
 /// The mirror's queue, counters and kept differences, shared by every request.
@@ -436,7 +441,6 @@ impl Mirror {
     pub fn snapshot(&self, rule: Option<&MirrorRule>) -> MirrorSnapshot {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let differences = self.differences.lock().expect("lock");
-        let current = rule.is_some_and(|rule| rule.id == differences.0);
         MirrorSnapshot {
             to: rule.map(|rule| rule.to),
             percent: rule.map_or(0, |rule| rule.percent),
@@ -448,18 +452,9 @@ impl Mirror {
             failed: load(&self.failed),
             live_latency_buckets: self.live_latency.counts(),
             mirror_latency_buckets: self.mirror_latency.counts(),
-            differences: if current {
-                differences.1.clone()
-            } else {
-                Vec::new()
-            },
+            differences_of: (!differences.1.is_empty()).then_some(differences.0),
+            differences: differences.1.clone(),
         }
-    }
-
-    /// The kept differences of the mirror `rule` (the previous mirror's, until the next
-    /// one records any).
-    pub fn differences(&self) -> (u64, Vec<MirrorDifference>) {
-        self.differences.lock().expect("lock").clone()
     }
 
     fn keep(&self, rule: &MirrorRule, difference: MirrorDifference) {
@@ -467,8 +462,15 @@ impl Mirror {
         if kept.0 != rule.id {
             *kept = (rule.id, Vec::new());
         }
-        if kept.1.len() < KEPT_DIFFERENCES {
-            kept.1.push(difference);
+        let same = kept.1.iter().position(|k| {
+            k.request == difference.request
+                && k.what == difference.what
+                && k.detail == difference.detail
+        });
+        match same {
+            Some(at) => kept.1[at].times += 1,
+            None if kept.1.len() < KEPT_DIFFERENCES => kept.1.push(difference),
+            None => {}
         }
     }
 }
@@ -587,6 +589,7 @@ impl Mirror {
                     detail,
                     live_ms: live.latency.as_secs_f64() * 1000.0,
                     mirror_ms: copy.map(|c| c.latency.as_secs_f64() * 1000.0),
+                    times: 1,
                 },
             );
         }
@@ -709,7 +712,10 @@ fn differing_bodies(rule: &Compare, live: &Answer, copy: &Answer) -> Option<Stri
     let around = |kept: &BytesMut| {
         let from = at.saturating_sub(20);
         let to = (at + 40).min(kept.len());
-        excerpt(&String::from_utf8_lossy(&kept[from.min(to)..to]))
+        format!(
+            "{:?}",
+            excerpt(&String::from_utf8_lossy(&kept[from.min(to)..to]))
+        )
     };
     Some(format!(
         "byte {at} of {} / {} bytes: {} {}, {} {}",
@@ -773,8 +779,8 @@ fn excerpt(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     match one_line.char_indices().nth(80) {
-        Some((at, _)) => format!("{:?}…", &one_line[..at]),
-        None => format!("{one_line:?}"),
+        Some((at, _)) => format!("{}…", &one_line[..at]),
+        None => one_line,
     }
 }
 
@@ -869,7 +875,41 @@ mod tests {
         };
         let (what, detail) = compare(&strict, &live, &copy).unwrap();
         assert_eq!(what, "body");
-        assert_eq!(detail, "$.items[0].seen: blue \"1\", green \"2\"");
+        assert_eq!(detail, "$.items[0].seen: blue 1, green 2");
+    }
+
+    #[test]
+    fn only_the_live_colors_requests_of_the_listed_methods_with_a_bounded_body_are_copied() {
+        let mirror = Mirror::new(Duration::from_secs(1));
+        let rule = MirrorRule {
+            id: 1,
+            to: Color::Green,
+            percent: 100,
+            methods: vec![Method::GET, Method::POST],
+            max_request_body: 10,
+            timeout: Duration::from_secs(1),
+            queue: 8,
+            compare: rule(&[]),
+        };
+        let none = HeaderMap::new();
+        assert!(mirror.wants(&rule, Color::Blue, &Method::GET, &none, true));
+        // Green's own answers (a canary's share) have nothing to be compared with.
+        assert!(!mirror.wants(&rule, Color::Green, &Method::GET, &none, true));
+        assert!(!mirror.wants(&rule, Color::Blue, &Method::DELETE, &none, true));
+        let mut small = HeaderMap::new();
+        small.insert(header::CONTENT_LENGTH, "10".parse().unwrap());
+        assert!(mirror.wants(&rule, Color::Blue, &Method::POST, &small, false));
+        let mut large = HeaderMap::new();
+        large.insert(header::CONTENT_LENGTH, "11".parse().unwrap());
+        assert!(!mirror.wants(&rule, Color::Blue, &Method::POST, &large, false));
+        // A body of unknown length (chunked) could be any size: not copied.
+        assert!(!mirror.wants(&rule, Color::Blue, &Method::POST, &none, false));
+        assert_eq!(mirror.snapshot(Some(&rule)).skipped, 2);
+        let never = MirrorRule {
+            max_request_body: 0,
+            ..rule.clone()
+        };
+        assert!(!mirror.wants(&never, Color::Blue, &Method::POST, &small, false));
     }
 
     #[test]

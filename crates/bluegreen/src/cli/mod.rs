@@ -106,12 +106,16 @@ pub enum Commands {
     },
     /// Live per-color numbers, the release and its analysis: a live screen on a terminal, else one line per interval.
     Monitor(MonitorArgs),
-    /// What differs between the two environments' effective specs and what they run.
+    /// What differs between the two environments' effective specs and what they run; with
+    /// --mirror, how the mirrored color's answers differed from the live ones.
     Diff {
         #[arg(value_parser = parse_color, default_value = "blue")]
         a: Color,
         #[arg(value_parser = parse_color, default_value = "green")]
         b: Color,
+        /// Shadow traffic instead: the mirror's verdict, counters and first differing answers.
+        #[arg(long, conflicts_with_all = ["a", "b"])]
+        mirror: bool,
     },
     /// The newest log lines of an environment's instances (or of hooks, tests).
     Logs {
@@ -287,7 +291,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Commands::Resume => change(&cli, "/v1/resume", json!({})).await,
         Commands::Abort { reason } => change(&cli, "/v1/abort", json!({ "reason": reason })).await,
         Commands::Monitor(args) => release::monitor(&cli, args).await,
-        Commands::Diff { a, b } => release::diff(&cli, *a, *b).await,
+        Commands::Diff { mirror: true, .. } => release::mirror_diff(&cli).await,
+        Commands::Diff { a, b, .. } => release::diff(&cli, *a, *b).await,
         Commands::Logs {
             environment,
             lines,

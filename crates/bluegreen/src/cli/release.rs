@@ -269,6 +269,84 @@ pub async fn diff(cli: &Cli, a: Color, b: Color) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `bluegreen diff --mirror`: the mirror's verdict and counters, then the first answers of
+/// the mirrored color that differed from the live ones.
+pub async fn mirror_diff(cli: &Cli) -> Result<(), CliError> {
+    let client = admin_client(cli)?;
+    let answer = expect_ok(client.call(Method::GET, "/v1/mirror", None).await?)?;
+    if cli.output == Output::Json {
+        println!("{}", pretty(&answer));
+        return Ok(());
+    }
+    let router = &answer["router"];
+    let verdict = &answer["verdict"];
+    let count = |v: &Value| v.as_u64().unwrap_or(0);
+    match (answer["release"].as_i64(), router["to"].as_str()) {
+        (_, Some(to)) => println!(
+            "mirroring {}% of the live requests to {to}",
+            count(&router["percent"])
+        ),
+        (Some(id), None) if !verdict.is_null() => {
+            println!("no mirror now; release #{id}'s mirror:")
+        }
+        _ => println!(
+            "no mirror now, and the last release mirrored nothing (see `mirror:` in docs/mirror.md)"
+        ),
+    }
+    if let Some(window) = verdict.get("window").filter(|w| !w.is_null()) {
+        println!(
+            "  {} copies: {} compared, {} differed, {} unanswered; {} dropped (queue full), {} skipped",
+            count(&window["mirrored"]),
+            count(&window["compared"]),
+            count(&window["mismatched"]),
+            count(&window["failed"]),
+            count(&window["dropped"]),
+            count(&window["skipped"])
+        );
+        let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |ms| format!("{ms}ms"));
+        println!(
+            "  mismatch {:.2}%; p99 live {}, mirrored {}",
+            window["mismatch_rate_percent"].as_f64().unwrap_or(0.0),
+            ms(&window["live_p99_ms"]),
+            ms(&window["mirror_p99_ms"])
+        );
+        println!("  {}", verdict["note"].as_str().unwrap_or(""));
+    }
+    let differences = router["differences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if differences.is_empty() {
+        println!("no differing answers kept");
+        return Ok(());
+    }
+    println!(
+        "first differing answers (release #{}, at most {} kept):",
+        count(&router["differences_of"]),
+        bluegreen_router::mirror::KEPT_DIFFERENCES
+    );
+    for d in &differences {
+        let mirror_status = d["mirror_status"]
+            .as_u64()
+            .map_or("no answer".to_string(), |s| s.to_string());
+        let times = match count(&d["times"]) {
+            0 | 1 => String::new(),
+            n => format!(" (×{n})"),
+        };
+        println!(
+            "  {}  {}  {} {} / mirrored {}  {}: {}{times}",
+            utc_time(d["at_ms"].as_i64().unwrap_or(0)),
+            d["request"].as_str().unwrap_or("?"),
+            d["live_color"].as_str().unwrap_or("?"),
+            count(&d["live_status"]),
+            mirror_status,
+            d["what"].as_str().unwrap_or("?"),
+            d["detail"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
 fn compact(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bluegreen_router::Color;
 use serde::{Deserialize, Serialize};
 
+use super::mirror::MirrorSpec;
 use super::{Validator, parse_socket_addr};
 use crate::config::strategy::{Hold, Strategy};
 use crate::duration::HumanDuration;
@@ -128,7 +129,9 @@ pub(super) struct RawRelease {
     strategy: String,
     monitor_window: HumanDuration,
     scale_down_delay: HumanDuration,
-    pipeline: Vec<String>,
+    /// `None`: the default, [deploy, test, switch, cleanup] (with mirror before switch when
+    /// `mirror:` is configured).
+    pipeline: Option<Vec<String>>,
 }
 
 impl Default for RawRelease {
@@ -137,9 +140,7 @@ impl Default for RawRelease {
             strategy: "canary-10-5m".into(),
             monitor_window: HumanDuration::secs(60),
             scale_down_delay: HumanDuration::secs(600),
-            pipeline: ["deploy", "test", "switch", "cleanup"]
-                .map(String::from)
-                .to_vec(),
+            pipeline: None,
         }
     }
 }
@@ -185,6 +186,23 @@ pub(super) struct RawAnalysis {
     latency_p99: RawLimit,
     throughput: RawThroughput,
     on_too_few_requests: String,
+    mirror_mismatch_rate: RawMismatch,
+    mirror_latency_p99: RawLimit,
+}
+
+/// The share of mirrored answers allowed to differ from the live ones.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct RawMismatch {
+    max_percent: Option<f64>,
+}
+
+impl Default for RawMismatch {
+    fn default() -> Self {
+        RawMismatch {
+            max_percent: Some(1.0),
+        }
+    }
 }
 
 impl Default for RawAnalysis {
@@ -201,6 +219,11 @@ impl Default for RawAnalysis {
                 max_increase: Some(HumanDuration(Duration::from_millis(500))),
             },
             throughput: RawThroughput::default(),
+            mirror_mismatch_rate: RawMismatch::default(),
+            mirror_latency_p99: RawLimit {
+                max: None,
+                max_increase: Some(HumanDuration(Duration::from_millis(500))),
+            },
         }
     }
 }
@@ -408,6 +431,10 @@ pub struct AnalysisSpec {
     /// A step whose time is up but whose new color never had `min_requests` waits for them
     /// (true) or goes on unjudged (false).
     pub wait_for_data: bool,
+    /// Percent of mirrored answers that may differ from (or fail to match) the live ones.
+    pub mirror_mismatch_rate: Option<f64>,
+    /// In milliseconds: the copies' p99, absolute and over the live answers' p99.
+    pub mirror_latency_p99: Limit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -462,6 +489,8 @@ pub struct Webhook {
 pub enum Stage {
     Deploy,
     Test,
+    /// Shadow traffic: copies of live requests to the new color, compared, before the switch.
+    Mirror,
     Switch,
     Cleanup,
     /// A user command, named after its file.
@@ -476,6 +505,7 @@ impl Stage {
         match self {
             Stage::Deploy => "deploy",
             Stage::Test => "test",
+            Stage::Mirror => "mirror",
             Stage::Switch => "switch",
             Stage::Cleanup => "cleanup",
             Stage::Run { name, .. } => name,
@@ -495,6 +525,8 @@ pub struct ControllerConfig {
     pub hooks: Hooks,
     pub webhook: Option<Webhook>,
     pub pipeline: Vec<Stage>,
+    /// Shadow traffic, when configured: the pipeline's mirror stage and its comparison.
+    pub mirror: Option<MirrorSpec>,
 }
 
 impl ControllerConfig {
@@ -541,6 +573,7 @@ pub(super) struct RawController {
     pub analysis: RawAnalysis,
     pub hooks: RawHooks,
     pub webhook: Option<RawWebhook>,
+    pub mirror: Option<super::mirror::RawMirror>,
 }
 
 impl Validator<'_> {
@@ -594,7 +627,30 @@ impl Validator<'_> {
                 Strategy::instant()
             }),
         };
-        let pipeline = self.pipeline(&r.pipeline);
+        let default_pipeline = r.pipeline.is_none();
+        let raw_pipeline = r.pipeline.unwrap_or_else(|| {
+            ["deploy", "test", "switch", "cleanup"]
+                .map(String::from)
+                .to_vec()
+        });
+        let mut pipeline = self.pipeline(&raw_pipeline);
+        let mirror = raw.mirror.map(|m| self.mirror(m));
+        match &mirror {
+            // Configured shadow traffic runs before the switch unless the pipeline says where.
+            Some(_) if default_pipeline => {
+                let switch = pipeline.iter().position(|s| *s == Stage::Switch).unwrap_or(0);
+                pipeline.insert(switch, Stage::Mirror);
+            }
+            Some(spec) if !pipeline.contains(&Stage::Mirror) && !spec.beside_canary => self.issue(
+                "mirror",
+                "is configured but release.pipeline has no mirror stage; add mirror before switch, or set mirror.beside_canary: true",
+            ),
+            None if pipeline.contains(&Stage::Mirror) => self.issue(
+                "release.pipeline",
+                "has a mirror stage but no mirror: section says what to copy; add e.g. `mirror: { percent: 10, duration: 1m }`",
+            ),
+            _ => {}
+        }
         let analysis = self.analysis(raw.analysis);
         let hooks = self.hooks(raw.hooks);
         let webhook = raw.webhook.and_then(|w| self.webhook(w));
@@ -609,6 +665,7 @@ impl Validator<'_> {
             hooks,
             webhook,
             pipeline,
+            mirror,
         }
     }
 
@@ -1207,6 +1264,7 @@ impl Validator<'_> {
                 "deploy" | "deploy_green" | "deploy_idle" => Stage::Deploy,
                 "test" | "test_green" | "test_idle" => Stage::Test,
                 "switch" | "switch_traffic" => Stage::Switch,
+                "mirror" => Stage::Mirror,
                 "cleanup" | "cleanup_blue" | "cleanup_old" => Stage::Cleanup,
                 other => match other.strip_prefix("run ") {
                     Some(command) => match self.executable(&key, command.trim()) {
@@ -1220,7 +1278,7 @@ impl Validator<'_> {
                         None => continue,
                     },
                     None => {
-                        self.issue(key, format!("unknown stage {other:?}; use deploy, test, switch, cleanup (the seed's deploy_green, test_green, switch_traffic, cleanup_blue also work) or \"run ./script\""));
+                        self.issue(key, format!("unknown stage {other:?}; use deploy, test, mirror, switch, cleanup (the seed's deploy_green, test_green, switch_traffic, cleanup_blue also work) or \"run ./script\""));
                         continue;
                     }
                 },
@@ -1238,7 +1296,11 @@ impl Validator<'_> {
                 "has no switch stage; a release must move traffic, e.g. [deploy, test, switch, cleanup]",
             ),
             Some(switch) => {
-                for (before, name) in [(Stage::Deploy, "deploy"), (Stage::Test, "test")] {
+                for (before, name) in [
+                    (Stage::Deploy, "deploy"),
+                    (Stage::Test, "test"),
+                    (Stage::Mirror, "mirror"),
+                ] {
                     if position(&stages, &before).is_some_and(|p| p > switch) {
                         self.issue("release.pipeline", format!("{name} must come before switch"));
                     }
@@ -1250,6 +1312,11 @@ impl Validator<'_> {
                     position(&stages, &Stage::Deploy).is_some_and(|d| d > t)
                 }) {
                     self.issue("release.pipeline", "test must come after deploy");
+                }
+                if position(&stages, &Stage::Mirror).is_some_and(|m| {
+                    position(&stages, &Stage::Deploy).is_some_and(|d| d > m)
+                }) {
+                    self.issue("release.pipeline", "mirror must come after deploy");
                 }
             }
         }
@@ -1316,6 +1383,12 @@ impl Validator<'_> {
             latency_p95: latency(&raw.latency_p95),
             latency_p99: latency(&raw.latency_p99),
             min_throughput_ratio: raw.throughput.min_ratio,
+            mirror_mismatch_rate: percent(
+                self,
+                "analysis.mirror_mismatch_rate.max_percent",
+                raw.mirror_mismatch_rate.max_percent,
+            ),
+            mirror_latency_p99: latency(&raw.mirror_latency_p99),
         }
     }
 

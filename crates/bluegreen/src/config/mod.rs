@@ -1,6 +1,7 @@
 //! The config file: raw YAML structs, then validation into a typed [`Config`] with key-path errors.
 
 pub mod controller;
+pub mod mirror;
 pub mod store;
 pub mod strategy;
 
@@ -86,6 +87,8 @@ struct RawConfig {
     store: Option<store::RawStore>,
     #[serde(default)]
     deploy: RawDeploy,
+    #[serde(default)]
+    mirror: Option<mirror::RawMirror>,
 }
 
 /// `router.driver` and the keys of every driver, as the YAML gives them.
@@ -506,6 +509,7 @@ impl<'a> Validator<'a> {
                 analysis: raw.analysis,
                 hooks: raw.hooks,
                 webhook: raw.webhook,
+                mirror: raw.mirror,
             },
             &upstreams,
         );
@@ -531,6 +535,21 @@ impl<'a> Validator<'a> {
         let dashboard = self.dashboard(raw.dashboard, &state_dir);
         let store = self.store(raw.store, &raw.service);
         let deploy_batch = self.deploy_batch(raw.deploy);
+        if controller.mirror.is_some() {
+            // The copies are made by the router the requests pass through.
+            if router.driver != Driver::Embedded {
+                self.issue(
+                    "mirror",
+                    "shadow traffic needs bluegreen's own router: HAProxy or nginx answers the requests itself (router.driver: embedded, or remove mirror:)",
+                );
+            }
+            if matches!(store, StoreSettings::Etcd(_)) {
+                self.issue(
+                    "mirror",
+                    "shadow traffic runs on one router: a fleet (store.etcd) cannot mirror yet; remove mirror: or run one router",
+                );
+            }
+        }
         if !self.issues.is_empty() {
             return Err(self.issues);
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bluegreen_router::metrics::quantile_ms;
-use bluegreen_router::{Color, ColorSnapshot};
+use bluegreen_router::{Color, ColorSnapshot, MirrorSnapshot};
 use serde::{Deserialize, Serialize};
 
 use crate::config::controller::{AnalysisSpec, Limit};
@@ -71,7 +71,7 @@ pub struct Breach {
 
 impl std::fmt::Display for Breach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let unit = if self.metric == "error_rate" {
+        let unit = if self.metric == "error_rate" || self.metric == "mirror_mismatch_rate" {
             "%"
         } else if self.metric == "throughput_ratio" {
             ""
@@ -200,6 +200,148 @@ pub fn judge(
     Verdict {
         new,
         baseline,
+        judged: true,
+        breach,
+        note,
+    }
+}
+
+/// Shadow traffic over a window: the difference of two of the router's mirror snapshots.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MirrorWindow {
+    /// The color the copies went to.
+    pub color: Color,
+    pub seconds: f64,
+    pub mirrored: u64,
+    pub dropped: u64,
+    pub skipped: u64,
+    pub compared: u64,
+    pub mismatched: u64,
+    /// Copies the mirrored color did not answer; they count as mismatches.
+    pub failed: u64,
+    pub mismatch_rate_percent: f64,
+    pub live_p99_ms: Option<f64>,
+    pub mirror_p99_ms: Option<f64>,
+}
+
+impl MirrorWindow {
+    pub fn between(
+        color: Color,
+        from: &MirrorSnapshot,
+        to: &MirrorSnapshot,
+        elapsed: Duration,
+    ) -> MirrorWindow {
+        let d = |a: u64, b: u64| b.saturating_sub(a);
+        let buckets = |a: &[u64], b: &[u64]| -> Vec<u64> {
+            b.iter()
+                .enumerate()
+                .map(|(i, n)| d(a.get(i).copied().unwrap_or(0), *n))
+                .collect()
+        };
+        let compared = d(from.compared, to.compared);
+        let mismatched = d(from.mismatched, to.mismatched);
+        let failed = d(from.failed, to.failed);
+        let judged = compared + failed;
+        MirrorWindow {
+            color,
+            seconds: elapsed.as_secs_f64().max(0.001),
+            mirrored: d(from.mirrored, to.mirrored),
+            dropped: d(from.dropped, to.dropped),
+            skipped: d(from.skipped, to.skipped),
+            compared,
+            mismatched,
+            failed,
+            mismatch_rate_percent: if judged == 0 {
+                0.0
+            } else {
+                (mismatched + failed) as f64 * 100.0 / judged as f64
+            },
+            live_p99_ms: quantile_ms(
+                &buckets(&from.live_latency_buckets, &to.live_latency_buckets),
+                0.99,
+            ),
+            mirror_p99_ms: quantile_ms(
+                &buckets(&from.mirror_latency_buckets, &to.mirror_latency_buckets),
+                0.99,
+            ),
+        }
+    }
+}
+
+/// One judgement of the mirrored color's answers against the live ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MirrorVerdict {
+    pub window: MirrorWindow,
+    /// False while fewer than `min_requests` pairs were compared.
+    pub judged: bool,
+    pub breach: Option<Breach>,
+    pub note: String,
+}
+
+/// Judges shadow traffic: the share of copies answered differently, and the copies' p99
+/// against the live answers' p99 of the same requests.
+pub fn judge_mirror(spec: &AnalysisSpec, window: MirrorWindow) -> MirrorVerdict {
+    let pairs = window.compared + window.failed;
+    if pairs < spec.min_requests {
+        let note = format!(
+            "waiting for data: {} of the {} mirrored pairs needed to judge ({} copies dropped, {} skipped)",
+            pairs, spec.min_requests, window.dropped, window.skipped
+        );
+        return MirrorVerdict {
+            window,
+            judged: false,
+            breach: None,
+            note,
+        };
+    }
+    let mut breach = None;
+    if let Some(max) = spec.mirror_mismatch_rate
+        && window.mismatch_rate_percent > max
+    {
+        breach = Some(Breach {
+            metric: "mirror_mismatch_rate".into(),
+            value: window.mismatch_rate_percent,
+            limit: max,
+            against: format!(
+                "{} of {pairs} mirrored answers differ",
+                window.mismatched + window.failed
+            ),
+        });
+    }
+    let limit = &spec.mirror_latency_p99;
+    if breach.is_none()
+        && let Some(p99) = window.mirror_p99_ms
+    {
+        if let Some(max) = limit.max
+            && p99 > max
+        {
+            breach = Some(Breach {
+                metric: "mirror_latency_p99".into(),
+                value: p99,
+                limit: max,
+                against: "absolute limit".into(),
+            });
+        } else if let (Some(increase), Some(live)) = (limit.max_increase, window.live_p99_ms)
+            && p99 > live + increase
+        {
+            breach = Some(Breach {
+                metric: "mirror_latency_p99".into(),
+                value: p99,
+                limit: live + increase,
+                against: format!("the live answers' p99 {live:.2} + {increase:.2}"),
+            });
+        }
+    }
+    let note = match &breach {
+        Some(b) => format!("breach: {b}"),
+        None => format!(
+            "{} of {pairs} mirrored answers differ ({:.2}%), within the limits",
+            window.mismatched + window.failed,
+            window.mismatch_rate_percent
+        ),
+    };
+    MirrorVerdict {
+        window,
         judged: true,
         breach,
         note,
@@ -382,7 +524,54 @@ mod tests {
             },
             min_throughput_ratio: Some(0.5),
             wait_for_data: true,
+            mirror_mismatch_rate: Some(1.0),
+            mirror_latency_p99: Limit {
+                max: None,
+                max_increase: Some(100.0),
+            },
         }
+    }
+
+    /// A mirror that compared `compared` pairs, `mismatched` of them differing, the copies
+    /// answered in `mirror_latency` and the live answers in 1 ms.
+    fn mirror_window(compared: u64, mismatched: u64, mirror_latency: Duration) -> MirrorWindow {
+        let buckets = |latency: Duration| {
+            let metrics = ColorMetrics::default();
+            for _ in 0..compared {
+                metrics.response(200, latency);
+            }
+            metrics.snapshot(Color::Green, 0).latency_buckets
+        };
+        let to = MirrorSnapshot {
+            compared,
+            mismatched,
+            live_latency_buckets: buckets(Duration::from_millis(1)),
+            mirror_latency_buckets: buckets(mirror_latency),
+            ..MirrorSnapshot::default()
+        };
+        MirrorWindow::between(
+            Color::Green,
+            &MirrorSnapshot::default(),
+            &to,
+            Duration::from_secs(2),
+        )
+    }
+
+    #[test]
+    fn a_mirror_is_judged_on_its_differing_share_and_the_copies_p99_over_live() {
+        let fine = judge_mirror(&spec(), mirror_window(200, 2, Duration::from_millis(1)));
+        assert!(fine.judged && fine.breach.is_none(), "{fine:?}");
+        let differing = judge_mirror(&spec(), mirror_window(200, 4, Duration::from_millis(1)));
+        let breach = differing.breach.unwrap();
+        assert_eq!(breach.metric, "mirror_mismatch_rate");
+        assert_eq!(
+            breach.to_string(),
+            "mirror_mismatch_rate 2.00% over the limit 1.00% (4 of 200 mirrored answers differ)"
+        );
+        let slow = judge_mirror(&spec(), mirror_window(200, 0, Duration::from_millis(400)));
+        assert_eq!(slow.breach.unwrap().metric, "mirror_latency_p99");
+        let few = judge_mirror(&spec(), mirror_window(10, 10, Duration::from_millis(1)));
+        assert!(!few.judged && few.breach.is_none(), "{few:?}");
     }
 
     /// `ok` 200s and `failed` 500s, each taking `latency`.

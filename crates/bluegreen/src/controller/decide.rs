@@ -381,6 +381,7 @@ mod tests {
             step_ends_ms: None,
             first: false,
             expanded: false,
+            mirror: None,
         }
     }
 

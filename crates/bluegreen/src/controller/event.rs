@@ -27,6 +27,8 @@ pub enum EventKind {
     Stage,
     Step,
     Monitor,
+    /// Shadow traffic started for a release.
+    Mirror,
     Paused,
     Resumed,
     Succeeded,
@@ -88,6 +90,7 @@ impl EventKind {
             EventKind::Stage => "stage",
             EventKind::Step => "step",
             EventKind::Monitor => "monitor",
+            EventKind::Mirror => "mirror",
             EventKind::Paused => "paused",
             EventKind::Resumed => "resumed",
             EventKind::Succeeded => "succeeded",

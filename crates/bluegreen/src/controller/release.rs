@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bluegreen_router::{Color, Split};
+use bluegreen_router::{Color, MirrorSnapshot, Split};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::analysis::{WindowStats, fleet_windows, judge, name_routers};
+use super::analysis::{
+    MirrorWindow, WindowStats, fleet_windows, judge, judge_mirror, name_routers,
+};
 use super::decide::{self, Continuation, Ending, Recovery, ReleaseAsk, Stop};
 use super::{Command, CommandError, Controller, EventKind, Gate};
 use crate::config::controller::{HookPoint, Stage};
@@ -326,7 +328,7 @@ impl Controller {
             };
             let shifting = matches!(
                 release.state,
-                ReleaseState::Shifting | ReleaseState::Monitoring
+                ReleaseState::Mirroring | ReleaseState::Shifting | ReleaseState::Monitoring
             );
             match gate {
                 Gate::Promote { .. } if !shifting => {
@@ -377,6 +379,8 @@ impl Controller {
     ) {
         let _exclusive = self.exclusive.lock().await;
         let outcome = self.drive(&mut release, &mut control, from).await;
+        // A mirror the release started ends with it, however it ended.
+        let _ = self.plane.set_mirror(None);
         if outcome.is_err() {
             let why = "the deploy was aborted";
             self.abandon_deploy(release.color, Some(release.id), EventKind::Stopped, why)
@@ -487,6 +491,7 @@ impl Controller {
             match &stage {
                 Stage::Deploy => self.deploy_stage(release, control).await?,
                 Stage::Test => self.test_stage(release, control).await?,
+                Stage::Mirror => self.mirror_stage(release, control).await?,
                 Stage::Run { name, argv } => self.user_stage(release, control, name, argv).await?,
                 Stage::Switch => self.switch_stage(release, control, from).await?,
                 Stage::Cleanup => self.cleanup_stage(release).await?,
@@ -638,6 +643,123 @@ impl Controller {
         let work = until_aborted(control.clone(), work);
         self.stage(release, "test", ReleaseState::Testing, work)
             .await
+    }
+
+    /// Shadow traffic before the switch: a share of the live color's requests is copied to the
+    /// new color and the answers compared for `mirror.duration` (`promote` ends it sooner).
+    /// Too many differing or slow answers fail the release before any traffic moved.
+    async fn mirror_stage(
+        &self,
+        release: &mut Release,
+        control: &mut watch::Receiver<Control>,
+    ) -> Result<(), Stop> {
+        let Some(spec) = self.config().controller.mirror.clone() else {
+            return Ok(());
+        };
+        // A first release has no live color whose requests could be copied.
+        if release.first {
+            return Ok(());
+        }
+        let color = release.color;
+        release.state = ReleaseState::Mirroring;
+        release.stage = "mirror".into();
+        release.mirror = None;
+        let mut shown = release.clone();
+        let work = async {
+            // Counted from before the first copy.
+            let from = self.plane.status().mirror;
+            self.plane
+                .set_mirror(Some(spec.rule(shown.id, color)))
+                .map_err(Stop::Failed)?;
+            let message = format!(
+                "release #{}: mirroring {}% of {}'s {} requests to {color} for {}",
+                shown.id,
+                spec.percent,
+                shown.from_color,
+                spec.methods
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                crate::duration::format(spec.duration)
+            );
+            self.event(EventKind::Mirror, &message, Some(shown.id))
+                .await;
+            self.watch_mirror(&mut shown, control, &from, spec.duration)
+                .await
+        };
+        let outcome = self
+            .stage(release, "mirror", ReleaseState::Mirroring, work)
+            .await;
+        release.mirror = self
+            .active
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .and_then(|(active, _)| active.mirror.clone());
+        if outcome.is_err() || !spec.beside_canary {
+            let _ = self.plane.set_mirror(None);
+        }
+        outcome
+    }
+
+    /// Judges the mirror every analysis interval until `duration` is over and it was judged
+    /// (or `promote`); shows each verdict in `status`.
+    async fn watch_mirror(
+        &self,
+        shown: &mut Release,
+        control: &mut watch::Receiver<Control>,
+        from: &MirrorSnapshot,
+        duration: Duration,
+    ) -> Result<(), Stop> {
+        let config = self.config();
+        let spec = &config.controller.analysis;
+        let color = shown.color;
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(spec.interval.min(Duration::from_millis(500)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_judged = Instant::now();
+        let mut judged = !spec.wait_for_data;
+        let seen_promotions = control.borrow().promotions;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = control.changed() => {
+                    if changed.is_err() {
+                        return Err(Stop::Aborted("the daemon is stopping".into()));
+                    }
+                }
+            }
+            let state = control.borrow().clone();
+            if let Some(reason) = state.abort {
+                return Err(Stop::Aborted(reason));
+            }
+            if state.promotions != seen_promotions {
+                return Ok(());
+            }
+            if last_judged.elapsed() >= spec.interval {
+                last_judged = Instant::now();
+                let now = self.plane.status().mirror;
+                let window = MirrorWindow::between(color, from, &now, started.elapsed());
+                let verdict = judge_mirror(spec, window);
+                judged |= verdict.judged;
+                let breach = verdict.breach.clone();
+                shown.mirror = Some(verdict);
+                if let Some(active) = self.active.lock().expect("lock").as_mut() {
+                    active.0.mirror = shown.mirror.clone();
+                    active.0.state = ReleaseState::Mirroring;
+                    active.0.stage = "mirror".into();
+                }
+                if let Some(breach) = breach {
+                    return Err(Stop::Failed(format!(
+                        "mirror of {color}: {breach}; no traffic moved, {color} keeps running for inspection (`bluegreen diff --mirror` shows the differing answers)"
+                    )));
+                }
+            }
+            if started.elapsed() >= duration && judged && !state.paused {
+                return Ok(());
+            }
+        }
     }
 
     /// A `run ./script` stage of the pipeline: a failure after traffic moved rolls back.
@@ -799,6 +921,8 @@ impl Controller {
                 break;
             }
         }
+        // Every request is the new color's now: nothing is left to copy.
+        let _ = self.plane.set_mirror(None);
         // A first release has nothing to go back to: watching it could only end in a
         // rollback to nothing.
         let mut window = self.config().controller.monitor_window;
@@ -862,6 +986,8 @@ impl Controller {
         let started = Instant::now();
         // Every router's counters in a fleet (this router's alone on one machine).
         let from = self.counters_by_router().await;
+        // Shadow traffic beside the canary: copies of the old color's requests still compared.
+        let mirror_from = Some(self.plane.status().mirror).filter(|m| m.to == Some(color));
         release.verdict = None;
         let mut remaining = match hold {
             Hold::For(d) => Some(d),
@@ -941,9 +1067,20 @@ impl Controller {
             let weights = (split.weight(color), split.weight(old));
             let verdict = judge(spec, new, baseline.clone(), weights);
             let verdict = name_routers(spec, verdict, &routers, (color, old), weights);
-            let breach = verdict.breach.clone();
+            let mut breach = verdict.breach.clone();
             judged |= verdict.judged;
             release.verdict = Some(verdict);
+            if let Some(mirror_from) = &mirror_from {
+                let now = self.plane.status().mirror;
+                let window = MirrorWindow::between(color, mirror_from, &now, elapsed);
+                let verdict = judge_mirror(spec, window);
+                if breach.is_none()
+                    && let Some(mirror_breach) = &verdict.breach
+                {
+                    breach = Some(mirror_breach.clone());
+                }
+                release.mirror = Some(verdict);
+            }
             if let Some(active) = self.active.lock().expect("lock").as_mut() {
                 active.0 = release.clone();
             }

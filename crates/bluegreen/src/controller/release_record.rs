@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use bluegreen_router::Color;
 use serde::{Deserialize, Serialize};
 
-use super::analysis::Verdict;
+use super::analysis::{MirrorVerdict, Verdict};
 use crate::config::strategy::Strategy;
 use crate::store::{StoredRelease, now_ms};
 
@@ -23,6 +23,8 @@ pub enum ReleaseKind {
 pub enum ReleaseState {
     Deploying,
     Testing,
+    /// Shadow traffic: copies of live requests answered by the new color, compared.
+    Mirroring,
     /// A user stage of the pipeline.
     Running,
     Shifting,
@@ -38,6 +40,7 @@ impl ReleaseState {
         match self {
             ReleaseState::Deploying => "deploying",
             ReleaseState::Testing => "testing",
+            ReleaseState::Mirroring => "mirroring",
             ReleaseState::Running => "running",
             ReleaseState::Shifting => "shifting",
             ReleaseState::Monitoring => "monitoring",
@@ -98,6 +101,9 @@ pub struct Release {
     /// `migrate_rollback`.
     #[serde(default)]
     pub expanded: bool,
+    /// The last judgement of shadow traffic (the mirror stage, or beside the canary).
+    #[serde(default)]
+    pub mirror: Option<MirrorVerdict>,
 }
 
 impl Release {
@@ -138,6 +144,7 @@ impl Release {
             step_ends_ms: None,
             first: plan.first,
             expanded: false,
+            mirror: None,
         }
     }
 

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bluegreen_router::Color;
+use bluegreen_router::{Color, MirrorSnapshot};
 
 use serde::Serialize;
 
 use super::Controller;
 use super::EnvironmentView;
-use super::analysis::WindowStats;
+use super::analysis::{MirrorVerdict, WindowStats};
 use super::release::Release;
 
 /// One way two colors differ: a key and each side's value.
@@ -48,7 +48,35 @@ pub struct MonitorColor {
     pub p99_history: Vec<f64>,
 }
 
+/// Shadow traffic as `bluegreen diff --mirror` shows it: the last verdict and the router's
+/// counters and first differing pairs.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MirrorView {
+    /// The release whose mirror this is: the running one, else the last one.
+    pub release: Option<i64>,
+    /// That release's last judgement of the mirror.
+    pub verdict: Option<MirrorVerdict>,
+    pub router: MirrorSnapshot,
+}
+
 impl Controller {
+    /// The running (else the last) release's mirror verdict, and the router's mirror.
+    pub async fn mirror_view(&self) -> MirrorView {
+        let release = match self.active_release() {
+            Some(active) => Some(active),
+            None => self
+                .releases(1)
+                .await
+                .ok()
+                .and_then(|r| r.into_iter().next()),
+        };
+        MirrorView {
+            release: release.as_ref().map(|r| r.id),
+            verdict: release.and_then(|r| r.mirror),
+            router: self.plane.status().mirror,
+        }
+    }
+
     /// How two colors differ: what they run, and their effective specs (per-color overrides).
     pub fn diff(&self, a: Color, b: Color) -> Vec<Difference> {
         let view = |color: Color| {

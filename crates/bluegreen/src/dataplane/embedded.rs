@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
-use bluegreen_router::{Color, ColorSnapshot, Router, RouterStatus, Split};
+use bluegreen_router::{Color, ColorSnapshot, MirrorRule, Router, RouterStatus, Split};
 
 use super::{DataPlane, PreviewRoute, UpstreamHealth};
 
@@ -86,6 +86,11 @@ impl DataPlane for EmbeddedRouter {
 
     fn status(&self) -> RouterStatus {
         self.router.status()
+    }
+
+    fn set_mirror(&self, rule: Option<MirrorRule>) -> Result<(), String> {
+        self.router.set_mirror(rule);
+        Ok(())
     }
 
     fn prometheus(&self) -> String {

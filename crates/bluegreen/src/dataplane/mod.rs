@@ -11,7 +11,7 @@ pub mod nginx;
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
-use bluegreen_router::{Color, ColorSnapshot, Health, RouterStatus, Split};
+use bluegreen_router::{Color, ColorSnapshot, Health, MirrorRule, RouterStatus, Split};
 
 pub use embedded::EmbeddedRouter;
 
@@ -87,6 +87,18 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// Whether the router is shutting down (live views end their streams).
     fn is_stopping(&self) -> bool;
+
+    /// Starts copying a share of the live color's requests to the other color (shadow
+    /// traffic), or stops (`None`). Only a router the requests pass through can copy them.
+    fn set_mirror(&self, rule: Option<MirrorRule>) -> Result<(), String> {
+        match rule {
+            None => Ok(()),
+            Some(_) => Err(
+                "mirror: shadow traffic needs bluegreen's own router (router.driver: embedded)"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// The per-color counters a driven router's answers gave, as bluegreen reads them (the
