@@ -1,4 +1,4 @@
-//! `bluegreen demo`: the whole story on one machine with nothing but this binary: a good release and a bad one under load.
+//! `bluegreen demo`: the whole story on one machine with nothing but this binary: under load, a good release, one the mirror stops before the switch, and one analysis rolls back.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -81,13 +81,16 @@ impl Load {
     }
 }
 
-/// One client: a keep-alive connection, one request at a time, paced to its share of the rate.
-async fn load_client(router: SocketAddr, load: Arc<Load>, every: Duration) {
+/// One client: a keep-alive connection, one request at a time, paced to its share of the rate,
+/// asking for items 1 to 9 in turn (from `first_item`).
+async fn load_client(router: SocketAddr, load: Arc<Load>, every: Duration, first_item: u32) {
     let deadline = load.started + MAX_LOAD;
     let mut connection = None;
     let mut next = Instant::now();
+    let mut item = first_item;
     while !load.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
         next += every;
+        item = item % 9 + 1;
         if connection.is_none() {
             connection = connect(router).await;
         }
@@ -98,7 +101,7 @@ async fn load_client(router: SocketAddr, load: Arc<Load>, every: Duration) {
         };
         let request = Request::builder()
             .method(Method::GET)
-            .uri("/")
+            .uri(format!("/api/items/{item}"))
             .header(header::HOST, "demo")
             .body(Empty::<Bytes>::new())
             .expect("valid request");
@@ -193,6 +196,12 @@ analysis:
   min_requests: 40
   error_rate: {{ max_percent: 5, max_increase_percent: 2 }}
   latency_p99: {{ max_increase: 500ms }}
+mirror:
+  percent: 50
+  duration: 3s
+  compare:
+    ignore_headers: [date, x-color, x-version]
+    ignore_json_paths: [$.color, $.version]
 "#
     )
 }
@@ -295,13 +304,13 @@ async fn call(
     expect_ok(client.call(method, path, body).await?)
 }
 
-/// Runs a release to its end, printing its events; returns (release, seconds since load start
-/// when it started and ended).
+/// Runs a release to its end, printing its events.
 async fn release(
     client: &AdminClient,
     load: &Load,
+    label: &'static str,
     body: Value,
-) -> Result<(Value, u64, u64), CliError> {
+) -> Result<Ran, CliError> {
     let from = load.started.elapsed().as_secs();
     let (id, after, _) = start(client, "/v1/releases", body).await?;
     let print_event = |event: &Value| {
@@ -314,11 +323,12 @@ async fn release(
         }
     };
     let answer = follow(client, id, after, print_event, |_| {}).await?;
-    Ok((
-        answer["release"].clone(),
+    Ok(Ran {
+        label,
+        record: answer["release"].clone(),
         from,
-        load.started.elapsed().as_secs() + 1,
-    ))
+        to: load.started.elapsed().as_secs() + 1,
+    })
 }
 
 async fn story(
@@ -351,15 +361,30 @@ async fn story(
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     say(
-        "release 2.0: deploy to green, test, canary 10% → 50% → 100% with analysis, monitor, cleanup",
+        "release 2.0: deploy to green, test, mirror (half of blue's requests copied to green, answers compared), canary 10% → 50% → 100% with analysis, monitor, cleanup",
     );
-    let (good, good_from, good_to) = release(client, &load, json!({ "version": "2.0" })).await?;
+    let good = release(client, &load, "2.0", json!({ "version": "2.0" })).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    say("release 3.0, which answers 20% of requests with 500: analysis must roll it back");
-    let (bad, bad_from, bad_to) = release(
+    say(
+        "release 3.0, which prices every third item differently: the mirror must stop it before any traffic moves",
+    );
+    let drifting = release(
         client,
         &load,
-        json!({ "version": "3.0", "env": { "EXAMPLE_ERROR_RATE": "0.2" } }),
+        "3.0 (drifts)",
+        json!({ "version": "3.0", "env": { "EXAMPLE_PRICE_DRIFT": "1" } }),
+    )
+    .await?;
+    print_mirror_differences(client).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    say(
+        "release 4.0, which answers 20% of requests with 500 from 6 s after it starts (past the mirror): analysis must roll it back",
+    );
+    let failing = release(
+        client,
+        &load,
+        "4.0 (fails)",
+        json!({ "version": "4.0", "env": { "EXAMPLE_ERROR_RATE": "0.2", "EXAMPLE_FAIL_AFTER_MS": "6000" } }),
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -369,12 +394,43 @@ async fn story(
     }
 
     let end = load.started.elapsed().as_secs() + 1;
-    print_requests_over_time(&load, end, (good_from, good_to), (bad_from, bad_to));
-    let during_good = load.totals(good_from, good_to);
-    let during_bad = load.totals(bad_from, bad_to);
-    print_outcomes(load.totals(0, end), &good, during_good, &bad, during_bad);
+    let releases = [good, drifting, failing];
+    print_requests_over_time(&load, end, &releases);
+    print_outcomes(&load, end, &releases);
     print_traffic_changes(client).await?;
-    judge(&good, during_good, &bad)
+    judge(&load, &releases)
+}
+
+/// A release as the demo ran it: its label, its record at the end, and its span in seconds
+/// since the load started.
+struct Ran {
+    label: &'static str,
+    record: Value,
+    from: u64,
+    to: u64,
+}
+
+/// The first answers the mirrored color gave differently from the live one.
+async fn print_mirror_differences(client: &AdminClient) -> Result<(), CliError> {
+    let view = call(client, Method::GET, "/v1/mirror", None).await?;
+    let differences = view["router"]["differences"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    say("what the mirror saw (bluegreen diff --mirror):");
+    for d in differences.iter().take(3) {
+        println!(
+            "          {}: {} {}, mirrored {} — {}: {} (×{})",
+            d["request"].as_str().unwrap_or("?"),
+            d["live_color"].as_str().unwrap_or("?"),
+            d["live_status"],
+            d["mirror_status"],
+            d["what"].as_str().unwrap_or("?"),
+            d["detail"].as_str().unwrap_or(""),
+            d["times"]
+        );
+    }
+    Ok(())
 }
 
 /// Waits up to 15s for the daemon's admin API to answer.
@@ -402,7 +458,7 @@ fn start_load(router: SocketAddr, rate: u32) -> (Arc<Load>, Vec<tokio::task::Joi
     });
     let every = Duration::from_secs_f64(CLIENTS as f64 / rate.clamp(10, 5000) as f64);
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(load_client(router, Arc::clone(&load), every)))
+        .map(|n| tokio::spawn(load_client(router, Arc::clone(&load), every, n)))
         .collect();
     say(&format!(
         "{CLIENTS} clients send {rate} requests/s through the router (keep-alive connections)"
@@ -411,8 +467,8 @@ fn start_load(router: SocketAddr, rate: u32) -> (Arc<Load>, Vec<tokio::task::Joi
 }
 
 /// Two-second rows of answers per color, with a bar of their shares and the release then
-/// running; `good` and `bad` are the releases' spans in seconds since the load started.
-fn print_requests_over_time(load: &Load, end: u64, good: (u64, u64), bad: (u64, u64)) {
+/// running.
+fn print_requests_over_time(load: &Load, end: u64, releases: &[Ran]) {
     println!();
     println!("requests per color over time (2-second rows)");
     println!(
@@ -422,14 +478,10 @@ fn print_requests_over_time(load: &Load, end: u64, good: (u64, u64), bad: (u64, 
     let mut t = 0;
     while t < end {
         let s = load.totals(t, t + 2);
-        let overlaps = |(from, to): (u64, u64)| t < to && t + 2 > from;
-        let mark = if overlaps(good) {
-            "release 2.0"
-        } else if overlaps(bad) {
-            "release 3.0 (bad)"
-        } else {
-            ""
-        };
+        let mark = releases
+            .iter()
+            .find(|r| t < r.to && t + 2 > r.from)
+            .map_or(String::new(), |r| format!("release {}", r.label));
         let total = (s.blue + s.green).max(1);
         let bar = format!(
             "{}{}",
@@ -445,35 +497,40 @@ fn print_requests_over_time(load: &Load, end: u64, good: (u64, u64), bad: (u64, 
 }
 
 /// How each release ended and what the clients saw during it.
-fn print_outcomes(all: Second, good: &Value, during_good: Second, bad: &Value, during_bad: Second) {
+fn print_outcomes(load: &Load, end: u64, releases: &[Ran]) {
     println!();
+    let all = load.totals(0, end);
     println!("{:<34} {}", "requests", all.blue + all.green + all.failed);
-    println!(
-        "{:<34} {} ({})",
-        "release 2.0",
-        good["state"].as_str().unwrap_or("?"),
-        good["reason"].as_str().unwrap_or("")
-    );
-    println!(
-        "{:<34} {}",
-        "  failed requests during it", during_good.failed
-    );
-    println!(
-        "{:<34} {} ({})",
-        "release 3.0",
-        bad["state"].as_str().unwrap_or("?"),
-        bad["reason"].as_str().unwrap_or("")
-    );
-    println!(
-        "{:<34} {} (3.0's own 500s while it had its canary share)",
-        "  failed requests during it", during_bad.failed
-    );
-    println!(
-        "{:<34} {:.1}s",
-        "  from its start to the rollback",
-        (bad["ended_ms"].as_i64().unwrap_or(0) - bad["started_ms"].as_i64().unwrap_or(0)) as f64
-            / 1000.0
-    );
+    for ran in releases {
+        let r = &ran.record;
+        println!(
+            "{:<34} {} ({})",
+            format!("release {}", ran.label),
+            r["state"].as_str().unwrap_or("?"),
+            r["reason"].as_str().unwrap_or("")
+        );
+        if !r["mirror"].is_null() {
+            println!(
+                "{:<34} {}",
+                "  its mirror",
+                crate::cli::progress::mirror_text(&r["mirror"])
+            );
+        }
+        println!(
+            "{:<34} {}",
+            "  failed requests during it",
+            load.totals(ran.from, ran.to).failed
+        );
+        if r["state"] != "succeeded" {
+            println!(
+                "{:<34} {:.1}s",
+                "  from its start to its end",
+                (r["ended_ms"].as_i64().unwrap_or(0) - r["started_ms"].as_i64().unwrap_or(0))
+                    as f64
+                    / 1000.0
+            );
+        }
+    }
 }
 
 /// The switches, weight changes and rollbacks among the newest 200 events, oldest first.
@@ -499,19 +556,31 @@ async fn print_traffic_changes(client: &AdminClient) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The demo succeeds when 2.0 went out without a failed request and 3.0 was rolled back.
-fn judge(good: &Value, during_good: Second, bad: &Value) -> Result<(), CliError> {
-    let good_ok = good["state"] == "succeeded" && during_good.failed == 0;
-    let bad_ok = bad["state"] == "rolled_back";
-    if good_ok && bad_ok {
-        say("done: 2.0 released with 0 failed requests; 3.0 rolled back automatically");
+/// The demo succeeds when 2.0 went out without a failed request, the mirror stopped 3.0
+/// before any traffic moved (so no client saw it), and analysis rolled 4.0 back.
+fn judge(load: &Load, releases: &[Ran; 3]) -> Result<(), CliError> {
+    let [good, drifting, failing] = releases;
+    let failed_during = |ran: &Ran| load.totals(ran.from, ran.to).failed;
+    let good_ok = good.record["state"] == "succeeded" && failed_during(good) == 0;
+    let drifting_ok = drifting.record["state"] == "failed"
+        && drifting.record["traffic_moved"] == false
+        && failed_during(drifting) == 0;
+    let failing_ok = failing.record["state"] == "rolled_back";
+    if good_ok && drifting_ok && failing_ok {
+        say(
+            "done: 2.0 released with 0 failed requests; 3.0 stopped by the mirror before any client saw it; 4.0 rolled back automatically",
+        );
         Ok(())
     } else {
         Err(CliError::new(
             exit::FAILURE,
             format!(
-                "the demo did not go as expected: release 2.0 {} with {} failed requests, release 3.0 {}",
-                good["state"], during_good.failed, bad["state"]
+                "the demo did not go as expected: release 2.0 {} with {} failed requests, release 3.0 {} (traffic moved: {}), release 4.0 {}",
+                good.record["state"],
+                failed_during(good),
+                drifting.record["state"],
+                drifting.record["traffic_moved"],
+                failing.record["state"]
             ),
         ))
     }

@@ -730,7 +730,7 @@ async fn the_demo_runs_its_story_on_containers_and_cleans_up() {
     assert!(printed.contains("docker provider"), "{printed}");
     assert!(
         printed
-            .contains("done: 2.0 released with 0 failed requests; 3.0 rolled back automatically"),
+            .contains("done: 2.0 released with 0 failed requests; 3.0 stopped by the mirror before any client saw it; 4.0 rolled back automatically"),
         "{printed}"
     );
     let filters = HashMap::from([(

@@ -495,7 +495,8 @@ fn init_writes_a_config_that_checks_and_will_not_overwrite_it() {
 }
 
 #[test]
-fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
+fn the_demo_releases_a_good_version_stops_a_drifting_one_at_the_mirror_and_rolls_back_a_failing_one()
+ {
     let dir = tempfile::tempdir().unwrap();
     let output = std::process::Command::new(BIN)
         .args(["demo", "--rate", "200", "--dir"])
@@ -508,6 +509,16 @@ fn the_demo_releases_a_good_version_and_rolls_back_a_bad_one() {
         printed.contains("release 2.0                        succeeded"),
         "{printed}"
     );
+    // 2.0's mirror compared answers before its canary, and found none differing.
+    assert!(
+        printed.contains("the mirror of green passed: 0 of "),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("failed (mirror of blue: mirror_mismatch_rate"),
+        "{printed}"
+    );
+    assert!(printed.contains("body: $.price: green "), "{printed}");
     assert!(
         printed.contains("rolled_back (analysis of blue: error_rate"),
         "{printed}"

@@ -33,6 +33,10 @@ pub struct Args {
     /// Fraction of requests (0.0-1.0) answered with 500.
     #[arg(long, env = "EXAMPLE_ERROR_RATE", default_value_t = 0.0)]
     error_rate: f64,
+    /// The error rate applies only this long after start, in milliseconds: a fault that shows
+    /// after a while (a leak, a pool running dry), not in the first requests.
+    #[arg(long, env = "EXAMPLE_FAIL_AFTER_MS", default_value_t = 0)]
+    fail_after_ms: u64,
     /// Added latency on every request, in milliseconds.
     #[arg(long, env = "EXAMPLE_LATENCY_MS", default_value_t = 0)]
     latency_ms: u64,
@@ -245,7 +249,8 @@ async fn answer(
             ));
         }
     }
-    let failed = args.error_rate > 0.0 && fastrand::f64() < args.error_rate;
+    let failing = app.started.elapsed() >= Duration::from_millis(args.fail_after_ms);
+    let failed = failing && args.error_rate > 0.0 && fastrand::f64() < args.error_rate;
     let status = if failed {
         StatusCode::INTERNAL_SERVER_ERROR
     } else {

@@ -1,7 +1,7 @@
 //! Command-line interface: argument definitions, the commands, and how their results are printed.
 
 mod init;
-mod progress;
+pub(crate) mod progress;
 mod release;
 mod tui;
 mod up;

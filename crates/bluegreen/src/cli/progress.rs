@@ -40,12 +40,24 @@ pub fn progress_line(release: &Value) -> String {
             "[testing {} through the router's preview route]",
             release["color"].as_str().unwrap_or("?")
         ),
+        "mirroring" => format!(
+            "[mirroring: copies of the live requests answered by {} and compared]",
+            release["color"].as_str().unwrap_or("?")
+        ),
         "running" => format!(
             "[running stage {}]",
             release["stage"].as_str().unwrap_or("?")
         ),
         other => format!("[{other}]"),
     };
+    let mirror = &release["mirror"];
+    if state == "mirroring" && !mirror.is_null() {
+        return format!(
+            "{head} {} | {}",
+            mirror_text(mirror),
+            mirror["note"].as_str().unwrap_or("")
+        );
+    }
     let verdict = &release["verdict"];
     if verdict.is_null() {
         return head;
@@ -54,6 +66,20 @@ pub fn progress_line(release: &Value) -> String {
         "{head} {} | {}",
         window_text(&verdict["new"]),
         verdict["note"].as_str().unwrap_or("")
+    )
+}
+
+/// A mirror verdict's window: `146 compared, 2 differ (1.37%), p99 live 5ms mirrored 10ms`.
+pub fn mirror_text(verdict: &Value) -> String {
+    let w = &verdict["window"];
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x}ms"));
+    format!(
+        "{} compared, {} differ ({:.2}%), p99 live {} mirrored {}",
+        w["compared"].as_u64().unwrap_or(0) + w["failed"].as_u64().unwrap_or(0),
+        w["mismatched"].as_u64().unwrap_or(0) + w["failed"].as_u64().unwrap_or(0),
+        w["mismatch_rate_percent"].as_f64().unwrap_or(0.0),
+        ms(&w["live_p99_ms"]),
+        ms(&w["mirror_p99_ms"])
     )
 }
 

@@ -15,7 +15,7 @@ use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Sparkline, Wrap};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::progress::time_left;
+use super::progress::{mirror_text, time_left};
 use crate::client::AdminClient;
 use crate::exit::{self, CliError, expect_ok};
 use crate::timestamp::utc_time;
@@ -261,7 +261,7 @@ fn draw(frame: &mut Frame, screen: &Screen) {
     let [header, colors, release, events, footer] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Length(12),
-        Constraint::Length(5),
+        Constraint::Length(6),
         Constraint::Min(3),
         Constraint::Length(1),
     ])
@@ -285,7 +285,12 @@ fn draw(frame: &mut Frame, screen: &Screen) {
             }
         }
     }
-    draw_release(frame, release, &snapshot["monitor"]["release"]);
+    draw_release(
+        frame,
+        release,
+        &snapshot["monitor"]["release"],
+        &snapshot["mirror"],
+    );
     let lines: Vec<Line> = screen
         .events
         .iter()
@@ -491,7 +496,7 @@ fn draw_sparklines(frame: &mut Frame, area: Rect, monitor: &Value, color: &str) 
     );
 }
 
-fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
+fn draw_release(frame: &mut Frame, area: Rect, release: &Value, mirror: &Value) {
     let block = Block::default().borders(Borders::ALL).title(" release ");
     if release.is_null() {
         frame.render_widget(Paragraph::new("no release running").block(block), area);
@@ -529,10 +534,36 @@ fn draw_release(frame: &mut Frame, area: Rect, release: &Value) {
             Style::default().fg(paint(Tint::Red))
         },
     ));
+    let mut lines = vec![Line::from(head), note];
+    // Shadow traffic: its verdict, and the first answer that differed.
+    let verdict = &release["mirror"];
+    if !verdict.is_null() {
+        lines.push(Line::from(Span::styled(
+            format!(
+                "mirror: {} | {}",
+                mirror_text(verdict),
+                verdict["note"].as_str().unwrap_or("")
+            ),
+            if verdict["breach"].is_null() {
+                Style::default()
+            } else {
+                Style::default().fg(paint(Tint::Red))
+            },
+        )));
+        if let Some(first) = mirror["differences"].as_array().and_then(|d| d.first()) {
+            lines.push(Line::from(Span::styled(
+                format!(
+                    "≠ {} {}: {} (bluegreen diff --mirror shows all)",
+                    first["request"].as_str().unwrap_or("?"),
+                    first["what"].as_str().unwrap_or("?"),
+                    first["detail"].as_str().unwrap_or("")
+                ),
+                Style::default().fg(paint(Tint::DarkGray)),
+            )));
+        }
+    }
     frame.render_widget(
-        Paragraph::new(vec![Line::from(head), note])
-            .wrap(Wrap { trim: true })
-            .block(block),
+        Paragraph::new(lines).wrap(Wrap { trim: true }).block(block),
         area,
     );
 }

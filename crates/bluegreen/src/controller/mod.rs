@@ -388,6 +388,7 @@ impl Controller {
             "rollback_to": self.rollback_target().await,
             "environments": Color::ALL.map(|c| self.environment(c)),
             "monitor": self.monitor(10),
+            "mirror": self.plane.status().mirror,
             "routers": self.routers().await,
             "leader": self.fleet_leader().await,
             "hosts": self.hosts().await,

@@ -700,6 +700,16 @@ impl Controller {
         if outcome.is_err() || !spec.beside_canary {
             let _ = self.plane.set_mirror(None);
         }
+        if outcome.is_ok()
+            && let Some(verdict) = &release.mirror
+        {
+            let message = format!(
+                "release #{}: the mirror of {color} passed: {}",
+                release.id, verdict.note
+            );
+            self.event(EventKind::Mirror, &message, Some(release.id))
+                .await;
+        }
         outcome
     }
 
