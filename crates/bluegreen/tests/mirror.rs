@@ -257,3 +257,51 @@ async fn a_mirror_the_config_cannot_run_is_refused_naming_the_key() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn beside_the_canary_the_old_colors_requests_are_still_compared_and_a_difference_rolls_back()
+{
+    // No mirror stage: the copies start with the canary's first step.
+    let config = mirror_config().replace(
+        "strategy: quick",
+        "strategy: quick\n  pipeline: [deploy, test, switch, cleanup]",
+    ) + "  beside_canary: true\n";
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let loads = item_load(&daemon);
+    let out = daemon.cli(&[
+        "release",
+        "--version",
+        "2.0",
+        "--env",
+        "EXAMPLE_PRICE_DRIFT=5",
+    ]);
+    let printed = text(&out);
+    stop(loads).await;
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "exit 6 = rolled back: {printed}"
+    );
+    assert!(printed.contains("mirror_mismatch_rate"), "{printed}");
+    let (_, answer) = daemon.admin("GET", "/v1/releases/1", None).await;
+    let release = &answer["release"];
+    assert_eq!(release["state"], "rolled_back", "{answer}");
+    // Rolled back at the first step, the copies of blue's 80 % compared all along.
+    assert_eq!(release["percent"], 20, "{answer}");
+    let stages: Vec<&str> = answer["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert!(!stages.contains(&"mirror"), "{stages:?}");
+    assert!(
+        release["mirror"]["window"]["mismatched"].as_u64().unwrap() > 0,
+        "{answer}"
+    );
+    let status = daemon.status().await;
+    assert_eq!(status["live"], "blue", "{status}");
+    assert_eq!(status["router"]["mirror"]["to"], Value::Null, "{status}");
+}

@@ -879,6 +879,17 @@ impl Controller {
                 )
             });
         let mut baseline = before;
+        // Shadow traffic beside the canary: copies of the old color's share go on being
+        // compared (started here when no mirror stage started them).
+        if let Some(spec) = self.config().controller.mirror.as_ref()
+            && spec.beside_canary
+            && !release.first
+            && self.plane.status().mirror.to != Some(color)
+        {
+            self.plane
+                .set_mirror(Some(spec.rule(release.id, color)))
+                .map_err(Stop::Failed)?;
+        }
         let steps = release.strategy.steps.clone();
         // After an upgrade: the step in progress, with what was left of its hold.
         let mut index = match from {
