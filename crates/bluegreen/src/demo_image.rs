@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 /// The demo's image repository; each version the demo releases is a tag of the same image
 /// (the version an instance reports comes from its command line).
 pub const REPOSITORY: &str = "bluegreen-demo-app";
-pub const TAGS: [&str; 3] = ["1.0", "2.0", "3.0"];
+pub const TAGS: [&str; 4] = ["1.0", "2.0", "3.0", "4.0"];
 
 /// Builds `REPOSITORY:1.0` from `binary` and its shared libraries, and tags it 2.0 and 3.0.
 pub async fn build(docker: &Docker, binary: &Path) -> Result<(), String> {

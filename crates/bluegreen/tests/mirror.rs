@@ -305,3 +305,31 @@ async fn beside_the_canary_the_old_colors_requests_are_still_compared_and_a_diff
     assert_eq!(status["live"], "blue", "{status}");
     assert_eq!(status["router"]["mirror"]["to"], Value::Null, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_new_color_is_judged_on_the_copies_latency_and_what_overflows_the_queue_is_dropped()
+{
+    // A queue of 4: the copies to a color that takes 700 ms each pile up and are dropped.
+    let config = mirror_config().replace("  duration: 3s\n", "  duration: 3s\n  queue: 4\n");
+    let daemon = Daemon::start(&config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let loads = item_load(&daemon);
+    let out = daemon.cli(&[
+        "release",
+        "--version",
+        "2.0",
+        "--env",
+        "EXAMPLE_LATENCY_MS=700",
+    ]);
+    let printed = text(&out);
+    // The clients only ever waited for blue: none failed.
+    stop(loads).await;
+    assert_eq!(out.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("mirror_latency_p99"), "{printed}");
+    let (_, answer) = daemon.admin("GET", "/v1/releases/1", None).await;
+    let window = &answer["release"]["mirror"]["window"];
+    assert!(window["dropped"].as_u64().unwrap() > 0, "{window}");
+    assert_eq!(window["mismatched"], 0, "{window}");
+    assert_eq!(answer["release"]["traffic_moved"], false, "{answer}");
+}

@@ -229,8 +229,10 @@ pub struct MirrorDifference {
 
 /// The mirror's queue, counters and kept differences, shared by every request.
 pub struct Mirror {
-    queue: OnceLock<mpsc::Sender<Job>>,
-    capacity: AtomicU64,
+    queue: OnceLock<mpsc::UnboundedSender<Job>>,
+    /// Copies in the queue now: bounded by the rule in force (`MirrorRule::queue`), so a new
+    /// rule's bound applies at once.
+    waiting: AtomicU64,
     mirrored: AtomicU64,
     dropped: AtomicU64,
     skipped: AtomicU64,
@@ -356,7 +358,7 @@ impl Mirror {
     pub fn new(connect_timeout: Duration) -> Mirror {
         Mirror {
             queue: OnceLock::new(),
-            capacity: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
             mirrored: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
@@ -422,17 +424,22 @@ impl Mirror {
     /// waits for the mirror.
     fn submit(self: &Arc<Self>, job: Job) {
         let queue = self.queue.get_or_init(|| {
-            let capacity = job.rule.queue.max(1);
-            self.capacity.store(capacity as u64, Ordering::Relaxed);
-            let (sender, receiver) = mpsc::channel(capacity);
+            let (sender, receiver) = mpsc::unbounded_channel();
             tokio::spawn(send_copies(Arc::downgrade(self), receiver));
             sender
         });
-        match queue.try_send(job) {
+        let bound = job.rule.queue.max(1) as u64;
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= bound {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match queue.send(job) {
             Ok(()) => {
                 self.mirrored.fetch_add(1, Ordering::Relaxed);
             }
             Err(_) => {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -477,7 +484,7 @@ impl Mirror {
 
 /// Takes copies off the queue and sends each, at most [`IN_FLIGHT`] at once; ends with the
 /// router.
-async fn send_copies(mirror: std::sync::Weak<Mirror>, mut queue: mpsc::Receiver<Job>) {
+async fn send_copies(mirror: std::sync::Weak<Mirror>, mut queue: mpsc::UnboundedReceiver<Job>) {
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(job) = queue.recv().await {
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
@@ -486,6 +493,8 @@ async fn send_copies(mirror: std::sync::Weak<Mirror>, mut queue: mpsc::Receiver<
         let Some(mirror) = mirror.upgrade() else {
             return;
         };
+        // Out of the queue once it may be sent.
+        mirror.waiting.fetch_sub(1, Ordering::AcqRel);
         tokio::spawn(async move {
             let copy = send_copy(&mirror, &job).await;
             mirror.record(job, copy);
