@@ -12,7 +12,7 @@ use support::{Backend, Daemon, config, process_config};
 
 /// Every route the admin router serves. A route added without a description is not in the
 /// document (the router is built from the descriptions); one added here without a route fails.
-const ROUTES: [(&str, &str); 26] = [
+const ROUTES: [(&str, &str); 27] = [
     ("GET", "/metrics"),
     ("POST", "/v1/abort"),
     ("POST", "/v1/deploy"),
@@ -21,6 +21,7 @@ const ROUTES: [(&str, &str); 26] = [
     ("GET", "/v1/history"),
     ("GET", "/v1/logs"),
     ("GET", "/v1/logs/follow"),
+    ("GET", "/v1/mirror"),
     ("GET", "/v1/monitor"),
     ("GET", "/v1/openapi.json"),
     ("POST", "/v1/pause"),
@@ -458,7 +459,7 @@ async fn schemathesis_finds_nothing_the_document_does_not_allow() {
         status.success(),
         "schemathesis failed ({status}):\n{report}"
     );
-    assert!(report.contains("22 selected / 25 total"), "{report}");
+    assert!(report.contains("23 selected / 26 total"), "{report}");
     // The custom check ran, and on more than a handful of refused calls.
     let judged = std::fs::read_to_string(&judged)
         .unwrap_or_else(|_| panic!("no refused call was judged:\n{report}"));

@@ -382,13 +382,7 @@ impl Proxy {
         conn: &ClientConn,
         upgrade: bool,
     ) -> Request<RequestBody> {
-        let path = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        // Origin form (`/path?query`): the request goes straight to the upstream's socket.
-        let uri = Uri::from(path);
+        let uri = origin_form(&parts.uri);
         strip_hop_by_hop(&mut headers, upgrade);
         let host = headers
             .get(header::HOST)
@@ -539,6 +533,15 @@ fn stream_back(
     Response::from_parts(head, ResponseBody::Proxied(body))
 }
 
+/// The target in origin form (`/path?query`): a request goes straight to the upstream's socket.
+fn origin_form(uri: &Uri) -> Uri {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    Uri::from(path)
+}
+
 /// The copy of a request for the mirrored color: origin-form target, end-to-end headers
 /// (without the preview secret), marked as a copy.
 fn mirrored_request(table: &RoutingTable, parts: &Parts, body: Bytes) -> MirroredRequest {
@@ -554,14 +557,9 @@ fn mirrored_request(table: &RoutingTable, parts: &Parts, body: Bytes) -> Mirrore
         headers.insert(header::HOST, host);
     }
     headers.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     MirroredRequest {
         method: parts.method.clone(),
-        uri: Uri::from(path),
+        uri: origin_form(&parts.uri),
         headers,
         body,
     }
