@@ -45,6 +45,19 @@ async fn stop(loads: Vec<Load>) -> Vec<String> {
     bodies
 }
 
+/// A daemon with blue running 1.0 under the item load, and a release of 2.0 with `env` in its
+/// environment run to its end; the clients saw no failure.
+async fn release_under_load(config: &str, env: &str) -> (Daemon, std::process::Output) {
+    let daemon = Daemon::start(config).await;
+    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let loads = item_load(&daemon);
+    let out = daemon.cli(&["release", "--version", "2.0", "--env", env]);
+    // The clients only ever waited for blue.
+    stop(loads).await;
+    (daemon, out)
+}
+
 /// Polls the status until the release is in the mirror stage.
 async fn until_mirroring(daemon: &Daemon) -> Value {
     daemon
@@ -266,19 +279,8 @@ async fn beside_the_canary_the_old_colors_requests_are_still_compared_and_a_diff
         "strategy: quick",
         "strategy: quick\n  pipeline: [deploy, test, switch, cleanup]",
     ) + "  beside_canary: true\n";
-    let daemon = Daemon::start(&config).await;
-    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let loads = item_load(&daemon);
-    let out = daemon.cli(&[
-        "release",
-        "--version",
-        "2.0",
-        "--env",
-        "EXAMPLE_PRICE_DRIFT=5",
-    ]);
+    let (daemon, out) = release_under_load(&config, "EXAMPLE_PRICE_DRIFT=5").await;
     let printed = text(&out);
-    stop(loads).await;
     assert_eq!(
         out.status.code(),
         Some(6),
@@ -311,20 +313,8 @@ async fn a_slow_new_color_is_judged_on_the_copies_latency_and_what_overflows_the
 {
     // A queue of 4: the copies to a color that takes 700 ms each pile up and are dropped.
     let config = mirror_config().replace("  duration: 3s\n", "  duration: 3s\n  queue: 4\n");
-    let daemon = Daemon::start(&config).await;
-    let out = daemon.cli(&["deploy", "--environment", "blue", "--version", "1.0"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let loads = item_load(&daemon);
-    let out = daemon.cli(&[
-        "release",
-        "--version",
-        "2.0",
-        "--env",
-        "EXAMPLE_LATENCY_MS=700",
-    ]);
+    let (daemon, out) = release_under_load(&config, "EXAMPLE_LATENCY_MS=700").await;
     let printed = text(&out);
-    // The clients only ever waited for blue: none failed.
-    stop(loads).await;
     assert_eq!(out.status.code(), Some(1), "{printed}");
     assert!(printed.contains("mirror_latency_p99"), "{printed}");
     let (_, answer) = daemon.admin("GET", "/v1/releases/1", None).await;
