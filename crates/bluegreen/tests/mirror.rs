@@ -58,6 +58,16 @@ async fn release_under_load(config: &str, env: &str) -> (Daemon, std::process::O
     (daemon, out)
 }
 
+/// The names of a release's recorded steps, in order (`GET /v1/releases/N`'s answer).
+fn step_names(answer: &Value) -> Vec<&str> {
+    answer["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect()
+}
+
 /// Polls the status until the release is in the mirror stage.
 async fn until_mirroring(daemon: &Daemon) -> Value {
     daemon
@@ -128,12 +138,7 @@ async fn a_mirrored_stage_compares_answers_before_the_canary_and_stops_a_version
     );
     assert_eq!(verdict["window"]["mismatched"], 0, "{verdict}");
     assert_eq!(verdict["window"]["failed"], 0, "{verdict}");
-    let stages: Vec<&str> = answer["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let stages = step_names(&answer);
     // The mirror ran after the tests, before the canary's first step.
     let mirror_at = stages.iter().position(|s| *s == "mirror");
     let test_at = stages.iter().position(|s| *s == "test");
@@ -292,12 +297,7 @@ async fn beside_the_canary_the_old_colors_requests_are_still_compared_and_a_diff
     assert_eq!(release["state"], "rolled_back", "{answer}");
     // Rolled back at the first step, the copies of blue's 80 % compared all along.
     assert_eq!(release["percent"], 20, "{answer}");
-    let stages: Vec<&str> = answer["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let stages = step_names(&answer);
     assert!(!stages.contains(&"mirror"), "{stages:?}");
     assert!(
         release["mirror"]["window"]["mismatched"].as_u64().unwrap() > 0,
