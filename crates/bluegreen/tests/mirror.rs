@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Daemon, Load, client, get, process_config};
+use support::{Backend, Daemon, Load, client, get, process_config};
 
 /// The example app's JSON items, mirrored at 100 % for 2 s before the canary; what differs by
 /// color and version (headers, fields) is ignored.
@@ -322,4 +322,34 @@ async fn a_slow_new_color_is_judged_on_the_copies_latency_and_what_overflows_the
     assert!(window["dropped"].as_u64().unwrap() > 0, "{window}");
     assert_eq!(window["mismatched"], 0, "{window}");
     assert_eq!(answer["release"]["traffic_moved"], false, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copy_carries_the_headers_the_live_request_had() {
+    // Backends that answer with the request headers they got, as JSON: the copy must differ
+    // from the live request only by its mark.
+    let blue = Backend::start("blue-1").await;
+    let green = Backend::start("green-1").await;
+    let config = format!(
+        "service: web\nrouter: {{ listen: 127.0.0.1:0, admin: .bluegreen/admin.sock, forwarded: {{ forwarded: true }} }}\n\
+         environments:\n  blue: {{ upstreams: [\"{}\"] }}\n  green: {{ upstreams: [\"{}\"] }}\n\
+         health: {{ path: /healthz, interval: 100ms, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 2 }}\n\
+         release: {{ pipeline: [mirror, switch], strategy: instant, monitor_window: 0s }}\n\
+         analysis: {{ interval: 200ms, min_requests: 10 }}\n\
+         mirror:\n  percent: 100\n  duration: 1s\n  compare:\n    ignore_headers: [date, x-served-by]\n    ignore_json_paths: [$.x-bluegreen-mirror]\n",
+        blue.addr, green.addr
+    );
+    let daemon = Daemon::start(&config).await;
+    let load = Load::start(daemon.url("/headers"), 2);
+    let out = daemon.cli(&["release", "--version", "2.0"]);
+    let report = load.stop().await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let shown = text(&daemon.cli(&["diff", "--mirror"]));
+    assert_eq!(out.status.code(), Some(0), "{}{shown}", text(&out));
+    let (_, answer) = daemon.admin("GET", "/v1/releases/1", None).await;
+    let window = &answer["release"]["mirror"]["window"];
+    assert!(window["compared"].as_u64().unwrap() >= 10, "{answer}");
+    // Host, X-Forwarded-For/-Proto/-Host, Forwarded: all as the live request had them.
+    assert_eq!(window["mismatched"], 0, "{answer}");
+    assert!(green.served() > 0);
 }

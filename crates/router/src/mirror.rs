@@ -510,7 +510,13 @@ async fn send_copy(mirror: &Mirror, job: &Job) -> Result<Answer, String> {
         return Err(format!("{color} has no healthy upstream"));
     };
     let upstream = Arc::clone(&job.pool.upstreams[index]);
-    let mut request = Request::new(RequestBody::Buffered(Some(job.request.body.clone())));
+    // A request without a body is sent without one (an empty body would add
+    // `content-length: 0`, which the live request did not have).
+    let body = match job.request.body.is_empty() {
+        true => RequestBody::Empty,
+        false => RequestBody::Buffered(Some(job.request.body.clone())),
+    };
+    let mut request = Request::new(body);
     *request.method_mut() = job.request.method.clone();
     *request.uri_mut() = job.request.uri.clone();
     *request.version_mut() = Version::HTTP_11;

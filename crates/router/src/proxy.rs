@@ -23,7 +23,9 @@ use tokio_util::task::TaskTracker;
 use crate::drain::DrainMember;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use crate::mirror::{self, Answer, MIRROR_HEADER, Mirror, MirroredRequest, PendingMirror};
+use crate::mirror::{
+    self, Answer, MIRROR_HEADER, Mirror, MirrorRule, MirroredRequest, PendingMirror,
+};
 use crate::pool::{self, SendError};
 use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
 use crate::upstream::Upstream;
@@ -198,9 +200,12 @@ impl Proxy {
                     }
                 };
                 color_metrics.bytes_in(bytes.len() as u64);
-                let copy = mirrored_request(&table, &parts, bytes.clone());
+                let copy = self.mirrored_request(&table, rule, &parts, &guard.conn, bytes.clone());
+                if copy.is_none() {
+                    self.mirror.skip();
+                }
                 let body = (!bodyless).then(|| RequestBody::Buffered(Some(bytes)));
-                (body, Some((Arc::clone(rule), copy)))
+                (body, copy.map(|copy| (Arc::clone(rule), copy)))
             }
         };
         let outcome = self
@@ -376,13 +381,33 @@ impl Proxy {
         &self,
         table: &RoutingTable,
         parts: &Parts,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         upstream: &Upstream,
         body: RequestBody,
         conn: &ClientConn,
         upgrade: bool,
     ) -> Request<RequestBody> {
-        let uri = origin_form(&parts.uri);
+        let headers =
+            self.upstream_headers(table, parts, headers, &upstream.authority, conn, upgrade);
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = origin_form(&parts.uri);
+        *request.version_mut() = Version::HTTP_11;
+        *request.headers_mut() = headers;
+        request
+    }
+
+    /// The headers an upstream gets: the end-to-end ones, `Host` kept (else the target's
+    /// authority, else `fallback_host`), the forwarding headers set, the preview secret removed.
+    fn upstream_headers(
+        &self,
+        table: &RoutingTable,
+        parts: &Parts,
+        mut headers: HeaderMap,
+        fallback_host: &http::uri::Authority,
+        conn: &ClientConn,
+        upgrade: bool,
+    ) -> HeaderMap {
         strip_hop_by_hop(&mut headers, upgrade);
         let host = headers
             .get(header::HOST)
@@ -394,20 +419,43 @@ impl Proxy {
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             })
             .unwrap_or_else(|| {
-                HeaderValue::from_str(upstream.authority.as_str())
-                    .expect("authority is a valid header")
+                HeaderValue::from_str(fallback_host.as_str()).expect("authority is a valid header")
             });
         headers.insert(header::HOST, host.clone());
         self.set_forwarded(&mut headers, conn, &host);
         if let Some(preview) = &table.preview {
             headers.remove(&preview.secret_header);
         }
-        let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        request
+        headers
+    }
+
+    /// The copy of a request for the mirrored color: the headers the live upstream gets
+    /// (forwarding headers included, so the two answer the same client), marked as a copy;
+    /// `None` when the mirrored color has no upstream to send it to.
+    fn mirrored_request(
+        &self,
+        table: &RoutingTable,
+        rule: &MirrorRule,
+        parts: &Parts,
+        conn: &ClientConn,
+        body: Bytes,
+    ) -> Option<MirroredRequest> {
+        let fallback_host = &table.pool(rule.to).upstreams.first()?.authority;
+        let mut headers = self.upstream_headers(
+            table,
+            parts,
+            parts.headers.clone(),
+            fallback_host,
+            conn,
+            false,
+        );
+        headers.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
+        Some(MirroredRequest {
+            method: parts.method.clone(),
+            uri: origin_form(&parts.uri),
+            headers,
+            body,
+        })
     }
 
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: &ClientConn, host: &HeaderValue) {
@@ -540,29 +588,6 @@ fn origin_form(uri: &Uri) -> Uri {
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     Uri::from(path)
-}
-
-/// The copy of a request for the mirrored color: origin-form target, end-to-end headers
-/// (without the preview secret), marked as a copy.
-fn mirrored_request(table: &RoutingTable, parts: &Parts, body: Bytes) -> MirroredRequest {
-    let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers, false);
-    if let Some(preview) = &table.preview {
-        headers.remove(&preview.secret_header);
-    }
-    if let Some(authority) = parts.uri.authority()
-        && !headers.contains_key(header::HOST)
-        && let Ok(host) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(header::HOST, host);
-    }
-    headers.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
-    MirroredRequest {
-        method: parts.method.clone(),
-        uri: origin_form(&parts.uri),
-        headers,
-        body,
-    }
 }
 
 /// What the client is told when sending to `upstream` failed; a connection the upstream

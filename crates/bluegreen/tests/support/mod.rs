@@ -205,7 +205,9 @@ async fn respond(
                         )
                     })
                     .collect();
-                builder.body(full(Value::Object(headers).to_string()))
+                builder
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(full(Value::Object(headers).to_string()))
             } else if path == "/close" {
                 builder
                     .header(header::CONNECTION, "close")
