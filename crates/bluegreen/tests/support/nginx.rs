@@ -90,16 +90,22 @@ impl Nginx {
         )
     }
 
+    /// Stops nginx: SIGTERM, on which the master ends its workers with it (a SIGKILL would
+    /// leave them running as orphans, named only `nginx: worker process`); SIGKILL after 5 s.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        // Its workers end with the master (SIGKILL leaves them orphaned otherwise).
-        let _ = Command::new("pkill")
-            .arg("-f")
-            .arg(self.config.display().to_string())
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
             .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
