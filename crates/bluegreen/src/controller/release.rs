@@ -691,12 +691,7 @@ impl Controller {
         let outcome = self
             .stage(release, "mirror", ReleaseState::Mirroring, work)
             .await;
-        release.mirror = self
-            .active
-            .lock()
-            .expect("lock")
-            .as_ref()
-            .and_then(|(active, _)| active.mirror.clone());
+        release.mirror = shown.mirror;
         if outcome.is_err() || !spec.beside_canary {
             let _ = self.plane.set_mirror(None);
         }
