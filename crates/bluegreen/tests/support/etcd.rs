@@ -21,6 +21,15 @@ struct Member {
     /// The watchdog shell; etcd's pid is in `pid_file`.
     watchdog: std::process::Child,
     pid_file: PathBuf,
+    log: PathBuf,
+}
+
+impl Member {
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
 }
 
 impl EtcdCluster {
@@ -28,8 +37,22 @@ impl EtcdCluster {
         EtcdCluster::start_on([127, 0, 0, 1].into(), members).await
     }
 
-    /// Members whose client URLs are on `ip` (their peer URLs stay on loopback).
+    /// Members whose client URLs are on `ip` (their peer URLs stay on loopback). A port
+    /// probed free can be taken by another test before etcd binds it (the member then
+    /// exits): such a cluster is stopped and started again on new ports, up to three times.
     pub async fn start_on(ip: std::net::IpAddr, members: usize) -> EtcdCluster {
+        let mut failures = Vec::new();
+        for attempt in 1..=3 {
+            let mut cluster = EtcdCluster::launch(ip, members);
+            match cluster.wait_healthy().await {
+                Ok(()) => return cluster,
+                Err(why) => failures.push(format!("attempt {attempt}: {why}")),
+            }
+        }
+        panic!("etcd cluster did not start:\n{}", failures.join("\n"));
+    }
+
+    fn launch(ip: std::net::IpAddr, members: usize) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
         let cluster = ports
@@ -62,18 +85,20 @@ impl EtcdCluster {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("etcd (Debian's etcd-server; scripts/test installs it) starts");
-            started.push(Member { watchdog, pid_file });
+            started.push(Member {
+                watchdog,
+                pid_file,
+                log,
+            });
         }
-        let cluster = EtcdCluster {
+        EtcdCluster {
             clients: ports
                 .iter()
                 .map(|(client, _)| SocketAddr::new(ip, *client))
                 .collect(),
             members: started,
             _dir: dir,
-        };
-        cluster.wait_healthy().await;
-        cluster
+        }
     }
 
     /// `[“http://…”, …]` for a config's `store.etcd.endpoints`.
@@ -83,10 +108,11 @@ impl EtcdCluster {
     }
 
     /// Waits until every member answers a write (the cluster has a leader, and no member is
-    /// still starting).
-    async fn wait_healthy(&self) {
+    /// still starting); an error names the member that exited or never answered, with the
+    /// end of its log.
+    async fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        for member in &self.clients {
+        for (i, member) in self.clients.iter().enumerate() {
             let endpoint = [format!("http://{member}")];
             loop {
                 let ok = match etcd_client::Client::connect(&endpoint, None).await {
@@ -96,13 +122,26 @@ impl EtcdCluster {
                 if ok {
                     break;
                 }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "etcd member {member} did not join its cluster in 30 s"
-                );
+                if let Some(gone) = self
+                    .members
+                    .iter_mut()
+                    .position(|m| matches!(m.watchdog.try_wait(), Ok(Some(_))))
+                {
+                    return Err(format!(
+                        "member m{gone} exited; its log ends:\n{}",
+                        self.members[gone].log_tail()
+                    ));
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "member m{i} ({member}) did not join its cluster in 30 s; its log ends:\n{}",
+                        self.members[i].log_tail()
+                    ));
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+        Ok(())
     }
 
     /// Kills member `i` with SIGKILL (its watchdog then ends).
