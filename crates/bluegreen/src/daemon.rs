@@ -144,6 +144,7 @@ fn router_config(config: &Config, state: &RouterState) -> bluegreen_router::Rout
             Some(addrs) => addrs.clone(),
             None => config.upstreams[color.index()].clone(),
         }),
+        upstream_protocols: config.upstream_protocols.clone(),
         split: state.split,
         preview: r.preview.as_ref().map(|p| PreviewRule {
             header: p.header.clone(),

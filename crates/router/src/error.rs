@@ -42,6 +42,11 @@ pub enum ProxyError {
     /// client's error, never counted against the color.
     #[error("the request body could not be read: {reason}")]
     ClientBody { reason: String },
+    /// A WebSocket (or other HTTP/1.1 upgrade) cannot be carried to an HTTP/2 upstream.
+    #[error(
+        "environment {color} speaks HTTP/2 to its upstreams (upstream_protocol h2c or h2): protocol upgrades such as WebSocket are not forwarded to it"
+    )]
+    UpgradeToHttp2 { color: Color },
     /// CONNECT asks the router to be a tunnel to anywhere: answered here, never forwarded.
     #[error("{method} is not proxied; bluegreen routes HTTP requests to its environments")]
     MethodNotProxied { method: http::Method },
@@ -59,6 +64,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotProxied { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::UpgradeToHttp2 { .. } => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -73,6 +79,7 @@ impl ProxyError {
             ProxyError::ShuttingDown => "shutting-down",
             ProxyError::ClientBody { .. } => "client-body",
             ProxyError::MethodNotProxied { .. } => "method-not-proxied",
+            ProxyError::UpgradeToHttp2 { .. } => "upgrade-to-http2",
         }
     }
 

@@ -525,12 +525,14 @@ async fn send_copy(mirror: &Mirror, job: &Job) -> Result<Answer, String> {
     let exchange = async {
         let (response, sender) = upstream
             .pool
-            .send(upstream.addr, mirror.connect_timeout, request)
+            .send(
+                upstream.addr,
+                &upstream.authority,
+                mirror.connect_timeout,
+                request,
+            )
             .await
-            .map_err(|e| match e {
-                crate::pool::SendError::Connect(reason) => reason,
-                crate::pool::SendError::Failed(error) => error.to_string(),
-            })?;
+            .map_err(|e| e.to_string())?;
         let latency = started.elapsed();
         let (mut head, mut body) = response.into_parts();
         let mut captured = CapturedBody::default();

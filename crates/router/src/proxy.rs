@@ -270,6 +270,9 @@ impl Proxy {
         let pool = table.pool(color);
         // Without a second try the headers can be moved into the upstream request, not copied.
         let may_retry = body.is_none() && self.settings.retries > 0 && pool.upstreams.len() > 1;
+        if upgrade && pool.speaks_http2() {
+            return Err(ProxyError::UpgradeToHttp2 { color });
+        }
         let mut tried: Vec<usize> = Vec::new();
         let mut last_error = None;
         loop {
@@ -296,9 +299,12 @@ impl Proxy {
             );
             let waiting = tokio::time::timeout(
                 self.settings.upstream_timeout,
-                upstream
-                    .pool
-                    .send(upstream.addr, self.settings.connect_timeout, outgoing),
+                upstream.pool.send(
+                    upstream.addr,
+                    &upstream.authority,
+                    self.settings.connect_timeout,
+                    outgoing,
+                ),
             );
             let sent = tokio::select! {
                 biased;
@@ -387,8 +393,16 @@ impl Proxy {
         conn: &ClientConn,
         upgrade: bool,
     ) -> Request<RequestBody> {
-        let headers =
-            self.upstream_headers(table, parts, headers, &upstream.authority, conn, upgrade);
+        let http2 = upstream.pool.connector().is_http2();
+        let headers = self.upstream_headers(
+            table,
+            parts,
+            headers,
+            &upstream.authority,
+            conn,
+            upgrade,
+            http2,
+        );
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = origin_form(&parts.uri);
@@ -399,6 +413,8 @@ impl Proxy {
 
     /// The headers an upstream gets: the end-to-end ones, `Host` kept (else the target's
     /// authority, else `fallback_host`), the forwarding headers set, the preview secret removed.
+    /// An HTTP/2 upstream also gets `te: trailers` when the client sent it (gRPC asks for it).
+    #[allow(clippy::too_many_arguments)]
     fn upstream_headers(
         &self,
         table: &RoutingTable,
@@ -407,8 +423,13 @@ impl Proxy {
         fallback_host: &http::uri::Authority,
         conn: &ClientConn,
         upgrade: bool,
+        http2: bool,
     ) -> HeaderMap {
+        let trailers = http2 && header_has_token(&headers, &header::TE, "trailers");
         strip_hop_by_hop(&mut headers, upgrade);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let host = headers
             .get(header::HOST)
             .cloned()
@@ -440,7 +461,8 @@ impl Proxy {
         conn: &ClientConn,
         body: Bytes,
     ) -> Option<MirroredRequest> {
-        let fallback_host = &table.pool(rule.to).upstreams.first()?.authority;
+        let pool = table.pool(rule.to);
+        let fallback_host = &pool.upstreams.first()?.authority;
         let mut headers = self.upstream_headers(
             table,
             parts,
@@ -448,6 +470,7 @@ impl Proxy {
             fallback_host,
             conn,
             false,
+            pool.speaks_http2(),
         );
         headers.insert(MIRROR_HEADER, HeaderValue::from_static("1"));
         Some(MirroredRequest {
@@ -559,12 +582,22 @@ fn stream_back(
 ) -> Response<ResponseBody> {
     let (mut head, body) = response.into_parts();
     strip_hop_by_hop(&mut head.headers, false);
+    if head.version == Version::HTTP_2 {
+        // From an HTTP/2 upstream; the client's connection says what it speaks.
+        head.version = Version::HTTP_11;
+    }
+    let grpc = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let mut body = ProxiedBody {
         inner: body,
         cut: None,
         guard,
         sender: Some(sender),
         mirror,
+        grpc,
+        cut_off: false,
     };
     // A response without a body (204, HEAD, Content-Length: 0) frees its connection now.
     body.give_back_if_done();
@@ -642,8 +675,12 @@ fn is_upgrade<B>(request: &Request<B>) -> bool {
 }
 
 fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    header_has_token(headers, &header::CONNECTION, token)
+}
+
+fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
-        .get_all(header::CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -823,6 +860,11 @@ pub struct ProxiedBody {
     /// A mirrored request's live answer, taken in as it streams by; boxed, as most requests
     /// are not mirrored.
     mirror: Option<Box<PendingMirror>>,
+    /// A gRPC answer: cut at the drain deadline with `grpc-status: 14` (UNAVAILABLE, which
+    /// gRPC clients may retry), as a WebSocket gets a close frame, not a reset stream.
+    grpc: bool,
+    /// The drain deadline ended this body.
+    cut_off: bool,
 }
 
 impl ProxiedBody {
@@ -840,6 +882,25 @@ impl ProxiedBody {
         if let Some(mirror) = self.mirror.take() {
             mirror.finish();
         }
+    }
+}
+
+impl ProxiedBody {
+    /// The drain deadline passed with the body still streaming.
+    fn cut_at_deadline(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.grpc {
+            return Poll::Ready(Some(Err(DrainCut.into())));
+        }
+        self.cut_off = true;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("14"));
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_static(
+                "bluegreen: the environment stopped taking traffic and its drain timeout passed",
+            ),
+        );
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
 
@@ -864,8 +925,11 @@ impl Body for ResponseBody {
         match self.get_mut() {
             ResponseBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             ResponseBody::Proxied(body) => {
+                if body.cut_off {
+                    return Poll::Ready(None);
+                }
                 if body.guard.member.token().is_cancelled() {
-                    return Poll::Ready(Some(Err(DrainCut.into())));
+                    return body.cut_at_deadline();
                 }
                 match Pin::new(&mut body.inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
@@ -892,7 +956,7 @@ impl Body for ResponseBody {
                             .cut
                             .get_or_insert_with(|| Box::pin(token.clone().cancelled_owned()));
                         match cut.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(Some(Err(DrainCut.into()))),
+                            Poll::Ready(()) => body.cut_at_deadline(),
                             Poll::Pending => Poll::Pending,
                         }
                     }
@@ -904,7 +968,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full(bytes) => bytes.is_none(),
-            ResponseBody::Proxied(body) => body.inner.is_end_stream(),
+            ResponseBody::Proxied(body) => body.cut_off || body.inner.is_end_stream(),
         }
     }
 

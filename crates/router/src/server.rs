@@ -25,6 +25,7 @@ use crate::error::SwitchError;
 use crate::health::{self, HealthSettings};
 use crate::metrics::{self, ColorSnapshot, Metrics};
 use crate::mirror::{MirrorRule, MirrorSnapshot};
+use crate::protocol::{Connector, ConnectorError, UpstreamProtocol};
 use crate::proxy::{ClientConn, Proxy, ProxySettings};
 use crate::table::{Color, Pool, PreviewRule, RoutingTable, Split, StickyRule};
 use crate::upstream::{Health, Upstream};
@@ -52,6 +53,8 @@ pub struct ListenerSettings {
 /// Everything the router needs to start.
 pub struct RouterConfig {
     pub upstreams: [Vec<SocketAddr>; 2],
+    /// What each color's upstreams speak.
+    pub upstream_protocols: [UpstreamProtocol; 2],
     pub split: Split,
     pub preview: Option<PreviewRule>,
     pub sticky: Option<StickyRule>,
@@ -71,6 +74,11 @@ pub enum StartError {
     TlsEmpty { path: PathBuf, what: &'static str },
     #[error("router.tls: certificate and key do not make a valid server config: {0}")]
     TlsConfig(#[from] rustls::Error),
+    #[error("environments.{color}.upstream_tls: {source}")]
+    UpstreamTls {
+        color: Color,
+        source: ConnectorError,
+    },
 }
 
 /// After a stop began, how long an idle keep-alive connection stays open for a request its
@@ -100,6 +108,8 @@ struct Inner {
     publish: Mutex<()>,
     health: HealthSettings,
     health_tasks: Mutex<JoinSet<()>>,
+    /// How each color's new upstreams are connected to.
+    connectors: [Arc<Connector>; 2],
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
 }
@@ -108,10 +118,21 @@ impl Router {
     pub fn new(config: RouterConfig) -> Result<Router, StartError> {
         let tls = config.listener.tls.as_ref().map(load_tls).transpose()?;
         let drain_root = CancellationToken::new();
+        let mut connectors = Vec::new();
+        for color in Color::ALL {
+            let protocol = &config.upstream_protocols[color.index()];
+            let connector = Connector::new(protocol)
+                .map_err(|source| StartError::UpstreamTls { color, source })?;
+            connectors.push(Arc::new(connector));
+        }
+        let connectors: [Arc<Connector>; 2] = [connectors.remove(0), connectors.remove(0)];
         let pools = Color::ALL.map(|color| {
             let upstreams = config.upstreams[color.index()]
                 .iter()
-                .map(|addr| Arc::new(Upstream::new(color, *addr)))
+                .map(|addr| {
+                    let connector = Arc::clone(&connectors[color.index()]);
+                    Arc::new(Upstream::new(color, *addr, connector))
+                })
                 .collect();
             Arc::new(Pool::new(color, upstreams))
         });
@@ -149,6 +170,7 @@ impl Router {
                 publish: Mutex::new(()),
                 health: config.health,
                 health_tasks: Mutex::new(JoinSet::new()),
+                connectors,
                 http1,
                 http2,
             }),
@@ -236,7 +258,8 @@ impl Router {
                     .iter()
                     .find(|u| u.addr == *addr);
                 known.cloned().unwrap_or_else(|| {
-                    let upstream = Arc::new(Upstream::new(color, *addr));
+                    let connector = Arc::clone(&self.inner.connectors[color.index()]);
+                    let upstream = Arc::new(Upstream::new(color, *addr, connector));
                     fresh.push(Arc::clone(&upstream));
                     upstream
                 })

@@ -165,6 +165,13 @@ impl Pool {
         }
     }
 
+    /// Whether this color's upstreams speak HTTP/2 (they share one protocol).
+    pub fn speaks_http2(&self) -> bool {
+        self.upstreams
+            .first()
+            .is_some_and(|u| u.pool.connector().is_http2())
+    }
+
     pub fn healthy_count(&self) -> usize {
         self.upstreams.iter().filter(|u| u.is_routable()).count()
     }

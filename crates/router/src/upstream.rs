@@ -1,12 +1,13 @@
 //! One upstream address: its health lifecycle, its in-flight count and why it was last ejected.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::pool::ConnPool;
+use crate::protocol::Connector;
 use crate::table::Color;
 
 /// Where an upstream is in its life. Only `Healthy` upstreams receive traffic.
@@ -111,12 +112,12 @@ pub struct Upstream {
     tracker: Mutex<HealthTracker>,
     in_flight: AtomicUsize,
     last_error: Mutex<Option<String>>,
-    /// Idle keep-alive connections to this upstream.
+    /// Connections to this upstream, in its environment's protocol.
     pub pool: ConnPool,
 }
 
 impl Upstream {
-    pub fn new(color: Color, addr: SocketAddr) -> Upstream {
+    pub fn new(color: Color, addr: SocketAddr, connector: Arc<Connector>) -> Upstream {
         let authority = addr
             .to_string()
             .parse()
@@ -129,7 +130,7 @@ impl Upstream {
             tracker: Mutex::new(HealthTracker::default()),
             in_flight: AtomicUsize::new(0),
             last_error: Mutex::new(None),
-            pool: ConnPool::default(),
+            pool: ConnPool::new(connector),
         }
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bluegreen_router::Color;
+use bluegreen_router::protocol::{Connector, UpstreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use super::mirror::MirrorSpec;
@@ -24,6 +25,16 @@ pub(super) struct RawEnvironment {
     pub env: Option<BTreeMap<String, String>>,
     pub deploy: Option<String>,
     pub stop: Option<String>,
+    pub upstream_protocol: Option<String>,
+    pub upstream_tls: Option<RawUpstreamTls>,
+}
+
+/// How an `h2` upstream's certificate is checked.
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    ca: Option<String>,
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -54,6 +65,8 @@ pub(super) struct RawApp {
     stop_grace: Option<HumanDuration>,
     pull: Option<String>,
     retain: Option<u32>,
+    upstream_protocol: Option<String>,
+    upstream_tls: Option<RawUpstreamTls>,
 }
 
 impl RawApp {
@@ -604,6 +617,65 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// What each color's upstreams speak: the color's own `upstream_protocol` (and
+    /// `upstream_tls`), else the app's, else HTTP/1.1. An `h2` client is set up here, so a
+    /// bad CA file is reported by `check` and `reload`, not at the first connection.
+    pub(super) fn upstream_protocols(
+        &mut self,
+        app: Option<&RawApp>,
+        environments: &BTreeMap<String, RawEnvironment>,
+    ) -> [UpstreamProtocol; 2] {
+        Color::ALL.map(|color| {
+            let own = environments.get(color.as_str());
+            let (prefix, name, tls) = match own.and_then(|e| e.upstream_protocol.as_ref()) {
+                Some(name) => (
+                    format!("environments.{color}"),
+                    Some(name),
+                    own.and_then(|e| e.upstream_tls.as_ref()),
+                ),
+                None => (
+                    "app".to_string(),
+                    app.and_then(|a| a.upstream_protocol.as_ref()),
+                    app.and_then(|a| a.upstream_tls.as_ref()),
+                ),
+            };
+            if own.is_some_and(|e| e.upstream_protocol.is_none() && e.upstream_tls.is_some()) {
+                self.issue(
+                    format!("environments.{color}.upstream_tls"),
+                    "is given without this color's upstream_protocol; set upstream_protocol: h2 beside it",
+                );
+            }
+            let protocol = match name.map(String::as_str) {
+                None | Some("http1") => UpstreamProtocol::Http1,
+                Some("h2c") => UpstreamProtocol::H2c,
+                Some("h2") => {
+                    let tls = tls.cloned().unwrap_or_default();
+                    UpstreamProtocol::H2 {
+                        ca: tls.ca.map(|ca| self.resolve(&ca)),
+                        server_name: tls.server_name,
+                    }
+                }
+                Some(other) => {
+                    self.issue(
+                        format!("{prefix}.upstream_protocol"),
+                        format!("{other:?} is not a protocol bluegreen speaks to upstreams; use http1, h2c (HTTP/2 without TLS, as most gRPC services) or h2 (HTTP/2 over TLS)"),
+                    );
+                    UpstreamProtocol::Http1
+                }
+            };
+            if tls.is_some() && !matches!(protocol, UpstreamProtocol::H2 { .. }) {
+                self.issue(
+                    format!("{prefix}.upstream_tls"),
+                    format!("is only used with upstream_protocol: h2, not {}; remove it or set upstream_protocol: h2", protocol.name()),
+                );
+            }
+            if let Err(e) = Connector::new(&protocol) {
+                self.issue(format!("{prefix}.upstream_tls"), e.to_string());
+            }
+            protocol
+        })
     }
 
     pub(super) fn controller(

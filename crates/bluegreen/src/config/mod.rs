@@ -11,7 +11,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bluegreen_router::{Color, ForwardedHeaders, HealthSettings, TlsFiles};
+use bluegreen_router::{Color, ForwardedHeaders, HealthSettings, TlsFiles, UpstreamProtocol};
 use http::HeaderName;
 use serde::Deserialize;
 
@@ -283,6 +283,7 @@ impl Default for RawForwarded {
 #[serde(deny_unknown_fields, default)]
 struct RawHealth {
     path: String,
+    grpc_service: Option<String>,
     interval: HumanDuration,
     timeout: HumanDuration,
     healthy_threshold: u32,
@@ -293,6 +294,7 @@ impl Default for RawHealth {
     fn default() -> Self {
         RawHealth {
             path: "/healthz".into(),
+            grpc_service: None,
             interval: HumanDuration::secs(1),
             timeout: HumanDuration::secs(1),
             healthy_threshold: 2,
@@ -385,6 +387,16 @@ pub enum Driver {
     },
 }
 
+impl Driver {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Driver::Embedded => "embedded",
+            Driver::Haproxy { .. } => "haproxy",
+            Driver::Nginx { .. } => "nginx",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub service: String,
@@ -396,6 +408,8 @@ pub struct Config {
     pub router: RouterConfig,
     /// Fixed upstreams per color (static provider), indexed by [`Color::index`].
     pub upstreams: [Vec<SocketAddr>; 2],
+    /// What each color's upstreams speak, indexed by [`Color::index`].
+    pub upstream_protocols: [UpstreamProtocol; 2],
     pub health: HealthSettings,
     pub controller: ControllerConfig,
     pub dashboard: Option<DashboardConfig>,
@@ -497,8 +511,30 @@ impl<'a> Validator<'a> {
             );
         }
         let upstreams = self.static_upstreams(raw.app.as_ref(), &raw.environments);
+        let upstream_protocols = self.upstream_protocols(raw.app.as_ref(), &raw.environments);
         let router = self.router(raw.router);
         let health = self.health(raw.health);
+        if health.grpc_service.is_some() {
+            for color in Color::ALL {
+                let protocol = &upstream_protocols[color.index()];
+                if *protocol == UpstreamProtocol::Http1 {
+                    self.issue(
+                        "health.grpc_service",
+                        format!("gRPC health checks need HTTP/2 upstreams, and environment {color} speaks http1; set its upstream_protocol to h2c or h2, or remove health.grpc_service"),
+                    );
+                }
+            }
+        }
+        if router.driver != Driver::Embedded
+            && let Some(color) = Color::ALL
+                .into_iter()
+                .find(|c| upstream_protocols[c.index()] != UpstreamProtocol::Http1)
+        {
+            self.issue(
+                format!("environments.{color}.upstream_protocol"),
+                format!("is {}, but with router.driver {} that router connects to the upstreams, not bluegreen; configure HTTP/2 to the servers there and leave upstream_protocol out", upstream_protocols[color.index()].name(), router.driver.name()),
+            );
+        }
         let controller = self.controller(
             RawController {
                 app: raw.app,
@@ -562,6 +598,7 @@ impl<'a> Validator<'a> {
             deploy_batch,
             router,
             upstreams,
+            upstream_protocols,
             health,
         })
     }
@@ -953,6 +990,7 @@ impl<'a> Validator<'a> {
         }
         HealthSettings {
             path: h.path,
+            grpc_service: h.grpc_service,
             interval,
             timeout,
             healthy_threshold: h.healthy_threshold,

@@ -152,6 +152,11 @@ fn fixed_changes(old: &Config, new: &Config) -> Vec<String> {
             &new.upstreams[color.index()],
         );
         changed.compare(
+            format!("environments.{color}.upstream_protocol"),
+            &old.upstream_protocols[color.index()],
+            &new.upstream_protocols[color.index()],
+        );
+        changed.compare(
             format!("app.provider ({color})"),
             &old.controller.environment(color).provider.kind(),
             &new.controller.environment(color).provider.kind(),

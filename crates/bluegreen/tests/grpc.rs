@@ -1,0 +1,344 @@
+//! gRPC behind the router: HTTP/2 upstreams (h2c and h2 over TLS), unary and streaming calls, trailers, switches, drains and gRPC health checks.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bluegreen_grpc_echo::Instance;
+use bluegreen_grpc_echo::echo::echo_client::EchoClient;
+use bluegreen_grpc_echo::echo::{CountRequest, SayRequest};
+use support::{Daemon, run_cli, write_file};
+use tonic::transport::Channel;
+
+/// Both colors' upstreams speak `protocol` (with `extra` under each environment).
+fn grpc_config(blue: &Instance, green: &Instance, protocol: &str, extra: &str) -> String {
+    format!(
+        "service: grpc\nrouter:\n  listen: 127.0.0.1:0\n  admin: .bluegreen/admin.sock\n  drain_timeout: 2s\n\
+         environments:\n  blue: {{ upstreams: [\"{}\"], upstream_protocol: {protocol}{extra} }}\n  \
+         green: {{ upstreams: [\"{}\"], upstream_protocol: {protocol}{extra} }}\n\
+         health: {{ grpc_service: \"\", interval: 100ms, timeout: 500ms, healthy_threshold: 2, unhealthy_threshold: 2 }}\n\
+         dashboard: {{ listen: \"127.0.0.1:0\" }}\n",
+        blue.addr, green.addr
+    )
+}
+
+async fn client(daemon: &Daemon) -> EchoClient<Channel> {
+    EchoClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .expect("the router accepts h2c")
+}
+
+async fn say(client: &mut EchoClient<Channel>, text: &str) -> Result<String, tonic::Status> {
+    let reply = client
+        .say(SayRequest { text: text.into() })
+        .await?
+        .into_inner();
+    assert_eq!(reply.text, text);
+    Ok(reply.color)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unary_and_streaming_calls_and_their_trailers_pass_through_h2c() {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("blue", 1).await;
+    let mut client = client(&daemon).await;
+
+    assert_eq!(say(&mut client, "hello").await.unwrap(), "blue");
+    // An error status travels in the trailers (grpc-status, grpc-message).
+    let refused = say(&mut client, "fail").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(refused.message(), "blue was asked to fail");
+
+    let mut stream = client
+        .count(CountRequest {
+            count: 5,
+            interval_ms: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(reply) = stream.message().await.unwrap() {
+        assert_eq!(reply.color, "blue");
+        seen.push(reply.n);
+    }
+    assert_eq!(seen, [1, 2, 3, 4, 5], "every message, then an OK status");
+
+    daemon.switch("green").await;
+    assert_eq!(say(&mut client, "after").await.unwrap(), "green");
+}
+
+/// Connections open to `port` on loopback (from any process: here, the router's).
+fn established_to(port: u16) -> usize {
+    let sockets = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = format!(":{port:04X}");
+    sockets
+        .lines()
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[2].ends_with(&port) && fields[3] == "01" // ESTABLISHED
+        })
+        .count()
+}
+
+/// Calls keep going from several clients while the colors switch back and forth: none fails,
+/// and both colors answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switch_under_a_stream_of_calls_fails_no_call() {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("blue", 1).await;
+    daemon.wait_healthy("green", 1).await;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..4 {
+        let mut client = client(&daemon).await;
+        let done = std::sync::Arc::clone(&done);
+        callers.spawn(async move {
+            let (mut colors, mut failures) = (Vec::new(), Vec::new());
+            for i in 0..20_000 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) || Instant::now() > deadline {
+                    break;
+                }
+                match say(&mut client, &format!("call {caller}-{i}")).await {
+                    Ok(color) => colors.push(color),
+                    Err(status) => failures.push(format!("{status:?}")),
+                }
+            }
+            (colors, failures)
+        });
+    }
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        daemon
+            .switch(if i % 2 == 0 { "green" } else { "blue" })
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut answered, mut failed) = (Vec::new(), Vec::new());
+    while let Some(result) = callers.join_next().await {
+        let (colors, failures) = result.unwrap();
+        answered.extend(colors);
+        failed.extend(failures);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        answered.len() > 100,
+        "only {} calls answered",
+        answered.len()
+    );
+    for color in ["blue", "green"] {
+        assert!(
+            answered.iter().any(|c| c == color),
+            "no call answered by {color}"
+        );
+    }
+    // Four callers at once shared one HTTP/2 connection per upstream (a health check's own
+    // connection may be open beside it), where HTTP/1.1 would have needed four.
+    for upstream in [&blue, &green] {
+        let open = established_to(upstream.addr.port());
+        assert!(open <= 2, "{open} connections to {}", upstream.addr);
+    }
+}
+
+/// A server stream open on the old color goes on after the switch until the drain deadline,
+/// then ends with UNAVAILABLE (which gRPC clients may retry), as a WebSocket gets a close frame.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_stream_drains_to_the_deadline_then_ends_unavailable() {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("green", 1).await;
+    let mut client = client(&daemon).await;
+    let mut stream = client
+        .count(CountRequest {
+            count: 1000,
+            interval_ms: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().color, "blue");
+    daemon.switch("green").await;
+    let switched = Instant::now();
+    assert_eq!(say(&mut client, "new call").await.unwrap(), "green");
+    let mut after_switch = 0;
+    let ended = loop {
+        match stream.message().await {
+            Ok(Some(reply)) => {
+                assert_eq!(reply.color, "blue");
+                after_switch += 1;
+            }
+            Ok(None) => panic!("the stream ended with OK after {after_switch} messages"),
+            Err(status) => break status,
+        }
+    };
+    let lasted = switched.elapsed();
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("drain timeout"), "{ended:?}");
+    assert!(
+        lasted >= Duration::from_millis(1800) && lasted < Duration::from_secs(6),
+        "cut after {lasted:?}; drain_timeout is 2s"
+    );
+    assert!(
+        after_switch >= 20,
+        "only {after_switch} messages after the switch"
+    );
+}
+
+/// With `health.grpc_service`, an upstream is judged by grpc.health.v1.Health/Check: one
+/// reporting NOT_SERVING leaves rotation and a switch to its color is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_health_checks_take_a_not_serving_upstream_out() {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("green", 1).await;
+    green.set_serving(false);
+    daemon.wait_healthy("green", 0).await;
+    let status = daemon.status().await;
+    let green_entry = status["colors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["color"] == "green")
+        .unwrap()
+        .clone();
+    let reason = green_entry["upstreams"][0]["last_error"].as_str().unwrap();
+    assert!(reason.contains("NOT_SERVING"), "{reason}");
+    let (code, body) = daemon
+        .admin("POST", "/v1/switch", Some("{\"to\":\"green\"}"))
+        .await;
+    assert_eq!(code, 409, "{body}");
+    green.set_serving(true);
+    daemon.wait_healthy("green", 1).await;
+    daemon.switch("green").await;
+    assert_eq!(say(&mut client(&daemon).await, "x").await.unwrap(), "green");
+}
+
+/// h2: HTTP/2 over TLS to the upstream, its certificate checked against the configured CA and
+/// server name; a name the certificate does not hold keeps the upstream out of rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn h2_over_tls_checks_the_upstreams_certificate() {
+    let certified = rcgen::generate_simple_self_signed(vec!["echo.internal".to_string()]).unwrap();
+    let (cert, key) = (certified.cert.pem(), certified.signing_key.serialize_pem());
+    let blue = Instance::start("blue", Some((cert.clone(), key.clone()))).await;
+    let green = Instance::start("green", Some((cert.clone(), key))).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_file(dir.path(), "ca.pem", &cert);
+    let good = grpc_config(
+        &blue,
+        &green,
+        "h2",
+        ", upstream_tls: { ca: ca.pem, server_name: echo.internal }",
+    );
+    let daemon = Daemon::start_in(dir, &good).await;
+    daemon.wait_healthy("blue", 1).await;
+    let mut client = client(&daemon).await;
+    assert_eq!(say(&mut client, "over tls").await.unwrap(), "blue");
+    daemon.wait_healthy("green", 1).await;
+    daemon.switch("green").await;
+    assert_eq!(say(&mut client, "over tls").await.unwrap(), "green");
+
+    let dir = tempfile::tempdir().unwrap();
+    write_file(dir.path(), "ca.pem", &cert);
+    let wrong_name = grpc_config(
+        &blue,
+        &green,
+        "h2",
+        ", upstream_tls: { ca: ca.pem, server_name: other.internal }",
+    );
+    let daemon = Daemon::start_in(dir, &wrong_name).await;
+    let status = daemon
+        .wait_status("blue checked and refused", |s| {
+            s["colors"][0]["upstreams"][0]["last_error"].is_string()
+        })
+        .await;
+    let reason = status["colors"][0]["upstreams"][0]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(reason.contains("certificate"), "{reason}");
+    assert_eq!(status["colors"][0]["healthy_upstreams"], 0, "{status}");
+}
+
+/// A WebSocket cannot ride to an HTTP/2 upstream: refused with a 501 naming the cause.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_to_an_http2_upstream_is_refused_by_name() {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("blue", 1).await;
+    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = vec![0; 1024];
+    let n = stream.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    assert!(answer.contains("upgrade-to-http2"), "{answer}");
+}
+
+/// Bad protocol settings are refused by `check`, each naming its key and the fix.
+#[test]
+fn bad_upstream_protocol_settings_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "environments:\n  blue: { upstreams: [\"127.0.0.1:9001\"], upstream_protocol: h3 }\n  green: { upstreams: [\"127.0.0.1:9002\"] }\n",
+            "environments.blue.upstream_protocol: \"h3\" is not a protocol",
+        ),
+        (
+            "environments:\n  blue: { upstreams: [\"127.0.0.1:9001\"], upstream_protocol: h2c, upstream_tls: { ca: ca.pem } }\n  green: { upstreams: [\"127.0.0.1:9002\"] }\n",
+            "environments.blue.upstream_tls: is only used with upstream_protocol: h2, not h2c",
+        ),
+        (
+            "environments:\n  blue: { upstreams: [\"127.0.0.1:9001\"], upstream_protocol: h2, upstream_tls: { ca: missing.pem } }\n  green: { upstreams: [\"127.0.0.1:9002\"] }\n",
+            "environments.blue.upstream_tls: cannot read the upstream CA file",
+        ),
+        (
+            "environments:\n  blue: { upstreams: [\"127.0.0.1:9001\"], upstream_protocol: h2c }\n  green: { upstreams: [\"127.0.0.1:9002\"] }\nhealth: { grpc_service: \"\" }\n",
+            "health.grpc_service: gRPC health checks need HTTP/2 upstreams, and environment green speaks http1",
+        ),
+        (
+            "app: { command: \"sleep 60 {port}\", upstream_protocol: h2c }\nenvironments:\n  green: { upstream_tls: { server_name: x } }\n",
+            "environments.green.upstream_tls: is given without this color's upstream_protocol",
+        ),
+    ];
+    for (i, (body, expected)) in cases.iter().enumerate() {
+        let path = write_file(
+            dir.path(),
+            &format!("c{i}.yaml"),
+            &format!("service: web\n{body}"),
+        );
+        let (code, _, stderr) = run_cli(&path, &["check"]);
+        assert_eq!(code, 3, "{body}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{body}\nwanted {expected:?} in:\n{stderr}"
+        );
+    }
+    // And a config that uses them well passes.
+    let path = write_file(
+        dir.path(),
+        "good.yaml",
+        "service: web\nenvironments:\n  blue: { upstreams: [\"127.0.0.1:9001\"], upstream_protocol: h2c }\n  green: { upstreams: [\"127.0.0.1:9002\"], upstream_protocol: h2c }\nhealth: { grpc_service: \"\" }\n",
+    );
+    let (code, _, stderr) = run_cli(&path, &["check"]);
+    assert_eq!(code, 0, "{stderr}");
+}
