@@ -271,27 +271,43 @@ async fn h2_over_tls_checks_the_upstreams_certificate() {
     assert_eq!(status["colors"][0]["healthy_upstreams"], 0, "{status}");
 }
 
-/// A WebSocket cannot ride to an HTTP/2 upstream: refused with a 501 naming the cause.
+/// An HTTP/1.1 client reaches an HTTP/2 upstream (the router translates); a WebSocket cannot
+/// ride to one and is refused with a 501 naming the cause.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_upgrade_to_an_http2_upstream_is_refused_by_name() {
+async fn http1_clients_are_translated_and_upgrades_refused_by_name() {
     let blue = Instance::start("blue", None).await;
     let green = Instance::start("green", None).await;
     let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
     daemon.wait_healthy("blue", 1).await;
-    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    // tonic answers a path it does not serve with HTTP 200 and grpc-status 12 (UNIMPLEMENTED).
+    let plain = http1_exchange(
+        &daemon,
+        "GET /no.Such/Method HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 200"), "{plain}");
+    assert!(plain.contains("grpc-status: 12"), "{plain}");
+    let upgrade = http1_exchange(
+        &daemon,
+        "GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert!(upgrade.starts_with("HTTP/1.1 501"), "{upgrade}");
+    assert!(upgrade.contains("upgrade-to-http2"), "{upgrade}");
+}
+
+/// Writes one HTTP/1.1 request on a new connection and reads the answer's first bytes.
+async fn http1_exchange(daemon: &Daemon, request: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream
-        .write_all(
-            b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        )
+    let mut stream = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
         .await
+        .expect("an answer within 10 s")
         .unwrap();
-    let mut answer = vec![0; 1024];
-    let n = stream.read(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
-    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
-    assert!(answer.contains("upgrade-to-http2"), "{answer}");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }
 
 /// Bad protocol settings are refused by `check`, each naming its key and the fix.
