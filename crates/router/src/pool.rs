@@ -120,7 +120,10 @@ impl ConnPool {
                 Some(sender) => sender,
                 None if new_connections < 2 => {
                     new_connections += 1;
-                    self.open(addr, connect_timeout).await?
+                    // Boxed: connecting (TCP, TLS, handshakes) is an 8 KB future, and every
+                    // request's future (which hyper allocates once per client connection,
+                    // idle or not) would otherwise carry room for it.
+                    Box::pin(self.open(addr, connect_timeout)).await?
                 }
                 None => {
                     return Err(SendError::Connect(format!(
