@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use crate::peers::{Backends, Kind, Peer, ROUTER_CORE};
-use crate::report::{FixedRate, Memory, Results, median, quantile};
+use crate::report::{FixedLevel, FixedRate, Memory, Results, median, quantile};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,10 +27,6 @@ struct Args {
     /// Folder with the release binaries bluegreen and bluegreen-example-app.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
-    /// Request rate for the fixed-rate latency test (default: half the slowest router's
-    /// saturation rate measured in the same run).
-    #[arg(long)]
-    fixed_rate: Option<f64>,
     /// Where to write the report; the plot goes beside it as benchmarks.svg.
     #[arg(long, default_value = "docs/benchmarks.md")]
     out: PathBuf,
@@ -124,6 +120,7 @@ async fn run(args: &Args) -> Result<(), String> {
     }
     let plot = args.out.with_file_name("benchmarks.svg");
     results.plot(&plot)?;
+    results.plot_targets(&args.out.with_file_name("targets.svg"))?;
     std::fs::write(&args.out, &report).map_err(|e| format!("{}: {e}", args.out.display()))?;
     println!("{report}");
     progress(&format!(
@@ -150,7 +147,7 @@ async fn measure(
         Peer::nginx(backends, work)?,
         Peer::haproxy(backends, work)?,
     ];
-    let mut outcome = measure_peers(&peers, plan, args.fixed_rate).await;
+    let mut outcome = measure_peers(&peers, plan).await;
     if let Ok((results, _)) = &mut outcome {
         // The same switches, the traffic through HAProxy and nginx and bluegreen switching
         // them as their driver.
@@ -179,11 +176,7 @@ async fn measure(
     outcome
 }
 
-async fn measure_peers(
-    peers: &[Peer],
-    plan: Plan,
-    fixed_rate: Option<f64>,
-) -> Result<(Results, Vec<String>), String> {
+async fn measure_peers(peers: &[Peer], plan: Plan) -> Result<(Results, Vec<String>), String> {
     for peer in peers {
         peer.wait_ready().await?;
     }
@@ -193,7 +186,7 @@ async fn measure_peers(
     let start_rss: Vec<u64> = routers.iter().map(|p| p.rss_kib()).collect();
     measure_throughput(peers, plan, &mut results, &mut commands)?;
     let saturated_peak: Vec<u64> = routers.iter().map(|p| p.peak_rss_kib()).collect();
-    measure_fixed_rate(peers, plan, fixed_rate, &mut results, &mut commands).await?;
+    measure_fixed_rate(peers, plan, &mut results, &mut commands).await?;
     measure_h2(&routers, plan, &mut results, &mut commands)?;
     measure_idle_memory(&routers, plan, &start_rss, &saturated_peak, &mut results).await?;
     measure_switching(&routers, plan, &mut results).await?;
@@ -232,56 +225,69 @@ fn measure_throughput(
     Ok(())
 }
 
-/// 2. Latency at a fixed rate below saturation: half of the slowest router's median.
+/// 2. Latency at fixed rates below saturation: [`FIXED_LOADS`] of nginx's median rate.
 async fn measure_fixed_rate(
     peers: &[Peer],
     plan: Plan,
-    fixed_rate: Option<f64>,
     results: &mut Results,
     commands: &mut Vec<String>,
 ) -> Result<(), String> {
-    let slowest = results
-        .throughput
-        .iter()
-        .filter(|(k, _)| *k != Kind::Direct)
-        .map(|(_, runs)| median(&runs.iter().map(|r| r.requests_per_sec).collect::<Vec<_>>()))
-        .fold(f64::INFINITY, f64::min);
-    results.fixed_rate = fixed_rate.unwrap_or((slowest * 0.5 / 100.0).floor() * 100.0);
-    commands.push(format!(
-        "bluegreen-bench open-loop load: {:.0} req/s over 32 keep-alive connections for {}s, latency from each request's due time",
-        results.fixed_rate, plan.fixed_seconds
-    ));
-    results.fixed = peers
-        .iter()
-        .map(|p| FixedRate {
-            kind: p.kind,
-            p50_ms: vec![],
-            p99_ms: vec![],
-            p999_ms: vec![],
-            errors: 0,
-        })
-        .collect();
-    for round in 0..plan.fixed_rounds {
-        for (i, peer) in peers.iter().enumerate() {
-            let (latencies, errors) =
-                load::fixed_rate(peer, results.fixed_rate, plan.fixed_seconds, 32).await?;
-            let f = &mut results.fixed[i];
-            f.p50_ms.push(quantile(&latencies, 0.50) / 1000.0);
-            f.p99_ms.push(quantile(&latencies, 0.99) / 1000.0);
-            f.p999_ms.push(quantile(&latencies, 0.999) / 1000.0);
-            f.errors += errors;
-            progress(&format!(
-                "fixed {:.0} req/s round {}/{}: {:<14} p50 {:.3} ms  p99 {:.3} ms",
-                results.fixed_rate,
-                round + 1,
-                plan.fixed_rounds,
-                peer.name(),
-                f.p50_ms.last().unwrap(),
-                f.p99_ms.last().unwrap()
-            ));
+    let nginx = median(&column_rps(results, Kind::Nginx));
+    for load in FIXED_LOADS {
+        let rate = (nginx * load / 100.0).floor() * 100.0;
+        commands.push(format!(
+            "bluegreen-bench open-loop load: {rate:.0} req/s ({:.0} % of nginx's saturation) over 32 keep-alive connections for {}s, latency from each request's due time",
+            load * 100.0,
+            plan.fixed_seconds
+        ));
+        let mut level = FixedLevel {
+            load,
+            rate,
+            rows: peers
+                .iter()
+                .map(|p| FixedRate {
+                    kind: p.kind,
+                    p50_ms: vec![],
+                    p99_ms: vec![],
+                    p999_ms: vec![],
+                    errors: 0,
+                })
+                .collect(),
+        };
+        for round in 0..plan.fixed_rounds {
+            for (i, peer) in peers.iter().enumerate() {
+                let (latencies, errors) =
+                    load::fixed_rate(peer, rate, plan.fixed_seconds, 32).await?;
+                let f = &mut level.rows[i];
+                f.p50_ms.push(quantile(&latencies, 0.50) / 1000.0);
+                f.p99_ms.push(quantile(&latencies, 0.99) / 1000.0);
+                f.p999_ms.push(quantile(&latencies, 0.999) / 1000.0);
+                f.errors += errors;
+                progress(&format!(
+                    "fixed {rate:.0} req/s round {}/{}: {:<14} p50 {:.3} ms  p99 {:.3} ms",
+                    round + 1,
+                    plan.fixed_rounds,
+                    peer.name(),
+                    f.p50_ms.last().unwrap(),
+                    f.p99_ms.last().unwrap()
+                ));
+            }
         }
+        results.fixed.push(level);
     }
     Ok(())
+}
+
+/// The fixed rates latency is measured at, as shares of nginx's saturation rate.
+const FIXED_LOADS: [f64; 2] = [0.5, 0.8];
+
+fn column_rps(results: &Results, kind: Kind) -> Vec<f64> {
+    results
+        .throughput
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, runs)| runs.iter().map(|r| r.requests_per_sec).collect())
+        .unwrap_or_default()
 }
 
 /// 3. HTTP/2 (h2c with prior knowledge) with h2load; the upstream side stays HTTP/1.1.
@@ -320,6 +326,7 @@ async fn measure_idle_memory(
     results: &mut Results,
 ) -> Result<(), String> {
     for (i, peer) in routers.iter().enumerate() {
+        let before = peer.rss_kib();
         let held = load::hold_idle_connections(peer.http, plan.idle_connections).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = peer.rss_kib();
@@ -332,6 +339,7 @@ async fn measure_idle_memory(
         results.memory.push(Memory {
             kind: peer.kind,
             start_kib: start_rss[i],
+            before_idle_kib: before,
             idle_kib: idle,
             saturated_peak_kib: saturated_peak[i],
             idle_connections: held.len(),
@@ -420,6 +428,10 @@ fn render(
         elapsed.as_secs_f64()
     ));
     out.push_str("![req/s and p99 per router](benchmarks.svg)\n\n");
+    out.push_str(&format!(
+        "## Targets (issue 13)\n\nEach figure from this run, against the goal bluegreen's data plane is held to; the plot shows each as a share of its goal (1.0 = met).\n\n{}\n![each target as a share of its goal](targets.svg)\n\n",
+        results.targets_table()
+    ));
     render_setup(&mut out, plan, &versions, commands);
     render_results(&mut out, results, plan);
     out
@@ -489,14 +501,17 @@ fn render_results(out: &mut String, results: &Results, plan: Plan) {
         plan.connections,
         results.throughput_table()
     ));
-    out.push_str(&format!(
-        "## Latency at a fixed {:.0} req/s (half the slowest router's saturation)\n\n{}\n",
-        results.fixed_rate,
-        results.fixed_table()
-    ));
+    for level in &results.fixed {
+        out.push_str(&format!(
+            "## Latency at a fixed {:.0} req/s ({:.0} % of nginx's saturation)\n\n{}\n",
+            level.rate,
+            level.load * 100.0,
+            level.table()
+        ));
+    }
     out.push_str(&format!("## HTTP/2 (h2load, h2c prior knowledge, 16 clients × 10 streams; HTTP/1.1 to the backend)\n\n{}\n", results.h2_table()));
     out.push_str(&format!(
-        "## Memory\n\nResident set size (nginx: master and worker). Idle connections: {} keep-alive connections that each made one request; the descriptor hard limit here is {}, and HAProxy needs two per connection, so every router gets the same {} rather than 10,000.\n\n{}\n",
+        "## Memory\n\nResident set size (nginx: master and worker). Idle connections: {} keep-alive connections that each made one request; the descriptor hard limit here is {}, and HAProxy needs two per connection, so every router gets the same {} rather than 10,000. Per connection: the RSS they added over the RSS just before they were opened.\n\n{}\n",
         plan.idle_connections,
         peers::fd_hard_limit(),
         plan.idle_connections,

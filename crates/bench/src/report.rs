@@ -67,9 +67,128 @@ pub struct FixedRate {
     pub errors: u64,
 }
 
+impl Memory {
+    /// RSS the idle connections added, per connection.
+    pub fn per_connection_kib(&self) -> f64 {
+        self.idle_kib.saturating_sub(self.before_idle_kib) as f64
+            / self.idle_connections.max(1) as f64
+    }
+}
+
+/// One goal of the data plane and this run's figures for it.
+pub struct Target {
+    pub name: String,
+    /// Per round (or one value).
+    pub values: Vec<f64>,
+    pub goal: f64,
+    /// Met when the median is at least the goal (else: at most).
+    pub at_least: bool,
+    pub unit: &'static str,
+}
+
+impl Target {
+    fn at_least(name: impl Into<String>, values: Vec<f64>) -> Target {
+        Target {
+            name: name.into(),
+            values,
+            goal: 1.0,
+            at_least: true,
+            unit: "",
+        }
+    }
+
+    fn at_most(name: impl Into<String>, values: Vec<f64>, goal: f64, unit: &'static str) -> Target {
+        Target {
+            name: name.into(),
+            values,
+            goal,
+            at_least: false,
+            unit,
+        }
+    }
+
+    pub fn met(&self) -> bool {
+        let m = median(&self.values);
+        if self.at_least {
+            m >= self.goal
+        } else {
+            m <= self.goal
+        }
+    }
+
+    fn goal_text(&self) -> String {
+        let sign = if self.at_least { "≥" } else { "≤" };
+        format!("{sign} {}{}", self.goal, self.unit)
+    }
+
+    fn figure_text(&self) -> String {
+        if self.values.len() == 1 {
+            format!("{:.2}{}", self.values[0], self.unit)
+        } else {
+            format!("{}{}", spread(&self.values, 2), self.unit)
+        }
+    }
+
+    /// The median as a share of the goal, 1.0 or more when met.
+    fn score(&self) -> f64 {
+        let m = median(&self.values);
+        match (self.at_least, self.goal == 0.0) {
+            (true, _) => m / self.goal,
+            (false, true) => f64::from(u8::from(m <= 0.0)),
+            (false, false) if m <= 0.0 => 1.0,
+            (false, false) => self.goal / m,
+        }
+    }
+}
+
+/// Every router's latency at one fixed rate.
+pub struct FixedLevel {
+    /// The rate as a share of nginx's median saturation rate.
+    pub load: f64,
+    pub rate: f64,
+    pub rows: Vec<FixedRate>,
+}
+
+impl FixedLevel {
+    pub fn table(&self) -> String {
+        let nginx = self
+            .rows
+            .iter()
+            .find(|f| f.kind == Kind::Nginx)
+            .map(|f| f.p99_ms.clone())
+            .unwrap_or_default();
+        let mut out = String::from(
+            "| target | p50 ms | p99 ms | p99.9 ms | p99 ÷ nginx | errors |\n|---|---|---|---|---|---|\n",
+        );
+        for f in &self.rows {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                f.kind.name(),
+                spread(&f.p50_ms, 3),
+                spread(&f.p99_ms, 3),
+                spread(&f.p999_ms, 3),
+                spread(&ratios(&f.p99_ms, &nginx), 2),
+                f.errors
+            );
+        }
+        out
+    }
+
+    fn p99(&self, kind: Kind) -> Vec<f64> {
+        self.rows
+            .iter()
+            .find(|f| f.kind == kind)
+            .map(|f| f.p99_ms.clone())
+            .unwrap_or_default()
+    }
+}
+
 pub struct Memory {
     pub kind: Kind,
     pub start_kib: u64,
+    /// Just before the idle connections were opened.
+    pub before_idle_kib: u64,
     pub idle_kib: u64,
     pub saturated_peak_kib: u64,
     pub idle_connections: usize,
@@ -78,8 +197,8 @@ pub struct Memory {
 #[derive(Default)]
 pub struct Results {
     pub throughput: Vec<(Kind, Vec<WrkResult>)>,
-    pub fixed_rate: f64,
-    pub fixed: Vec<FixedRate>,
+    /// Latency at fixed rates, one level per share of nginx's saturation rate.
+    pub fixed: Vec<FixedLevel>,
     pub h2: Vec<(Kind, Vec<H2Result>)>,
     pub memory: Vec<Memory>,
     pub switching: Vec<(Kind, usize, Tally)>,
@@ -120,31 +239,6 @@ impl Results {
         out
     }
 
-    pub fn fixed_table(&self) -> String {
-        let nginx = self
-            .fixed
-            .iter()
-            .find(|f| f.kind == Kind::Nginx)
-            .map(|f| f.p99_ms.clone())
-            .unwrap_or_default();
-        let mut out = String::from(
-            "| target | p50 ms | p99 ms | p99.9 ms | p99 ÷ nginx | errors |\n|---|---|---|---|---|---|\n",
-        );
-        for f in &self.fixed {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} |",
-                f.kind.name(),
-                spread(&f.p50_ms, 3),
-                spread(&f.p99_ms, 3),
-                spread(&f.p999_ms, 3),
-                spread(&ratios(&f.p99_ms, &nginx), 2),
-                f.errors
-            );
-        }
-        out
-    }
-
     pub fn h2_table(&self) -> String {
         let nginx = column(&self.h2, Kind::Nginx, |r| r.requests_per_sec);
         let mut out = String::from(
@@ -166,20 +260,143 @@ impl Results {
 
     pub fn memory_table(&self) -> String {
         let mut out = String::from(
-            "| router | RSS at start | RSS with idle keep-alive connections | peak RSS under saturation |\n|---|---|---|---|\n",
+            "| router | RSS at start | RSS with idle keep-alive connections | per idle connection | peak RSS under saturation |\n|---|---|---|---|---|\n",
         );
         for m in &self.memory {
             let _ = writeln!(
                 out,
-                "| {} | {:.1} MiB | {:.1} MiB ({} connections) | {:.1} MiB |",
+                "| {} | {:.1} MiB | {:.1} MiB ({} connections) | {:.1} KiB | {:.1} MiB |",
                 m.kind.name(),
                 m.start_kib as f64 / 1024.0,
                 m.idle_kib as f64 / 1024.0,
                 m.idle_connections,
+                m.per_connection_kib(),
                 m.saturated_peak_kib as f64 / 1024.0
             );
         }
         out
+    }
+
+    /// The data plane's goals (issue 13), each with this run's figure and whether it is met.
+    pub fn targets(&self) -> Vec<Target> {
+        let rps = |kind| column(&self.throughput, kind, |r| r.requests_per_sec);
+        let h2 = |kind| column(&self.h2, kind, |r| r.requests_per_sec);
+        let bluegreen = rps(Kind::Bluegreen);
+        let mut targets = vec![
+            Target::at_least(
+                "HTTP/1.1 req/s ÷ nginx",
+                ratios(&bluegreen, &rps(Kind::Nginx)),
+            ),
+            Target::at_least(
+                "HTTP/1.1 req/s ÷ HAProxy",
+                ratios(&bluegreen, &rps(Kind::Haproxy)),
+            ),
+        ];
+        for level in &self.fixed {
+            targets.push(Target::at_most(
+                format!(
+                    "p99 at {:.0} % of nginx's rate ÷ nginx's",
+                    level.load * 100.0
+                ),
+                ratios(&level.p99(Kind::Bluegreen), &level.p99(Kind::Nginx)),
+                1.0,
+                "",
+            ));
+        }
+        if let Some(m) = self.memory.iter().find(|m| m.kind == Kind::Bluegreen) {
+            targets.push(Target::at_most(
+                "RSS per idle keep-alive connection",
+                vec![m.per_connection_kib()],
+                2.0,
+                " KiB",
+            ));
+        }
+        targets.push(Target::at_least(
+            "HTTP/2 req/s ÷ HAProxy",
+            ratios(&h2(Kind::Bluegreen), &h2(Kind::Haproxy)),
+        ));
+        for (what, rows) in [("switches", &self.switching), ("restarts", &self.restarts)] {
+            if let Some((_, _, tally)) = rows.iter().find(|(k, _, _)| *k == Kind::Bluegreen) {
+                targets.push(Target::at_most(
+                    format!("failed requests over {what} under load"),
+                    vec![(tally.errors + tally.non_2xx) as f64],
+                    0.0,
+                    "",
+                ));
+            }
+        }
+        targets
+    }
+
+    pub fn targets_table(&self) -> String {
+        let mut out = String::from(
+            "| target | goal | this run: median (min–max) | met |\n|---|---|---|---|\n",
+        );
+        for t in self.targets() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                t.name,
+                t.goal_text(),
+                t.figure_text(),
+                if t.met() { "yes" } else { "**no**" }
+            );
+        }
+        out
+    }
+
+    /// One bar per target: its median as a share of the goal, oriented so that 1.0 or more
+    /// is met; zero-goals (failed requests) show 1.0 when met, 0 otherwise.
+    pub fn plot_targets(&self, path: &Path) -> Result<(), String> {
+        let targets = self.targets();
+        let root =
+            SVGBackend::new(path, (1000, 60 + 34 * targets.len() as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let scores: Vec<f64> = targets.iter().map(Target::score).collect();
+        let right = scores.iter().copied().fold(1.2, f64::max) * 1.1;
+        let n = targets.len();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "bluegreen's figures as a share of each goal (≥ 1.0 met)",
+                ("sans-serif", 16),
+            )
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(330)
+            .build_cartesian_2d(0.0..right, (0..n - 1).into_segmented())
+            .map_err(|e| e.to_string())?;
+        let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, score) in scores.iter().enumerate() {
+            let color = if *score >= 1.0 {
+                RGBColor(0, 150, 60)
+            } else {
+                RGBColor(200, 80, 30)
+            };
+            chart
+                .draw_series(
+                    Histogram::horizontal(&chart)
+                        .style(color.filled())
+                        .margin(6)
+                        .data([(i, *score)]),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                [(1.0, SegmentValue::Exact(0)), (1.0, SegmentValue::Last)],
+                BLACK.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?;
+        root.present().map_err(|e| e.to_string())
     }
 
     pub fn switching_table(&self) -> String {
@@ -342,6 +559,21 @@ fn changes_table(rows: &[(Kind, usize, Tally)], what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_are_judged_on_their_median_and_scored_against_their_goal() {
+        let below = Target::at_least("r", vec![0.8, 0.9, 1.1]);
+        assert!(!below.met());
+        assert!((below.score() - 0.9).abs() < 1e-9);
+        assert!(Target::at_least("r", vec![1.0, 1.2]).met());
+        let memory = Target::at_most("m", vec![25.0], 2.0, " KiB");
+        assert!(!memory.met());
+        assert!((memory.score() - 0.08).abs() < 1e-9);
+        assert_eq!(memory.figure_text(), "25.00 KiB");
+        assert!(Target::at_most("f", vec![0.0], 0.0, "").met());
+        assert_eq!(Target::at_most("f", vec![0.0], 0.0, "").score(), 1.0);
+        assert_eq!(Target::at_most("f", vec![3.0], 0.0, "").score(), 0.0);
+    }
 
     #[test]
     fn medians_and_quantiles() {
