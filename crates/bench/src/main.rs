@@ -326,8 +326,13 @@ async fn measure_idle_memory(
     results: &mut Results,
 ) -> Result<(), String> {
     for (i, peer) in routers.iter().enumerate() {
+        // Half the connections first, then the other half: the second half's RSS over the
+        // first's is what a connection costs, apart from what earlier load left in the heap.
+        let half = plan.idle_connections / 2;
+        let mut held = load::hold_idle_connections(peer.http, half).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let before = peer.rss_kib();
-        let held = load::hold_idle_connections(peer.http, plan.idle_connections).await?;
+        held.extend(load::hold_idle_connections(peer.http, plan.idle_connections - half).await?);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = peer.rss_kib();
         progress(&format!(
@@ -343,6 +348,7 @@ async fn measure_idle_memory(
             idle_kib: idle,
             saturated_peak_kib: saturated_peak[i],
             idle_connections: held.len(),
+            measured_connections: plan.idle_connections - half,
         });
         drop(held);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -476,7 +482,7 @@ fn tool_versions(bin_dir: &Path) -> [(&'static str, String); 6] {
 fn render_setup(out: &mut String, plan: Plan, versions: &[(&str, String)], commands: &[String]) {
     out.push_str("## Setup\n\n");
     out.push_str(&format!(
-        "- **Cores.** The router under test runs alone on core {ROUTER_CORE} (`taskset -c {ROUTER_CORE}`) with one worker: `BLUEGREEN_WORKER_THREADS=1`, nginx `worker_processes 1`, HAProxy `nbthread 1`. The load generator and the backend share the other core. Every peer gets the same placement, so the ratios compare work per core.\n\
+        "- **Cores.** The router under test runs alone on core {ROUTER_CORE} (`taskset -c {ROUTER_CORE}`) with one worker: `BLUEGREEN_WORKER_THREADS=1` (one thread: a current-thread runtime), nginx `worker_processes 1`, HAProxy `nbthread 1`. The load generator and the backend share the other core. Every peer gets the same placement, so the ratios compare work per core.\n\
          - **Backend.** The workspace's example app (`bluegreen-example-app`, a minimal hyper server, release build, one thread) answers `GET /` with a 9-byte body. It is the same binary the tests and demo use, so the benchmark measures the path users run; the `backend direct` row is the ceiling a router cannot beat.\n\
          - **Peers.** nginx with upstream `keepalive 64`, `proxy_http_version 1.1`, `Connection \"\"`, no access log. HAProxy in `mode http` with `http-reuse always` and keep-alive on both sides. bluegreen with its defaults (health checks every second, metrics on).\n\
          - **Rounds.** {} rounds of {} s per target for throughput, interleaved (direct, bluegreen, nginx, HAProxy, then again), reported as median (min–max); ratios to nginx are paired within a round. Fixed rate: {} round(s) of {} s. HTTP/2: {} round(s).\n\n",
@@ -511,7 +517,7 @@ fn render_results(out: &mut String, results: &Results, plan: Plan) {
     }
     out.push_str(&format!("## HTTP/2 (h2load, h2c prior knowledge, 16 clients × 10 streams; HTTP/1.1 to the backend)\n\n{}\n", results.h2_table()));
     out.push_str(&format!(
-        "## Memory\n\nResident set size (nginx: master and worker). Idle connections: {} keep-alive connections that each made one request; the descriptor hard limit here is {}, and HAProxy needs two per connection, so every router gets the same {} rather than 10,000. Per connection: the RSS they added over the RSS just before they were opened.\n\n{}\n",
+        "## Memory\n\nResident set size (nginx: master and worker). Idle connections: {} keep-alive connections that each made one request; the descriptor hard limit here is {}, and HAProxy needs two per connection, so every router gets the same {} rather than 10,000. Per connection: the RSS the second half of them added over the RSS with the first half open (so what earlier load left in the heap does not count).\n\n{}\n",
         plan.idle_connections,
         peers::fd_hard_limit(),
         plan.idle_connections,

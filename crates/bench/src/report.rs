@@ -71,7 +71,7 @@ impl Memory {
     /// RSS the idle connections added, per connection.
     pub fn per_connection_kib(&self) -> f64 {
         self.idle_kib.saturating_sub(self.before_idle_kib) as f64
-            / self.idle_connections.max(1) as f64
+            / self.measured_connections.max(1) as f64
     }
 }
 
@@ -187,11 +187,13 @@ impl FixedLevel {
 pub struct Memory {
     pub kind: Kind,
     pub start_kib: u64,
-    /// Just before the idle connections were opened.
+    /// With the first half of the idle connections open.
     pub before_idle_kib: u64,
     pub idle_kib: u64,
     pub saturated_peak_kib: u64,
     pub idle_connections: usize,
+    /// How many connections `idle_kib` has over `before_idle_kib`.
+    pub measured_connections: usize,
 }
 
 #[derive(Default)]

@@ -33,13 +33,18 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     // BLUEGREEN_WORKER_THREADS pins the runtime's size, e.g. to one per core the router owns.
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(threads) = std::env::var("BLUEGREEN_WORKER_THREADS")
+    // One thread is a current-thread runtime: every task on the thread that accepts, with no
+    // hand-over between a worker and the main thread.
+    let threads = std::env::var("BLUEGREEN_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
+        .filter(|n| *n > 0);
+    let mut runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    runtime.enable_all();
+    if let Some(threads) = threads.filter(|n| *n > 1) {
         runtime.worker_threads(threads);
     }
     let runtime = match runtime.build() {
