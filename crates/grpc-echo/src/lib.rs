@@ -31,6 +31,7 @@ use health::{HealthCheckRequest, HealthCheckResponse};
 pub struct Instance {
     pub addr: SocketAddr,
     serving: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
     server: JoinHandle<()>,
 }
 
@@ -43,8 +44,10 @@ impl Instance {
         let service = Service {
             color: color.to_string(),
             serving: Arc::new(AtomicBool::new(true)),
+            failing: Arc::new(AtomicBool::new(false)),
         };
         let serving = Arc::clone(&service.serving);
+        let failing = Arc::clone(&service.failing);
         let mut builder = Server::builder();
         if let Some((cert, key)) = tls {
             builder = builder
@@ -62,8 +65,15 @@ impl Instance {
         Instance {
             addr,
             serving,
+            failing,
             server,
         }
+    }
+
+    /// From now on `Say` answers every call with INTERNAL (a broken build whose HTTP answers
+    /// still look fine: 200, the status in the trailers).
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
     }
 
     /// What `grpc.health.v1.Health/Check` answers from now on.
@@ -82,6 +92,7 @@ impl Drop for Instance {
 struct Service {
     color: String,
     serving: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
 }
 
 type CountStream = Pin<Box<dyn Stream<Item = Result<CountReply, Status>> + Send>>;
@@ -90,6 +101,9 @@ type CountStream = Pin<Box<dyn Stream<Item = Result<CountReply, Status>> + Send>
 impl Echo for Service {
     async fn say(&self, request: Request<SayRequest>) -> Result<Response<SayReply>, Status> {
         let text = request.into_inner().text;
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Status::internal(format!("{} is broken", self.color)));
+        }
         if text == "fail" {
             return Err(Status::invalid_argument(format!(
                 "{} was asked to fail",

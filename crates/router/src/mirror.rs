@@ -291,8 +291,22 @@ pub(crate) struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: CapturedBody,
+    /// What came after the body (gRPC's status travels here).
+    pub trailers: HeaderMap,
     pub latency: Duration,
 }
+
+impl Answer {
+    /// `grpc-status`, from the trailers or, for a trailers-only answer, the headers.
+    fn grpc_status(&self) -> Option<&str> {
+        self.trailers
+            .get(GRPC_STATUS)
+            .or_else(|| self.headers.get(GRPC_STATUS))
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+const GRPC_STATUS: &str = "grpc-status";
 
 /// A body as it streams by: its hash and length, and its start.
 #[derive(Default)]
@@ -328,6 +342,12 @@ impl PendingMirror {
     pub fn feed(&mut self, data: &[u8]) {
         if let Some(live) = self.live.as_mut() {
             live.body.feed(data);
+        }
+    }
+
+    pub fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(live) = self.live.as_mut() {
+            live.trailers = trailers.clone();
         }
     }
 
@@ -392,7 +412,12 @@ impl Mirror {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let fits = declared.is_some_and(|length| length <= rule.max_request_body);
+        // A body of no declared length (HTTP/2, chunked; every gRPC call) is read up to the
+        // limit; one that turns out longer goes on to the live color uncopied.
+        let fits = match declared {
+            Some(length) => length <= rule.max_request_body,
+            None => rule.max_request_body > 0,
+        };
         if !fits {
             self.skipped.fetch_add(1, Ordering::Relaxed);
         }
@@ -536,10 +561,13 @@ async fn send_copy(mirror: &Mirror, job: &Job) -> Result<Answer, String> {
         let latency = started.elapsed();
         let (mut head, mut body) = response.into_parts();
         let mut captured = CapturedBody::default();
+        let mut trailers = HeaderMap::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("its body failed: {e}"))?;
             if let Some(data) = frame.data_ref() {
                 captured.feed(data);
+            } else if let Some(sent) = frame.trailers_ref() {
+                trailers = sent.clone();
             }
         }
         if body.is_end_stream() {
@@ -551,6 +579,7 @@ async fn send_copy(mirror: &Mirror, job: &Job) -> Result<Answer, String> {
             status: head.status,
             headers: head.headers,
             body: captured,
+            trailers,
             latency,
         })
     };
@@ -625,6 +654,20 @@ fn compare(rule: &Compare, live: &Answer, copy: &Answer) -> Option<(String, Stri
                 live.status.as_u16(),
                 copy.color,
                 copy.status.as_u16()
+            ),
+        ));
+    }
+    // A gRPC call's outcome is its grpc-status (the HTTP status is 200 either way).
+    if rule.status && live.grpc_status() != copy.grpc_status() {
+        let status = |a: &Answer| a.grpc_status().unwrap_or("none").to_string();
+        return Some((
+            "grpc-status".into(),
+            format!(
+                "{} answered grpc-status {}, {} answered {}",
+                live.color,
+                status(live),
+                copy.color,
+                status(copy)
             ),
         ));
     }
@@ -801,14 +844,37 @@ fn excerpt(text: &str) -> String {
     }
 }
 
-/// Reads a request body whose declared length is at most `limit`, for the live upstream and
-/// the copy alike.
-pub(crate) async fn read_body(body: hyper::body::Incoming, limit: usize) -> Result<Bytes, String> {
-    let collected = http_body_util::Limited::new(body, limit.max(1))
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(collected.to_bytes())
+/// Reads a request body of at most `limit` bytes, for the live upstream and the copy alike;
+/// stops at the first byte past it (a body whose length was not declared).
+pub(crate) async fn read_body(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<ReadBody, String> {
+    let mut read = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            read.extend_from_slice(&data);
+            if read.len() > limit {
+                return Ok(ReadBody::Longer {
+                    read: read.freeze(),
+                    rest: body,
+                });
+            }
+        }
+    }
+    Ok(ReadBody::Whole(read.freeze()))
+}
+
+/// A request body read for copying.
+pub(crate) enum ReadBody {
+    Whole(Bytes),
+    /// Longer than the limit (its length was not declared): what was read, and the rest still
+    /// to stream to the live color.
+    Longer {
+        read: Bytes,
+        rest: hyper::body::Incoming,
+    },
 }
 
 #[cfg(test)]
@@ -828,6 +894,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             headers,
             body: captured,
+            trailers: HeaderMap::new(),
             latency: Duration::from_millis(1),
         }
     }
@@ -919,14 +986,38 @@ mod tests {
         let mut large = HeaderMap::new();
         large.insert(header::CONTENT_LENGTH, "11".parse().unwrap());
         assert!(!mirror.wants(&rule, Color::Blue, &Method::POST, &large, false));
-        // A body of unknown length (chunked) could be any size: not copied.
-        assert!(!mirror.wants(&rule, Color::Blue, &Method::POST, &none, false));
-        assert_eq!(mirror.snapshot(Some(&rule)).skipped, 2);
+        // A body of no declared length (chunked, HTTP/2, gRPC) is read up to the limit.
+        assert!(mirror.wants(&rule, Color::Blue, &Method::POST, &none, false));
+        assert_eq!(mirror.snapshot(Some(&rule)).skipped, 1);
         let never = MirrorRule {
             max_request_body: 0,
             ..rule.clone()
         };
         assert!(!mirror.wants(&never, Color::Blue, &Method::POST, &small, false));
+        assert!(!mirror.wants(&never, Color::Blue, &Method::POST, &none, false));
+    }
+
+    #[test]
+    fn a_grpc_status_difference_is_named_though_both_answered_200() {
+        let grpc = |color, status: &str, in_trailers: bool| {
+            let mut answer = answer(color, 200, "application/grpc", "\0\0\0\0\0");
+            let target = match in_trailers {
+                true => &mut answer.trailers,
+                false => &mut answer.headers,
+            };
+            target.insert(GRPC_STATUS, status.parse().unwrap());
+            answer
+        };
+        let compare_rule = Compare {
+            body: false,
+            ..rule(&[])
+        };
+        let live = grpc(Color::Blue, "0", true);
+        assert!(compare(&compare_rule, &live, &grpc(Color::Green, "0", true)).is_none());
+        let (what, detail) =
+            compare(&compare_rule, &live, &grpc(Color::Green, "13", false)).unwrap();
+        assert_eq!(what, "grpc-status");
+        assert_eq!(detail, "blue answered grpc-status 0, green answered 13");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::drain::DrainMember;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::mirror::{
-    self, Answer, MIRROR_HEADER, Mirror, MirrorRule, MirroredRequest, PendingMirror,
+    self, Answer, MIRROR_HEADER, Mirror, MirrorRule, MirroredRequest, PendingMirror, ReadBody,
 };
 use crate::pool::{self, SendError};
 use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
@@ -186,12 +186,12 @@ impl Proxy {
                 None,
             ),
             Some(rule) => {
-                // A body to copy is read first (its declared length is within the limit).
-                let bytes = if bodyless {
-                    Bytes::new()
+                // A body to copy is read first, up to the limit.
+                let read = if bodyless {
+                    ReadBody::Whole(Bytes::new())
                 } else {
                     match mirror::read_body(body, rule.max_request_body).await {
-                        Ok(bytes) => bytes,
+                        Ok(read) => read,
                         Err(reason) => {
                             let response = ProxyError::ClientBody { reason }.to_response();
                             color_metrics.response(response.status().as_u16(), started.elapsed());
@@ -199,13 +199,29 @@ impl Proxy {
                         }
                     }
                 };
-                color_metrics.bytes_in(bytes.len() as u64);
-                let copy = self.mirrored_request(&table, rule, &parts, &guard.conn, bytes.clone());
-                if copy.is_none() {
-                    self.mirror.skip();
+                match read {
+                    ReadBody::Whole(bytes) => {
+                        color_metrics.bytes_in(bytes.len() as u64);
+                        let copy =
+                            self.mirrored_request(&table, rule, &parts, &guard.conn, bytes.clone());
+                        if copy.is_none() {
+                            self.mirror.skip();
+                        }
+                        let body = (!bodyless).then(|| RequestBody::Buffered(Some(bytes)));
+                        (body, copy.map(|copy| (Arc::clone(rule), copy)))
+                    }
+                    // Too long to copy: the live request goes on, the rest streamed after
+                    // what was read.
+                    ReadBody::Longer { read, rest } => {
+                        self.mirror.skip();
+                        color_metrics.bytes_in(read.len() as u64);
+                        let rest = RequestBody::streaming(rest, &self.metrics, color);
+                        (
+                            Some(RequestBody::Prefixed(Some(read), Box::new(rest))),
+                            None,
+                        )
+                    }
                 }
-                let body = (!bodyless).then(|| RequestBody::Buffered(Some(bytes)));
-                (body, copy.map(|copy| (Arc::clone(rule), copy)))
             }
         };
         let outcome = self
@@ -245,6 +261,7 @@ impl Proxy {
                 status: response.status(),
                 headers,
                 body: Default::default(),
+                trailers: HeaderMap::new(),
                 latency: started.elapsed(),
             };
             let pool = table.pool(rule.to);
@@ -763,6 +780,8 @@ impl Drop for RequestGuard {
 pub enum RequestBody {
     Empty,
     Buffered(Option<Bytes>),
+    /// What was read of a body too long to copy, then the rest of it.
+    Prefixed(Option<Bytes>, Box<RequestBody>),
     Streaming {
         inner: Incoming,
         metrics: Arc<Metrics>,
@@ -791,6 +810,10 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Prefixed(read, rest) => match read.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
             RequestBody::Streaming {
                 inner,
                 metrics,
@@ -811,6 +834,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => true,
             RequestBody::Buffered(bytes) => bytes.is_none(),
+            RequestBody::Prefixed(read, rest) => read.is_none() && rest.is_end_stream(),
             RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -820,6 +844,16 @@ impl Body for RequestBody {
             RequestBody::Empty => SizeHint::with_exact(0),
             RequestBody::Buffered(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            RequestBody::Prefixed(read, rest) => {
+                let read = read.as_ref().map_or(0, |b| b.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + read);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + read);
+                }
+                hint
             }
             RequestBody::Streaming { inner, .. } => inner.size_hint(),
         }
@@ -941,6 +975,10 @@ impl Body for ResponseBody {
                             if let Some(mirror) = body.mirror.as_mut() {
                                 mirror.feed(data);
                             }
+                        } else if let Some(trailers) = frame.trailers_ref()
+                            && let Some(mirror) = body.mirror.as_mut()
+                        {
+                            mirror.trailers(trailers);
                         }
                         body.give_back_if_done();
                         Poll::Ready(Some(Ok(frame)))
