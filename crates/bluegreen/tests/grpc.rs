@@ -24,6 +24,16 @@ fn grpc_config(blue: &Instance, green: &Instance, protocol: &str, extra: &str) -
     )
 }
 
+/// Blue and green instances on h2c and a daemon routing to them, both colors healthy.
+async fn h2c_pair() -> (Instance, Instance, Daemon) {
+    let blue = Instance::start("blue", None).await;
+    let green = Instance::start("green", None).await;
+    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    daemon.wait_healthy("blue", 1).await;
+    daemon.wait_healthy("green", 1).await;
+    (blue, green, daemon)
+}
+
 async fn client(daemon: &Daemon) -> EchoClient<Channel> {
     EchoClient::connect(format!("http://{}", daemon.addr))
         .await
@@ -41,9 +51,7 @@ async fn say(client: &mut EchoClient<Channel>, text: &str) -> Result<String, ton
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unary_and_streaming_calls_and_their_trailers_pass_through_h2c() {
-    let blue = Instance::start("blue", None).await;
-    let green = Instance::start("green", None).await;
-    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    let (_blue, _green, daemon) = h2c_pair().await;
     daemon.wait_healthy("blue", 1).await;
     let mut client = client(&daemon).await;
 
@@ -89,9 +97,7 @@ fn established_to(port: u16) -> usize {
 /// and both colors answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_switch_under_a_stream_of_calls_fails_no_call() {
-    let blue = Instance::start("blue", None).await;
-    let green = Instance::start("green", None).await;
-    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    let (blue, green, daemon) = h2c_pair().await;
     daemon.wait_healthy("blue", 1).await;
     daemon.wait_healthy("green", 1).await;
     let done = Arc::new(AtomicBool::new(false));
@@ -158,9 +164,7 @@ async fn a_switch_under_a_stream_of_calls_fails_no_call() {
 /// then ends with UNAVAILABLE (which gRPC clients may retry), as a WebSocket gets a close frame.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_long_stream_drains_to_the_deadline_then_ends_unavailable() {
-    let blue = Instance::start("blue", None).await;
-    let green = Instance::start("green", None).await;
-    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    let (_blue, _green, daemon) = h2c_pair().await;
     daemon.wait_healthy("green", 1).await;
     let mut client = client(&daemon).await;
     let mut stream = client
@@ -203,9 +207,7 @@ async fn a_long_stream_drains_to_the_deadline_then_ends_unavailable() {
 /// reporting NOT_SERVING leaves rotation and a switch to its color is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_health_checks_take_a_not_serving_upstream_out() {
-    let blue = Instance::start("blue", None).await;
-    let green = Instance::start("green", None).await;
-    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    let (_blue, green, daemon) = h2c_pair().await;
     daemon.wait_healthy("green", 1).await;
     green.set_serving(false);
     daemon.wait_healthy("green", 0).await;
@@ -237,15 +239,14 @@ async fn h2_over_tls_checks_the_upstreams_certificate() {
     let (cert, key) = (certified.cert.pem(), certified.signing_key.serialize_pem());
     let blue = Instance::start("blue", Some((cert.clone(), key.clone()))).await;
     let green = Instance::start("green", Some((cert.clone(), key))).await;
-    let dir = tempfile::tempdir().unwrap();
-    write_file(dir.path(), "ca.pem", &cert);
-    let good = grpc_config(
-        &blue,
-        &green,
-        "h2",
-        ", upstream_tls: { ca: ca.pem, server_name: echo.internal }",
-    );
-    let daemon = Daemon::start_in(dir, &good).await;
+    // A daemon whose colors trust `cert` for `server_name`.
+    let start = async |server_name: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        write_file(dir.path(), "ca.pem", &cert);
+        let tls = format!(", upstream_tls: {{ ca: ca.pem, server_name: {server_name} }}");
+        Daemon::start_in(dir, &grpc_config(&blue, &green, "h2", &tls)).await
+    };
+    let daemon = start("echo.internal").await;
     daemon.wait_healthy("blue", 1).await;
     let mut client = client(&daemon).await;
     assert_eq!(say(&mut client, "over tls").await.unwrap(), "blue");
@@ -253,15 +254,7 @@ async fn h2_over_tls_checks_the_upstreams_certificate() {
     daemon.switch("green").await;
     assert_eq!(say(&mut client, "over tls").await.unwrap(), "green");
 
-    let dir = tempfile::tempdir().unwrap();
-    write_file(dir.path(), "ca.pem", &cert);
-    let wrong_name = grpc_config(
-        &blue,
-        &green,
-        "h2",
-        ", upstream_tls: { ca: ca.pem, server_name: other.internal }",
-    );
-    let daemon = Daemon::start_in(dir, &wrong_name).await;
+    let daemon = start("other.internal").await;
     let status = daemon
         .wait_status("blue checked and refused", |s| {
             s["colors"][0]["upstreams"][0]["last_error"].is_string()
@@ -278,9 +271,7 @@ async fn h2_over_tls_checks_the_upstreams_certificate() {
 /// ride to one and is refused with a 501 naming the cause.
 #[tokio::test(flavor = "multi_thread")]
 async fn http1_clients_are_translated_and_upgrades_refused_by_name() {
-    let blue = Instance::start("blue", None).await;
-    let green = Instance::start("green", None).await;
-    let daemon = Daemon::start(&grpc_config(&blue, &green, "h2c", "")).await;
+    let (_blue, _green, daemon) = h2c_pair().await;
     daemon.wait_healthy("blue", 1).await;
     // tonic answers a path it does not serve with HTTP 200 and grpc-status 12 (UNIMPLEMENTED).
     let plain = http1_exchange(

@@ -917,9 +917,7 @@ impl ProxiedBody {
             mirror.finish();
         }
     }
-}
 
-impl ProxiedBody {
     /// The drain deadline passed with the body still streaming.
     fn cut_at_deadline(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if !self.grpc {
