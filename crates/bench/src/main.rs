@@ -232,7 +232,7 @@ async fn measure_fixed_rate(
     results: &mut Results,
     commands: &mut Vec<String>,
 ) -> Result<(), String> {
-    let nginx = median(&column_rps(results, Kind::Nginx));
+    let nginx = median(&results.requests_per_sec(Kind::Nginx));
     for load in FIXED_LOADS {
         let rate = (nginx * load / 100.0).floor() * 100.0;
         commands.push(format!(
@@ -280,15 +280,6 @@ async fn measure_fixed_rate(
 
 /// The fixed rates latency is measured at, as shares of nginx's saturation rate.
 const FIXED_LOADS: [f64; 2] = [0.5, 0.8];
-
-fn column_rps(results: &Results, kind: Kind) -> Vec<f64> {
-    results
-        .throughput
-        .iter()
-        .find(|(k, _)| *k == kind)
-        .map(|(_, runs)| runs.iter().map(|r| r.requests_per_sec).collect())
-        .unwrap_or_default()
-}
 
 /// 3. HTTP/2 (h2c with prior knowledge) with h2load; the upstream side stays HTTP/1.1.
 fn measure_h2(

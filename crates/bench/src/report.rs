@@ -216,8 +216,13 @@ fn column<T>(rows: &[(Kind, Vec<T>)], kind: Kind, f: impl Fn(&T) -> f64) -> Vec<
 }
 
 impl Results {
+    /// A peer's HTTP/1.1 saturation rate, per round.
+    pub fn requests_per_sec(&self, kind: Kind) -> Vec<f64> {
+        column(&self.throughput, kind, |r| r.requests_per_sec)
+    }
+
     pub fn throughput_table(&self) -> String {
-        let nginx_rps = column(&self.throughput, Kind::Nginx, |r| r.requests_per_sec);
+        let nginx_rps = self.requests_per_sec(Kind::Nginx);
         let nginx_p99 = column(&self.throughput, Kind::Nginx, |r| r.p99_ms);
         let mut out = String::from(
             "| target | req/s median (min–max) | p50 ms | p99 ms | req/s ÷ nginx | p99 ÷ nginx | non-2xx + socket errors |\n|---|---|---|---|---|---|---|\n",
@@ -281,7 +286,7 @@ impl Results {
 
     /// The data plane's goals (issue 13), each with this run's figure and whether it is met.
     pub fn targets(&self) -> Vec<Target> {
-        let rps = |kind| column(&self.throughput, kind, |r| r.requests_per_sec);
+        let rps = |kind| self.requests_per_sec(kind);
         let h2 = |kind| column(&self.h2, kind, |r| r.requests_per_sec);
         let bluegreen = rps(Kind::Bluegreen);
         let mut targets = vec![

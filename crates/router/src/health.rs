@@ -10,6 +10,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::Sender;
+use crate::protocol::grpc_field;
 use crate::proxy::RequestBody;
 use crate::upstream::{Thresholds, Upstream};
 
@@ -123,19 +124,10 @@ async fn grpc_check(upstream: &Upstream, sender: &mut Sender, service: &str) -> 
         .collect()
         .await
         .map_err(|e| format!("health check {GRPC_HEALTH_CHECK}: {e}"))?;
-    // A trailers-only answer carries its status in the headers.
     let trailers = body.trailers().cloned().unwrap_or_default();
-    let status = trailers
-        .get("grpc-status")
-        .or_else(|| head.headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let status = grpc_field("grpc-status", &head.headers, &trailers).unwrap_or("");
     if status != "0" {
-        let message = trailers
-            .get("grpc-message")
-            .or_else(|| head.headers.get("grpc-message"))
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
+        let message = grpc_field("grpc-message", &head.headers, &trailers).unwrap_or("");
         return Err(format!(
             "health check {GRPC_HEALTH_CHECK} answered grpc-status {status:?} {message}"
         ));

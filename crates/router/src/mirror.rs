@@ -297,12 +297,8 @@ pub(crate) struct Answer {
 }
 
 impl Answer {
-    /// `grpc-status`, from the trailers or, for a trailers-only answer, the headers.
     fn grpc_status(&self) -> Option<&str> {
-        self.trailers
-            .get(GRPC_STATUS)
-            .or_else(|| self.headers.get(GRPC_STATUS))
-            .and_then(|v| v.to_str().ok())
+        crate::protocol::grpc_field(GRPC_STATUS, &self.headers, &self.trailers)
     }
 }
 

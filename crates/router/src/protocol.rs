@@ -185,6 +185,26 @@ impl Connector {
     }
 }
 
+/// A gRPC answer's `grpc-status` or `grpc-message`: in the trailers, or in the headers of a
+/// trailers-only answer.
+pub(crate) fn grpc_field<'a>(
+    name: &str,
+    headers: &'a http::HeaderMap,
+    trailers: &'a http::HeaderMap,
+) -> Option<&'a str> {
+    trailers
+        .get(name)
+        .or_else(|| headers.get(name))
+        .and_then(|v| v.to_str().ok())
+}
+
+/// Whether an answer is gRPC's (`content-type: application/grpc`, `application/grpc+proto` …).
+pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 async fn http2_handshake<S>(stream: S) -> Result<Sender, SendError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -27,6 +27,7 @@ use crate::mirror::{
     self, Answer, MIRROR_HEADER, Mirror, MirrorRule, MirroredRequest, PendingMirror, ReadBody,
 };
 use crate::pool::{self, SendError};
+use crate::protocol::is_grpc;
 use crate::table::{Color, PreviewOutcome, RoutingTable, bucket_of};
 use crate::upstream::Upstream;
 use crate::websocket;
@@ -603,10 +604,8 @@ fn stream_back(
         // From an HTTP/2 upstream; the client's connection says what it speaks.
         head.version = Version::HTTP_11;
     }
-    let grpc = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // gRPC runs on HTTP/2 only: an HTTP/1.1 answer is not looked at.
+    let grpc = matches!(sender, pool::Sender::Http2(_)) && is_grpc(&head.headers);
     let mut body = ProxiedBody {
         inner: body,
         cut: None,

@@ -118,14 +118,12 @@ impl Router {
     pub fn new(config: RouterConfig) -> Result<Router, StartError> {
         let tls = config.listener.tls.as_ref().map(load_tls).transpose()?;
         let drain_root = CancellationToken::new();
-        let mut connectors = Vec::new();
-        for color in Color::ALL {
-            let protocol = &config.upstream_protocols[color.index()];
-            let connector = Connector::new(protocol)
-                .map_err(|source| StartError::UpstreamTls { color, source })?;
-            connectors.push(Arc::new(connector));
-        }
-        let connectors: [Arc<Connector>; 2] = [connectors.remove(0), connectors.remove(0)];
+        let connector = |color: Color| {
+            Connector::new(&config.upstream_protocols[color.index()])
+                .map(Arc::new)
+                .map_err(|source| StartError::UpstreamTls { color, source })
+        };
+        let connectors = [connector(Color::Blue)?, connector(Color::Green)?];
         let pools = Color::ALL.map(|color| {
             let upstreams = config.upstreams[color.index()]
                 .iter()
