@@ -8,6 +8,7 @@
 pub mod drain;
 pub mod error;
 pub mod health;
+pub mod http1;
 pub mod metrics;
 pub mod mirror;
 pub mod pool;

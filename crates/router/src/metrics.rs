@@ -168,6 +168,8 @@ pub fn latency_bucket_bounds_us() -> &'static [u64] {
 pub struct Metrics {
     colors: [ColorMetrics; 2],
     pub connections_open: AtomicI64,
+    /// Keep-alive HTTP/1.1 connections waiting for their next request, holding no buffer.
+    pub connections_parked: AtomicI64,
     pub connections_total: AtomicU64,
     pub connections_rejected: AtomicU64,
 }
@@ -301,6 +303,13 @@ pub fn render_prometheus(snapshots: &[ColorSnapshot], metrics: &Metrics) -> Stri
         "gauge",
         "Client connections open.",
         metrics.connections_open(),
+    );
+    gauge(
+        &mut out,
+        "bluegreen_connections_parked",
+        "gauge",
+        "Keep-alive HTTP/1.1 client connections idle between requests, parked holding no buffer.",
+        metrics.connections_parked.load(Ordering::Relaxed).max(0) as u64,
     );
     gauge(
         &mut out,

@@ -3,8 +3,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,15 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tokio_util::task::TaskTracker;
 
 use crate::drain::DrainMember;
 use crate::error::ProxyError;
+use crate::http1::{ClientUpgrade, Rewound};
 use crate::metrics::Metrics;
 use crate::mirror::{
     self, Answer, MIRROR_HEADER, Mirror, MirrorRule, MirroredRequest, PendingMirror, ReadBody,
@@ -72,10 +74,23 @@ pub struct ClientConn {
     opened: Instant,
     in_flight: AtomicUsize,
     last_done_ms: AtomicU64,
+    /// Requests begun on this connection: a parked connection's busy period ends only once
+    /// one of its own has been answered.
+    begun: AtomicU64,
+    /// The last request leaves the connection alive in hyper's eyes (HTTP/1.1, no
+    /// `Connection: close`, no upgrade) ...
+    keeps_alive: AtomicBool,
+    /// ... and its body, if it had one, was read to the end: nothing of it is left unread.
+    body_unread: AtomicBool,
+    /// Set on a parked connection: the tunnel of an upgraded request gets the socket through
+    /// here once hyper has written the 101.
+    handover: Option<Mutex<Option<oneshot::Sender<Rewound>>>>,
 }
 
 impl ClientConn {
-    pub fn new(peer: SocketAddr, https: bool) -> Arc<ClientConn> {
+    /// `parks`: the connection is parked between requests (see [`crate::http1`]), and hands
+    /// its socket over to an upgraded request's tunnel itself.
+    pub fn new(peer: SocketAddr, https: bool, parks: bool) -> Arc<ClientConn> {
         let ip = peer.ip();
         Arc::new(ClientConn {
             peer,
@@ -89,7 +104,53 @@ impl ClientConn {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
+            begun: AtomicU64::new(0),
+            keeps_alive: AtomicBool::new(false),
+            body_unread: AtomicBool::new(false),
+            handover: parks.then(|| Mutex::new(None)),
         })
+    }
+
+    /// Whether the connection is parked between requests.
+    pub fn parks(&self) -> bool {
+        self.handover.is_some()
+    }
+
+    /// How many requests have begun on the connection.
+    pub fn begun(&self) -> u64 {
+        self.begun.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection can be parked now: a request begun after `mark` was answered,
+    /// nothing is in flight, and hyper would keep the connection alive, with no request body
+    /// left unread in the socket.
+    pub fn may_park(&self, mark: u64) -> bool {
+        self.begun() > mark
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.keeps_alive.load(Ordering::Acquire)
+            && !self.body_unread.load(Ordering::Acquire)
+    }
+
+    /// The upgraded request's tunnel waiting for the socket, if any (taken: asked once).
+    pub fn take_handover(&self) -> Option<oneshot::Sender<Rewound>> {
+        self.handover.as_ref()?.lock().expect("lock").take()
+    }
+
+    /// Where the client side of an upgraded request will come from.
+    fn on_upgrade(&self, request: &mut Request<Incoming>) -> ClientUpgrade {
+        match &self.handover {
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(request)),
+            Some(slot) => {
+                let (sender, receiver) = oneshot::channel();
+                *slot.lock().expect("lock") = Some(sender);
+                ClientUpgrade::HandedOver(receiver)
+            }
+        }
+    }
+
+    /// The request's whole body has been read.
+    fn body_read(&self) {
+        self.body_unread.store(false, Ordering::Release);
     }
 
     /// How long the connection has had nothing in flight, or `None` while it has.
@@ -101,8 +162,14 @@ impl ClientConn {
         Some(self.opened.elapsed().saturating_sub(last))
     }
 
-    fn begin(&self) {
+    fn begin<B>(&self, request: &Request<B>, bodyless: bool) {
+        let keeps_alive = request.version() == Version::HTTP_11
+            && !connection_has_token(request.headers(), "close")
+            && !is_upgrade(request);
+        self.keeps_alive.store(keeps_alive, Ordering::Release);
+        self.body_unread.store(!bodyless, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.begun.fetch_add(1, Ordering::AcqRel);
     }
 
     fn end(&self) {
@@ -157,7 +224,7 @@ impl Proxy {
         let color = route.color;
         let color_metrics = self.metrics.color(color);
         color_metrics.request_started();
-        conn.begin();
+        conn.begin(&request, request.body().is_end_stream());
         let mut guard = RequestGuard {
             metrics: Arc::clone(&self.metrics),
             color,
@@ -166,7 +233,7 @@ impl Proxy {
             upstream: None,
         };
 
-        let client_upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let client_upgrade = is_upgrade(&request).then(|| guard.conn.on_upgrade(&mut request));
         let websocket = client_upgrade.is_some()
             && request
                 .headers()
@@ -183,7 +250,8 @@ impl Proxy {
         });
         let (body, copy) = match mirror_rule {
             None => (
-                (!bodyless).then(|| RequestBody::streaming(body, &self.metrics, color)),
+                (!bodyless)
+                    .then(|| RequestBody::streaming(body, &self.metrics, &guard.conn, color)),
                 None,
             ),
             Some(rule) => {
@@ -202,6 +270,7 @@ impl Proxy {
                 };
                 match read {
                     ReadBody::Whole(bytes) => {
+                        guard.conn.body_read();
                         color_metrics.bytes_in(bytes.len() as u64);
                         let copy =
                             self.mirrored_request(&table, rule, &parts, &guard.conn, bytes.clone());
@@ -216,7 +285,7 @@ impl Proxy {
                     ReadBody::Longer { read, rest } => {
                         self.mirror.skip();
                         color_metrics.bytes_in(read.len() as u64);
-                        let rest = RequestBody::streaming(rest, &self.metrics, color);
+                        let rest = RequestBody::streaming(rest, &self.metrics, &guard.conn, color);
                         (
                             Some(RequestBody::Prefixed(Some(read), Box::new(rest))),
                             None,
@@ -362,7 +431,7 @@ impl Proxy {
     fn open_tunnel(
         &self,
         mut response: Response<Incoming>,
-        client_upgrade: OnUpgrade,
+        client_upgrade: ClientUpgrade,
         sender: pool::Sender,
         guard: RequestGuard,
         websocket: bool,
@@ -375,19 +444,22 @@ impl Proxy {
             // Held until both sides have switched protocols; the upgraded connection is
             // never given back to the pool.
             let _upstream_connection = sender;
-            let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) else {
-                return;
-            };
             let token = guard.member.token().clone();
-            match websocket::tunnel(
-                TokioIo::new(client),
-                TokioIo::new(upstream),
-                websocket,
-                &token,
-                grace,
-            )
-            .await
-            {
+            let relayed = match client_upgrade {
+                ClientUpgrade::Hyper(client) => {
+                    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream_upgrade) else {
+                        return;
+                    };
+                    relay(TokioIo::new(client), upstream, websocket, &token, grace).await
+                }
+                ClientUpgrade::HandedOver(client) => {
+                    let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream_upgrade) else {
+                        return;
+                    };
+                    relay(client, upstream, websocket, &token, grace).await
+                }
+            };
+            match relayed {
                 Ok((sent, received)) => {
                     metrics.color(color).bytes_in(sent);
                     metrics.color(color).bytes_out(received);
@@ -684,6 +756,20 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// Relays an upgraded client connection to the upgraded upstream one.
+async fn relay<C>(
+    client: C,
+    upstream: hyper::upgrade::Upgraded,
+    websocket: bool,
+    drain: &tokio_util::sync::CancellationToken,
+    grace: Duration,
+) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    websocket::tunnel(client, TokioIo::new(upstream), websocket, drain, grace).await
+}
+
 fn is_upgrade<B>(request: &Request<B>) -> bool {
     request.version() == Version::HTTP_11
         && request.headers().contains_key(header::UPGRADE)
@@ -784,15 +870,23 @@ pub enum RequestBody {
     Streaming {
         inner: Incoming,
         metrics: Arc<Metrics>,
+        /// Told when the body has been read to its end.
+        conn: Arc<ClientConn>,
         color: Color,
     },
 }
 
 impl RequestBody {
-    fn streaming(inner: Incoming, metrics: &Arc<Metrics>, color: Color) -> RequestBody {
+    fn streaming(
+        inner: Incoming,
+        metrics: &Arc<Metrics>,
+        conn: &Arc<ClientConn>,
+        color: Color,
+    ) -> RequestBody {
         RequestBody::Streaming {
             inner,
             metrics: Arc::clone(metrics),
+            conn: Arc::clone(conn),
             color,
         }
     }
@@ -816,13 +910,21 @@ impl Body for RequestBody {
             RequestBody::Streaming {
                 inner,
                 metrics,
+                conn,
                 color,
             } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                if let Poll::Ready(Some(Ok(frame))) = &polled
-                    && let Some(data) = frame.data_ref()
-                {
-                    metrics.color(*color).bytes_in(data.len() as u64);
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            metrics.color(*color).bytes_in(data.len() as u64);
+                        }
+                        if inner.is_end_stream() {
+                            conn.body_read();
+                        }
+                    }
+                    Poll::Ready(None) => conn.body_read(),
+                    _ => {}
                 }
                 polled
             }

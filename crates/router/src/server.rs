@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -23,10 +27,11 @@ use tokio_util::task::TaskTracker;
 use crate::drain::{DrainGroup, Drains};
 use crate::error::SwitchError;
 use crate::health::{self, HealthSettings};
+use crate::http1::Rewound;
 use crate::metrics::{self, ColorSnapshot, Metrics};
 use crate::mirror::{MirrorRule, MirrorSnapshot};
 use crate::protocol::{Connector, ConnectorError, UpstreamProtocol};
-use crate::proxy::{ClientConn, Proxy, ProxySettings};
+use crate::proxy::{ClientConn, Proxy, ProxySettings, ResponseBody};
 use crate::table::{Color, Pool, PreviewRule, RoutingTable, Split, StickyRule};
 use crate::upstream::{Health, Upstream};
 
@@ -86,6 +91,10 @@ pub enum StartError {
 const STOP_GRACE: Duration = Duration::from_secs(1);
 /// How often a connection is looked at while a stop is under way.
 const STOP_POLL: Duration = Duration::from_millis(20);
+/// A plain HTTP/1.1 connection idle for this long is parked (see [`crate::http1`]). Not at
+/// once: a client that sends its next request within this keeps the connection hyper built,
+/// which costs less than building it again.
+const PARK_AFTER: Duration = Duration::from_millis(200);
 
 /// A running router. Cloning shares it.
 #[derive(Clone)]
@@ -376,24 +385,39 @@ impl Router {
         let patience = inner.listener.header_read_timeout;
         match &inner.tls {
             None => {
-                let Ok(http2) = tokio::time::timeout(patience, speaks_http2(&stream)).await else {
+                // Boxed: the wait for the first bytes is done with before the connection is
+                // parked, and its timers are not to stay in the connection's task.
+                let first_bytes = Box::pin(tokio::time::timeout(patience, speaks_http2(&stream)));
+                let Ok(http2) = first_bytes.await else {
                     tracing::debug!(%peer, "no request within header_read_timeout");
                     return;
                 };
                 // Each kind of connection gets a future of its own size (boxed), so a plain
                 // HTTP/1.1 connection does not carry room for TLS or HTTP/2 state.
-                Box::pin(self.serve_io(stream, ClientConn::new(peer, false), http2)).await
-            }
-            Some(acceptor) => {
-                match tokio::time::timeout(patience, Box::pin(acceptor.accept(stream))).await {
-                    Ok(Ok(tls)) => {
-                        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        Box::pin(self.serve_io(tls, ClientConn::new(peer, true), http2)).await
-                    }
-                    Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                if http2 {
+                    let conn = ClientConn::new(peer, false, false);
+                    Box::pin(self.serve_io(stream, conn, true)).await
+                } else {
+                    let conn = ClientConn::new(peer, false, true);
+                    Box::pin(self.serve_parking(stream, conn)).await
                 }
             }
+            // Boxed whole: the TLS state is over a kilobyte, which a plain connection does not
+            // carry.
+            Some(acceptor) => Box::pin(self.serve_tls(acceptor, stream, peer)).await,
+        }
+    }
+
+    async fn serve_tls(&self, acceptor: &TlsAcceptor, stream: TcpStream, peer: SocketAddr) {
+        let patience = self.inner.listener.header_read_timeout;
+        match tokio::time::timeout(patience, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let conn = ClientConn::new(peer, true, false);
+                Box::pin(self.serve_io(tls, conn, http2)).await
+            }
+            Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
         }
     }
 
@@ -411,7 +435,7 @@ impl Router {
         // size: an idle HTTP/1.1 connection carries no room for HTTP/2 state (measured: the
         // connection task went from 9.6 KB to 2.7 KB + 1.6 KB).
         if http2 {
-            Box::pin(self.drive(self.inner.http2.serve_connection(io, service), &conn)).await
+            Box::pin(self.drive(self.inner.http2.serve_connection(io, service), &conn)).await;
         } else {
             Box::pin(
                 self.drive(
@@ -422,32 +446,124 @@ impl Router {
                     &conn,
                 ),
             )
-            .await
+            .await;
         }
     }
 
-    /// Runs a connection until it ends, asking it to finish gracefully on a stop or when idle.
-    async fn drive<C, E>(&self, connection: C, conn: &ClientConn)
+    /// A plain HTTP/1.1 connection: hyper serves it while it is busy; between requests it is
+    /// parked on the bare socket, holding no buffer (see [`crate::http1`]).
+    async fn serve_parking(&self, stream: TcpStream, conn: Arc<ClientConn>) {
+        let mut socket = Rewound::new(stream, Bytes::new());
+        loop {
+            // Boxed: a parked connection keeps no room for hyper's connection state.
+            let Some(ended) = Box::pin(self.serve_busy_period(socket, &conn)).await else {
+                return;
+            };
+            if let Some(tunnel) = conn.take_handover()
+                && !tunnel.is_closed()
+            {
+                // hyper wrote the 101: the socket is the tunnel's from here on.
+                let _ = tunnel.send(Rewound::new(ended.stream, ended.read_ahead));
+                return;
+            }
+            let mut stream = ended.stream;
+            if !ended.parked {
+                // hyper ended the connection (the client closed it, asked to, or a stop):
+                // the shutdown it leaves to whoever takes the socket back.
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                return;
+            }
+            if ended.read_ahead.is_empty() && !self.park(&stream, &conn).await {
+                return;
+            }
+            socket = Rewound::new(stream, ended.read_ahead);
+        }
+    }
+
+    /// hyper serving the connection until it can be parked (or has ended).
+    async fn serve_busy_period(
+        &self,
+        socket: Rewound,
+        conn: &Arc<ClientConn>,
+    ) -> Option<PeriodEnded> {
+        let proxy = Arc::clone(&self.inner.proxy);
+        let service_conn = Arc::clone(conn);
+        // Boxed: hyper hands a connection back only when the request future is `Unpin`.
+        let service = service_fn(move |request| {
+            Box::pin(Arc::clone(&proxy).handle(request, Arc::clone(&service_conn)))
+        });
+        let connection = self
+            .inner
+            .http1
+            .serve_connection(TokioIo::new(socket), service);
+        let busy = BusyPeriod {
+            connection: Some(connection),
+            conn,
+            stopping: &self.inner.stopping,
+            mark: conn.begun(),
+            parking: false,
+            closing: false,
+        };
+        self.drive(busy, conn).await
+    }
+
+    /// Waits on the bare socket for the client's next bytes (or its close); false when the
+    /// connection is to be closed instead: idle for longer than a new request's headers may
+    /// take or than `idle_timeout`, a stop's grace passed, or the drain deadline cut it.
+    async fn park(&self, stream: &TcpStream, conn: &ClientConn) -> bool {
+        let inner = &self.inner;
+        // The connection has been idle since its last answer, before it was parked.
+        let idle = conn.idle_for().unwrap_or_default();
+        let patience = inner
+            .listener
+            .header_read_timeout
+            .min(inner.listener.idle_timeout)
+            .saturating_sub(idle);
+        let parked = &inner.proxy.metrics.connections_parked;
+        parked.fetch_add(1, Ordering::Relaxed);
+        let woken = tokio::select! {
+            ready = stream.readable() => ready.is_ok(),
+            _ = tokio::time::sleep(patience) => false,
+            // A client may be writing its next request right now: it gets the stop's grace.
+            _ = inner.stopping.cancelled() => {
+                matches!(tokio::time::timeout(STOP_GRACE, stream.readable()).await, Ok(Ok(())))
+            }
+            _ = inner.drain_root.cancelled() => false,
+        };
+        parked.fetch_sub(1, Ordering::Relaxed);
+        woken
+    }
+
+    /// Runs a connection until it ends, asking it to finish gracefully on a stop or when idle;
+    /// what it ended with, or `None` when it failed or the drain deadline cut it.
+    async fn drive<C, T, E>(&self, connection: C, conn: &ClientConn) -> Option<T>
     where
-        C: Future<Output = Result<(), E>> + GracefulShutdown,
+        C: Future<Output = Result<T, E>> + GracefulShutdown,
         E: std::fmt::Display,
     {
         let inner = &self.inner;
         tokio::pin!(connection);
         let idle_timeout = inner.listener.idle_timeout;
         let mut closing = false;
-        let mut idle_check =
-            tokio::time::interval(idle_timeout.div_f32(4.0).max(Duration::from_millis(10)));
+        let mut check_every = idle_timeout.div_f32(4.0);
+        if conn.parks() {
+            check_every = check_every.min(PARK_AFTER / 2);
+        }
+        let mut idle_check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
+        let mut parking = false;
         // Set once a stop began: when it began, and a fast tick to watch the connection by
         // (made only then, so an idle connection carries no second timer).
         let mut stop: Option<(Instant, tokio::time::Interval)> = None;
         loop {
             tokio::select! {
                 result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
-                    }
-                    return;
+                    return match result {
+                        Ok(ended) => Some(ended),
+                        Err(error) => {
+                            tracing::debug!(peer = %conn.peer, %error, "connection ended with an error");
+                            None
+                        }
+                    };
                 }
                 // One branch for both phases of a stop, so a request's wake-ups poll no more
                 // branches than before: first the stop itself, then a fast tick.
@@ -469,14 +585,18 @@ impl Router {
                         connection.as_mut().shutdown_gracefully();
                     }
                 }
-                _ = idle_check.tick(), if !closing => {
-                    if conn.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                _ = idle_check.tick(), if !closing => match conn.idle_for() {
+                    Some(idle) if idle >= idle_timeout => {
                         closing = true;
                         connection.as_mut().shutdown_gracefully();
                     }
-                }
+                    Some(idle) if idle >= PARK_AFTER && !parking => {
+                        parking = connection.as_mut().park();
+                    }
+                    _ => {}
+                },
                 // A drain that outlived its deadline leaves nothing to wait for.
-                _ = inner.drain_root.cancelled() => return,
+                _ = inner.drain_root.cancelled() => return None,
             }
         }
     }
@@ -600,10 +720,113 @@ async fn speaks_http2(stream: &TcpStream) -> bool {
     }
 }
 
-/// Asking a connection to finish what it has and close: HTTP/2 sends GOAWAY, HTTP/1.1 closes
-/// after the response in progress.
+/// One busy period of a parked connection: hyper serves it until what was sent has been
+/// answered and nothing else is in flight, then is asked to finish (an idle hyper connection
+/// does at once) and gives the socket back.
+struct BusyPeriod<'a, S: hyper::service::HttpService<Incoming>> {
+    connection: Option<http1::Connection<TokioIo<Rewound>, S>>,
+    conn: &'a ClientConn,
+    /// The router's stop: a request in flight once it began is the connection's last.
+    stopping: &'a CancellationToken,
+    /// Requests begun before the period: it parks once one of its own was answered.
+    mark: u64,
+    /// hyper was asked to finish so that the connection parks.
+    parking: bool,
+    /// hyper was asked to finish so that the connection closes (a stop, the idle timeout).
+    closing: bool,
+}
+
+/// How a busy period ended.
+struct PeriodEnded {
+    stream: TcpStream,
+    /// Bytes hyper read past what it answered (a pipelined request, the next one's start).
+    read_ahead: Bytes,
+    /// The connection is to be parked; otherwise hyper ended it and it is to be closed.
+    parked: bool,
+}
+
 trait GracefulShutdown {
     fn shutdown_gracefully(self: Pin<&mut Self>);
+
+    /// Asks an idle connection to hand its socket back to be parked; false when it cannot.
+    fn park(self: Pin<&mut Self>) -> bool {
+        false
+    }
+}
+
+impl<S> Future for BusyPeriod<'_, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<PeriodEnded, hyper::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let connection = this
+            .connection
+            .as_mut()
+            .expect("a busy period is not polled after it ended");
+        match connection.poll_without_shutdown(cx) {
+            Poll::Ready(Ok(())) => {
+                let parts = this.connection.take().expect("checked above").into_parts();
+                let (stream, unread) = parts.io.into_inner().into_parts();
+                // hyper read `read_buf` before what is still unread of the bytes put back.
+                // Copied: even empty, `read_buf` keeps hyper's whole 8 KiB read buffer
+                // alive, which a parked connection is not to hold.
+                let read_ahead = if parts.read_buf.is_empty() && unread.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::from([&parts.read_buf[..], &unread[..]].concat())
+                };
+                Poll::Ready(Ok(PeriodEnded {
+                    stream,
+                    read_ahead,
+                    parked: this.parking && !this.closing,
+                }))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => {
+                // Looked at on every wake, not on the stop's tick: a request that came in
+                // during a stop's grace (on a parked connection, say) is answered with
+                // `Connection: close` however fast it is.
+                if !this.closing && this.stopping.is_cancelled() && this.conn.idle_for().is_none() {
+                    Pin::new(this).shutdown_gracefully();
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S> GracefulShutdown for BusyPeriod<'_, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ResponseBody> + Unpin,
+    S::Future: Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        let this = self.get_mut();
+        this.closing = true;
+        if let Some(connection) = this.connection.as_mut() {
+            Pin::new(connection).graceful_shutdown();
+        }
+    }
+
+    fn park(self: Pin<&mut Self>) -> bool {
+        let this = self.get_mut();
+        if this.closing || !this.conn.may_park(this.mark) {
+            return false;
+        }
+        let Some(connection) = this.connection.as_mut() else {
+            return false;
+        };
+        // Answered, idle, and hyper would keep the connection alive: it finishes at once.
+        this.parking = true;
+        Pin::new(connection).graceful_shutdown();
+        true
+    }
 }
 
 impl<I, S> GracefulShutdown for http1::UpgradeableConnection<I, S>
