@@ -169,6 +169,7 @@ fn router_config(config: &Config, state: &RouterState) -> bluegreen_router::Rout
             max_header_bytes: r.max_header_bytes,
             max_connections: r.max_connections,
             tls: r.tls.clone(),
+            park_at_once_above: park_at_once_above(),
         },
         health: config.health.clone(),
     }
@@ -204,4 +205,22 @@ pub fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
         tracing::warn!(dir = %dir.display(), "state_dir is open to other users; consider chmod 700");
     }
     Ok(())
+}
+
+/// `BLUEGREEN_PARK_AT_ONCE_ABOVE`: over this many open client connections, keep-alive
+/// connections are parked as soon as they have answered (0: always). Unset: the router's
+/// default; not a number: the default, with a warning.
+fn park_at_once_above() -> usize {
+    let default = bluegreen_router::server::PARK_AT_ONCE_ABOVE;
+    let Ok(value) = std::env::var("BLUEGREEN_PARK_AT_ONCE_ABOVE") else {
+        return default;
+    };
+    value.trim().parse().unwrap_or_else(|_| {
+        tracing::warn!(
+            %value,
+            default,
+            "BLUEGREEN_PARK_AT_ONCE_ABOVE is not a number of connections; the default applies"
+        );
+        default
+    })
 }

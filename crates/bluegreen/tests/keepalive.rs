@@ -115,11 +115,27 @@ async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
 
 const GET: &[u8] = b"GET /who HTTP/1.1\r\nHost: app\r\n\r\n";
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_parked_connection_serves_its_next_request_however_it_arrives() {
+/// When connections are parked: after 200 ms idle (the default with few connections open),
+/// or as soon as they have answered (as with over 1,000 open).
+#[derive(Clone, Copy)]
+enum Parking {
+    WhenIdle,
+    AtOnce,
+}
+
+async fn start(config: &str, parking: Parking) -> Daemon {
+    let threshold = match parking {
+        Parking::WhenIdle => "1000",
+        Parking::AtOnce => "0",
+    };
+    let dir = tempfile::tempdir().unwrap();
+    Daemon::start_with_env(dir, config, &[("BLUEGREEN_PARK_AT_ONCE_ABOVE", threshold)]).await
+}
+
+async fn a_parked_connection_serves_its_next_request_however_it_arrives(parking: Parking) {
     let blue = Backend::start("blue-1").await;
     let green = Backend::start("green-1").await;
-    let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let daemon = start(&config(&[&blue], &[&green], ""), parking).await;
     let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
     let mut pending = Vec::new();
 
@@ -166,11 +182,10 @@ async fn a_parked_connection_serves_its_next_request_however_it_arrives() {
     assert_eq!(blue.served(), 8);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn connections_that_ask_to_close_are_closed_not_parked() {
+async fn connections_that_ask_to_close_are_closed_not_parked(parking: Parking) {
     let blue = Backend::start("blue-1").await;
     let green = Backend::start("green-1").await;
-    let daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let daemon = start(&config(&[&blue], &[&green], ""), parking).await;
 
     for request in [
         &b"GET /who HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n"[..],
@@ -233,11 +248,10 @@ async fn a_parked_connection_is_closed_after_idle_timeout() {
 
 /// A stop: a parked connection gets the stop's grace for a last request, answered with
 /// `Connection: close`, and is closed after it.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_parked_connection_gets_a_last_request_in_a_stops_grace() {
+async fn a_parked_connection_gets_a_last_request_in_a_stops_grace(parking: Parking) {
     let blue = Backend::start("blue-1").await;
     let green = Backend::start("green-1").await;
-    let mut daemon = Daemon::start(&config(&[&blue], &[&green], "")).await;
+    let mut daemon = start(&config(&[&blue], &[&green], ""), parking).await;
     let mut stream = TcpStream::connect(daemon.addr).await.unwrap();
     let mut pending = Vec::new();
     stream.write_all(GET).await.unwrap();
@@ -257,4 +271,34 @@ async fn a_parked_connection_gets_a_last_request_in_a_stops_grace() {
     assert!(last.starts_with("http/1.1 200"), "{last}");
     assert!(last.contains("connection: close"), "{last}");
     assert!(daemon.wait_exit().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_connection_serves_its_next_request_however_it_arrives_when_idle() {
+    a_parked_connection_serves_its_next_request_however_it_arrives(Parking::WhenIdle).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_connection_serves_its_next_request_however_it_arrives_at_once() {
+    a_parked_connection_serves_its_next_request_however_it_arrives(Parking::AtOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_ask_to_close_are_closed_not_parked_when_idle() {
+    connections_that_ask_to_close_are_closed_not_parked(Parking::WhenIdle).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_that_ask_to_close_are_closed_not_parked_at_once() {
+    connections_that_ask_to_close_are_closed_not_parked(Parking::AtOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_connection_gets_a_last_request_in_a_stops_grace_when_idle() {
+    a_parked_connection_gets_a_last_request_in_a_stops_grace(Parking::WhenIdle).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parked_connection_gets_a_last_request_in_a_stops_grace_at_once() {
+    a_parked_connection_gets_a_last_request_in_a_stops_grace(Parking::AtOnce).await;
 }

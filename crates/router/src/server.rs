@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,6 +53,9 @@ pub struct ListenerSettings {
     pub max_header_bytes: usize,
     pub max_connections: usize,
     pub tls: Option<TlsFiles>,
+    /// With more client connections open than this, a keep-alive HTTP/1.1 connection is
+    /// parked as soon as it has answered, not after 200 ms idle (see [`crate::http1`]).
+    pub park_at_once_above: usize,
 }
 
 /// Everything the router needs to start.
@@ -95,6 +98,12 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 /// once: a client that sends its next request within this keeps the connection hyper built,
 /// which costs less than building it again.
 const PARK_AFTER: Duration = Duration::from_millis(200);
+/// With more client connections open than this (`BLUEGREEN_PARK_AT_ONCE_ABOVE` sets it), a
+/// connection is parked as soon as it has answered, as nginx frees a keep-alive connection's
+/// buffers: where connections are many, what each holds counts more than the cost of building
+/// hyper's connection again (and a burst of new connections would otherwise hold their
+/// buffers all at once for 200 ms).
+pub const PARK_AT_ONCE_ABOVE: usize = 1_000;
 
 /// A running router. Cloning shares it.
 #[derive(Clone)]
@@ -500,6 +509,8 @@ impl Router {
             connection: Some(connection),
             conn,
             stopping: &self.inner.stopping,
+            connections_open: &self.inner.proxy.metrics.connections_open,
+            park_at_once_above: self.inner.listener.park_at_once_above as i64,
             mark: conn.begun(),
             parking: false,
             closing: false,
@@ -728,6 +739,9 @@ struct BusyPeriod<'a, S: hyper::service::HttpService<Incoming>> {
     conn: &'a ClientConn,
     /// The router's stop: a request in flight once it began is the connection's last.
     stopping: &'a CancellationToken,
+    /// Client connections open: over `park_at_once_above`, parked as soon as answered.
+    connections_open: &'a AtomicI64,
+    park_at_once_above: i64,
     /// Requests begun before the period: it parks once one of its own was answered.
     mark: u64,
     /// hyper was asked to finish so that the connection parks.
@@ -762,39 +776,45 @@ where
 {
     type Output = Result<PeriodEnded, hyper::Error>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let connection = this
-            .connection
-            .as_mut()
-            .expect("a busy period is not polled after it ended");
-        match connection.poll_without_shutdown(cx) {
-            Poll::Ready(Ok(())) => {
-                let parts = this.connection.take().expect("checked above").into_parts();
-                let (stream, unread) = parts.io.into_inner().into_parts();
-                // hyper read `read_buf` before what is still unread of the bytes put back.
-                // Copied: even empty, `read_buf` keeps hyper's whole 8 KiB read buffer
-                // alive, which a parked connection is not to hold.
-                let read_ahead = if parts.read_buf.is_empty() && unread.is_empty() {
-                    Bytes::new()
-                } else {
-                    Bytes::from([&parts.read_buf[..], &unread[..]].concat())
-                };
-                Poll::Ready(Ok(PeriodEnded {
-                    stream,
-                    read_ahead,
-                    parked: this.parking && !this.closing,
-                }))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => {
-                // Looked at on every wake, not on the stop's tick: a request that came in
-                // during a stop's grace (on a parked connection, say) is answered with
-                // `Connection: close` however fast it is.
-                if !this.closing && this.stopping.is_cancelled() && this.conn.idle_for().is_none() {
-                    Pin::new(this).shutdown_gracefully();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().get_mut();
+            let connection = this
+                .connection
+                .as_mut()
+                .expect("a busy period is not polled after it ended");
+            match connection.poll_without_shutdown(cx) {
+                Poll::Ready(Ok(())) => {
+                    let parts = this.connection.take().expect("checked above").into_parts();
+                    let (stream, unread) = parts.io.into_inner().into_parts();
+                    // hyper read `read_buf` before what is still unread of the bytes put
+                    // back. Copied: even empty, `read_buf` keeps hyper's whole 8 KiB read
+                    // buffer alive, which a parked connection is not to hold.
+                    let read_ahead = if parts.read_buf.is_empty() && unread.is_empty() {
+                        Bytes::new()
+                    } else {
+                        Bytes::from([&parts.read_buf[..], &unread[..]].concat())
+                    };
+                    return Poll::Ready(Ok(PeriodEnded {
+                        stream,
+                        read_ahead,
+                        parked: this.parking && !this.closing,
+                    }));
                 }
-                Poll::Pending
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+            // Looked at on every wake, not on the stop's tick: a request that came in during a
+            // stop's grace (on a parked connection, say) is answered with `Connection: close`
+            // however fast it is.
+            if !this.closing && this.stopping.is_cancelled() && this.conn.idle_for().is_none() {
+                self.as_mut().shutdown_gracefully();
+                return Poll::Pending;
+            }
+            let many = this.connections_open.load(Ordering::Relaxed) > this.park_at_once_above;
+            // Parking an idle hyper connection ends it at once: polled again to see it end.
+            if !(many && !this.parking && self.as_mut().park()) {
+                return Poll::Pending;
             }
         }
     }
