@@ -2,9 +2,10 @@
 //!
 //! hyper keeps an 8 KiB read and an 8 KiB write buffer (and room for a request) on every
 //! connection for as long as it is open, idle or not. nginx frees a keep-alive connection's
-//! buffers once its response is written; here, once a request has been answered and nothing
-//! else is in flight, hyper is asked to finish, gives back the socket and whatever it had
-//! read past the request, and the connection waits for its next bytes on the bare socket.
+//! buffers once its response is written; here, once a request has been answered and the
+//! connection has been idle for 200 ms (at once when over `park_at_once_above` connections
+//! are open), hyper is asked to finish, gives back the socket and whatever it had read past
+//! the request, and the connection waits for its next bytes on the bare socket.
 //! Only where hyper itself would have kept the connection alive: an HTTP/1.0 request, a
 //! `Connection: close`, an upgrade or a request body not read to its end leave the
 //! connection to hyper as before.
