@@ -30,10 +30,6 @@ impl Rewound {
         Rewound { read_ahead, stream }
     }
 
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
-    }
-
     /// The socket and what is still unread of the bytes put back.
     pub fn into_parts(self) -> (TcpStream, Bytes) {
         (self.stream, self.read_ahead)

@@ -162,12 +162,15 @@ impl ClientConn {
         Some(self.opened.elapsed().saturating_sub(last))
     }
 
-    fn begin<B>(&self, request: &Request<B>, bodyless: bool) {
-        let keeps_alive = request.version() == Version::HTTP_11
-            && !connection_has_token(request.headers(), "close")
-            && !is_upgrade(request);
-        self.keeps_alive.store(keeps_alive, Ordering::Release);
-        self.body_unread.store(!bodyless, Ordering::Release);
+    fn begin<B>(&self, request: &Request<B>, upgrade: bool, bodyless: bool) {
+        // Only a parking connection asks whether it may park.
+        if self.parks() {
+            let keeps_alive = request.version() == Version::HTTP_11
+                && !upgrade
+                && !connection_has_token(request.headers(), "close");
+            self.keeps_alive.store(keeps_alive, Ordering::Release);
+            self.body_unread.store(!bodyless, Ordering::Release);
+        }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.begun.fetch_add(1, Ordering::AcqRel);
     }
@@ -224,7 +227,8 @@ impl Proxy {
         let color = route.color;
         let color_metrics = self.metrics.color(color);
         color_metrics.request_started();
-        conn.begin(&request, request.body().is_end_stream());
+        let upgrade = is_upgrade(&request);
+        conn.begin(&request, upgrade, request.body().is_end_stream());
         let mut guard = RequestGuard {
             metrics: Arc::clone(&self.metrics),
             color,
@@ -233,7 +237,7 @@ impl Proxy {
             upstream: None,
         };
 
-        let client_upgrade = is_upgrade(&request).then(|| guard.conn.on_upgrade(&mut request));
+        let client_upgrade = upgrade.then(|| guard.conn.on_upgrade(&mut request));
         let websocket = client_upgrade.is_some()
             && request
                 .headers()

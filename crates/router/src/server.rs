@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::Incoming;
-
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -508,7 +507,9 @@ impl Router {
         let busy = BusyPeriod {
             connection: Some(connection),
             conn,
-            stopping: &self.inner.stopping,
+            // Read once per period: `is_cancelled` takes the token's lock, shared by every
+            // connection. A stop that begins mid-period is `drive`'s to see.
+            after_stop: self.inner.stopping.is_cancelled(),
             connections_open: &self.inner.proxy.metrics.connections_open,
             park_at_once_above: self.inner.listener.park_at_once_above as i64,
             mark: conn.begun(),
@@ -561,7 +562,6 @@ impl Router {
             check_every = check_every.min(PARK_AFTER / 2);
         }
         let mut idle_check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
-        let mut parking = false;
         // Set once a stop began: when it began, and a fast tick to watch the connection by
         // (made only then, so an idle connection carries no second timer).
         let mut stop: Option<(Instant, tokio::time::Interval)> = None;
@@ -601,8 +601,8 @@ impl Router {
                         closing = true;
                         connection.as_mut().shutdown_gracefully();
                     }
-                    Some(idle) if idle >= PARK_AFTER && !parking => {
-                        parking = connection.as_mut().park();
+                    Some(idle) if idle >= PARK_AFTER => {
+                        connection.as_mut().park();
                     }
                     _ => {}
                 },
@@ -737,8 +737,9 @@ async fn speaks_http2(stream: &TcpStream) -> bool {
 struct BusyPeriod<'a, S: hyper::service::HttpService<Incoming>> {
     connection: Option<http1::Connection<TokioIo<Rewound>, S>>,
     conn: &'a ClientConn,
-    /// The router's stop: a request in flight once it began is the connection's last.
-    stopping: &'a CancellationToken,
+    /// The period began after a stop did (a parked connection woken in the stop's grace):
+    /// its request is the connection's last.
+    after_stop: bool,
     /// Client connections open: over `park_at_once_above`, parked as soon as answered.
     connections_open: &'a AtomicI64,
     park_at_once_above: i64,
@@ -762,7 +763,8 @@ struct PeriodEnded {
 trait GracefulShutdown {
     fn shutdown_gracefully(self: Pin<&mut Self>);
 
-    /// Asks an idle connection to hand its socket back to be parked; false when it cannot.
+    /// Asks an idle connection to hand its socket back to be parked; false when it cannot (or
+    /// was asked already).
     fn park(self: Pin<&mut Self>) -> bool {
         false
     }
@@ -804,16 +806,16 @@ where
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Pending => {}
             }
-            // Looked at on every wake, not on the stop's tick: a request that came in during a
-            // stop's grace (on a parked connection, say) is answered with `Connection: close`
-            // however fast it is.
-            if !this.closing && this.stopping.is_cancelled() && this.conn.idle_for().is_none() {
+            // Looked at on every wake, not on the stop's 20 ms tick: a request that woke a
+            // parked connection in a stop's grace is answered with `Connection: close` however
+            // fast it is.
+            if this.after_stop && !this.closing && this.conn.idle_for().is_none() {
                 self.as_mut().shutdown_gracefully();
                 return Poll::Pending;
             }
             let many = this.connections_open.load(Ordering::Relaxed) > this.park_at_once_above;
             // Parking an idle hyper connection ends it at once: polled again to see it end.
-            if !(many && !this.parking && self.as_mut().park()) {
+            if !(many && self.as_mut().park()) {
                 return Poll::Pending;
             }
         }
@@ -836,7 +838,7 @@ where
 
     fn park(self: Pin<&mut Self>) -> bool {
         let this = self.get_mut();
-        if this.closing || !this.conn.may_park(this.mark) {
+        if this.parking || this.closing || !this.conn.may_park(this.mark) {
             return false;
         }
         let Some(connection) = this.connection.as_mut() else {
